@@ -1,0 +1,1 @@
+import genlab.core  # noqa

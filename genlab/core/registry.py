@@ -1,0 +1,249 @@
+"""Registry of named components, and building them from config with checked keyword arguments.
+
+``build`` turns ``"name"`` or ``{type: name, **kwargs}`` into an object; ``construct`` checks keys and
+types against the signature and builds nested components annotated with a namespace's ``base`` class.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import re
+import types
+from collections.abc import Callable, Mapping, MutableMapping, MutableSequence, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+from genlab.core.config import check_keys, join_path, show_value
+from genlab.core.errors import ConfigError, did_you_mean
+
+T = TypeVar("T")
+_SEQUENCES = (list, tuple, Sequence, MutableSequence)  # a YAML list is accepted for any of these
+_MAPPINGS = (dict, Mapping, MutableMapping)
+
+
+@dataclass
+class _Namespace:
+    base: type | None = None
+    doc: str = ""
+    entries: dict[str, Any] = field(default_factory=dict)
+
+
+_NAMESPACES: dict[str, _Namespace] = {}
+
+
+def _snake_case(name: str) -> str:
+    """``DPMSolverPP -> dpm_solver_pp``, ``EulerAncestral -> euler_ancestral``."""
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
+
+
+def _check_base(namespace: str, base: type | None, name: str, obj: object) -> None:
+    if base is not None and isinstance(obj, type) and not issubclass(obj, base):
+        raise TypeError(f"{namespace} '{name}': {obj.__qualname__} is not a subclass of {base.__qualname__}")
+
+
+def register_namespace(namespace: str, base: type | None = None, doc: str = "") -> None:
+    """Declare ``namespace``; values for parameters annotated with ``base`` are built from it."""
+    ns = _NAMESPACES.setdefault(namespace, _Namespace())
+    if ns.base not in (None, base):
+        raise ValueError(f"namespace '{namespace}' already has base {ns.base.__qualname__}")
+    if _base_namespace(base) not in (None, namespace):
+        raise ValueError(f"{base.__qualname__} is already the base of namespace '{_base_namespace(base)}'")
+    for name, obj in ns.entries.items():
+        _check_base(namespace, base, name, obj)
+    ns.base, ns.doc = base or ns.base, doc or ns.doc
+
+
+def register(namespace: str, name: str | None = None) -> Callable[[T], T]:
+    """Decorator registering a class or factory as ``namespace/name`` (default: snake_case of its name)."""
+
+    def deco(obj: T) -> T:
+        key = name or _snake_case(obj.__name__)
+        ns = _NAMESPACES.setdefault(namespace, _Namespace())
+        if ns.entries.get(key, obj) is not obj:
+            raise ValueError(f"{namespace} '{key}' is already registered to {ns.entries[key]!r}")
+        _check_base(namespace, ns.base, key, obj)
+        ns.entries[key] = obj
+        return obj
+
+    return deco
+
+
+def _namespace(namespace: str, path: str, source: str) -> _Namespace:
+    if namespace not in _NAMESPACES:
+        hint = did_you_mean(namespace, _NAMESPACES)
+        raise ConfigError(f"{source}: {path}: unknown namespace '{namespace}'{hint}")
+    return _NAMESPACES[namespace]
+
+
+def lookup(namespace: str, name: str, *, path: str | None = None, source: str = "config") -> Any:
+    """Return the component registered as ``namespace/name``; ``path`` locates ``name`` in messages."""
+    path = path or namespace
+    entries = _namespace(namespace, path, source).entries
+    if name not in entries:
+        hint, names = did_you_mean(name, entries), ", ".join(sorted(entries))
+        raise ConfigError(f"{source}: {path}: unknown {namespace} '{name}'{hint} (registered: {names})")
+    return entries[name]
+
+
+def registered(namespace: str | None = None) -> dict[str, list[str]]:
+    """Sorted registered names per namespace (all namespaces, or just ``namespace``)."""
+    names = sorted(_NAMESPACES) if namespace is None else [namespace]
+    return {n: sorted(_namespace(n, n, "genlab").entries) for n in names}
+
+
+def describe(namespace: str) -> list[tuple[str, str]]:
+    """``(name, first line of the docstring)`` for each component of ``namespace``, sorted by name."""
+    entries = _namespace(namespace, namespace, "genlab").entries
+    return [(n, _summary(entries[n])) for n in sorted(entries)]
+
+
+def _summary(obj: object) -> str:
+    doc = vars(obj).get("__doc__") if isinstance(obj, type) else obj.__doc__  # a class's own, not inherited
+    return inspect.cleandoc(doc).split("\n", 1)[0] if doc else ""
+
+
+def build(namespace: str, cfg: Any, *, path: str | None = None, source: str = "config", **extra: Any) -> Any:
+    """Build from ``"name"`` or ``{type: name, **kwargs}``; other values are returned unchanged.
+
+    ``extra`` are keyword arguments from the program; a config may not set them too.
+    """
+    if not isinstance(cfg, (str, Mapping)):
+        return cfg
+    path = path or namespace
+    entries = _namespace(namespace, path, source).entries
+    if isinstance(cfg, str):
+        return _construct(lookup(namespace, cfg, path=path, source=source), {}, extra, path, source)
+    if "type" not in cfg:
+        names = ", ".join(sorted(entries))
+        raise ConfigError(f"{source}: {path}: missing 'type' (registered {namespace}s: {names})")
+    if not isinstance(cfg["type"], str):
+        raise ConfigError(f"{source}: {path}.type: expected str, got {show_value(cfg['type'])}")
+    fn = lookup(namespace, cfg["type"], path=f"{path}.type", source=source)
+    kwargs = {k: v for k, v in cfg.items() if k != "type"}
+    clash = sorted(kwargs.keys() & extra.keys())
+    if clash:
+        raise ConfigError(f"{source}: {path}.{clash[0]}: set by the program; remove it from the config")
+    return _construct(fn, kwargs, extra, path, source)
+
+
+def construct(fn: Callable[..., T], kwargs: Mapping[str, Any], *, path: str, source: str) -> T:
+    """Call ``fn(**kwargs)`` after checking the keys and value types against its signature."""
+    return _construct(fn, kwargs, {}, path, source)
+
+
+def _construct(fn: Callable[..., T], kwargs: Mapping, extra: Mapping, path: str, source: str) -> T:
+    """Check ``kwargs`` (from the config) and call ``fn``; ``extra`` (from the program) is not checked."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # no signature (some builtins): nothing to check
+        return fn(**kwargs, **extra)
+    named = {p.name: p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    if not any(p.kind is p.VAR_KEYWORD for p in params):
+        check_keys(kwargs, named, path=path, source=source)
+    missing = [n for n, p in named.items() if p.default is p.empty and n not in kwargs and n not in extra]
+    if missing:
+        raise ConfigError(f"{source}: {path}: missing required key '{missing[0]}'")
+    hints = _hints(fn)
+    checked = {k: _checked(hints.get(k, Any), v, join_path(path, k), source) for k, v in kwargs.items()}
+    return fn(**checked, **extra)
+
+
+def _hints(fn: Callable) -> dict[str, Any]:
+    """Resolved annotations of ``fn`` (of ``__init__`` for a class); ones that fail to resolve are left out."""
+    target = fn.__init__ if isinstance(fn, type) else fn
+    env = getattr(inspect.unwrap(target), "__globals__", {})
+    hints = {}
+    for name, ann in getattr(target, "__annotations__", {}).items():
+        with contextlib.suppress(Exception):  # one by one, so that one bad name does not stop the others
+            hints[name] = get_type_hints(types.SimpleNamespace(__annotations__={name: ann}, __globals__=env))[name]
+    return hints
+
+
+class _Mismatch(Exception):
+    """``(path, hint, value)``: a value does not match a type hint; ``_checked`` makes it a ConfigError."""
+
+
+def _checked(hint: Any, value: Any, path: str, source: str) -> Any:
+    """Return ``value`` checked against ``hint``, nested components built, lists for tuples converted."""
+    try:
+        return _check(hint, value, path, source)
+    except _Mismatch as m:
+        where, wanted, got = m.args
+        raise ConfigError(f"{source}: {where}: expected {_type_name(wanted)}, got {show_value(got)}") from None
+
+
+def _base_namespace(hint: Any) -> str | None:
+    """The namespace whose declared base class is ``hint``, if any."""
+    return next((n for n, ns in _NAMESPACES.items() if ns.base is not None and ns.base is hint), None)
+
+
+def _check(hint: Any, value: Any, path: str, source: str) -> Any:
+    origin, args = _origin(hint), get_args(hint)
+    members = args if origin in (Union, types.UnionType) else (hint,)
+    nested = next(filter(None, map(_base_namespace, members)), None)
+    if nested is not None and isinstance(value, (str, Mapping)):
+        return build(nested, value, path=path, source=source)
+    if len(members) > 1:
+        for member in members:
+            with contextlib.suppress(_Mismatch):
+                return _check(member, value, path, source)
+    elif origin in _SEQUENCES + _MAPPINGS:
+        return _check_collection(hint, origin, args, value, path, source)
+    elif _matches(hint, origin, args, value):
+        return value
+    raise _Mismatch(path, hint, value)
+
+
+def _matches(hint: Any, origin: Any, args: tuple, value: Any) -> bool:
+    if origin is Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if origin is not None:
+        return True  # other generics (Callable[...], type[X], ...) are not checked
+    if hint is None or hint is type(None):
+        return value is None
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return hint is Any or not isinstance(hint, type) or isinstance(value, hint)  # TypeVar, NewType: not checked
+
+
+def _check_collection(hint: Any, origin: Any, args: tuple, value: Any, path: str, source: str) -> Any:
+    """Mappings, and sequences (YAML lists, also for tuples), checked item by item."""
+    if origin in _MAPPINGS:
+        if not isinstance(value, Mapping):
+            raise _Mismatch(path, hint, value)
+        v_hint = args[1] if len(args) == 2 else Any  # keys are not checked: YAML keys are str
+        return {k: _check(v_hint, v, join_path(path, k), source) for k, v in value.items()}
+    if not isinstance(value, (list, tuple)):
+        raise _Mismatch(path, hint, value)
+    fixed = origin is tuple and args and args[-1] is not Ellipsis
+    if fixed and len(value) != len(args):
+        raise _Mismatch(path, hint, value)
+    item_hints = args if fixed else [args[0] if args else Any] * len(value)
+    items = [_check(h, v, f"{path}[{i}]", source) for i, (h, v) in enumerate(zip(item_hints, value))]
+    return tuple(items) if origin is tuple else items
+
+
+def _origin(hint: Any) -> Any:
+    """``get_origin(hint)``, except that a bare ``list``, ``tuple``, ``dict``, ``Sequence``... is its own origin."""
+    return get_origin(hint) or (hint if hint in _SEQUENCES + _MAPPINGS else None)
+
+
+def _type_name(hint: Any) -> str:
+    """Readable type: ``int``, ``list of int``, ``one of 'a', 'b'``, ``int or None``."""
+    origin, args = _origin(hint), get_args(hint)
+    if hint is None or hint is type(None):
+        return "None"
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in _MAPPINGS:
+        return "mapping"
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        return "list [" + ", ".join(_type_name(a) for a in args) + "]"
+    if origin in _SEQUENCES:
+        return f"list of {_type_name(args[0])}" if args else "list"
+    return getattr(hint, "__name__", str(hint))

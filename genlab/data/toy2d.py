@@ -1,0 +1,133 @@
+"""2D toy distributions made in code (the FFJORD / flow-matching benchmark sets).
+
+Each generator draws raw points and divides by fixed constants: the exact mean and standard
+deviation of its distribution, derived below, so every set has zero mean and unit std per
+coordinate in expectation (never estimated from the sample).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from genlab.core.errors import ConfigError, did_you_mean
+from genlab.core.registry import register
+
+Generator = torch.Generator | None
+
+
+class _Toy(NamedTuple):
+    sample: Callable[[int, Generator], Tensor]  # raw points, [n, 2]
+    mean: tuple[float, float]  # exact E[x] per coordinate
+    second_moment: tuple[float, float]  # exact E[x^2] per coordinate, noise included
+
+
+def _uniform(n: int, low: float, high: float, g: Generator) -> Tensor:
+    return low + (high - low) * torch.rand(n, generator=g)
+
+
+def _polar(radius: Tensor, angle: Tensor) -> Tensor:
+    return torch.stack([radius * angle.cos(), radius * angle.sin()], dim=-1)
+
+
+# eight_gaussians: 8 isotropic Gaussians on a circle; per coordinate E[x^2] = R^2 / 2 + s^2.
+_EG_RADIUS, _EG_STD = 2.0, 0.15
+
+
+def _eight_gaussians(n: int, g: Generator) -> Tensor:
+    angle = torch.randint(0, 8, (n,), generator=g) * (math.pi / 4)
+    return _polar(torch.full((n,), _EG_RADIUS), angle) + _EG_STD * torch.randn(n, 2, generator=g)
+
+
+# moons: sklearn's make_moons with t ~ U[0, pi]. Outer (cos t, sin t), inner (1 - cos t, 1/2 - sin t).
+# x: mean 1/2, E[x^2] = (1/2 + 3/2) / 2 = 1.  y: mean 1/4, E[y^2] = (1/2 + 3/4 - 2/pi) / 2.
+_MOONS_NOISE = 0.1
+
+
+def _moons(n: int, g: Generator) -> Tensor:
+    t = _uniform(n, 0.0, math.pi, g)
+    inner = torch.rand(n, generator=g) < 0.5
+    x = torch.where(inner, 1 - t.cos(), t.cos())
+    y = torch.where(inner, 0.5 - t.sin(), t.sin())
+    return torch.stack([x, y], dim=-1) + _MOONS_NOISE * torch.randn(n, 2, generator=g)
+
+
+# checkerboard: uniform on the 8 cells (i, j) of a 4x4 board on [-2, 2]^2 with i + j even.
+# Both marginals are U[-2, 2]: mean 0, E[x^2] = 4 / 3.
+def _checkerboard(n: int, g: Generator) -> Tensor:
+    col = torch.randint(0, 4, (n,), generator=g)
+    row = 2 * torch.randint(0, 2, (n,), generator=g) + col % 2
+    cell = torch.stack([col, row], dim=-1).to(torch.get_default_dtype())
+    return cell - 2 + torch.rand(n, 2, generator=g)
+
+
+# swiss_roll: (t cos t, t sin t), t ~ U[a, b] with a = 3 pi / 2, b = 9 pi / 2 (sklearn's 2D roll).
+# E[t^2] = (a^2 + ab + b^2) / 3 = 9.75 pi^2 and E[t^2 cos 2t] = -1/2, so
+# E[x] = 2, E[x^2] = E[t^2] / 2 - 1/4;  E[y] = 2 / (3 pi), E[y^2] = E[t^2] / 2 + 1/4.
+_ROLL_NOISE = 0.5
+_ROLL_T2 = 9.75 * math.pi**2
+
+
+def _swiss_roll(n: int, g: Generator) -> Tensor:
+    t = _uniform(n, 1.5 * math.pi, 4.5 * math.pi, g)
+    return _polar(t, t) + _ROLL_NOISE * torch.randn(n, 2, generator=g)
+
+
+# rings: 4 equally likely circles of radius 1..4; per coordinate E[x^2] = E[R^2] / 2 + s^2, E[R^2] = 30 / 4.
+_RINGS_NOISE = 0.08
+
+
+def _rings(n: int, g: Generator) -> Tensor:
+    radius = torch.randint(1, 5, (n,), generator=g).to(torch.get_default_dtype())
+    angle = _uniform(n, 0.0, 2 * math.pi, g)
+    return _polar(radius, angle) + _RINGS_NOISE * torch.randn(n, 2, generator=g)
+
+
+_EG_SQ, _RINGS_SQ = _EG_RADIUS**2 / 2 + _EG_STD**2, 30 / 4 / 2 + _RINGS_NOISE**2
+_TOYS: dict[str, _Toy] = {
+    "eight_gaussians": _Toy(_eight_gaussians, (0.0, 0.0), (_EG_SQ, _EG_SQ)),
+    "moons": _Toy(_moons, (0.5, 0.25), (1 + _MOONS_NOISE**2, 0.625 - 1 / math.pi + _MOONS_NOISE**2)),
+    "checkerboard": _Toy(_checkerboard, (0.0, 0.0), (4 / 3, 4 / 3)),
+    "swiss_roll": _Toy(
+        _swiss_roll, (2.0, 2 / (3 * math.pi)), (_ROLL_T2 / 2 - 0.25 + _ROLL_NOISE**2, _ROLL_T2 / 2 + 0.25 + _ROLL_NOISE**2)
+    ),
+    "rings": _Toy(_rings, (0.0, 0.0), (_RINGS_SQ, _RINGS_SQ)),
+}
+TOY2D_NAMES: tuple[str, ...] = tuple(_TOYS)
+
+
+def toy2d(name: str, n: int, generator: torch.Generator | None = None) -> Tensor:
+    """Draw ``n`` points of the named toy set: ``[n, 2]``, ~zero mean and unit std per coordinate.
+
+    Names: ``eight_gaussians``, ``moons``, ``checkerboard``, ``swiss_roll``, ``rings``.
+    """
+    if name not in _TOYS:
+        valid = ", ".join(TOY2D_NAMES)
+        raise ConfigError(f"unknown toy2d dataset {name!r}; valid: {valid}{did_you_mean(name, _TOYS)}")
+    if n < 0:
+        raise ValueError(f"n must be non-negative, got {n}")
+    toy = _TOYS[name]
+    mean = torch.tensor(toy.mean)
+    std = (torch.tensor(toy.second_moment) - mean**2).sqrt()
+    return (toy.sample(n, generator) - mean) / std
+
+
+@register("dataset", "toy2d")
+class Toy2D(torch.utils.data.Dataset):
+    """A fixed draw of ``n`` points of a toy set, ``self.data: [n, 2]``; items are rows ``[2]``."""
+
+    dim = 2
+
+    def __init__(self, name: str = "eight_gaussians", n: int = 50_000, seed: int = 0) -> None:
+        self.name = name
+        self.data = toy2d(name, n, torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return self.data.shape[0]
+
+    def __getitem__(self, index: int) -> Tensor:
+        return self.data[index]

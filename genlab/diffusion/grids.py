@@ -1,0 +1,132 @@
+"""Time grids: where a sampler evaluates the model, from t_max down to the data at t = 0.
+
+A grid for N steps is a float64 tensor of N + 1 decreasing times. By default it places N points
+in [t_min, t_max] with its spacing and then ends at t = 0 (the clean data), as k-diffusion and
+diffusers do; ``final="min"`` instead ends at t_min (for ODE accuracy and likelihood studies).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from ..core.errors import ConfigError
+from ..core.registry import register, register_namespace
+from .processes import DiscreteVP, Process
+
+Final = Literal["zero", "min"]
+
+
+class TimeGrid:
+    """Base: ``grid(process, steps) -> [steps + 1]`` times, decreasing."""
+
+    def __call__(self, process: Process, steps: int) -> Tensor:
+        raise NotImplementedError
+
+
+register_namespace("grid", TimeGrid, "time grids for samplers")
+
+
+class SpacedGrid(TimeGrid):
+    """A grid given by a spacing between t_max and t_min; subclasses define ``spacing``."""
+
+    def __init__(self, t_min: float | None = None, t_max: float | None = None, final: Final = "zero") -> None:
+        self.t_min, self.t_max, self.final = t_min, t_max, final
+
+    def spacing(self, process: Process, t_max: float, t_min: float, n: int) -> Tensor:
+        raise NotImplementedError
+
+    def __call__(self, process: Process, steps: int) -> Tensor:
+        if steps < 1:
+            raise ValueError(f"a grid needs at least 1 step, got {steps}")
+        t_max = process.t_max if self.t_max is None else self.t_max
+        t_min = process.t_min if self.t_min is None else self.t_min
+        if self.final == "min":
+            return self.spacing(process, t_max, t_min, steps + 1)
+        if steps == 1:
+            return torch.tensor([t_max, 0.0], dtype=torch.float64)
+        return torch.cat([self.spacing(process, t_max, t_min, steps), torch.zeros(1, dtype=torch.float64)])
+
+
+@register("grid", "uniform")
+class UniformTime(SpacedGrid):
+    """Uniform in t (DDIM's "linspace" in continuous time; flow matching's Euler grid)."""
+
+    def spacing(self, process: Process, t_max: float, t_min: float, n: int) -> Tensor:
+        return torch.linspace(t_max, t_min, n, dtype=torch.float64)
+
+
+@register("grid", "log_snr")
+class UniformLogSNR(SpacedGrid):
+    """Uniform in lambda = log-SNR (Lu et al. 2022, DPM-Solver, Sec. 3.3 "logSNR" steps)."""
+
+    def spacing(self, process: Process, t_max: float, t_min: float, n: int) -> Tensor:
+        ends = process.log_snr(torch.tensor([t_max, t_min], dtype=torch.float64))
+        if not torch.isfinite(ends).all():
+            raise ConfigError(f"grid log_snr: log-SNR is infinite at t in [{t_min}, {t_max}] of {process}; "
+                              "set grid.t_max / grid.t_min inside the process's open range")
+        return process.t_of_log_snr(torch.linspace(ends[0], ends[1], n, dtype=torch.float64))
+
+
+@register("grid", "karras")
+class Karras(SpacedGrid):
+    """sigma_i = (s_max^(1/rho) + i/(n-1) (s_min^(1/rho) - s_max^(1/rho)))^rho in sigma = sigma/alpha
+    (Karras et al. 2022, Eq. 5), mapped to the process's time."""
+
+    def __init__(self, rho: float = 7.0, sigma_min: float | None = None, sigma_max: float | None = None,
+                 final: Final = "zero") -> None:
+        super().__init__(final=final)
+        self.rho, self.sigma_min, self.sigma_max = rho, sigma_min, sigma_max
+
+    def spacing(self, process: Process, t_max: float, t_min: float, n: int) -> Tensor:
+        ends = process.level(torch.tensor([t_max, t_min], dtype=torch.float64)).sigma_edm
+        s_max = float(ends[0]) if self.sigma_max is None else self.sigma_max
+        s_min = float(ends[1]) if self.sigma_min is None else self.sigma_min
+        if not (0 < s_min < s_max < float("inf")):
+            raise ConfigError(f"grid karras: need 0 < sigma_min < sigma_max < inf, got {s_min:g}, {s_max:g} "
+                              f"for {process}; set grid.sigma_max / grid.sigma_min")
+        ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+        sigmas = (s_max ** (1 / self.rho) + ramp * (s_min ** (1 / self.rho) - s_max ** (1 / self.rho))) ** self.rho
+        return process.t_of_sigma_edm(sigmas)
+
+
+@register("grid", "ddpm")
+class DDPMGrid(TimeGrid):
+    """Integer-step grids of a :class:`DiscreteVP` in diffusers' conventions, ending at the data.
+
+    ``leading``: i * (T // N) + offset; ``trailing``: round(T - i T / N) - 1; ``linspace``:
+    linspace(0, T - 1, N) unrounded (Euler / Heun); or explicit DDPM step indices ``timesteps``.
+    (Lin et al. 2024, Table 2, compares these spacings.)
+    """
+
+    def __init__(self, spacing: Literal["leading", "trailing", "linspace"] = "trailing", offset: int = 0,
+                 timesteps: list[float] | None = None) -> None:
+        self.spacing, self.offset, self.timesteps = spacing, offset, timesteps
+
+    def indices(self, T: int, steps: int) -> Tensor:
+        if self.timesteps is not None:
+            return torch.as_tensor(self.timesteps, dtype=torch.float64)
+        if self.spacing == "leading":
+            return torch.arange(steps - 1, -1, -1, dtype=torch.float64) * (T // steps) + self.offset
+        if self.spacing == "trailing":
+            return torch.round(torch.arange(T, 0, -T / steps, dtype=torch.float64)) - 1
+        return torch.linspace(T - 1, 0, steps, dtype=torch.float64)
+
+    def __call__(self, process: Process, steps: int) -> Tensor:
+        if not isinstance(process, DiscreteVP):
+            raise ConfigError(f"grid ddpm needs a discrete process (type: ddpm), got {process}")
+        t = (self.indices(process.T, steps) + 1) / process.T
+        return torch.cat([t, torch.zeros(1, dtype=torch.float64)])
+
+
+@register("grid", "explicit")
+class ExplicitGrid(TimeGrid):
+    """A given list of decreasing times (the number of steps is len(times) - 1)."""
+
+    def __init__(self, times: list[float]) -> None:
+        self.times = torch.as_tensor(times, dtype=torch.float64)
+
+    def __call__(self, process: Process, steps: int | None = None) -> Tensor:
+        return self.times.clone()

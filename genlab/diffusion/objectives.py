@@ -1,0 +1,137 @@
+"""Training objectives: denoising regression with any target, and flow matching.
+
+The loss is w(t) |raw - target|^2 with raw the network output. Weightings are defined on the
+x0-space error (Kingma & Gao 2023, "Understanding diffusion objectives"): a weight w_x0 on
+|x0_hat - x0|^2 is applied as w_x0 b^2 to the raw error, b = d x0 / d raw, so a weighting means
+the same thing under every prediction type. ``constant`` is the plain MSE on the raw output.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from ..core.registry import build, register, register_namespace
+from .denoiser import Denoiser
+from .predictions import PredictionType, broadcast
+from .processes import Level, Process
+
+
+class TimeDistribution:
+    """Base: ``sample(process, n, generator) -> t [n]`` (float64)."""
+
+    def sample(self, process: Process, n: int, generator: torch.Generator | None = None) -> Tensor:
+        raise NotImplementedError
+
+
+register_namespace("time_distribution", TimeDistribution, "training-time distributions")
+
+
+@register("time_distribution", "uniform")
+class UniformT(TimeDistribution):
+    """t ~ U[t_min, t_max] of the process (Ho et al. 2020; Song et al. 2021)."""
+
+    def sample(self, process: Process, n: int, generator: torch.Generator | None = None) -> Tensor:
+        u = torch.rand(n, generator=generator, dtype=torch.float64)
+        return process.t_min + (process.t_max - process.t_min) * u
+
+
+@register("time_distribution", "log_normal")
+class LogNormalSigma(TimeDistribution):
+    """ln(sigma / alpha) ~ N(p_mean, p_std^2) (Karras et al. 2022, Table 1, "training"), clipped
+    to the process's range."""
+
+    def __init__(self, p_mean: float = -1.2, p_std: float = 1.2) -> None:
+        self.p_mean, self.p_std = p_mean, p_std
+
+    def sample(self, process: Process, n: int, generator: torch.Generator | None = None) -> Tensor:
+        log_sigma = self.p_mean + self.p_std * torch.randn(n, generator=generator, dtype=torch.float64)
+        return process.t_of_log_snr(-2 * log_sigma).clamp(process.t_min, process.t_max)
+
+
+@register("time_distribution", "logit_normal")
+class LogitNormalT(TimeDistribution):
+    """t = sigmoid(N(m, s^2)) scaled to [t_min, t_max] (Esser et al. 2024, SD3, Eq. 19)."""
+
+    def __init__(self, mean: float = 0.0, std: float = 1.0) -> None:
+        self.mean, self.std = mean, std
+
+    def sample(self, process: Process, n: int, generator: torch.Generator | None = None) -> Tensor:
+        u = torch.sigmoid(self.mean + self.std * torch.randn(n, generator=generator, dtype=torch.float64))
+        return process.t_min + (process.t_max - process.t_min) * u
+
+
+register_namespace("objective", None, "training objectives")
+
+Weighting = Literal["constant", "snr", "min_snr", "edm"]
+
+
+@register("objective", "denoising")
+class DenoisingObjective:
+    """Denoising score matching: regress the network output on its target at x_t.
+
+    Args:
+        prediction: what the network predicts (eps, x0, v, score, velocity).
+        preconditioning: ``"edm"`` for Karras et al.'s F-parameterisation (prediction ignored).
+        t_distribution: how training times are drawn (uniform, log_normal, logit_normal).
+        weighting: ``constant`` (plain MSE on the output), ``snr`` (x0 error weighted by SNR, the
+            eps-MSE), ``min_snr`` (x0 error weighted by min(SNR, gamma), Hang et al. 2023, Eq. 8),
+            ``edm`` (x0 error weighted by 1 / c_out^2, Karras et al. 2022, Eq. 8 and Table 1).
+        min_snr_gamma: gamma of min-SNR; sigma_data: EDM's data std.
+    """
+
+    def __init__(self, prediction: PredictionType = "eps", preconditioning: Literal["edm"] | None = None,
+                 t_distribution: TimeDistribution | str | dict = "uniform", weighting: Weighting = "constant",
+                 min_snr_gamma: float = 5.0, sigma_data: float = 0.5) -> None:
+        self.prediction, self.preconditioning, self.sigma_data = prediction, preconditioning, sigma_data
+        self.t_distribution = build("time_distribution", t_distribution, path="objective.t_distribution")
+        self.weighting, self.min_snr_gamma = weighting, min_snr_gamma
+
+    def denoiser(self, model: Any, process: Process) -> Denoiser:
+        """The :class:`Denoiser` this objective trains ``model`` as."""
+        return Denoiser(model, process, self.prediction, self.preconditioning, self.sigma_data)
+
+    def x0_weight(self, level: Level) -> Tensor:
+        """w_x0(t), the weight of |x0_hat - x0|^2."""
+        snr = (level.alpha / level.sigma) ** 2
+        if self.weighting == "snr":
+            return snr
+        if self.weighting == "min_snr":
+            return snr.clamp(max=self.min_snr_gamma)
+        if self.weighting == "edm":
+            s, sd = level.sigma_edm, self.sigma_data
+            return (s**2 + sd**2) / (s * sd) ** 2
+        raise ValueError(f"unknown weighting {self.weighting!r}; expected constant, snr, min_snr or edm")
+
+    def pair(self, x0: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
+        """The coupling of data and noise (independent here; minibatch OT in a subclass)."""
+        return x0, eps
+
+    def __call__(self, denoiser: Denoiser, x0: Tensor, generator: torch.Generator | None = None,
+                 **cond: Any) -> Tensor:
+        """The mean loss over the batch x0 [B, ...] (noise and times drawn from ``generator``)."""
+        eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+        x0, eps = self.pair(x0, eps)
+        t = self.t_distribution.sample(denoiser.process, x0.shape[0], generator).to(x0.device)
+        level = denoiser.process.level(t).to(dtype=x0.dtype)
+        x_t = broadcast(level.alpha, x0) * x0 + broadcast(level.sigma, x0) * eps
+        raw = denoiser.raw(x_t, level, **cond)
+        err = (raw - denoiser.target(x0, eps, x_t, level)).square().flatten(1).mean(1)
+        if self.weighting != "constant":
+            err = err * (self.x0_weight(level) * denoiser.x0_sensitivity(level) ** 2)
+        return err.mean()
+
+
+@register("objective", "flow_matching")
+class FlowMatchingObjective(DenoisingObjective):
+    """Conditional flow matching (Lipman et al. 2023, Eq. 23; Liu et al. 2023): regress the
+    velocity alpha' x0 + sigma' eps of the path, t ~ U[t_min, t_max], independent coupling."""
+
+    def __init__(self, prediction: PredictionType = "velocity",
+                 t_distribution: TimeDistribution | str | dict = "uniform", weighting: Weighting = "constant",
+                 min_snr_gamma: float = 5.0) -> None:
+        super().__init__(prediction, None, t_distribution, weighting, min_snr_gamma)
+
+

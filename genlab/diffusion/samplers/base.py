@@ -1,0 +1,127 @@
+"""The sampler base class: the loop, progress bar, callbacks, generators and explicit state.
+
+A sampler owns a time grid and a ``step``; everything else lives here. Multistep history is kept
+in a :class:`SamplerState` created per call, never on the instance, so one sampler can run many
+samplings at once, with per-sample times ([B]), or inside a training step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ...core.registry import build, register_namespace
+from ..grids import TimeGrid
+from ..predictions import broadcast
+from ..processes import Level, Process
+
+
+class DenoiserLike(Protocol):
+    """What samplers need: ``denoiser(x, level, **cond) -> (x0, eps)`` and its ``process``."""
+
+    process: Process
+
+    def __call__(self, x: Tensor, t: Tensor | Level, **cond: Any) -> tuple[Tensor, Tensor]: ...
+
+
+@dataclass
+class SamplerState:
+    """Per-sampling state: the step index, the number of steps and the multistep history."""
+
+    step: int = 0
+    steps: int = 0
+    history: list[tuple[Level, Tensor]] = field(default_factory=list)  # (level, x0), newest last
+    denoised: Tensor | None = None  # the latest x0 estimate, for callbacks
+
+
+@dataclass
+class StepInfo:
+    """What a callback receives after each step."""
+
+    step: int
+    x: Tensor
+    denoised: Tensor | None
+    level: Level
+    level_next: Level
+
+
+class Sampler:
+    """Base class of all samplers. Subclasses implement :meth:`step` (and may set ``default_grid``).
+
+    Args:
+        steps: number of steps (the grid has steps + 1 times).
+        grid: a :class:`TimeGrid` or its config (name or mapping); default: ``default_grid``.
+    """
+
+    default_grid: str = "uniform"
+    nfe_per_step: int = 1  # model evaluations per step, for NFE budgets
+
+    def __init__(self, steps: int = 20, grid: TimeGrid | str | dict | None = None) -> None:
+        self.steps = steps
+        self.grid: TimeGrid = build("grid", grid if grid is not None else self.default_grid, path="sampler.grid")
+
+    def timesteps(self, process: Process, steps: int | None = None) -> Tensor:
+        """The time grid [steps + 1] (float64) this sampler uses on ``process``."""
+        return self.grid(process, steps or self.steps)
+
+    def step(self, denoiser: DenoiserLike, x: Tensor, level: Level, level_next: Level, state: SamplerState,
+             generator: torch.Generator | None = None, cond: dict[str, Any] | None = None) -> Tensor:
+        """One step from ``level`` to ``level_next`` (less noisy); returns x at level_next."""
+        raise NotImplementedError
+
+    def denoise(self, denoiser: DenoiserLike, x: Tensor, level: Level, state: SamplerState,
+                cond: dict[str, Any] | None) -> tuple[Tensor, Tensor]:
+        """Call the denoiser and remember its x0 for callbacks."""
+        x0, eps = denoiser(x, level, **(cond or {}))
+        state.denoised = x0
+        return x0, eps
+
+    @staticmethod
+    def noise(x: Tensor, generator: torch.Generator | None) -> Tensor:
+        """Standard normal noise like x, drawn from ``generator``."""
+        return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+
+    @torch.no_grad()
+    def sample(self, denoiser: DenoiserLike, x: Tensor | None = None, *, shape: tuple[int, ...] | None = None,
+               steps: int | None = None, times: Tensor | None = None, generator: torch.Generator | None = None,
+               progress: bool = True, callback: Callable[[StepInfo], None] | None = None,
+               cond: dict[str, Any] | None = None) -> Tensor:
+        """Integrate from x at the first time of the grid (default: a prior draw of ``shape``) to
+        the last one and return x there [B, ...].
+
+        ``times`` overrides the grid: [N + 1] shared by the batch, or [N + 1, B] per sample.
+        """
+        process = denoiser.process
+        if x is None:
+            if shape is None:
+                raise ValueError("sample() needs x (the starting noise) or shape")
+            x = process.prior(shape, generator=generator)
+        times = self.timesteps(process, steps) if times is None else torch.as_tensor(times, dtype=torch.float64)
+        if times.ndim == 2 and times.shape[1] != x.shape[0]:
+            raise ValueError(f"per-sample times must be [N + 1, B] with B = {x.shape[0]}, got {list(times.shape)}")
+        levels = process.level(times.to(x.device)).to(dtype=x.dtype)
+        state = self.init_state(len(times) - 1)
+        for i in tqdm(range(len(times) - 1), disable=not progress, desc=type(self).__name__, leave=False):
+            x = self.step(denoiser, x, levels[i], levels[i + 1], state, generator, cond)
+            state.step = i + 1
+            if callback is not None:
+                callback(StepInfo(i, x, state.denoised, levels[i], levels[i + 1]))
+        return x
+
+    def init_state(self, steps: int) -> SamplerState:
+        return SamplerState(steps=steps)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(steps={self.steps}, grid={type(self.grid).__name__})"
+
+
+register_namespace("sampler", Sampler, "samplers: a time grid and a step, on any process and prediction")
+
+
+def bc(value: Tensor, x: Tensor) -> Tensor:
+    """Short alias of :func:`genlab.diffusion.predictions.broadcast` for step formulas."""
+    return broadcast(value, x)

@@ -1,0 +1,76 @@
+"""Euler and Heun samplers with stochastic churn (Karras et al. 2022, Algorithm 2).
+
+They integrate dx^/dsigma = eps in the scaled variables x^ = x / alpha, sigma = sigma / alpha, so
+they run on every process: an Euler step is x_next = alpha_next x0 + sigma_next eps.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ...core.registry import register
+from ..grids import TimeGrid
+from ..processes import Level
+from .base import DenoiserLike, Sampler, SamplerState, bc
+
+
+@register("sampler", "euler")
+class Euler(Sampler):
+    """First-order steps of Karras et al.'s Algorithm 2; without churn this is DDIM (eta = 0).
+
+    Churn: for S_tmin <= sigma <= S_tmax, raise sigma to sigma (1 + gamma), gamma =
+    min(S_churn / N, sqrt(2) - 1), by adding noise of std sqrt(sigma_hat^2 - sigma^2) S_noise.
+    """
+
+    default_grid = "karras"
+
+    def __init__(self, steps: int = 20, grid: TimeGrid | str | dict | None = None, s_churn: float = 0.0,
+                 s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0) -> None:
+        super().__init__(steps, grid)
+        self.s_churn, self.s_tmin, self.s_tmax, self.s_noise = s_churn, s_tmin, s_tmax, s_noise
+
+    def churn(self, denoiser: DenoiserLike, x: Tensor, level: Level, state: SamplerState,
+              generator: torch.Generator | None) -> tuple[Tensor, Level]:
+        """Lines 4-6 of Algorithm 2: move x from sigma up to sigma_hat; returns (x_hat, level_hat)."""
+        sigma = level.sigma_edm
+        in_range = (sigma >= self.s_tmin) & (sigma <= self.s_tmax)
+        gamma = torch.where(in_range, min(self.s_churn / state.steps, math.sqrt(2) - 1), 0.0)
+        if self.s_churn <= 0 or not bool((gamma > 0).any()):
+            return x, level
+        process = denoiser.process
+        t_hat = process.t_of_sigma_edm(sigma.double() * (1 + gamma.double())).clamp(max=process.t_max)
+        level_hat = process.level(t_hat).to(dtype=x.dtype, device=x.device)
+        extra = torch.sqrt((level_hat.sigma_edm**2 - sigma**2).clamp_min(0)) * self.s_noise
+        x_hat = x / bc(level.alpha, x) + bc(extra, x) * self.noise(x, generator)
+        return bc(level_hat.alpha, x) * x_hat, level_hat
+
+    def step(self, denoiser: DenoiserLike, x: Tensor, level: Level, level_next: Level, state: SamplerState,
+             generator: torch.Generator | None = None, cond: dict[str, Any] | None = None) -> Tensor:
+        x, level = self.churn(denoiser, x, level, state, generator)
+        x0, eps = self.denoise(denoiser, x, level, state, cond)
+        return bc(level_next.alpha, x) * x0 + bc(level_next.sigma, x) * eps
+
+
+@register("sampler", "heun")
+class Heun(Euler):
+    """Heun's second-order method (Algorithm 2, lines 9-11): the trapezoid rule on dx^/dsigma = eps,
+    Euler for the last step into sigma = 0 (and from an infinite sigma, where it is undefined)."""
+
+    nfe_per_step = 2
+
+    def step(self, denoiser: DenoiserLike, x: Tensor, level: Level, level_next: Level, state: SamplerState,
+             generator: torch.Generator | None = None, cond: dict[str, Any] | None = None) -> Tensor:
+        x, level = self.churn(denoiser, x, level, state, generator)
+        x0, eps = self.denoise(denoiser, x, level, state, cond)
+        euler = bc(level_next.alpha, x) * x0 + bc(level_next.sigma, x) * eps
+        second = (level_next.sigma > 0) & torch.isfinite(level.sigma_edm)
+        if not bool(second.any()):
+            return euler
+        _, eps_next = denoiser(euler, level_next, **(cond or {}))
+        step = bc(level_next.sigma_edm - level.sigma_edm, x) * (eps + eps_next) / 2
+        heun = bc(level_next.alpha, x) * (x / bc(level.alpha, x) + step)
+        return torch.where(bc(second, x), heun, euler)

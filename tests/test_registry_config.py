@@ -1,0 +1,244 @@
+"""Registry building with checked keyword arguments, and YAML configs with base files and overrides."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import pytest
+
+from genlab.core import ConfigError, build, construct, describe, load_config, lookup, register, save_config
+from genlab.core import register_namespace, registered
+from genlab.core.config import check_keys
+
+
+class _TestGrid:
+    """Base class of the test-only grid namespace."""
+
+
+register_namespace("_test_grid", base=_TestGrid, doc="test grids")
+
+
+@register("_test_grid")
+class KarrasGrid(_TestGrid):
+    """Karras rho grid."""
+
+    def __init__(self, rho: float = 7.0) -> None:
+        self.rho = rho
+
+
+@register("_test_model", name="mlp")
+@dataclass
+class _Mlp:
+    """A test MLP.
+
+    More text.
+    """
+
+    dim: int
+    channels: int = 8
+    act: Literal["relu", "gelu"] = "relu"
+    mult: tuple[int, ...] = (1,)
+    scale: float = 1.0
+    bias: bool = True
+    width: int | None = None
+    pair: tuple[int, str] = (1, "a")
+
+
+@register("_test_model", name="unet")
+def make_unet(grid: _TestGrid | str = "karras_grid", grids: Sequence[_TestGrid] = (), extra: Any = None) -> dict:
+    return {"grid": grid, "grids": grids, "extra": extra}
+
+
+@register("_test_model", name="unresolved")
+def make_unresolved(a: NotDefinedAnywhere = None, b: int = 0) -> tuple:  # noqa: F821
+    return a, b
+
+
+@register("_test_model", name="free")
+def make_free(**kwargs: Any) -> dict:
+    return kwargs
+
+
+@dataclass
+class _Train:
+    lr: float
+    steps: int = 10
+
+
+def _message(fn, *args: Any, **kwargs: Any) -> str:
+    """The message of the ConfigError raised by ``fn(*args, **kwargs)``."""
+    with pytest.raises(ConfigError) as e:
+        fn(*args, **kwargs)
+    return str(e.value)
+
+
+def _model_error(cfg: dict, source: str = "config.yaml") -> str:
+    return _message(build, "_test_model", cfg, path="model", source=source)
+
+
+def test_register_default_name_and_duplicates() -> None:
+    assert lookup("_test_grid", "karras_grid") is KarrasGrid
+    assert register("_test_grid")(KarrasGrid) is KarrasGrid  # same object again is fine
+    with pytest.raises(ValueError):
+        register("_test_grid", name="karras_grid")(type("KarrasGrid", (_TestGrid,), {}))
+
+
+def test_registered_and_describe() -> None:
+    assert registered("_test_model") == {"_test_model": ["free", "mlp", "unet", "unresolved"]}
+    assert "_test_grid" in registered()
+    assert describe("_test_model")[:3] == [("free", ""), ("mlp", "A test MLP."), ("unet", "")]
+
+
+def test_build_from_str_mapping_and_built_object() -> None:
+    m = build("_test_model", {"type": "mlp", "dim": 3, "mult": [1, 2]})
+    assert isinstance(m, _Mlp) and m.dim == 3 and m.mult == (1, 2)
+    assert isinstance(build("_test_grid", "karras_grid"), KarrasGrid)
+    assert build("_test_model", m) is m
+
+
+def test_unknown_key_type_and_missing_keys() -> None:
+    assert _model_error({"type": "mlp", "dim": 1, "chanels": 4}) == (
+        "config.yaml: model.chanels: unknown key; did you mean 'channels'?"
+    )
+    assert _model_error({"type": "unet2"}) == (
+        "config.yaml: model.type: unknown _test_model 'unet2'; did you mean 'unet'?"
+        " (registered: free, mlp, unet, unresolved)"
+    )
+    assert _model_error({"dim": 1}) == (
+        "config.yaml: model: missing 'type' (registered _test_models: free, mlp, unet, unresolved)"
+    )
+    assert _model_error({"type": "mlp"}) == "config.yaml: model: missing required key 'dim'"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("scale", "abc", "model.scale: expected float, got str 'abc'"),
+        ("dim", True, "model.dim: expected int, got bool True"),
+        ("dim", 1.5, "model.dim: expected int, got float 1.5"),
+        ("act", "tanh", "model.act: expected one of 'relu', 'gelu', got str 'tanh'"),
+        ("width", "x", "model.width: expected int or None, got str 'x'"),
+        ("bias", 1, "model.bias: expected bool, got int 1"),
+        ("pair", [1], "model.pair: expected list [int, str], got list [1]"),
+        ("mult", [1, "a"], "model.mult[1]: expected int, got str 'a'"),
+    ],
+)
+def test_bad_type_messages(key: str, value: object, expected: str) -> None:
+    assert _model_error({"type": "mlp", "dim": 1, key: value}) == f"config.yaml: {expected}"
+
+
+def test_accepted_values() -> None:
+    m = build("_test_model", {"type": "mlp", "dim": 1, "scale": 2, "width": None})  # int for float
+    assert m.scale == 2 and m.width is None
+    assert build("_test_model", {"type": "free", "anything": [1], "x": "y"}) == {"anything": [1], "x": "y"}
+    assert build("_test_model", {"type": "unresolved", "a": [1]}) == ([1], 0)  # unresolvable hint: unchecked
+    assert _model_error({"type": "unresolved", "b": "x"}) == "config.yaml: model.b: expected int, got str 'x'"
+
+
+def test_nested_build_through_declared_base() -> None:
+    out = build("_test_model", {"type": "unet", "grid": {"type": "karras_grid", "rho": 5}})
+    assert isinstance(out["grid"], KarrasGrid) and out["grid"].rho == 5
+    assert isinstance(build("_test_model", {"type": "unet", "grid": "karras_grid"})["grid"], KarrasGrid)
+    grids = build("_test_model", {"type": "unet", "grids": ["karras_grid", {"type": "karras_grid", "rho": 2}]})["grids"]
+    assert [g.rho for g in grids] == [7.0, 2]
+    assert _model_error({"type": "unet", "grid": {"type": "karras_grid", "rh": 5}}, "c.yaml") == (
+        "c.yaml: model.grid.rh: unknown key; did you mean 'rho'?"
+    )
+    assert _model_error({"type": "unet", "grids": [{"type": "karas"}]}, "c.yaml") == (
+        "c.yaml: model.grids[0].type: unknown _test_grid 'karas'; did you mean 'karras_grid'? (registered: karras_grid)"
+    )
+
+
+def test_extra_kwargs_from_program() -> None:
+    assert build("_test_model", "mlp", dim=4).dim == 4
+    assert _message(build, "_test_model", {"type": "mlp", "dim": 1}, path="model", source="c.yaml", dim=4) == (
+        "c.yaml: model.dim: set by the program; remove it from the config"
+    )
+
+
+def test_construct_and_check_keys() -> None:
+    assert construct(_Train, {"lr": 1}, path="train", source="c.yaml") == _Train(lr=1)
+    assert _message(construct, _Train, {"lr": 1e-4, "step": 3}, path="train", source="c.yaml") == (
+        "c.yaml: train.step: unknown key; did you mean 'steps'?"
+    )
+    assert _message(check_keys, {"modle": {}}, ["model", "train"], path="", source="config.yaml") == (
+        "config.yaml: modle: unknown key; did you mean 'model'?"
+    )
+
+
+def _write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_missing_file_and_invalid_yaml(tmp_path: Path) -> None:
+    assert _message(load_config, tmp_path / "nope.yaml") == f"{tmp_path / 'nope.yaml'}: no such config file"
+    bad = _write(tmp_path, "bad.yaml", "a: 1\nb: [1, 2\n")
+    assert _message(load_config, bad) == (
+        f"{bad}: invalid YAML at line 3: expected ',' or ']', but got '<stream end>'"
+    )
+    listed = _write(tmp_path, "list.yaml", "- 1\n")
+    assert _message(load_config, listed) == f"{listed}: top level must be a mapping, got list"
+
+
+def test_floats_in_files(tmp_path: Path) -> None:
+    cfg = load_config(_write(tmp_path, "c.yaml", "lr: 1e-4\nb: 2.0e4\nc: 3\nd: '1e-4'\ne: 1.5\n"))
+    assert cfg == {"lr": 1e-4, "b": 2e4, "c": 3, "d": "1e-4", "e": 1.5}
+    assert cfg.source == "c.yaml"
+
+
+def test_base_inheritance(tmp_path: Path) -> None:
+    (tmp_path / "base").mkdir()
+    _write(tmp_path, "base/train.yaml", "train: {lr: 0.1, steps: 5}\nsampler: {type: ddim, eta: 0.5}\n")
+    _write(tmp_path, "base/model.yaml", "model: {type: unet, ch: 4}\n")
+    _write(tmp_path, "base/extra.yaml", "base: [train.yaml, model.yaml]\ntrain: {steps: 7}\ntags: [a, b]\n")
+    child = _write(tmp_path, "c.yaml", "base: base/extra.yaml\nsampler: {type: heun}\nmodel: {ch: 8}\ntags: [c]\n")
+    assert load_config(child) == {
+        "train": {"lr": 0.1, "steps": 7},
+        "sampler": {"type": "heun"},  # a new type does not inherit eta
+        "model": {"type": "unet", "ch": 8},
+        "tags": ["c"],
+    }
+
+
+def test_base_cycle(tmp_path: Path) -> None:
+    _write(tmp_path, "a.yaml", "base: b.yaml\nx: 1\n")
+    _write(tmp_path, "b.yaml", "base: a.yaml\n")
+    msg = _message(load_config, tmp_path / "a.yaml")
+    assert msg == f"{tmp_path / 'a.yaml'}: base cycle: a.yaml -> b.yaml -> a.yaml"
+
+
+def test_overrides(tmp_path: Path) -> None:
+    path = _write(tmp_path, "c.yaml", "train: {lr: 0.1}\nsampler: {type: ddim, eta: 0.5, steps: 4}\n")
+    overrides = ["train.lr=1e-4", "train.steps=10", "train.dims=[1,2]", "train.ema=false"]
+    cfg = load_config(path, [*overrides, "new.deep.key=x", "sampler.steps=8", "sampler.type=heun"])
+    assert cfg["train"] == {"lr": 1e-4, "steps": 10, "dims": [1, 2], "ema": False}
+    assert isinstance(cfg["train"]["lr"], float)
+    assert cfg["new"] == {"deep": {"key": "x"}}
+    assert cfg["sampler"] == {"type": "heun", "steps": 8}  # eta came from the file and is dropped
+    assert load_config(path, ["sampler.type=ddim"])["sampler"]["eta"] == 0.5  # same type keeps keys
+
+
+@pytest.mark.parametrize("item", ["foo", "=3", "a..b=1"])
+def test_bad_overrides(tmp_path: Path, item: str) -> None:
+    path = _write(tmp_path, "c.yaml", "train: {lr: 0.1}\n")
+    assert _message(load_config, path, [item]) == f"override '{item}': expected KEY=VALUE, e.g. train.lr=1e-4"
+
+
+def test_override_through_a_scalar(tmp_path: Path) -> None:
+    path = _write(tmp_path, "c.yaml", "train: {lr: 0.1}\n")
+    assert _message(load_config, path, ["train.lr.x=1"]) == (
+        "override 'train.lr.x=1': train.lr is float 0.1, not a mapping"
+    )
+
+
+def test_save_config_round_trip(tmp_path: Path) -> None:
+    cfg = load_config(_write(tmp_path, "c.yaml", "b: {lr: 1e-4, mult: [1, 2]}\na: 1\n"))
+    save_config(cfg, tmp_path / "out.yaml")
+    assert load_config(tmp_path / "out.yaml") == cfg
+    assert (tmp_path / "out.yaml").read_text().startswith("b:")  # order kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml", "out.yaml"]  # no temp file left
