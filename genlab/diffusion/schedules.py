@@ -30,15 +30,14 @@ def log_alpha_bar(schedule: str, t: Tensor, *, beta_start: float = 1e-4, beta_en
         return -(b0 * t + 0.5 * (b1 - b0) * t**2)
     if schedule == "scaled_linear":
         r0, r1 = math.sqrt(b0), math.sqrt(b1)
-        if abs(r1 - r0) < 1e-12:
-            return -b0 * t
-        return -((r0 + (r1 - r0) * t) ** 3 - r0**3) / (3 * (r1 - r0))
+        u = (r1 - r0) * t  # int_0^t (r0 + (r1 - r0) s)^2 ds = ((r0 + u)^3 - r0^3) / (3 (r1 - r0))
+        return -t * (r0**2 + r0 * u + u**2 / 3)
     if schedule == "cosine":
         f = lambda u: torch.cos((u + cosine_s) / (1 + cosine_s) * math.pi / 2)  # noqa: E731
-        return 2 * (torch.log(f(t).clamp_min(1e-20)) - math.log(f(torch.zeros(())).item()))
+        return (2 * (torch.log(f(t).clamp_min(1e-20)) - torch.log(f(torch.zeros_like(t))))).clamp(max=0)
     if schedule == "sigmoid":
         start, end = sigmoid_range
-        v_start, v_end = torch.sigmoid(torch.tensor(start / sigmoid_tau)), torch.sigmoid(torch.tensor(end / sigmoid_tau))
+        v_start, v_end = (torch.sigmoid(torch.tensor(v / sigmoid_tau, dtype=t.dtype)) for v in (start, end))
         v = torch.sigmoid((t * (end - start) + start) / sigmoid_tau)
         return torch.log(((v_end - v) / (v_end - v_start)).clamp(1e-9, 1.0))
     raise ValueError(f"unknown schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}")

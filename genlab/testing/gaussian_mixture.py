@@ -129,16 +129,19 @@ class GaussianMixture:
     def x0(self, x: Tensor, alpha: Coef, sigma: Coef) -> Tensor:
         """``E[x0 | x_t = x] = sum_k r_k (mu_k + alpha Sigma_k C_k^{-1} (x - alpha mu_k))``:
         ``x: [B, D] -> [B, D]``. Finite at ``alpha = 0`` and, for full-rank Sigma_k, at ``sigma = 0``."""
+        return self.x0_eps(x, alpha, sigma)[0]
+
+    def x0_eps(self, x: Tensor, alpha: Coef, sigma: Coef) -> tuple[Tensor, Tensor]:
+        """``(x0(x), eps(x))`` from one pass over the components (what a denoiser returns)."""
         log_joint, c_inv_res, a = self._components(x, alpha, sigma)
         post = self.means.to(x.device) + a * torch.einsum("kij,bkj->bki", self.covs.to(x.device), c_inv_res)
-        return self._average(log_joint, post).to(x.dtype)
+        s = rearrange(self._coef(sigma, x), "b -> b 1")
+        return self._average(log_joint, post).to(x.dtype), (s * self._average(log_joint, c_inv_res)).to(x.dtype)
 
     def eps(self, x: Tensor, alpha: Coef, sigma: Coef) -> Tensor:
         """``E[eps | x_t = x] = sum_k r_k sigma C_k^{-1} (x - alpha mu_k) = -sigma * score``:
         ``x: [B, D] -> [B, D]``. Satisfies ``x = alpha * x0(x) + sigma * eps(x)`` exactly."""
-        log_joint, c_inv_res, _ = self._components(x, alpha, sigma)
-        s = rearrange(self._coef(sigma, x), "b -> b 1")
-        return (s * self._average(log_joint, c_inv_res)).to(x.dtype)
+        return self.x0_eps(x, alpha, sigma)[1]
 
     # ----- shared linear algebra ------------------------------------------------------------
     def _coef(self, v: Coef, x: Tensor) -> Tensor:
@@ -165,10 +168,11 @@ class GaussianMixture:
         if (info != 0).any():
             raise ValueError("C_k = alpha^2 Sigma_k + sigma^2 I is singular (alpha = sigma = 0?)")
         res = rearrange(x64, "b d -> b 1 d") - a * self.means.to(x.device)  # [B, K, D]
-        white = torch.linalg.solve_triangular(chol, res[..., None], upper=False)
-        c_inv_res = torch.linalg.solve_triangular(chol.mT, white, upper=True)[..., 0]
+        chol_inv = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)  # L^{-1}, D x D
+        white = torch.einsum("bkij,bkj->bki", chol_inv, res)  # L^{-1} r
+        c_inv_res = torch.einsum("bkji,bkj->bki", chol_inv, white)  # L^{-T} L^{-1} r = C^{-1} r
         log_det = 2 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)  # [B or 1, K]
-        log_normal = -0.5 * (self.dim * math.log(2 * math.pi) + log_det + white[..., 0].square().sum(-1))
+        log_normal = -0.5 * (self.dim * math.log(2 * math.pi) + log_det + white.square().sum(-1))
         return self.weights.to(x.device).log() + log_normal, c_inv_res, a
 
     @staticmethod

@@ -18,8 +18,10 @@ def exact_denoiser(mixture: GaussianMixture, process: Process, prediction: Predi
     ``prediction`` at (x, t); the model is given the process time t itself."""
 
     def model(x: Tensor, t: Tensor) -> Tensor:
+        if t.ndim and bool((t == t[0]).all()):
+            t = t[0]  # one shared noise level: one factorisation per component, not one per sample
         level = process.level(t.double()).to(dtype=x.dtype)
-        x0, eps = mixture.x0(x, level.alpha, level.sigma), mixture.eps(x, level.alpha, level.sigma)
+        x0, eps = mixture.x0_eps(x, level.alpha, level.sigma)
         return from_x0_eps(prediction, x0, eps, level)
 
     return Denoiser(model, process, prediction, model_time=lambda t: t)

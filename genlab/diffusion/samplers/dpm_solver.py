@@ -22,16 +22,22 @@ from .base import DenoiserLike, Sampler, SamplerState, bc
 class DPMSolverPP(Sampler):
     """DPM-Solver++ (2M by default, 3M with order=3). The first steps ramp up the order; the last
     step into sigma = 0 is first order; ``lower_order_final`` also lowers the final two steps when
-    there are fewer than 15 (as in the paper's code and diffusers)."""
+    there are fewer than 15 (as in the paper's code and diffusers).
+
+    Third order: with D1 ~ h x0' and D2 = (D1_0 - D1_1) / (r0 + r1) ~ h^2 x0'' / 2, the Taylor
+    expansion of the exact solution weights D2 by 1 - 2 (h - phi) / h^2. The reference code
+    (LuChengTHU/dpm-solver, diffusers) uses half of that, (phi_2 / h - 1/2), which makes 3M
+    globally second order; ``third_order="reference"`` reproduces it step for step.
+    """
 
     default_grid = "log_snr"
 
     def __init__(self, steps: int = 20, grid: TimeGrid | str | dict | None = None, order: Literal[1, 2, 3] = 2,
-                 lower_order_final: bool = True) -> None:
+                 lower_order_final: bool = True, third_order: Literal["taylor", "reference"] = "taylor") -> None:
         super().__init__(steps, grid)
         if order not in (1, 2, 3):
             raise ValueError(f"DPM-Solver++ order must be 1, 2 or 3, got {order}")
-        self.order, self.lower_order_final = order, lower_order_final
+        self.order, self.lower_order_final, self.third_order = order, lower_order_final, third_order
 
     def step_order(self, state: SamplerState, level_next: Level) -> int:
         order = min(self.order, len(state.history))
@@ -64,4 +70,5 @@ class DPMSolverPP(Sampler):
         d2 = (d1_0 - d1_1) / (r0 + r1)
         h_, e = bc(h, x), bc(1 - exp_neg_h, x)
         a_s = bc(level_next.alpha, x)
-        return x_next + a_s * (1 - e / h_) * d1 - a_s * ((h_ - e) / h_**2 - 0.5) * d2
+        w2 = 1 - 2 * (h_ - e) / h_**2 if self.third_order == "taylor" else 0.5 - (h_ - e) / h_**2
+        return x_next + a_s * (1 - e / h_) * d1 + a_s * w2 * d2
