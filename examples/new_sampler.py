@@ -23,7 +23,8 @@ import torch
 from torch import Tensor
 
 from genlab.core.registry import register
-from genlab.diffusion import EDM, VE, VP, Heun, Karras, Level, Process, RectifiedFlow, Sampler, SubVP, UniformLogSNR
+from genlab.diffusion import (EDM, PREDICTIONS, VE, VP, Heun, Karras, Level, Process, RectifiedFlow, Sampler, SubVP,
+                              UniformLogSNR)
 from genlab.diffusion.samplers.base import DenoiserLike, SamplerState, bc
 from genlab.testing import GaussianMixture, exact_denoiser, exact_ode_solution
 
@@ -66,6 +67,7 @@ class DPMSolver2S(Sampler):
 
 
 # ----- checking it against the exact probability-flow ODE -----------------------------------------
+
 
 def start_and_end(process: Process, grid: Any) -> tuple[float, float]:
     """The first and last time of ``grid`` on ``process`` (the grid ends at t_min with final="min")."""
@@ -124,7 +126,7 @@ def main(steps: tuple[int, ...] = (10, 20, 40), n: int = 256) -> None:
     process, grid = VP(), UniformLogSNR(final="min")
     x = noisy_batch(mixture, process, start_and_end(process, grid)[0], n)
     outs = {p: DPMSolver2S(10, grid=grid).sample(exact_denoiser(mixture, process, p), x.clone(), progress=False)
-            for p in ("eps", "x0", "v", "score", "velocity")}
+            for p in PREDICTIONS}
     spread = max(rms(o, outs["eps"]) for o in outs.values())
     print(f"VP, 10 steps: largest RMS difference between prediction types {', '.join(outs)}: {spread:.1e}")
 
@@ -138,4 +140,5 @@ def main(steps: tuple[int, ...] = (10, 20, 40), n: int = 256) -> None:
 
 
 if __name__ == "__main__":
+    torch.set_num_threads(1)  # [256, 2] tensors: threads only add overhead (and contention on a busy CPU)
     main()

@@ -150,7 +150,7 @@ class VP(Process):
         if self.zero_terminal_snr:  # Lin et al. 2024, Alg. 1, on sqrt(alpha_bar) with value 1 at t = 0
             last = torch.exp(0.5 * log_alpha_bar(self.schedule, torch.ones((), dtype=t.dtype), **kw))
             lab = torch.log(((torch.exp(0.5 * lab) - last) / (1 - last)).clamp_min(2.0**-12)) * 2
-        return lab
+        return lab.clamp(max=0)
 
     def alpha(self, t: Tensor) -> Tensor:
         return torch.exp(0.5 * self._log_alpha_bar(t))

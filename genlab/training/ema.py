@@ -1,0 +1,26 @@
+"""Exponential moving average of weights, with the usual warm-up of the decay."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class EMA:
+    """``shadow = d * shadow + (1 - d) * params`` with d = min(decay, (1 + n) / (10 + n)) after n
+    updates (the warm-up of Tarvainen & Valpola 2017 as used by ADM and diffusers' EMAModel)."""
+
+    def __init__(self, model: nn.Module, decay: float = 0.999) -> None:
+        self.decay, self.updates = decay, 0
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for shadow, param in zip(self.model.parameters(), model.parameters()):
+            shadow.lerp_(param.detach(), 1 - d)
+        for shadow, buf in zip(self.model.buffers(), model.buffers()):
+            shadow.copy_(buf)
+        self.updates += 1
