@@ -65,15 +65,34 @@ class Denoiser(nn.Module):
             _, _, c_in, c_noise = self.edm_scalings(level)
             x_in = P.broadcast(c_in / level.alpha, x) * x
             return self.model(x_in, self._time_input(c_noise, x), **cond)
-        return self.model(x, self._time_input(self.model_time(level.t), x), **cond)
+        t_in = level.memo(("model_time", self.model_time), lambda lv: self.model_time(lv.t))
+        return self.model(x, self._time_input(t_in, x), **cond)
+
+    def coefficients(self, level: Level) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(a_x0, b_x0, a_eps, b_eps) with x0 = a_x0 x + b_x0 raw and eps = a_eps x + b_eps raw;
+        floats on a grid shared by the batch. Under EDM preconditioning x0 = (c_skip / alpha) x +
+        c_out F and eps = (x - alpha x0) / sigma."""
+        if self.preconditioning != "edm":
+            return level.values(("coefficients", self.prediction), P.coefficients_of(self.prediction))
+
+        def edm(lv: Level) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+            c_skip, c_out, _, _ = self.edm_scalings(lv)
+            return c_skip / lv.alpha, c_out, (1 - c_skip) / lv.sigma, -lv.alpha * c_out / lv.sigma
+
+        return level.values(("edm", self.sigma_data), edm)
 
     def to_x0_eps(self, raw: Tensor, x: Tensor, level: Level) -> tuple[Tensor, Tensor]:
         """(x0, eps) from a network output ``raw`` at (x, level)."""
-        if self.preconditioning == "edm":
-            c_skip, c_out, _, _ = self.edm_scalings(level)
-            x0 = P.broadcast(c_skip / level.alpha, x) * x + P.broadcast(c_out, x) * raw
-            return x0, (x - P.broadcast(level.alpha, x) * x0) / P.broadcast(level.sigma, x)
-        return P.to_x0_eps(self.prediction, raw, x, level)
+        if self.preconditioning != "edm":
+            return P.to_x0_eps(self.prediction, raw, x, level)
+        a_x0, b_x0, a_eps, b_eps = self.coefficients(level)
+        return P.combine((a_x0, x), (b_x0, raw)), P.combine((a_eps, x), (b_eps, raw))
+
+    def linear(self, x: Tensor, t: Tensor | Level, **cond: Any) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """(raw, coefficients): x0 and eps as linear maps of (x, raw), for samplers that fold the
+        conversion into their update (w_x0 x0 + w_eps eps in two tensor operations)."""
+        level = self.level(t, x)
+        return self.raw(x, level, **cond), self.coefficients(level)
 
     def forward(self, x: Tensor, t: Tensor | Level, **cond: Any) -> tuple[Tensor, Tensor]:
         """(x0, eps) estimates [B, ...] at x [B, ...] and t (scalar, [B] or a Level)."""
@@ -88,10 +107,8 @@ class Denoiser(nn.Module):
         return P.from_x0_eps(self.prediction, x0, eps, level)
 
     def x0_sensitivity(self, level: Level) -> Tensor:
-        """d x0 / d raw: an error e in ``raw`` is an error (this) * e in x0."""
-        if self.preconditioning == "edm":
-            return self.edm_scalings(level)[1]
-        return P.x0_sensitivity(self.prediction, level)
+        """d x0 / d raw (= b_x0): an error e in ``raw`` is an error (this) * e in x0."""
+        return self.coefficients(level)[1]
 
     def extra_repr(self) -> str:
         pre = f", preconditioning={self.preconditioning}" if self.preconditioning else ""

@@ -11,8 +11,12 @@ x0 = a_x0 x + b_x0 out and eps = a_eps x + b_eps out. The types:
 
 from __future__ import annotations
 
+import functools
+import math
+from collections.abc import Callable
 from typing import Literal
 
+import torch
 from torch import Tensor
 
 from .processes import Level
@@ -24,6 +28,21 @@ PREDICTIONS: tuple[str, ...] = ("eps", "x0", "v", "score", "velocity")
 def broadcast(value: Tensor, x: Tensor) -> Tensor:
     """Append singleton dims so a per-sample value [B] (or a scalar) broadcasts against x [B, ...]."""
     return value.reshape(value.shape + (1,) * (x.ndim - value.ndim)) if value.ndim else value
+
+
+def expm1(v: Tensor | float) -> Tensor | float:
+    """exp(v) - 1 for a float or a tensor."""
+    return math.expm1(v) if isinstance(v, float) else torch.expm1(v)
+
+
+def combine(*terms: tuple[Tensor | float, Tensor]) -> Tensor:
+    """sum_j w_j v_j for weights that are floats, scalars or per-sample [B] tensors, in one
+    multiply and one fused multiply-add per further term."""
+    (w, v), *rest = terms
+    out = torch.mul(v, w if isinstance(w, float) else broadcast(w, v))
+    for w, v in rest:
+        out = out.add_(v, alpha=w) if isinstance(w, float) else out.addcmul_(v, broadcast(w, v))
+    return out
 
 
 def coefficients(prediction: str, level: Level) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -51,10 +70,16 @@ def to_x0_eps(prediction: str, out: Tensor, x: Tensor, level: Level) -> tuple[Te
     Each is computed from ``out`` directly, so x0 stays finite at alpha = 0 for ``v`` and
     ``velocity``, and eps stays finite at sigma = 0 for ``eps``.
     """
-    a_x0, b_x0, a_eps, b_eps = (broadcast(c, x) for c in coefficients(prediction, level))
-    x0 = out if prediction == "x0" else a_x0 * x + b_x0 * out
-    eps = out if prediction == "eps" else a_eps * x + b_eps * out
+    a_x0, b_x0, a_eps, b_eps = level.values(("coefficients", prediction), coefficients_of(prediction))
+    x0 = out if prediction == "x0" else combine((a_x0, x), (b_x0, out))
+    eps = out if prediction == "eps" else combine((a_eps, x), (b_eps, out))
     return x0, eps
+
+
+@functools.cache
+def coefficients_of(prediction: str) -> Callable[[Level], tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """``level -> coefficients(prediction, level)``, one function object per type (a memo key)."""
+    return lambda level: coefficients(prediction, level)
 
 
 def from_x0_eps(prediction: str, x0: Tensor, eps: Tensor, level: Level) -> Tensor:
@@ -78,6 +103,3 @@ def convert(out: Tensor, source: str, target: str, x: Tensor, level: Level) -> T
     return from_x0_eps(target, *to_x0_eps(source, out, x, level), level)
 
 
-def x0_sensitivity(prediction: str, level: Level) -> Tensor:
-    """b_x0 = d x0 / d out: an error e in ``out`` is an error b_x0 e in x0 (loss weighting)."""
-    return coefficients(prediction, level)[1]

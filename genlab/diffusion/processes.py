@@ -9,8 +9,8 @@ noisiest level at ``t_max``; samplers work on :class:`Level` values and never on
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
-from typing import Literal
+from collections.abc import Callable, Hashable
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -19,35 +19,78 @@ from ..core.registry import register, register_namespace
 from .schedules import discrete_alphas_cumprod, log_alpha_bar, rescale_zero_terminal_snr
 
 
-@dataclass(frozen=True)
 class Level:
     """A noise level of a process: time ``t``, ``alpha``, ``sigma`` and their t-derivatives.
 
     Fields have one shape: [] (shared by the batch), [B] (per sample), or [N, ...] for a whole
-    time grid, which ``level[i]`` indexes.
+    time grid, which ``level[i]`` indexes. Derived quantities (log-SNR, conversion coefficients)
+    go through :meth:`memo`: computed once for a whole grid, vectorised, and indexed per step.
     """
 
-    t: Tensor
-    alpha: Tensor
-    sigma: Tensor
-    d_alpha: Tensor
-    d_sigma: Tensor
+    __slots__ = ("t", "alpha", "sigma", "d_alpha", "d_sigma", "_parent", "_memo")
+    FIELDS = ("t", "alpha", "sigma", "d_alpha", "d_sigma")
+
+    def __init__(self, t: Tensor, alpha: Tensor, sigma: Tensor, d_alpha: Tensor, d_sigma: Tensor,
+                 parent: tuple[Level, Any] | None = None) -> None:
+        self.t, self.alpha, self.sigma, self.d_alpha, self.d_sigma = t, alpha, sigma, d_alpha, d_sigma
+        self._parent, self._memo = parent, {}
+
+    def memo(self, key: Hashable, fn: Callable[[Level], Any]) -> Any:
+        """``fn(self)`` (a tensor or a tuple of tensors), cached; on a step of a grid it is computed
+        for the whole grid at once and indexed."""
+        if key not in self._memo:
+            if self._parent is None:
+                self._memo[key] = fn(self)
+            else:
+                parent, index = self._parent
+                value = parent.memo(key, fn)
+                self._memo[key] = tuple(v[index] for v in value) if isinstance(value, tuple) else value[index]
+        return self._memo[key]
+
+    def values(self, key: Hashable, fn: Callable[[Level], Any]) -> Any:
+        """:meth:`memo` as Python floats when this level is a step of a grid shared by the batch
+        (the grid's values are turned into lists once), so step formulas cost no tensor ops."""
+        if self._parent is None or self._parent[0].t.ndim != 1 or self.t.device.type != "cpu":
+            return self.memo(key, fn)
+        parent, index = self._parent
+        lists = parent.memo(("floats", key), lambda lv: _tolist(lv.memo(key, fn)))
+        return tuple(v[index] for v in lists) if isinstance(lists, tuple) else lists[index]
+
+    def coef(self, *names: str) -> tuple[Tensor | float, ...]:
+        """Fields (or ``log_snr``, ``sigma_edm``) by name, as floats on a shared grid (see :meth:`values`)."""
+        return tuple(self.values(name, lambda lv, n=name: getattr(lv, n)) for name in names)
 
     @property
     def log_snr(self) -> Tensor:
         """lambda = log(alpha^2 / sigma^2) (Kingma et al. 2021, Eq. 2 uses its negative, gamma)."""
-        return 2 * (torch.log(self.alpha) - torch.log(self.sigma))
+        return self.memo("log_snr", lambda lv: 2 * (torch.log(lv.alpha) - torch.log(lv.sigma)))
 
     @property
     def sigma_edm(self) -> Tensor:
         """Karras et al.'s sigma = sigma / alpha: the noise level of the scaled sample x / alpha."""
-        return self.sigma / self.alpha
+        return self.memo("sigma_edm", lambda lv: lv.sigma / lv.alpha)
 
     def __getitem__(self, index: int | slice | Tensor) -> Level:
-        return Level(*(getattr(self, f.name)[index] for f in fields(self)))
+        return Level(self.t[index], self.alpha[index], self.sigma[index], self.d_alpha[index], self.d_sigma[index],
+                     parent=(self, index))
+
+    def steps(self) -> list[Level]:
+        """The levels of a grid [N, ...] as a list, sharing this grid's memo."""
+        rows = zip(*(getattr(self, f).unbind(0) for f in self.FIELDS))
+        return [Level(*row, parent=(self, i)) for i, row in enumerate(rows)]
 
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Level:
-        return Level(*(getattr(self, f.name).to(device=device, dtype=dtype) for f in fields(self)))
+        """A copy with fields cast; this level itself if nothing changes."""
+        if (dtype is None or self.alpha.dtype == dtype) and (device is None or self.alpha.device == torch.device(device)):
+            return self
+        return Level(*(getattr(self, f).to(device=device, dtype=dtype) for f in self.FIELDS))
+
+    def __repr__(self) -> str:
+        return "Level(" + ", ".join(f"{f}={getattr(self, f)}" for f in self.FIELDS) + ")"
+
+
+def _tolist(value: Tensor | tuple[Tensor, ...]) -> list | tuple[list, ...]:
+    return tuple(v.tolist() for v in value) if isinstance(value, tuple) else value.tolist()
 
 
 class Process:

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ...core.registry import build, register_namespace
 from ..grids import TimeGrid
-from ..predictions import broadcast
+from ..predictions import broadcast, combine
 from ..processes import Level, Process
 
 
@@ -36,6 +36,7 @@ class SamplerState:
     steps: int = 0
     history: list[tuple[Level, Tensor]] = field(default_factory=list)  # (level, x0), newest last
     denoised: Tensor | None = None  # the latest x0 estimate, for callbacks
+    track_denoised: bool = False  # a callback wants ``denoised`` every step
 
 
 @dataclass
@@ -80,6 +81,17 @@ class Sampler:
         state.denoised = x0
         return x0, eps
 
+    def denoise_combine(self, denoiser: DenoiserLike, x: Tensor, level: Level, state: SamplerState,
+                        cond: dict[str, Any] | None, w_x0: Tensor | float, w_eps: Tensor | float) -> Tensor:
+        """w_x0 x0 + w_eps eps at (x, level). With a :class:`Denoiser` (linear in its raw output)
+        and no callback asking for x0, this is two tensor operations on (x, raw)."""
+        linear = getattr(denoiser, "linear", None)
+        if linear is None or state.track_denoised:
+            x0, eps = self.denoise(denoiser, x, level, state, cond)
+            return combine((w_x0, x0), (w_eps, eps))
+        raw, (a_x0, b_x0, a_eps, b_eps) = linear(x, level, **(cond or {}))
+        return combine((w_x0 * a_x0 + w_eps * a_eps, x), (w_x0 * b_x0 + w_eps * b_eps, raw))
+
     @staticmethod
     def noise(x: Tensor, generator: torch.Generator | None) -> Tensor:
         """Standard normal noise like x, drawn from ``generator``."""
@@ -103,8 +115,9 @@ class Sampler:
         times = self.timesteps(process, steps) if times is None else torch.as_tensor(times, dtype=torch.float64)
         if times.ndim == 2 and times.shape[1] != x.shape[0]:
             raise ValueError(f"per-sample times must be [N + 1, B] with B = {x.shape[0]}, got {list(times.shape)}")
-        levels = process.level(times.to(x.device)).to(dtype=x.dtype)
+        levels = process.level(times.to(x.device)).to(dtype=x.dtype).steps()
         state = self.init_state(len(times) - 1)
+        state.track_denoised = callback is not None
         for i in tqdm(range(len(times) - 1), disable=not progress, desc=type(self).__name__, leave=False):
             x = self.step(denoiser, x, levels[i], levels[i + 1], state, generator, cond)
             state.step = i + 1

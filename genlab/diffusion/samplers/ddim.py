@@ -37,9 +37,9 @@ class DDIM(Sampler):
 
     def step(self, denoiser: DenoiserLike, x: Tensor, level: Level, level_next: Level, state: SamplerState,
              generator: torch.Generator | None = None, cond: dict[str, Any] | None = None) -> Tensor:
-        x0, eps = self.denoise(denoiser, x, level, state, cond)
         if self.eta == 0:
-            return bc(level_next.alpha, x) * x0 + bc(level_next.sigma, x) * eps
+            return self.denoise_combine(denoiser, x, level, state, cond, *level_next.coef("alpha", "sigma"))
+        x0, eps = self.denoise(denoiser, x, level, state, cond)
         mean_std = self.eta * posterior_std(level, level_next)
         c_eps = torch.sqrt((level_next.sigma**2 - mean_std**2).clamp_min(0))
         x_next = bc(level_next.alpha, x) * x0 + bc(c_eps, x) * eps

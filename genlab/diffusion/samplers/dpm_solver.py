@@ -15,7 +15,8 @@ from torch import Tensor
 from ...core.registry import register
 from ..grids import TimeGrid
 from ..processes import Level
-from .base import DenoiserLike, Sampler, SamplerState, bc
+from ..predictions import combine, expm1
+from .base import DenoiserLike, Sampler, SamplerState
 
 
 @register("sampler", "dpm_solver_pp")
@@ -53,22 +54,22 @@ class DPMSolverPP(Sampler):
         x0, _ = self.denoise(denoiser, x, level, state, cond)
         state.history = [*state.history[-(self.order - 1):], (level, x0)] if self.order > 1 else [(level, x0)]
         order = self.step_order(state, level_next)
-        exp_neg_h = level.alpha * level_next.sigma / (level_next.alpha * level.sigma)
-        phi = bc(level_next.alpha * (1 - exp_neg_h), x)
-        x_next = bc(level_next.sigma / level.sigma, x) * x + phi * x0
-        if order == 1:
-            return x_next
-        lam = [0.5 * lv.log_snr for lv, _ in state.history[::-1]]  # newest first
-        m = [x0_i for _, x0_i in state.history[::-1]]
-        h = 0.5 * level_next.log_snr - lam[0]
-        d1_0 = (m[0] - m[1]) / bc((lam[0] - lam[1]) / h, x)
+        hist = state.history[::-1][:order]  # newest first
+        lam = [0.5 * lv.coef("log_snr")[0] for lv, _ in hist] + [0.5 * level_next.coef("log_snr")[0]]
+        (a_s, s_s), (s_t,) = level_next.coef("alpha", "sigma"), level.coef("sigma")
+        h = lam[-1] - lam[0]
+        phi = -a_s * expm1(lam[0] - lam[-1])  # alpha_s (1 - exp(-h))
+        weights = [phi]  # on x0 of the current, previous, ... evaluation
         if order == 2:
-            return x_next + 0.5 * phi * d1_0
-        r0, r1 = bc((lam[0] - lam[1]) / h, x), bc((lam[1] - lam[2]) / h, x)
-        d1_1 = (m[1] - m[2]) / r1
-        d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
-        d2 = (d1_0 - d1_1) / (r0 + r1)
-        h_, e = bc(h, x), bc(1 - exp_neg_h, x)
-        a_s = bc(level_next.alpha, x)
-        w2 = 1 - 2 * (h_ - e) / h_**2 if self.third_order == "taylor" else 0.5 - (h_ - e) / h_**2
-        return x_next + a_s * (1 - e / h_) * d1 + a_s * w2 * d2
+            c = 0.5 * h / (lam[0] - lam[1])  # D = (1 + 1/(2 r0)) m0 - 1/(2 r0) m1 (Lu et al. 2022b, Eq. 8)
+            weights = [phi * (1 + c), -phi * c]
+        elif order == 3:
+            r0, r1 = (lam[0] - lam[1]) / h, (lam[1] - lam[2]) / h
+            e = phi / a_s
+            w1 = a_s * (1 - e / h)
+            w2 = a_s * (1 - 2 * (h - e) / h**2 if self.third_order == "taylor" else 0.5 - (h - e) / h**2)
+            # D1 = (1 + q) D1_0 - q D1_1, D2 = (D1_0 - D1_1) / (r0 + r1), D1_k = (m_k - m_{k+1}) / r_k
+            q, inv = r0 / (r0 + r1), 1 / (r0 + r1)
+            u, v = w1 * (1 + q) + w2 * inv, -w1 * q - w2 * inv  # weights of D1_0 and D1_1
+            weights = [phi + u / r0, -u / r0 + v / r1, -v / r1]
+        return combine((s_s / s_t, x), *zip(weights, (m for _, m in hist)))

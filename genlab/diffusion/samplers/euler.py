@@ -51,8 +51,7 @@ class Euler(Sampler):
     def step(self, denoiser: DenoiserLike, x: Tensor, level: Level, level_next: Level, state: SamplerState,
              generator: torch.Generator | None = None, cond: dict[str, Any] | None = None) -> Tensor:
         x, level = self.churn(denoiser, x, level, state, generator)
-        x0, eps = self.denoise(denoiser, x, level, state, cond)
-        return bc(level_next.alpha, x) * x0 + bc(level_next.sigma, x) * eps
+        return self.denoise_combine(denoiser, x, level, state, cond, *level_next.coef("alpha", "sigma"))
 
 
 @register("sampler", "heun")
