@@ -14,6 +14,9 @@ from torch import Tensor
 
 SCHEDULES = ("linear", "scaled_linear", "cosine", "sigmoid")
 T_REF = 1000  # continuous-time betas are T_REF * the per-step betas (score_sde: 0.1 .. 20)
+# The cosine schedule reaches alpha_bar = 0 at t = 1; like the clipped discrete table (whose last
+# log-SNR is -19.8 in diffusers' squaredcos_cap_v2) it is floored at log-SNR -20 near t = 1.
+COSINE_FLOOR = -math.log1p(math.exp(20.0))  # log sigmoid(-20)
 
 
 def log_alpha_bar(schedule: str, t: Tensor, *, beta_start: float = 1e-4, beta_end: float = 0.02,
@@ -24,6 +27,7 @@ def log_alpha_bar(schedule: str, t: Tensor, *, beta_start: float = 1e-4, beta_en
     linear: beta(t) = b0 + t (b1 - b0), log alpha_bar = -int_0^t beta (Song et al. 2021, Eq. 33);
     scaled_linear: sqrt(beta) linear in t (Stable Diffusion); cosine: Nichol & Dhariwal 2021, Eq. 17;
     sigmoid: Chen 2023, "On the importance of noise scheduling", Algorithm 1.
+    The cosine schedule is floored at log-SNR -20 (alpha_bar = 2e-9) near t = 1.
     """
     b0, b1 = beta_start * T_REF, beta_end * T_REF
     if schedule == "linear":
@@ -34,7 +38,8 @@ def log_alpha_bar(schedule: str, t: Tensor, *, beta_start: float = 1e-4, beta_en
         return -t * (r0**2 + r0 * u + u**2 / 3)
     if schedule == "cosine":
         f = lambda u: torch.cos((u + cosine_s) / (1 + cosine_s) * math.pi / 2)  # noqa: E731
-        return (2 * (torch.log(f(t).clamp_min(1e-20)) - torch.log(f(torch.zeros_like(t))))).clamp(max=0)
+        lab = 2 * (torch.log(f(t).clamp_min(1e-20)) - torch.log(f(torch.zeros_like(t))))
+        return lab.clamp(min=COSINE_FLOOR, max=0)
     if schedule == "sigmoid":
         start, end = sigmoid_range
         v_start, v_end = (torch.sigmoid(torch.tensor(v / sigmoid_tau, dtype=t.dtype)) for v in (start, end))
