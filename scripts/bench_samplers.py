@@ -21,12 +21,12 @@ import time
 from typing import Callable
 
 import diffusers
-import numpy as np
 import torch
 from torch import Tensor
 
 from genlab.diffusion import DDIM, Denoiser, DiscreteVP, DPMSolverPP, Euler, Heun, Sampler
 from genlab.testing import GaussianMixture, exact_ode_solution
+from genlab.testing.peers import KeepFloat64, set_timesteps_float64
 
 BUDGETS = (5, 10, 20)
 LINEAR = dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02)  # DDPM's (Heun defaults to SD's)
@@ -42,31 +42,6 @@ SCHEDULERS = {  # diffusers' counterpart of each genlab sampler, configured as i
     "dpm2m": lambda: diffusers.DPMSolverMultistepScheduler(**LINEAR, solver_order=2, algorithm_type="dpmsolver++"),
     "dpm3m": lambda: diffusers.DPMSolverMultistepScheduler(**LINEAR, solver_order=3, algorithm_type="dpmsolver++"),
 }
-
-
-class KeepFloat64(torch.Tensor):
-    """A sample whose ``.to(torch.float32)`` is a no-op: diffusers' Euler and DPM-Solver steps
-    "upcast" the sample to float32, which would put a float32 floor under their error."""
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.Tensor.to and (torch.float32 in args[1:] or kwargs.get("dtype") is torch.float32):
-            return args[0]
-        return super().__torch_function__(func, types, args, kwargs)
-
-
-def set_timesteps_float64(scheduler, steps: int):
-    """``set_timesteps``, then float64 tables on the same grid (diffusers rounds them to float32)."""
-    for name in ("alphas_cumprod", "final_alpha_cumprod"):
-        if torch.is_tensor(getattr(scheduler, name, None)):
-            setattr(scheduler, name, getattr(scheduler, name).double())
-    scheduler.set_timesteps(steps)
-    if hasattr(scheduler, "sigmas"):  # Karras sigma = sqrt((1 - ab) / ab), linear in the step index
-        ab = scheduler.alphas_cumprod.numpy()
-        inner = np.interp(scheduler.timesteps.double().numpy(), np.arange(len(ab)), np.sqrt((1 - ab) / ab))
-        scheduler.sigmas = torch.from_numpy(np.append(inner, scheduler.sigmas[-1].item()))
-    return scheduler
 
 
 def diffusers_loop(scheduler, model: Model, sample: Tensor) -> Tensor:

@@ -6,46 +6,19 @@ built from diffusers' own ``alphas_cumprod``) must give the same sample after ev
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 diffusers = pytest.importorskip("diffusers")
 
 from genlab.diffusion import DDIM, DDPMGrid, Denoiser, DiscreteVP, DPMSolverPP, Euler, Heun  # noqa: E402
+from genlab.testing.peers import KeepFloat64, set_timesteps_float64  # noqa: E402
 
 
 def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """A nonlinear, time-dependent eps model; t is the DDPM step index (diffusers' timestep)."""
     t = torch.as_tensor(t, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
     return 0.6 * torch.sin(1.3 * x) * (1 + t / 1000) + 0.1 * x - 0.05 * torch.cos(t / 100)
-
-
-def in_float64(scheduler, steps):
-    """Set the peer's timesteps, then give it float64 coefficients on its own grid: its table is
-    built in float32 and some schedulers round sigmas to float32; the algorithm is unchanged."""
-    for name in ("alphas_cumprod", "final_alpha_cumprod"):
-        if torch.is_tensor(getattr(scheduler, name, None)):
-            setattr(scheduler, name, getattr(scheduler, name).double())
-    scheduler.set_timesteps(steps)
-    if hasattr(scheduler, "sigmas"):
-        ab = scheduler.alphas_cumprod.double().numpy()
-        table = np.sqrt((1 - ab) / ab)
-        inner = np.interp(scheduler.timesteps.double().numpy(), np.arange(len(table)), table)
-        scheduler.sigmas = torch.from_numpy(np.append(inner, scheduler.sigmas[-1].item()))
-    return scheduler
-
-
-class KeepFloat64(torch.Tensor):
-    """A sample whose ``.to(torch.float32)`` is a no-op: diffusers' Euler and DPM-Solver steps cast
-    the sample to float32 ("upcast"), which would hide float64 agreement behind float32 rounding."""
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.Tensor.to and (torch.float32 in args[1:] or kwargs.get("dtype") is torch.float32):
-            return args[0]
-        return super().__torch_function__(func, types, args, kwargs)
 
 
 def run_diffusers(scheduler, x, generator=None, scaled=False):
@@ -98,7 +71,7 @@ X = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(0), dtype=to
 def test_ddim_matches_diffusers(spacing, eta, schedule):
     sched = diffusers.DDIMScheduler(beta_schedule=schedule, timestep_spacing=spacing, clip_sample=False,
                                     set_alpha_to_one=True, steps_offset=0)
-    in_float64(sched, 10)
+    set_timesteps_float64(sched, 10)
     theirs = run_diffusers_ddim(sched, X, eta)
     ours = run_genlab(DDIM(10, eta=eta), sched, X, ddpm_times(sched, 10), torch.Generator().manual_seed(7))
     assert_steps_close(ours, theirs)
@@ -120,7 +93,7 @@ def run_diffusers_ddim(sched, x, eta):
 @pytest.mark.parametrize("schedule", ["linear", "scaled_linear"])
 def test_euler_heun_match_diffusers(sampler_cls, scheduler_cls, schedule):
     sched = getattr(diffusers, scheduler_cls)(beta_schedule=schedule, timestep_spacing="linspace")
-    in_float64(sched, 12)
+    set_timesteps_float64(sched, 12)
     theirs = run_diffusers(sched, X, scaled=True)
     process = DiscreteVP(alphas_cumprod=sched.alphas_cumprod.double().tolist())
     times = torch.cat([(sched.timesteps[:: 1 if sampler_cls is Euler else 2].double() + 1) / 1000, torch.zeros(1)])
@@ -135,7 +108,7 @@ def test_euler_heun_match_diffusers(sampler_cls, scheduler_cls, schedule):
 def test_dpm_solver_pp_matches_diffusers(order, steps):
     sched = diffusers.DPMSolverMultistepScheduler(solver_order=order, algorithm_type="dpmsolver++",
                                                   lower_order_final=True)
-    in_float64(sched, steps)
+    set_timesteps_float64(sched, steps)
     theirs = run_diffusers(sched, X)
     sampler = DPMSolverPP(steps, order=order, third_order="reference")
     ours = run_genlab(sampler, sched, X, ddpm_times(sched, steps))
