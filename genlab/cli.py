@@ -38,7 +38,11 @@ def cmd_train(args: argparse.Namespace) -> None:
           f"on {exp.process!r} for {exp.train.steps} steps -> {out}")
     trainer.fit()
     m = trainer.evaluate()
-    print(f"samples: {out / 'samples.png'}  ({m['sampler']}, {m['sampling_seconds']:.1f} s)")
+    report(out, m)
+
+
+def report(out: Path, m: dict) -> None:
+    print(f"samples: {out / m['image']}  ({m['sampler']}, {m['sampling_seconds']:.1f} s)")
     print(f"sliced Wasserstein-2 to held-out data: {m['sliced_wasserstein']:.4f} "
           f"(two held-out draws: {m['sliced_wasserstein_data_vs_data']:.4f})")
 
@@ -60,9 +64,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
     trainer = Trainer(exp, out, progress=False)
     trainer.ema.model.load_state_dict(load_weights(ckpt / "ema.safetensors"))
     trainer.step = exp.train.steps
-    m = trainer.evaluate(seed=args.seed)
-    print(f"samples: {out / 'samples.png'}  ({m['sampler']}, {m['sampling_seconds']:.1f} s)")
-    print(f"sliced Wasserstein-2 to held-out data: {m['sliced_wasserstein']:.4f}")
+    sampler = config.get("sampler", {})
+    kind = sampler if isinstance(sampler, str) else sampler.get("type", "sampler")
+    report(out, trainer.evaluate(seed=args.seed, name=f"samples-{kind}-{exp.sampler.steps}steps-seed{args.seed}"))
 
 
 def cmd_list(args: argparse.Namespace) -> None:
@@ -90,7 +94,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="e.g. sampler.type=heun sampler.steps=10")
     s.add_argument("--n", type=int, help="number of samples")
     s.add_argument("--seed", type=int, default=1234)
-    s.add_argument("--out", help="directory for samples.png (default: the run directory)")
+    s.add_argument("--out", help="directory for the PNG (default: the run directory, which keeps the training samples.png)")
     s.set_defaults(func=cmd_sample)
     ls = sub.add_parser("list", help="list registered components")
     ls.add_argument("namespace", nargs="?")

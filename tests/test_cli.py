@@ -62,7 +62,7 @@ def test_train_sample_and_exact_resume(capsys, tmp_path):
     run = tmp_path / "run"
     code, out, err = run_cli(capsys, "train", str(CONFIG), *TINY, "--out", str(run), "--quiet")
     assert code == 0, err
-    assert (run / "samples.png").stat().st_size > 10_000 and (run / "metrics.json").is_file()
+    assert (run / "samples.png").stat().st_size > 10_000 and (run / "samples.json").is_file()
     assert "sliced Wasserstein-2 to held-out data" in out
     final = load_weights(latest_checkpoint(run) / "model.safetensors")
     # a run killed after its step-20 checkpoint and resumed ends with the same weights
@@ -73,7 +73,7 @@ def test_train_sample_and_exact_resume(capsys, tmp_path):
     assert all(torch.equal(final[k], resumed[k]) for k in final)
     code, out, err = run_cli(capsys, "sample", str(run), "sampler.type=heun", "sampler.steps=4",
                              "--out", str(tmp_path / "s"))
-    assert code == 0 and (tmp_path / "s" / "samples.png").is_file(), err
+    assert code == 0 and (tmp_path / "s" / "samples-heun-4steps-seed1234.png").is_file(), err
 
 
 def test_console_script_reports_errors_without_traceback(tmp_path):

@@ -93,14 +93,17 @@ def registered(namespace: str | None = None) -> dict[str, list[str]]:
 
 
 def describe(namespace: str) -> list[tuple[str, str]]:
-    """``(name, first line of the docstring)`` for each component of ``namespace``, sorted by name."""
+    """``(name, start of the docstring's first paragraph)`` for each component of ``namespace``, sorted by name."""
     entries = _namespace(namespace, namespace, "genlab").entries
     return [(n, _summary(entries[n])) for n in sorted(entries)]
 
 
 def _summary(obj: object) -> str:
     doc = vars(obj).get("__doc__") if isinstance(obj, type) else obj.__doc__  # a class's own, not inherited
-    return inspect.cleandoc(doc).split("\n", 1)[0] if doc else ""
+    if not doc:
+        return ""
+    paragraph = " ".join(inspect.cleandoc(doc).split("\n\n", 1)[0].split())
+    return paragraph if len(paragraph) <= 100 else paragraph[:100].rsplit(" ", 1)[0] + " ..."
 
 
 def build(namespace: str, cfg: Any, *, path: str | None = None, source: str = "config", **extra: Any) -> Any:

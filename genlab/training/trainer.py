@@ -115,8 +115,9 @@ class Trainer:
         bar.close()
 
     @torch.no_grad()
-    def evaluate(self, seed: int = 1234) -> dict[str, Any]:
-        """Sample with the EMA model, draw the PNG, and measure the sliced Wasserstein distance."""
+    def evaluate(self, seed: int = 1234, name: str = "samples") -> dict[str, Any]:
+        """Sample with the EMA model, write ``{name}.png`` and ``{name}.json``, and measure the sliced
+        Wasserstein distance to held-out data."""
         n, dev = self.exp.train.eval_samples, self.acc.device
         g = torch.Generator(device=dev).manual_seed(seed)
         start = time.perf_counter()
@@ -127,9 +128,9 @@ class Trainer:
         sw = sliced_wasserstein(samples, held, generator=torch.Generator().manual_seed(0)).item()
         base = sliced_wasserstein(held2, held, generator=torch.Generator().manual_seed(0)).item()
         metrics = {"step": self.step, "sliced_wasserstein": sw, "sliced_wasserstein_data_vs_data": base,
-                   "sampler": repr(self.exp.sampler), "sampling_seconds": elapsed}
+                   "sampler": repr(self.exp.sampler), "sampling_seconds": elapsed, "image": f"{name}.png"}
         if self.acc.is_main_process:
-            plot_samples_2d(samples, held, self.out / "samples.png",
+            plot_samples_2d(samples, held, self.out / f"{name}.png",
                             f"{self.exp.sampler!r}: sliced W2 to held-out data {sw:.3f} (data vs data {base:.3f})")
-            (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            (self.out / f"{name}.json").write_text(json.dumps(metrics, indent=2))
         return metrics
