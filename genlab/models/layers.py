@@ -1,0 +1,63 @@
+"""Conditioning layers shared by the backbones: time and label embeddings, scale-shift modulation."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from genlab.models.embeddings import timestep_embedding
+
+
+class TimestepEmbedding(nn.Module):
+    """Sinusoidal features of the model time, then Linear-SiLU-Linear (DDPM / ADM time embedding):
+    t [B] -> [B, dim]. ``freq_dim`` sinusoids with ``max_period`` (Vaswani et al. 2017)."""
+
+    def __init__(self, dim: int, freq_dim: int = 256, max_period: float = 10000.0) -> None:
+        super().__init__()
+        self.freq_dim, self.max_period = freq_dim, max_period
+        self.linear_1, self.act, self.linear_2 = nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim)
+
+    def forward(self, t: Tensor) -> Tensor:
+        emb = timestep_embedding(t, self.freq_dim, self.max_period).to(self.linear_1.weight.dtype)
+        return self.linear_2(self.act(self.linear_1(emb)))
+
+
+class FourierFeatures(nn.Module):
+    """Random Fourier features [cos(2 pi w t), sin(2 pi w t)], w ~ N(0, scale^2) fixed (Tancik et al.
+    2020; score_sde's GaussianFourierProjection): t [B] -> [B, dim]."""
+
+    def __init__(self, dim: int, scale: float = 16.0) -> None:
+        super().__init__()
+        self.register_buffer("weight", torch.randn(dim // 2) * scale, persistent=True)
+
+    def forward(self, t: Tensor) -> Tensor:
+        angles = 2 * math.pi * t.float()[:, None] * self.weight[None, :]
+        return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+class LabelEmbedding(nn.Module):
+    """Class labels [B] -> [B, dim], with index ``num_classes`` the null class for classifier-free
+    guidance (Ho & Salimans 2022). Label -1 means null; during training each label is replaced by
+    null with probability ``dropout`` (DiT's LabelEmbedder)."""
+
+    def __init__(self, num_classes: int, dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.num_classes, self.dropout = num_classes, dropout
+        self.embedding = nn.Embedding(num_classes + 1, dim)
+
+    def forward(self, labels: Tensor | None, batch: int | None = None) -> Tensor:
+        if labels is None:
+            labels = torch.full((batch or 1,), -1, dtype=torch.long, device=self.embedding.weight.device)
+        labels = torch.where(labels < 0, self.num_classes, labels)
+        if self.training and self.dropout > 0:
+            drop = torch.rand(labels.shape, device=labels.device) < self.dropout
+            labels = torch.where(drop, self.num_classes, labels)
+        return self.embedding(labels)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """Scale-shift modulation x (1 + scale) + shift (FiLM; AdaGN in ADM, adaLN in DiT); shift and
+    scale broadcast against x."""
+    return torch.addcmul(shift, x, 1 + scale)
