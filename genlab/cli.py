@@ -37,14 +37,20 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"training {type(exp.model).__name__} ({sum(p.numel() for p in exp.model.parameters()):,} parameters) "
           f"on {exp.process!r} for {exp.train.steps} steps -> {out}")
     trainer.fit()
-    m = trainer.evaluate()
-    report(out, m)
+    report(out, trainer.evaluate())
 
 
 def report(out: Path, m: dict) -> None:
+    """Print where the samples are and the quality numbers of the run."""
     print(f"samples: {out / m['image']}  ({m['sampler']}, {m['sampling_seconds']:.1f} s)")
-    print(f"sliced Wasserstein-2 to held-out data: {m['sliced_wasserstein']:.4f} "
-          f"(two held-out draws: {m['sliced_wasserstein_data_vs_data']:.4f})")
+    if "sliced_wasserstein" in m:
+        print(f"sliced Wasserstein-2 to held-out data: {m['sliced_wasserstein']:.4f} "
+              f"(two held-out draws: {m['sliced_wasserstein_data_vs_data']:.4f})")
+    if "classifier_accuracy" in m:
+        print(f"digits classifier accuracy on the requested labels: {m['classifier_accuracy']:.1%}")
+    if "frechet_distance" in m:
+        print(f"Frechet distance in the classifier's feature space: {m['frechet_distance']:.3f} "
+              f"(two halves of the held-out digits: {m['frechet_distance_data_vs_data']:.3f})")
 
 
 def cmd_sample(args: argparse.Namespace) -> None:

@@ -21,14 +21,6 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "new_sampler.py"
 F64 = torch.float64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tensors here are tiny ([256, 2]): one thread is fastest, and it keeps the test fast when
-    other processes load the CPU (a spinning intra-op pool then made it ~30x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

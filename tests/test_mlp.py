@@ -74,16 +74,9 @@ def test_shape_errors() -> None:
         model(torch.zeros(4, 3), 0.0, torch.zeros(4, 1, dtype=torch.long))
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models run fastest on one thread, and are then not slowed by other processes' load."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
-def test_fits_a_tiny_regression(one_thread) -> None:
+def test_fits_a_tiny_regression() -> None:
     torch.manual_seed(0)
     model = MLP(dim=2, hidden=64, depth=2, time_dim=32)
     x, t = torch.randn(256, 2), torch.rand(256) * 4 - 2

@@ -26,7 +26,7 @@ def ode_setup(mixture, t_end, n=128):
 
 @pytest.fixture(scope="module")
 def ode_problem():
-    return ode_setup(ORDER_MIX, 0.2)
+    return ode_setup(ORDER_MIX, 0.2, n=64)
 
 
 def observed_orders(make, mixture, process, x, t_end, ref, steps=(10, 20, 40)):

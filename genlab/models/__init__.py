@@ -1,6 +1,9 @@
 """Backbones and layers. Models map ``(x, t_model, cond)`` to a tensor; they know nothing of processes."""
 
+from genlab.models.attention import attention, available_backends
+from genlab.models.dit import DiT
 from genlab.models.embeddings import timestep_embedding
 from genlab.models.mlp import MLP
+from genlab.models.unet import UNet
 
-__all__ = ["MLP", "timestep_embedding"]
+__all__ = ["DiT", "MLP", "UNet", "attention", "available_backends", "timestep_embedding"]

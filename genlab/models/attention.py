@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from torch import Tensor
+from torch import Tensor, nn
 
 from genlab.core.errors import ShapeError
 
@@ -66,3 +66,24 @@ def attention(q: Tensor, k: Tensor, v: Tensor, backend: Backend = "auto", mask: 
             scores = scores.masked_fill(~mask, float("-inf"))
         return torch.einsum("bhnm,bhmd->bhnd", scores.softmax(dim=-1), v.to(dt)).to(q.dtype)
     raise ValueError(f"unknown attention backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention (Vaswani et al. 2017) through :func:`attention`:
+    ``x: [B, N, dim]``, ``context: [B, M, context_dim] | None`` (None: self-attention) -> ``[B, N, dim]``.
+    Projections ``to_q, to_k, to_v, to_out`` (diffusers' names); ``backend`` may be changed at any time."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None, qkv_bias: bool = False,
+                 backend: Backend = "auto") -> None:
+        super().__init__()
+        self.heads, self.backend = heads, backend
+        self.to_q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.to_k = nn.Linear(context_dim or dim, dim, bias=qkv_bias)
+        self.to_v = nn.Linear(context_dim or dim, dim, bias=qkv_bias)
+        self.to_out = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        ctx = x if context is None else context
+        q, k, v = (rearrange(f(s), "b n (h d) -> b h n d", h=self.heads)
+                   for f, s in ((self.to_q, x), (self.to_k, ctx), (self.to_v, ctx)))
+        return self.to_out(rearrange(attention(q, k, v, self.backend), "b h n d -> b n (h d)"))

@@ -7,20 +7,24 @@ import math
 import torch
 from torch import Tensor, nn
 
+from genlab.core.errors import ShapeError
 from genlab.models.embeddings import timestep_embedding
 
 
 class TimestepEmbedding(nn.Module):
     """Sinusoidal features of the model time, then Linear-SiLU-Linear (DDPM / ADM time embedding):
-    t [B] -> [B, dim]. ``freq_dim`` sinusoids with ``max_period`` (Vaswani et al. 2017)."""
+    t [B] -> [B, dim]. ``freq_dim`` sinusoids with ``max_period`` and ``freq_shift`` (see
+    :func:`timestep_embedding`; Vaswani et al. 2017)."""
 
-    def __init__(self, dim: int, freq_dim: int = 256, max_period: float = 10000.0) -> None:
+    def __init__(self, dim: int, freq_dim: int = 256, max_period: float = 10000.0, freq_shift: float = 0.0,
+                 flip_sin_to_cos: bool = True) -> None:
         super().__init__()
-        self.freq_dim, self.max_period = freq_dim, max_period
+        self.freq_dim, self.max_period, self.freq_shift, self.flip_sin_to_cos = freq_dim, max_period, freq_shift, flip_sin_to_cos
         self.linear_1, self.act, self.linear_2 = nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim)
 
     def forward(self, t: Tensor) -> Tensor:
-        emb = timestep_embedding(t, self.freq_dim, self.max_period).to(self.linear_1.weight.dtype)
+        emb = timestep_embedding(t, self.freq_dim, self.max_period, self.freq_shift, self.flip_sin_to_cos)
+        emb = emb.to(self.linear_1.weight.dtype)
         return self.linear_2(self.act(self.linear_1(emb)))
 
 
@@ -61,3 +65,25 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """Scale-shift modulation x (1 + scale) + shift (FiLM; AdaGN in ADM, adaLN in DiT); shift and
     scale broadcast against x."""
     return torch.addcmul(shift, x, 1 + scale)
+
+
+def batch_times(t: Tensor | float, x: Tensor, model: str) -> Tensor:
+    """The model time as ``[B]`` for x [B, ...] from a scalar, ``[1]`` or ``[B]``; ``model`` names the
+    caller in the error."""
+    t = torch.as_tensor(t, device=x.device)
+    if t.ndim == 0 or t.shape == (1,):
+        t = t.reshape(1).expand(x.shape[0])
+    if t.shape != (x.shape[0],):
+        raise ShapeError(f"{model}: expected t: [B] = [{x.shape[0]}] or a scalar, got {list(t.shape)}")
+    return t
+
+
+def batch_labels(class_labels: Tensor | None, x: Tensor, num_classes: int, model: str) -> Tensor:
+    """Class labels ``[B]`` (long) checked against ``num_classes``; None means the null class (-1)."""
+    if class_labels is None:
+        return torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
+    if class_labels.shape != (x.shape[0],):
+        raise ShapeError(f"{model}: expected class_labels: [B] = [{x.shape[0]}], got {list(class_labels.shape)}")
+    if class_labels.is_floating_point() or (class_labels >= num_classes).any() or (class_labels < -1).any():
+        raise ValueError(f"{model}: class_labels must be integers in [-1, {num_classes}), got {class_labels}")
+    return class_labels.long()

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from genlab.core.errors import ShapeError
 from genlab.core.registry import register
 from genlab.models.embeddings import timestep_embedding
+from genlab.models.layers import batch_times
 
 
 class ResidualBlock(nn.Module):
@@ -73,12 +74,7 @@ class MLP(nn.Module):
 
     def _time(self, t: Tensor | float, x: Tensor) -> Tensor:
         """Time embedding ``[B, time_dim]`` from a scalar or ``[B]`` time."""
-        t = torch.as_tensor(t, device=x.device)
-        if t.ndim == 0 or t.shape == (1,):
-            t = t.reshape(1).expand(x.shape[0])
-        if t.shape != (x.shape[0],):
-            raise ShapeError(f"MLP: expected t: [B] = [{x.shape[0]}] or a scalar, got {list(t.shape)}")
-        return timestep_embedding(t, self.time_dim)
+        return timestep_embedding(batch_times(t, x, "MLP"), self.time_dim)
 
     def _labels(self, class_labels: Tensor | None, x: Tensor) -> Tensor:
         """Labels ``[B]`` with -1 and None mapped to the null index ``num_classes``."""

@@ -32,7 +32,11 @@ class TrainConfig:
     log_every: int = 100
     checkpoint_every: int = 1000
     max_bad_steps: int = 10  # consecutive non-finite losses before the run stops
-    eval_samples: int = 4000
+    eval_samples: int = 4000  # samples drawn for the final metrics (images: split over the classes)
+    grad_accum: int = 1  # micro-batches per optimizer step (batch_size is per micro-batch)
+    compile: bool = False  # torch.compile the model
+    sample_every: int = 0  # also draw samples/step_N.png every N steps (0: only at the end)
+    tensorboard: bool = False  # log losses to <run>/tensorboard (needs the tensorboard package)
 
 
 @dataclass
@@ -62,6 +66,23 @@ class Experiment:
                       **model_extra(config, data, source))
         return cls(config, train, process, data, model, objective, sampler)
 
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        """The shape of one data item (``[D]`` or ``[C, H, W]``)."""
+        return tuple(self.data.data.shape[1:])
+
+    @property
+    def num_classes(self) -> int | None:
+        """Classes the model is conditioned on, when the data has labels and the model takes them."""
+        k = getattr(self.model, "num_classes", None)
+        return k if k is not None and getattr(self.data, "labels", None) is not None else None
+
+    def heldout_images(self) -> Tensor:
+        """The data set's test split (images the model never saw)."""
+        cfg = self.config.get("data")
+        cfg = {"type": cfg} if isinstance(cfg, str) else {k: v for k, v in dict(cfg).items() if k != "n"}
+        return build("dataset", {**cfg, "split": "test"}, path="data").data
+
     def denoiser(self, model: nn.Module | None = None) -> Denoiser:
         return self.objective.denoiser(self.model if model is None else model, self.process)
 
@@ -78,8 +99,11 @@ class Experiment:
 
 
 def model_extra(config: dict, data: Any, source: str = "config") -> dict[str, Any]:
-    """Arguments the data decides (``dim``) unless the config sets them."""
+    """Arguments the data decides unless the config sets them: ``dim`` for vector data,
+    ``in_channels`` (and ``input_size``) for images."""
     cfg = config.get("model", "mlp")
     cfg = {"type": cfg} if isinstance(cfg, str) else cfg
     params = inspect.signature(lookup("model", cfg.get("type", "mlp"), path="model.type", source=source)).parameters
-    return {"dim": data.dim} if "dim" in params and "dim" not in cfg and hasattr(data, "dim") else {}
+    shape = tuple(data.data.shape[1:])
+    known = {"dim": shape[0]} if len(shape) == 1 else {"in_channels": shape[0], "input_size": shape[-1]}
+    return {k: v for k, v in known.items() if k in params and k not in cfg}

@@ -1,4 +1,4 @@
-"""Pictures a person looks at: samples over data (2D), loss curves."""
+"""Pictures a person looks at: samples over data (2D), image grids, loss curves."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from torch import Tensor  # noqa: E402
+from torchvision.utils import make_grid  # noqa: E402
 
 
 def plot_samples_2d(samples: Tensor, data: Tensor, path: str | os.PathLike, title: str = "") -> None:
@@ -22,4 +23,38 @@ def plot_samples_2d(samples: Tensor, data: Tensor, path: str | os.PathLike, titl
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_image_grid(images: Tensor, path: str | os.PathLike, rows: int | None = None, per_row: int | None = None,
+                    title: str = "") -> None:
+    """Save images [N, C, H, W] in [-1, 1] as a grid PNG: ``per_row`` images a row (default:
+    about sqrt(N)); with ``rows`` and ``per_row`` the first ``per_row`` of each consecutive block of
+    N / rows images (one block per class) form a row."""
+    n = images.shape[0]
+    if rows and per_row:
+        block = n // rows
+        images = images.reshape(rows, block, *images.shape[1:])[:, :per_row].reshape(-1, *images.shape[1:])
+    else:
+        per_row = per_row or max(1, int(n**0.5))
+    grid = make_grid(images.clamp(-1, 1) * 0.5 + 0.5, nrow=per_row, padding=1, pad_value=1.0)
+    fig = plt.figure(figsize=(max(4, grid.shape[2] / 40), max(4, grid.shape[1] / 40) + 0.4))
+    plt.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+    plt.axis("off")
+    plt.title(title, fontsize=8)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_losses(losses: list[list[float]], path: str | os.PathLike) -> None:
+    """Loss curve PNG from [[step, mean loss], ...] (log scale)."""
+    if not losses:
+        return
+    steps, values = zip(*losses)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, values)
+    ax.set(xlabel="step", ylabel="training loss", yscale="log")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)

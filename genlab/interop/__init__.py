@@ -1,0 +1,1 @@
+"""Interoperability with other libraries' weights and adapters (diffusers, peft); optional extras."""

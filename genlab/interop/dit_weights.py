@@ -1,0 +1,121 @@
+"""Convert DiT weights between genlab's ``DiT`` and diffusers' ``DiTTransformer2DModel``.
+
+diffusers keeps a copy of the timestep and label embedders in every block
+(``transformer_blocks.i.norm1.emb``; the final layer uses block 0's), where the paper has one; the
+copies are equal in converted checkpoints (e.g. facebook/DiT-XL-2-256). It embeds time with
+``downscale_freq_shift=1`` and uses ``norm_eps`` for the LayerNorm before the MLP, which genlab
+reproduces with ``time_freq_shift=1`` and ``mlp_norm_eps``. An output of ``2 * in_channels``
+channels is read as ``learn_sigma=True``. diffusers is imported only inside the functions.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from genlab.models.dit import DiT
+
+if TYPE_CHECKING:
+    from diffusers import DiTTransformer2DModel
+
+# genlab key (inside blocks.i) -> diffusers key (inside transformer_blocks.i)
+_BLOCK = {
+    "modulation.1": "norm1.linear",
+    "attn.to_q": "attn1.to_q",
+    "attn.to_k": "attn1.to_k",
+    "attn.to_v": "attn1.to_v",
+    "attn.to_out": "attn1.to_out.0",
+    "mlp.0": "ff.net.0.proj",
+    "mlp.2": "ff.net.2",
+}
+# genlab top-level key -> diffusers key inside transformer_blocks.i.norm1.emb, one copy per block
+_EMBED = {
+    "time_embed.linear_1": "timestep_embedder.linear_1",
+    "time_embed.linear_2": "timestep_embedder.linear_2",
+    "label_embed.embedding": "class_embedder.embedding_table",
+}
+_TOP = {"patch_embed": "pos_embed.proj", "final_modulation.1": "proj_out_1", "proj_out": "proj_out_2"}
+
+
+def _key_map(depth: int) -> list[tuple[str, str]]:
+    """``(genlab key, diffusers key)`` for every diffusers parameter; genlab's embedding keys repeat."""
+    pairs = list(_TOP.items())
+    for i in range(depth):
+        pairs += [(f"blocks.{i}.{g}", f"transformer_blocks.{i}.{d}") for g, d in _BLOCK.items()]
+        pairs += [(g, f"transformer_blocks.{i}.norm1.emb.{d}") for g, d in _EMBED.items()]
+    names = {g: ("weight",) if g.endswith("embedding") else ("weight", "bias") for g, _ in pairs}
+    return [(f"{g}.{p}", f"{d}.{p}") for g, d in pairs for p in names[g]]
+
+
+def dit_from_diffusers(model: DiTTransformer2DModel) -> DiT:
+    """A genlab ``DiT`` computing exactly what ``model`` computes, on its device and dtype.
+
+    Raises ValueError for what genlab's DiT cannot express: other activations or norms, dropout,
+    affine norms, non-square samples, or different time/label embedders in different blocks.
+    """
+    cfg = model.config
+    unsupported = {
+        "norm_type": (cfg.norm_type, "ada_norm_zero"),
+        "activation_fn": (cfg.activation_fn, "gelu-approximate"),
+        "dropout": (cfg.dropout, 0.0),
+        "norm_elementwise_affine": (cfg.norm_elementwise_affine, False),
+    }
+    for name, (got, supported) in unsupported.items():
+        if got != supported:
+            raise ValueError(f"dit_from_diffusers: genlab's DiT supports only {name}={supported!r}, got {got!r}")
+    if not isinstance(cfg.sample_size, int):
+        raise ValueError(f"dit_from_diffusers: genlab's DiT needs a square int sample_size, got {cfg.sample_size!r}")
+    out = cfg.out_channels or cfg.in_channels
+    learn_sigma = out == 2 * cfg.in_channels
+    dit = DiT(
+        input_size=cfg.sample_size, in_channels=cfg.in_channels, out_channels=out // 2 if learn_sigma else out,
+        learn_sigma=learn_sigma, patch_size=cfg.patch_size, hidden=cfg.num_attention_heads * cfg.attention_head_dim,
+        depth=cfg.num_layers, num_heads=cfg.num_attention_heads, mlp_ratio=4.0, num_classes=cfg.num_embeds_ada_norm,
+        class_dropout=0.1, qkv_bias=cfg.attention_bias, time_freq_shift=1.0, mlp_norm_eps=cfg.norm_eps,
+    )
+    source = model.state_dict()
+    state: dict[str, Tensor] = {}
+    for g, d in _key_map(cfg.num_layers):
+        if d not in source:  # biases absent with attention_bias=False; load_state_dict checks the rest
+            continue
+        if g in state and not torch.equal(state[g], source[d]):
+            raise ValueError(f"dit_from_diffusers: genlab's DiT shares one time/label embedding across blocks, "
+                             f"but {d} differs from block 0's copy")
+        state[g] = source[d]
+    dit.load_state_dict(state)
+    param = next(model.parameters())
+    return dit.to(device=param.device, dtype=param.dtype).train(model.training)
+
+
+def dit_to_diffusers(dit: DiT) -> DiTTransformer2DModel:
+    """A diffusers ``DiTTransformer2DModel`` computing exactly what ``dit`` computes.
+
+    Raises ValueError for genlab options diffusers' DiT does not have: no classes, cross-attention,
+    ``mlp_ratio != 4``, or ``time_freq_shift != 1`` (diffusers' timestep embedding is fixed).
+    """
+    from diffusers import DiTTransformer2DModel
+
+    c = dit.config
+    problems = [
+        (c["num_classes"] is None, "num_classes=None (diffusers' DiT is always class-conditional)"),
+        (c["cross_attention_dim"] is not None, f"cross_attention_dim={c['cross_attention_dim']}"),
+        (c["mlp_ratio"] != 4.0, f"mlp_ratio={c['mlp_ratio']} (diffusers uses 4)"),
+        (c["time_freq_shift"] != 1.0, f"time_freq_shift={c['time_freq_shift']} (diffusers embeds time with "
+                                      "downscale_freq_shift=1; build the DiT with time_freq_shift=1)"),
+    ]
+    for bad, what in problems:
+        if bad:
+            raise ValueError(f"dit_to_diffusers: diffusers' DiTTransformer2DModel cannot express {what}")
+    model = DiTTransformer2DModel(
+        num_attention_heads=c["num_heads"], attention_head_dim=c["hidden"] // c["num_heads"],
+        in_channels=c["in_channels"], out_channels=dit.out_channels, num_layers=c["depth"],
+        attention_bias=c["qkv_bias"], sample_size=c["input_size"], patch_size=c["patch_size"],
+        num_embeds_ada_norm=c["num_classes"], norm_eps=c["mlp_norm_eps"],
+    )
+    source = dit.state_dict()
+    model.load_state_dict({d: source[g] for g, d in _key_map(c["depth"]) if g in source})
+    param = next(dit.parameters())
+    model = model.to(param.device) if param.dtype == torch.float32 else model.to(param.device, param.dtype)
+    return model.train(dit.training)

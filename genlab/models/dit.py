@@ -1,0 +1,222 @@
+"""Diffusion Transformer (Peebles & Xie 2023, "Scalable Diffusion Models with Transformers").
+
+``x [B, C, H, W]`` is cut into ``p x p`` patches (a conv with stride ``p``), giving ``N = (H/p)(W/p)``
+tokens plus a fixed 2D sin-cos position embedding. The conditioning ``c = t_emb + y_emb`` drives
+adaLN-Zero in every block (Sec. 3.2):
+
+    (b1, s1, g1, b2, s2, g2) = Linear(SiLU(c))                   # zero-initialised
+    x <- x + g1 * Attn(LN(x) (1 + s1) + b1)
+    x <- x + CrossAttn(LN'(x), context)                          # only with cross_attention_dim
+    x <- x + g2 * MLP(LN(x) (1 + s2) + b2)
+
+so every block starts as the identity. The final layer is adaLN (shift, scale) and a zero-initialised
+linear to ``p * p * out_channels`` per token, rearranged back to ``[B, out_channels, H, W]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from genlab.core.errors import ShapeError, did_you_mean
+from genlab.core.registry import register
+from genlab.models.attention import Backend, MultiHeadAttention
+from genlab.models.layers import LabelEmbedding, TimestepEmbedding, batch_labels, batch_times, modulate
+
+Preset = Literal["S/2", "S/4", "S/8", "B/2", "B/4", "B/8", "L/2", "L/4", "L/8", "XL/2", "XL/4", "XL/8"]
+_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}  # Table 1
+PRESETS: dict[str, dict[str, int]] = {
+    f"{size}/{p}": {"depth": d, "hidden": h, "num_heads": n, "patch_size": p}
+    for size, (d, h, n) in _SIZES.items()
+    for p in (2, 4, 8)
+}
+
+
+def sincos_pos_embed_2d(dim: int, grid: int) -> Tensor:
+    """Fixed 2D sin-cos position embedding of a ``grid x grid`` token map (MAE; DiT): ``[grid^2, dim]``.
+
+    Tokens in row-major order; for the token at row y, column x, with ``w_i = 10000^(-i / (dim/4))``:
+    ``[sin(x w), cos(x w), sin(y w), cos(y w)]`` (computed in float64, returned in float32).
+    """
+    if dim % 4:
+        raise ValueError(f"DiT: the 2D sin-cos position embedding needs hidden divisible by 4, got {dim}")
+    omega = torch.arange(dim // 4, dtype=torch.float64) / (dim / 4.0)
+    omega = 1.0 / 10000**omega
+    y, x = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij")
+    parts = [torch.outer(pos.reshape(-1), omega) for pos in (x, y)]
+    return torch.cat([f(a) for a in parts for f in (torch.sin, torch.cos)], dim=1).float()
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero transformer block ``x [B, N, D], c [B, D], context [B, L, D_ctx] | None -> [B, N, D]``
+    (equations in the module docstring)."""
+
+    def __init__(self, hidden: int, num_heads: int, mlp_ratio: float, cross_attention_dim: int | None,
+                 qkv_bias: bool, mlp_norm_eps: float, backend: Backend) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.attn = MultiHeadAttention(hidden, num_heads, qkv_bias=qkv_bias, backend=backend)
+        self.norm_cross = nn.LayerNorm(hidden, eps=1e-6) if cross_attention_dim else None
+        self.cross_attn = (MultiHeadAttention(hidden, num_heads, cross_attention_dim, qkv_bias, backend)
+                           if cross_attention_dim else None)
+        self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=mlp_norm_eps)
+        inner = int(hidden * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(hidden, inner), nn.GELU(approximate="tanh"), nn.Linear(inner, hidden))
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
+
+    def forward(self, x: Tensor, c: Tensor, context: Tensor | None = None) -> Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = rearrange(self.modulation(c), "b (k d) -> k b 1 d", k=6)
+        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1))
+        if self.cross_attn is not None and context is not None:
+            x = x + self.cross_attn(self.norm_cross(x), context)
+        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+@register("model", "dit")
+class DiT(nn.Module):
+    """Diffusion Transformer ``(x [B, C, H, W], t [B] or scalar, class_labels [B] | None, context
+    [B, L, D_ctx] | None, residuals {"block.i": [B, N, hidden]} | None) -> [B, out_channels, H, W]``.
+
+    ``preset`` ("S/2" ... "XL/8", Table 1) fills ``depth, hidden, num_heads, patch_size``; explicit
+    arguments override it; without either, DiT-S/2's values. ``t`` is the model time in any range.
+    With ``num_classes``, labels ``0..num_classes-1`` are classes and -1 (or None) is the null class,
+    used with probability ``class_dropout`` in training (0.1 in the paper). ``learn_sigma`` doubles the
+    output channels (prediction, then the variance interpolation ``v`` of Nichol & Dhariwal 2021).
+    ``cross_attention_dim`` adds a LayerNorm + cross-attention sub-block to every block (output
+    projection zero-initialised; skipped when ``context`` is None). ``time_freq_shift`` and
+    ``mlp_norm_eps`` exist to reproduce diffusers' ``DiTTransformer2DModel`` (1 and 1e-5 there; 0 and
+    1e-6 in the paper's code). ``config`` holds the resolved arguments: ``DiT(**model.config)``.
+    """
+
+    def __init__(
+        self,
+        preset: Preset | None = None,
+        input_size: int = 32,
+        in_channels: int = 4,
+        out_channels: int | None = None,
+        learn_sigma: bool = False,
+        patch_size: int | None = None,
+        hidden: int | None = None,
+        depth: int | None = None,
+        num_heads: int | None = None,
+        mlp_ratio: float = 4.0,
+        num_classes: int | None = None,
+        class_dropout: float = 0.1,
+        cross_attention_dim: int | None = None,
+        qkv_bias: bool = True,
+        time_freq_shift: float = 0.0,
+        mlp_norm_eps: float = 1e-6,
+        attention_backend: Backend = "auto",
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        if preset is not None and preset not in PRESETS:
+            raise ValueError(f"DiT: unknown preset {preset!r}{did_you_mean(preset, PRESETS)}")
+        given = {"patch_size": patch_size, "hidden": hidden, "depth": depth, "num_heads": num_heads}
+        arch = PRESETS[preset or "S/2"] | {k: v for k, v in given.items() if v is not None}
+        p, hidden, depth, num_heads = arch["patch_size"], arch["hidden"], arch["depth"], arch["num_heads"]
+        if input_size % p or hidden % num_heads:
+            raise ValueError(f"DiT: input_size ({input_size}) must be divisible by patch_size ({p}) and "
+                             f"hidden ({hidden}) by num_heads ({num_heads})")
+        pred_channels = out_channels or in_channels
+        self.config: dict[str, Any] = dict(
+            input_size=input_size, in_channels=in_channels, out_channels=pred_channels, learn_sigma=learn_sigma,
+            **arch, mlp_ratio=mlp_ratio, num_classes=num_classes, class_dropout=class_dropout,
+            cross_attention_dim=cross_attention_dim, qkv_bias=qkv_bias, time_freq_shift=time_freq_shift,
+            mlp_norm_eps=mlp_norm_eps, attention_backend=attention_backend,
+            gradient_checkpointing=gradient_checkpointing)
+        self.input_size, self.in_channels, self.patch_size, self.hidden = input_size, in_channels, p, hidden
+        self.out_channels = pred_channels * (2 if learn_sigma else 1)
+        self.num_classes, self.cross_attention_dim = num_classes, cross_attention_dim
+        self.gradient_checkpointing = gradient_checkpointing
+        self.grid = input_size // p
+
+        self.patch_embed = nn.Conv2d(in_channels, hidden, kernel_size=p, stride=p)
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden, self.grid), persistent=False)
+        self.time_embed = TimestepEmbedding(hidden, freq_shift=time_freq_shift)
+        self.label_embed = LabelEmbedding(num_classes, hidden, class_dropout) if num_classes is not None else None
+        self.blocks = nn.ModuleList(
+            DiTBlock(hidden, num_heads, mlp_ratio, cross_attention_dim, qkv_bias, mlp_norm_eps, attention_backend)
+            for _ in range(depth))
+        self.norm_out = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+        self.proj_out = nn.Linear(hidden, p * p * self.out_channels)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The paper's initialisation: Xavier-uniform linears (and patch conv), N(0, 0.02) embeddings,
+        zero adaLN modulations and output layer (adaLN-Zero), zero cross-attention output."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.patch_embed.weight.view(self.hidden, -1))
+        nn.init.zeros_(self.patch_embed.bias)
+        for w in (self.time_embed.linear_1.weight, self.time_embed.linear_2.weight):
+            nn.init.normal_(w, std=0.02)
+        if self.label_embed is not None:
+            nn.init.normal_(self.label_embed.embedding.weight, std=0.02)
+        zero = [self.final_modulation[-1], self.proj_out]
+        zero += [b.modulation[-1] for b in self.blocks] + [b.cross_attn.to_out for b in self.blocks if b.cross_attn]
+        for layer in zero:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def injection_points(self, x_shape: tuple[int, ...] | torch.Size) -> dict[str, torch.Size]:
+        """Names and shapes of the residuals ``forward`` accepts for an input of ``x_shape``:
+        ``"block.i"`` -> ``[B, N, hidden]``, added to the tokens after block i."""
+        self._check_x(tuple(x_shape))
+        size = torch.Size([x_shape[0], self.grid**2, self.hidden])
+        return {f"block.{i}": size for i in range(len(self.blocks))}
+
+    def forward(self, x: Tensor, t: Tensor | float, class_labels: Tensor | None = None,
+                context: Tensor | None = None, residuals: dict[str, Tensor] | None = None) -> Tensor:
+        """See the class docstring; returns ``[B, out_channels, H, W]``."""
+        self._check_x(tuple(x.shape))
+        c = self.time_embed(batch_times(t, x, "DiT"))
+        if self.label_embed is not None:
+            c = c + self.label_embed(batch_labels(class_labels, x, self.num_classes, "DiT"))
+        elif class_labels is not None:
+            raise ValueError("DiT: class_labels given, but the model was built with num_classes=None")
+        self._check_context(context, x.shape[0])
+        h = rearrange(self.patch_embed(x), "b d h w -> b (h w) d") + self.pos_embed
+        extra = self._check_residuals(residuals or {}, h.shape)
+        for i, block in enumerate(self.blocks):
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                h = checkpoint(block, h, c, context, use_reentrant=False)
+            else:
+                h = block(h, c, context)
+            if f"block.{i}" in extra:
+                h = h + extra[f"block.{i}"]
+        shift, scale = rearrange(self.final_modulation(c), "b (k d) -> k b 1 d", k=2)
+        h = self.proj_out(modulate(self.norm_out(h), shift, scale))
+        return rearrange(h, "b (h w) (p q c) -> b c (h p) (w q)", h=self.grid, p=self.patch_size, q=self.patch_size)
+
+    def _check_x(self, shape: tuple[int, ...]) -> None:
+        expected = (self.in_channels, self.input_size, self.input_size)
+        if len(shape) != 4 or tuple(shape[1:]) != expected:
+            raise ShapeError(f"DiT: expected x: [B, C, H, W] = [B, {', '.join(map(str, expected))}], got {list(shape)}")
+
+    def _check_context(self, context: Tensor | None, batch: int) -> None:
+        if context is None:
+            return
+        if self.cross_attention_dim is None:
+            raise ValueError("DiT: context given, but the model was built with cross_attention_dim=None")
+        if context.ndim != 3 or context.shape[0] != batch or context.shape[2] != self.cross_attention_dim:
+            raise ShapeError(f"DiT: expected context: [B, L, D_ctx] = [{batch}, L, {self.cross_attention_dim}], "
+                             f"got {list(context.shape)}")
+
+    def _check_residuals(self, residuals: dict[str, Tensor], shape: torch.Size) -> dict[str, Tensor]:
+        names = [f"block.{i}" for i in range(len(self.blocks))]
+        for name, r in residuals.items():
+            if name not in names:
+                raise ValueError(f"DiT: unknown injection point {name!r}{did_you_mean(name, names)} "
+                                 f"(valid: block.0 ... block.{len(names) - 1})")
+            if r.shape != shape:
+                raise ShapeError(f"DiT: expected residuals[{name!r}]: [B, N, hidden] = {list(shape)}, got {list(r.shape)}")
+        return residuals

@@ -1,0 +1,286 @@
+"""ADM-style UNet backbone (Ho et al. 2020, "DDPM"; Dhariwal & Nichol 2021, "ADM"), optionally with
+LDM / Stable Diffusion cross-attention transformers (Rombach et al. 2022). Blocks: ``unet_blocks.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from genlab.core.errors import ShapeError, did_you_mean
+from genlab.core.registry import register
+from genlab.models.attention import BACKENDS, Backend
+from genlab.models.layers import LabelEmbedding, TimestepEmbedding, batch_labels, batch_times
+from genlab.models.unet_blocks import (
+    AttentionBlock,
+    Downsample,
+    DownLevel,
+    GroupNorm32,
+    MidBlock,
+    ResBlock,
+    SpatialTransformer,
+    Upsample,
+    UpLevel,
+    set_backend,
+)
+
+Preset = Literal["tiny", "small", "base", "adm_cifar10", "adm_imagenet64"]
+
+_DEFAULTS: dict[str, Any] = dict(channels=64, channel_mult=(1, 2, 2), num_res_blocks=2, attention_levels=(),
+                                 num_heads=4, head_dim=None, dropout=0.0, scale_shift_norm=False, resample="conv")
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=()),
+    "small": dict(channels=64, channel_mult=(1, 2, 2), num_res_blocks=2, attention_levels=(1,)),
+    "base": dict(channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2, attention_levels=(1,), num_heads=1,
+                 dropout=0.1),
+    "adm_cifar10": dict(channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=3, attention_levels=(1,),
+                        num_heads=4, dropout=0.1),
+    "adm_imagenet64": dict(channels=192, channel_mult=(1, 2, 3, 4), num_res_blocks=3, attention_levels=(1, 2, 3),
+                           head_dim=64, scale_shift_norm=True, resample="resblock", dropout=0.1),
+}
+_ZERO_INIT = {ResBlock: "conv_2", AttentionBlock: "attn.to_out", SpatialTransformer: "proj_out"}
+
+
+@register("model", "unet")
+class UNet(nn.Module):
+    """UNet ``(x: [B, C, H, W], t: [B] or scalar, class_labels, context, residuals) -> [B, out_channels, H, W]``.
+
+    ``H`` and ``W`` must be divisible by ``2^(len(channel_mult) - 1)``. Level ``i`` has
+    ``channels * channel_mult[i]`` channels at resolution ``H / 2^i``: ``num_res_blocks`` ResBlocks
+    (GroupNorm, SiLU, conv; the time (+ class) embedding added, or AdaGN with ``scale_shift_norm``)
+    each followed by attention if ``i in attention_levels``, then a downsampler (strided conv, or a
+    ResBlock with average pooling if ``resample="resblock"``). The middle is ResBlock, attention,
+    ResBlock; the way up mirrors it with ``num_res_blocks + 1`` ResBlocks per level, each taking one
+    skip feature (concatenated), then nearest-x2 + conv (or a ResBlock). Attention is self-attention
+    with ``num_heads`` heads, or ``channels // head_dim`` if ``head_dim`` is set; with
+    ``cross_attention_dim`` every attention is an LDM SpatialTransformer (self-attention,
+    cross-attention to ``context: [B, L, cross_attention_dim]``, GEGLU) of ``transformer_depth``
+    blocks. ``t`` is the model time in any range (e.g. the DDPM step index), embedded with
+    sinusoids of ``channels`` frequencies and a 2-layer MLP to ``time_embed_dim`` (default
+    ``4 * channels``). With ``num_classes``, labels ``0..num_classes-1`` are classes and ``-1`` (or
+    ``None``) is the null class; ``class_dropout`` nulls labels while training (Ho & Salimans 2022).
+    The output conv and the last layer of every residual branch start at zero (ADM) unless
+    ``zero_init=False``.
+
+    Presets fill defaults; explicit arguments win (giving ``num_heads`` alone clears a preset's
+    ``head_dim``). Attention levels are indices into ``channel_mult``; resolutions are for the
+    input size named.
+
+    ==============  ========  ============  ======  ================  ============================
+    preset          channels  channel_mult  blocks  attention         other
+    ==============  ========  ============  ======  ================  ============================
+    tiny            32        (1, 2)        1       none (mid only)   4 heads
+    small (default) 64        (1, 2, 2)     2       (1,)              4 heads
+    base            128       (1, 2, 2, 2)  2       (1,): 16 of 32    1 head, dropout 0.1 (DDPM)
+    adm_cifar10     128       (1, 2, 2, 2)  3       (1,): 16 of 32    4 heads, dropout 0.1
+    adm_imagenet64  192       (1, 2, 3, 4)  3       (1, 2, 3): 32/16  head_dim 64, scale-shift,
+                                                    /8 of 64          resblock up/down, dropout 0.1
+    ==============  ========  ============  ======  ================  ============================
+
+    Injection points for adapters (ControlNet, T2I-Adapter): ``residuals`` maps names to tensors
+    added to features (the same as diffusers' ``down_block_additional_residuals`` and
+    ``mid_block_additional_residual``). ``"down.{k}"`` is the k-th skip feature saved on the way
+    down: ``down.0`` is ``conv_in``'s output ``[B, channels, H, W]``; then per level ``i`` one per
+    ResBlock (+attention) ``[B, ch_i, H/2^i, W/2^i]`` and, except at the last level, the downsampled
+    one ``[B, ch_i, H/2^(i+1), W/2^(i+1)]``. ``"mid"`` is the middle block's output. Only the skips
+    are changed, not the features passed further down. ``injection_points(x.shape)`` lists them.
+
+    Conversion options (set by ``genlab.interop.unet_weights``): ``time_flip_sin_to_cos`` and
+    ``time_freq_shift`` of the sinusoids, ``norm_eps``, ``mid_attention`` (attention in the middle
+    block), ``mid_attention_norm`` (GroupNorm before the middle self-attention), ``linear_projection``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: int | None = None,
+        preset: Preset | None = None,
+        channels: int | None = None,
+        channel_mult: tuple[int, ...] | None = None,
+        num_res_blocks: int | None = None,
+        attention_levels: tuple[int, ...] | None = None,
+        num_heads: int | None = None,
+        head_dim: int | None = None,
+        dropout: float | None = None,
+        scale_shift_norm: bool | None = None,
+        resample: Literal["conv", "resblock"] | None = None,
+        num_classes: int | None = None,
+        class_dropout: float = 0.0,
+        cross_attention_dim: int | None = None,
+        transformer_depth: int = 1,
+        linear_projection: bool = False,
+        time_embed_dim: int | None = None,
+        time_flip_sin_to_cos: bool = True,
+        time_freq_shift: float = 0.0,
+        norm_groups: int = 32,
+        norm_eps: float = 1e-5,
+        mid_attention: bool = True,
+        mid_attention_norm: bool = True,
+        zero_init: bool = True,
+        gradient_checkpointing: bool = False,
+        channels_last: bool = False,
+        attention_backend: Backend = "auto",
+    ) -> None:
+        super().__init__()
+        given = dict(channels=channels, channel_mult=channel_mult, num_res_blocks=num_res_blocks,
+                     attention_levels=attention_levels, num_heads=num_heads, head_dim=head_dim, dropout=dropout,
+                     scale_shift_norm=scale_shift_norm, resample=resample)
+        given = {k: v for k, v in given.items() if v is not None}
+        cfg = {**_DEFAULTS, **PRESETS.get(preset or "", {}), **given}
+        if "num_heads" in given and "head_dim" not in given:
+            cfg["head_dim"] = None
+        cfg["channel_mult"], cfg["attention_levels"] = tuple(cfg["channel_mult"]), tuple(cfg["attention_levels"])
+        c, mult, n, levels = cfg["channels"], cfg["channel_mult"], cfg["num_res_blocks"], cfg["attention_levels"]
+        out_channels = in_channels if out_channels is None else out_channels
+        time_embed_dim = time_embed_dim or 4 * c
+        self.config: dict[str, Any] = dict(
+            in_channels=in_channels, out_channels=out_channels, **cfg, num_classes=num_classes,
+            class_dropout=class_dropout, cross_attention_dim=cross_attention_dim, transformer_depth=transformer_depth,
+            linear_projection=linear_projection, time_embed_dim=time_embed_dim,
+            time_flip_sin_to_cos=time_flip_sin_to_cos, time_freq_shift=time_freq_shift, norm_groups=norm_groups,
+            norm_eps=norm_eps, mid_attention=mid_attention, mid_attention_norm=mid_attention_norm,
+            gradient_checkpointing=gradient_checkpointing, channels_last=channels_last,
+            attention_backend=attention_backend)
+        ch = [c * m for m in mult]
+        self._validate(ch, levels, cfg["num_heads"], cfg["head_dim"], norm_groups)
+        self.in_channels, self.out_channels, self.num_classes = in_channels, out_channels, num_classes
+        self.channels, self.channel_mult, self.num_res_blocks = c, mult, n
+        self.cross_attention_dim = cross_attention_dim
+        self.gradient_checkpointing, self.channels_last = gradient_checkpointing, channels_last
+
+        def res(c_in: int, c_out: int, resample: Literal["down", "up"] | None = None) -> ResBlock:
+            return ResBlock(c_in, c_out, time_embed_dim, norm_groups, norm_eps, cfg["dropout"],
+                            cfg["scale_shift_norm"], resample)
+
+        def attn(co: int, norm: bool = True) -> nn.Module:
+            heads = co // cfg["head_dim"] if cfg["head_dim"] else cfg["num_heads"]
+            if cross_attention_dim is None:
+                return AttentionBlock(co, heads, norm_groups, norm_eps, norm)
+            return SpatialTransformer(co, heads, cross_attention_dim, norm_groups, transformer_depth, linear_projection)
+
+        by_resblock = cfg["resample"] == "resblock"
+        self.time_embed = TimestepEmbedding(time_embed_dim, c, freq_shift=time_freq_shift,
+                                            flip_sin_to_cos=time_flip_sin_to_cos)
+        self.label_embed = None if num_classes is None else LabelEmbedding(num_classes, time_embed_dim, class_dropout)
+        self.conv_in = nn.Conv2d(in_channels, c, 3, padding=1)
+        skip_ch, cur, self.down, self.up = [c], c, nn.ModuleList(), nn.ModuleList()
+        for i, co in enumerate(ch):
+            blocks, attns = [], []
+            for _ in range(n):
+                blocks.append(res(cur, co))
+                attns += [attn(co)] if i in levels else []
+                cur = co
+                skip_ch.append(co)
+            down = None if i == len(ch) - 1 else res(co, co, "down") if by_resblock else Downsample(co)
+            skip_ch += [co] if down is not None else []
+            self.down.append(DownLevel(blocks, attns, down))
+        self.mid = MidBlock(res(cur, cur), attn(cur, mid_attention_norm) if mid_attention else None, res(cur, cur))
+        for i, co in reversed(list(enumerate(ch))):
+            blocks, attns = [], []
+            for _ in range(n + 1):
+                blocks.append(res(cur + skip_ch.pop(), co))
+                attns += [attn(co)] if i in levels else []
+                cur = co
+            up = None if i == 0 else res(co, co, "up") if by_resblock else Upsample(co)
+            self.up.append(UpLevel(blocks, attns, up))
+        self.norm_out = GroupNorm32(norm_groups, c, norm_eps)
+        self.conv_out = nn.Conv2d(c, out_channels, 3, padding=1)
+        if zero_init:
+            last = [m.get_submodule(_ZERO_INIT[type(m)]) for m in self.modules() if type(m) in _ZERO_INIT]
+            for layer in [self.conv_out, *last]:
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
+        self.set_attention_backend(attention_backend)
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
+
+    @staticmethod
+    def _validate(ch: list[int], levels: tuple[int, ...], num_heads: int, head_dim: int | None, groups: int) -> None:
+        if not ch or any(co <= 0 for co in ch):
+            raise ValueError(f"UNet: channels and channel_mult must be positive and non-empty, got widths {ch}")
+        bad = [lv for lv in levels if not 0 <= lv < len(ch)]
+        if bad:
+            raise ValueError(f"UNet: attention_levels {bad} out of range for {len(ch)} levels "
+                             "(indices into channel_mult)")
+        if any(co % groups for co in ch):
+            raise ValueError(f"UNet: every level width {ch} must be divisible by norm_groups={groups}")
+        for co in sorted({*(ch[lv] for lv in levels), ch[-1]}):
+            div = head_dim or num_heads
+            if co % div:
+                what = f"head_dim={head_dim}" if head_dim else f"num_heads={num_heads}"
+                raise ValueError(f"UNet: attention width {co} is not divisible by {what}")
+
+    def set_attention_backend(self, backend: Backend) -> None:
+        """Use ``backend`` ("auto", "flash", "sdpa", "math") for every attention of the model."""
+        if backend not in BACKENDS:
+            raise ValueError(f"UNet: unknown attention backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+        self.attention_backend = backend
+        set_backend(self, backend)
+
+    def forward(self, x: Tensor, t: Tensor | float, class_labels: Tensor | None = None,
+                context: Tensor | None = None, residuals: dict[str, Tensor] | None = None) -> Tensor:
+        """``x: [B, C, H, W]``, ``t: [B]`` or scalar, ``class_labels: [B]`` long (-1 = null) or None,
+        ``context: [B, L, cross_attention_dim]``, ``residuals``: see the class docstring ->
+        ``[B, out_channels, H, W]``."""
+        points = self.injection_points(x.shape)
+        emb = self.time_embed(batch_times(t, x, "UNet"))
+        if self.label_embed is not None:
+            emb = emb + self.label_embed(batch_labels(class_labels, x, self.num_classes, "UNet"))
+        elif class_labels is not None:
+            raise ValueError("UNet: class_labels given, but the model was built with num_classes=None")
+        self._check_context(context, x)
+        residuals = self._check_residuals(residuals or {}, points)
+        ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        h = self.conv_in(x)
+        skips = [h]
+        for level in self.down:
+            h, saved = level(h, emb, context, ckpt)
+            skips += saved
+        skips = [s + residuals[f"down.{k}"] if f"down.{k}" in residuals else s for k, s in enumerate(skips)]
+        h = self.mid(h, emb, context, ckpt)
+        h = h + residuals["mid"] if "mid" in residuals else h
+        for level in self.up:
+            h = level(h, skips, emb, context, ckpt)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+    def injection_points(self, x_shape: tuple[int, ...] | torch.Size) -> dict[str, torch.Size]:
+        """Names and shapes of the feature maps ``residuals`` may add to, for an input of ``x_shape``."""
+        factor = 2 ** (len(self.channel_mult) - 1)
+        if len(x_shape) != 4 or x_shape[1] != self.in_channels or x_shape[2] % factor or x_shape[3] % factor:
+            raise ShapeError(f"UNet: expected x: [B, C, H, W] = [B, {self.in_channels}, H, W] with H and W "
+                             f"divisible by {factor}, got {list(x_shape)}")
+        b, _, hh, ww = x_shape
+        shapes = [(self.channels, hh, ww)]
+        for i, m in enumerate(self.channel_mult):
+            shapes += [(self.channels * m, hh >> i, ww >> i)] * self.num_res_blocks
+            shapes += [(self.channels * m, hh >> (i + 1), ww >> (i + 1))] if i < len(self.channel_mult) - 1 else []
+        points = {f"down.{k}": torch.Size((b, *s)) for k, s in enumerate(shapes)}
+        points["mid"] = torch.Size((b, self.channels * self.channel_mult[-1], hh >> (len(self.channel_mult) - 1),
+                                    ww >> (len(self.channel_mult) - 1)))
+        return points
+
+    def _check_context(self, context: Tensor | None, x: Tensor) -> None:
+        if self.cross_attention_dim is None:
+            if context is not None:
+                raise ValueError("UNet: context given, but the model was built with cross_attention_dim=None")
+            return
+        if context is None:
+            raise ValueError("UNet: this model cross-attends (cross_attention_dim set) and needs context: [B, L, D]")
+        if context.ndim != 3 or context.shape[0] != x.shape[0] or context.shape[2] != self.cross_attention_dim:
+            raise ShapeError(f"UNet: expected context: [B, L, D] = [{x.shape[0]}, L, {self.cross_attention_dim}], "
+                             f"got {list(context.shape)}")
+
+    @staticmethod
+    def _check_residuals(residuals: dict[str, Tensor], points: dict[str, torch.Size]) -> dict[str, Tensor]:
+        for name, r in residuals.items():
+            if name not in points:
+                raise KeyError(f"UNet: unknown injection point {name!r}{did_you_mean(name, points)} "
+                               f"(valid: {', '.join(points)})")
+            if r.shape != points[name]:
+                raise ShapeError(f"UNet: residual {name!r}: expected {list(points[name])}, got {list(r.shape)}")
+        return residuals

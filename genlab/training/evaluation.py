@@ -1,0 +1,91 @@
+"""What a run reports: samples drawn with the EMA model, pictures, and quality numbers.
+
+2D data: samples over held-out data and the sliced Wasserstein distance. Images: a grid with one
+row per requested class; for digits, a classifier trained by the library gives the accuracy of
+samples on their requested labels and a Frechet distance in its feature space (Heusel et al. 2017).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..diffusion import Sampler
+from ..metrics import sliced_wasserstein
+from .experiment import Experiment
+from .plots import plot_image_grid, plot_samples_2d
+
+
+@torch.no_grad()
+def draw(exp: Experiment, model: nn.Module, n: int, generator: torch.Generator, sampler: Sampler | None = None,
+         labels: Tensor | None = None) -> Tensor:
+    """``n`` samples [n, *data shape] (float32, CPU) from ``model`` with the experiment's sampler."""
+    sampler = sampler or exp.sampler
+    device = next(model.parameters()).device
+    cond = None if labels is None else {"class_labels": labels.to(device)}
+    x = sampler.sample(exp.denoiser(model), shape=(n, *exp.data_shape), generator=generator, progress=False,
+                       cond=cond)
+    return x.float().cpu()
+
+
+def requested_labels(exp: Experiment, per_class: int) -> Tensor | None:
+    """Labels 0..K-1, each ``per_class`` times (None for an unconditional model)."""
+    k = exp.num_classes
+    return None if k is None else torch.arange(k).repeat_interleave(per_class)
+
+
+def evaluate(exp: Experiment, model: nn.Module, out: Any, name: str, seed: int, step: int) -> dict[str, Any]:
+    """Sample, save ``{name}.png`` in ``out``, and return the metrics (also for the JSON file)."""
+    g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    start = time.perf_counter()
+    metrics: dict[str, Any] = {"step": step, "sampler": repr(exp.sampler), "image": f"{name}.png"}
+    if len(exp.data_shape) == 1:
+        n = exp.train.eval_samples
+        samples = draw(exp, model, n, g)
+        metrics["sampling_seconds"] = time.perf_counter() - start
+        held, held2 = exp.heldout(n), exp.heldout(n, draw=1)
+        gen = torch.Generator().manual_seed(0)
+        metrics["sliced_wasserstein"] = sliced_wasserstein(samples, held, generator=gen).item()
+        metrics["sliced_wasserstein_data_vs_data"] = sliced_wasserstein(held2, held, generator=gen).item()
+        plot_samples_2d(samples, held, out / f"{name}.png", f"{exp.sampler!r}: sliced W2 to held-out data "
+                        f"{metrics['sliced_wasserstein']:.3f} (data vs data {metrics['sliced_wasserstein_data_vs_data']:.3f})")
+        return metrics
+    per_class = max(1, exp.train.eval_samples // (exp.num_classes or 1))
+    labels = requested_labels(exp, per_class)
+    samples = draw(exp, model, per_class * (exp.num_classes or 1), g, labels=labels)
+    metrics["sampling_seconds"] = time.perf_counter() - start
+    metrics.update(image_metrics(exp, samples, labels))
+    rows = exp.num_classes or 10
+    plot_image_grid(samples, out / f"{name}.png", rows=rows, per_row=min(per_class, 10) if labels is not None else None,
+                    title=_title(exp, metrics))
+    return metrics
+
+
+def image_metrics(exp: Experiment, samples: Tensor, labels: Tensor | None) -> dict[str, float]:
+    """Classifier accuracy on the requested labels and the Frechet distance to held-out images in
+    the classifier's feature space, for datasets that have a library classifier (digits)."""
+    if getattr(exp.data, "name", None) != "digits":
+        return {}
+    from ..metrics import frechet_distance, train_digits_classifier
+
+    size = exp.data_shape[-1]
+    clf = train_digits_classifier(image_size=size)
+    held = exp.heldout_images()
+    out = {"frechet_distance": frechet_distance(clf.features(samples), clf.features(held))}
+    half = len(held) // 2
+    out["frechet_distance_data_vs_data"] = frechet_distance(clf.features(held[:half]), clf.features(held[half:]))
+    if labels is not None:
+        out["classifier_accuracy"] = clf.accuracy(samples, labels)
+    return out
+
+
+def _title(exp: Experiment, m: dict[str, Any]) -> str:
+    parts = [repr(exp.sampler)]
+    if "classifier_accuracy" in m:
+        parts.append(f"accuracy on requested labels {m['classifier_accuracy']:.1%}")
+    if "frechet_distance" in m:
+        parts.append(f"FD {m['frechet_distance']:.2f} (data vs data {m['frechet_distance_data_vs_data']:.2f})")
+    return " | ".join(parts)

@@ -1,0 +1,16 @@
+"""Shared test settings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Run each test on one torch thread: the small models and mixtures here run fastest that way,
+    and are not slowed by other processes' load on a 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

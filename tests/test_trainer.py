@@ -1,0 +1,121 @@
+"""The trainer: gradient accumulation, non-finite losses, pictures, a run killed with SIGKILL and
+resumed, and two DDP ranks holding identical weights."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from genlab.core.checkpoint import latest_checkpoint, load_weights
+from genlab.core.config import load_config
+from genlab.core.errors import GenlabError
+from genlab.training import Experiment, Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "toy2d.yaml"
+TINY = ["train.batch_size=64", "model.hidden=32", "model.depth=1", "data.n=2000", "sampler.steps=5",
+        "train.eval_samples=300", "train.warmup_steps=5"]
+
+
+def experiment(*overrides: str) -> Experiment:
+    return Experiment.from_config(load_config(CONFIG, [*TINY, *overrides]))
+
+
+def test_gradient_accumulation_sums_micro_batch_gradients(tmp_path):
+    tr = Trainer(experiment("train.grad_accum=3", "train.grad_clip=null"), tmp_path, progress=False)
+    captured = {}
+    tr.opt.step = lambda *a, **k: captured.update({n: p.grad.clone() for n, p in tr.model.named_parameters()})
+    tr.train_step()
+    tr.opt.zero_grad()
+    sum(tr.micro_loss(m) / 3 for m in range(3)).backward()
+    for n, p in tr.model.named_parameters():
+        assert torch.allclose(captured[n], p.grad, atol=1e-7), n
+
+
+def test_non_finite_losses_are_skipped_then_abort(tmp_path):
+    exp = experiment("train.steps=20", "train.max_bad_steps=3")
+    before = {k: v.clone() for k, v in exp.model.state_dict().items()}
+    exp.objective.t_distribution.sample = lambda *a, **k: torch.full((64,), float("nan"), dtype=torch.float64)
+    tr = Trainer(exp, tmp_path, progress=False)
+    with pytest.warns(UserWarning, match="non-finite loss"), pytest.raises(GenlabError, match="3 non-finite losses"):
+        tr.fit()
+    assert all(torch.equal(v, before[k]) for k, v in exp.model.state_dict().items())
+
+
+def test_loss_curve_and_periodic_samples(tmp_path):
+    tr = Trainer(experiment("train.steps=40", "train.log_every=10", "train.sample_every=20",
+                            "train.checkpoint_every=40"), tmp_path, progress=False)
+    tr.fit()
+    assert (tmp_path / "loss.png").stat().st_size > 5000
+    assert (tmp_path / "samples" / "step_0000020.png").is_file() and len(tr.losses) == 4
+
+
+def genlab_cmd() -> list[str]:
+    exe = Path(sys.executable).with_name("genlab")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "genlab.cli"]
+
+
+def test_sigkill_then_resume_ends_with_the_same_weights(tmp_path):
+    args = [*genlab_cmd(), "train", str(CONFIG), *TINY, "train.steps=400", "train.checkpoint_every=40",
+            "--quiet"]
+    subprocess.run([*args, "--out", str(tmp_path / "full")], check=True, capture_output=True, timeout=300)
+    proc = subprocess.Popen([*args, "--out", str(tmp_path / "killed")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while latest_checkpoint(tmp_path / "killed") is None or latest_checkpoint(tmp_path / "killed").name < "step_0000120":
+        assert proc.poll() is None and time.time() < deadline, "run ended before it could be killed"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    stopped = latest_checkpoint(tmp_path / "killed").name
+    assert stopped < "step_0000400"
+    subprocess.run([*args, "--out", str(tmp_path / "killed"), "--resume"], check=True, capture_output=True,
+                   timeout=300)
+    a = load_weights(latest_checkpoint(tmp_path / "full") / "model.safetensors")
+    b = load_weights(latest_checkpoint(tmp_path / "killed") / "model.safetensors")
+    assert latest_checkpoint(tmp_path / "killed").name == "step_0000400"
+    assert all(torch.equal(a[k], b[k]) for k in a), f"killed at {stopped}"
+
+
+DDP_SCRIPT = """
+import sys, torch
+from genlab.core.config import load_config
+from genlab.training import Experiment, Trainer
+exp = Experiment.from_config(load_config(sys.argv[1], sys.argv[3:]))
+tr = Trainer(exp, sys.argv[2], progress=False)
+for _ in range(5):
+    tr.train_step(); tr.step += 1
+flat = torch.cat([p.detach().flatten() for p in tr.unwrapped().parameters()])
+print(f"RANK {tr.acc.process_index} OF {tr.acc.num_processes} SUM {flat.double().sum().item():.12e} "
+      f"FIRST {flat[:3].tolist()}", flush=True)
+"""
+
+
+def test_ddp_ranks_hold_identical_weights(tmp_path):
+    accelerate = Path(sys.executable).with_name("accelerate")
+    if not accelerate.exists():
+        pytest.skip("accelerate launcher not installed")
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with socket.socket() as s:  # a free port for the rendezvous, so parallel runs do not collide
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # on a machine without GPUs, --multi_gpu starts torchrun and the Accelerator picks gloo on the
+    # CPU; `accelerate launch --cpu --num_processes 2` would start a single process
+    res = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                          "--main_process_port", str(port),
+                          "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(CONFIG),
+                          str(tmp_path / "run"), *TINY], capture_output=True, text=True, timeout=300, env=env)
+    ranks = dict(re.findall(r"RANK (\d) OF 2 SUM (\S+)", res.stdout))  # the ranks' lines may interleave
+    assert sorted(ranks) == ["0", "1"], res.stdout + res.stderr
+    assert ranks["0"] == ranks["1"], ranks
