@@ -1,5 +1,8 @@
 """Sample-quality metrics."""
 
+from genlab.metrics.classifier import DigitsClassifier, train_digits_classifier
+from genlab.metrics.frechet import frechet_distance, gaussian_frechet, mean_cov
 from genlab.metrics.sliced_wasserstein import sliced_wasserstein
 
-__all__ = ["sliced_wasserstein"]
+__all__ = ["DigitsClassifier", "train_digits_classifier", "frechet_distance", "gaussian_frechet", "mean_cov",
+           "sliced_wasserstein"]

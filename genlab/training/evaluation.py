@@ -14,7 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from ..diffusion import Sampler
-from ..metrics import sliced_wasserstein
+from ..data import Digits
+from ..metrics import frechet_distance, sliced_wasserstein, train_digits_classifier
 from .experiment import Experiment
 from .plots import plot_image_grid, plot_samples_2d
 
@@ -67,9 +68,8 @@ def evaluate(exp: Experiment, model: nn.Module, out: Any, name: str, seed: int, 
 def image_metrics(exp: Experiment, samples: Tensor, labels: Tensor | None) -> dict[str, float]:
     """Classifier accuracy on the requested labels and the Frechet distance to held-out images in
     the classifier's feature space, for datasets that have a library classifier (digits)."""
-    if getattr(exp.data, "name", None) != "digits":
+    if not isinstance(exp.data, Digits):
         return {}
-    from ..metrics import frechet_distance, train_digits_classifier
 
     size = exp.data_shape[-1]
     clf = train_digits_classifier(image_size=size)

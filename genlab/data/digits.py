@@ -1,0 +1,91 @@
+"""sklearn's 8x8 handwritten digits as a small labelled image set (no download: it ships with scikit-learn).
+
+1797 grey 8x8 images with values 0..16, ten classes, from the UCI "Optical Recognition of Handwritten
+Digits" data (Alpaydin and Kaynak 1998), loaded by ``sklearn.datasets.load_digits``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from genlab.core.errors import ConfigError, did_you_mean
+from genlab.core.registry import register
+from genlab.data.images import LabelledImages
+
+DIGITS_SIZES: tuple[int, ...] = (8, 16, 32)
+_SPLITS = ("train", "test", "all")
+
+
+@functools.lru_cache(maxsize=1)
+def _load() -> tuple[np.ndarray, np.ndarray]:
+    """``images: [1797, 8, 8]`` float32 in 0..16 and ``targets: [1797]`` int64, read once per process."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return digits.images.astype(np.float32), digits.target.astype(np.int64)
+
+
+def digits_split(split: str, test_fraction: float = 0.2, seed: int = 0) -> np.ndarray:
+    """Indices into the 1797 digits of ``split``: a stratified, shuffled split fixed by ``seed``.
+
+    ``"train"`` and ``"test"`` are disjoint, shuffled and cover every class in proportion
+    (``sklearn.model_selection.train_test_split`` with ``stratify``); ``"all"`` is ``0..1796`` in order.
+    """
+    if split not in _SPLITS:
+        raise ConfigError(f"digits: unknown split {split!r}; valid: {', '.join(_SPLITS)}{did_you_mean(split, _SPLITS)}")
+    if not 0 < test_fraction < 1:
+        raise ConfigError(f"digits: test_fraction must be in (0, 1), got {test_fraction}")
+    _, targets = _load()
+    everything = np.arange(len(targets))
+    if split == "all":
+        return everything
+    from sklearn.model_selection import train_test_split
+
+    try:
+        train, test = train_test_split(everything, test_size=test_fraction, random_state=seed, stratify=targets)
+    except ValueError as e:  # a side too small to hold every class
+        raise ConfigError(f"digits: test_fraction {test_fraction} leaves a split without every class ({e})") from e
+    return train if split == "train" else test
+
+
+@register("dataset", "digits")
+class Digits(LabelledImages):
+    """sklearn's digits: ``data: [N, 1, S, S]`` float32 in [-1, 1], ``labels: [N]`` long, 10 classes.
+
+    ``split`` is ``"train"``, ``"test"`` (a stratified ``test_fraction`` of the 1797 images, fixed by
+    ``seed``; see ``digits_split``) or ``"all"``. Pixels 0..16 map to ``x / 8 - 1``; the 8x8 images are
+    resized to ``image_size`` (8, 16 or 32) with ``F.interpolate`` (bilinear, antialiased).
+    ``n`` (optional) sets the length by tiling the split in its fixed order: item ``i`` is item
+    ``i mod len(split)``, so a smaller ``n`` keeps the first ``n`` items and a larger one repeats the split.
+    """
+
+    def __init__(
+        self,
+        image_size: int = 16,
+        split: Literal["train", "test", "all"] = "train",
+        test_fraction: float = 0.2,
+        seed: int = 0,
+        n: int | None = None,
+    ) -> None:
+        if image_size not in DIGITS_SIZES:
+            raise ConfigError(f"digits: image_size must be one of 8, 16, 32, got {image_size!r}")
+        if n is not None and n < 0:
+            raise ConfigError(f"digits: n must be non-negative or None, got {n}")
+        index = digits_split(split, test_fraction, seed)
+        if n is not None:
+            index = index[np.arange(n) % len(index)]
+        images, targets = _load()
+        x = rearrange(torch.from_numpy(images[index]), "n h w -> n 1 h w") / 8 - 1
+        if image_size != 8:
+            size = (image_size, image_size)
+            x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False).clamp(-1, 1)
+        self.split, self.image_size = split, image_size
+        self.data = x.contiguous()
+        self.labels = torch.from_numpy(targets[index]).long()
+        self.class_names = tuple(str(d) for d in range(10))

@@ -1,0 +1,207 @@
+"""Labelled image sets held in memory: a folder of images, and torchvision's datasets.
+
+Every set stores ``data: [N, C, S, S]`` float32 in [-1, 1] and ``labels: [N]`` long, loaded eagerly;
+items are ``(image: [C, S, S], label: [])``. Images are resized so that the shorter side is ``S``
+(bilinear, antialiased) and center-cropped to ``S x S``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from PIL import Image
+from torch import Tensor
+
+from genlab.core.errors import ConfigError, GenlabError
+from genlab.core.registry import register
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+_CHUNK_VALUES = 2**24  # uint8 values resized per call: bounds the float copy at 64 MB
+
+
+class LabelledImages(torch.utils.data.Dataset):
+    """``data: [N, C, S, S]`` float32 in [-1, 1], ``labels: [N]`` long, ``class_names``; items ``(image, label)``."""
+
+    data: Tensor
+    labels: Tensor
+    class_names: tuple[str, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(C, S, S)``, the shape of one image."""
+        return tuple(self.data.shape[1:])
+
+    @property
+    def dim(self) -> int:
+        """``C * S * S``, the size of one flattened image."""
+        return math.prod(self.shape)
+
+    def __len__(self) -> int:
+        return self.data.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        return self.data[index], self.labels[index]
+
+
+def resize_center_crop(x: Tensor, size: int) -> Tensor:
+    """``x: [B, C, H, W]`` float -> ``[B, C, size, size]``: shorter side to ``size`` (bilinear, antialiased), then
+    the central ``size x size``."""
+    h, w = x.shape[-2:]
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    if (nh, nw) != (h, w):
+        x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return x[..., top : top + size, left : left + size]
+
+
+def images_to_tensor(arrays: Iterable[np.ndarray], size: int, channels: int) -> Tensor:
+    """uint8 arrays ``[H, W]`` or ``[H, W, C]`` -> ``[N, C, size, size]`` float32 in [-1, 1].
+
+    Consecutive arrays of one shape are resized together, about ``_CHUNK_VALUES`` values at a time.
+    """
+    out: list[Tensor] = []
+    pending: list[np.ndarray] = []
+
+    def flush() -> None:
+        if pending:
+            x = rearrange(torch.from_numpy(np.stack(pending)).float(), "b h w c -> b c h w")
+            out.append((resize_center_crop(x, size) / 127.5 - 1).clamp(-1, 1).contiguous())
+            pending.clear()
+
+    for a in arrays:
+        a = a.reshape(*a.shape[:2], -1)  # [H, W, C]
+        if pending and (a.shape != pending[0].shape or len(pending) * a.size >= _CHUNK_VALUES):
+            flush()
+        pending.append(a)
+    flush()
+    return torch.cat(out) if out else torch.empty(0, channels, size, size)
+
+
+def _check(kind: str, image_size: int, channels: int | None, limit: int | None = None) -> None:
+    if image_size < 1:
+        raise ConfigError(f"{kind}: image_size must be a positive number of pixels, got {image_size}")
+    if channels not in (1, 3, None):
+        raise ConfigError(f"{kind}: channels must be 1 or 3, got {channels!r}")
+    if limit is not None and limit < 0:
+        raise ConfigError(f"{kind}: limit must be non-negative or None, got {limit}")
+
+
+def _image_files(folder: Path, recursive: bool) -> list[Path]:
+    """Image files in ``folder`` (and its subfolders if ``recursive``), sorted; hidden files and folders skipped."""
+    found = folder.rglob("*") if recursive else folder.iterdir()
+    visible = (p for p in found if not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    return sorted(p for p in visible if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+@register("dataset", "image_folder")
+class ImageFolder(LabelledImages):
+    """Every image under ``root`` (png, jpg, jpeg, bmp, webp), one class per subfolder, loaded into memory.
+
+    Class ``i`` is the i-th subfolder (sorted) holding images at any depth; ``class_names`` are the
+    folder names. With no such subfolder, the images at the top level of ``root`` form a single class
+    named after ``root``; otherwise top-level images are ignored, as in torchvision's ImageFolder.
+    ``channels`` 1 converts to grey ("L"), 3 to RGB (dropping alpha).
+    """
+
+    def __init__(self, root: str, image_size: int = 32, channels: Literal[1, 3] = 3) -> None:
+        _check("image_folder", image_size, channels)
+        path = Path(root).expanduser()
+        if not path.is_dir():
+            problem = "is not a directory" if path.exists() else "does not exist"
+            raise GenlabError(f"image_folder: {str(path)!r} {problem}")
+        folders = sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
+        classes = [(d.name, files) for d in folders if (files := _image_files(d, recursive=True))]
+        if not classes and (files := _image_files(path, recursive=False)):
+            classes = [(path.resolve().name or "images", files)]
+        if not classes:
+            searched = ", ".join(IMAGE_EXTENSIONS)
+            where = "at the top level and in class subfolders"
+            raise GenlabError(f"image_folder: no images found in {str(path)!r} (searched for {searched} {where})")
+        self.root, self.class_names = path, tuple(name for name, _ in classes)
+        files = [f for _, fs in classes for f in fs]
+        self.labels = torch.tensor([i for i, (_, fs) in enumerate(classes) for _ in fs], dtype=torch.long)
+        self.data = images_to_tensor(map(lambda f: _read(f, channels), files), image_size, channels)
+
+
+def _read(path: Path, channels: int) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("L" if channels == 1 else "RGB"))
+    except OSError as e:  # includes PIL.UnidentifiedImageError
+        raise GenlabError(f"image_folder: cannot read image {str(path)!r}: {e}") from e
+
+
+def _torchvision_class(name: str) -> type:
+    import torchvision.datasets as tvd
+
+    valid = [n for n in tvd.__all__ if isinstance(c := getattr(tvd, n), type) and issubclass(c, tvd.VisionDataset)]
+    if name not in valid:
+        lower = {v.lower(): v for v in valid}
+        close = difflib.get_close_matches(name.lower(), list(lower), n=1, cutoff=0.5)
+        hint = f"; did you mean '{lower[close[0]]}'?" if close else " (e.g. MNIST, FashionMNIST, CIFAR10, CIFAR100)"
+        raise ConfigError(f"torchvision: unknown dataset {name!r}{hint}")
+    return getattr(tvd, name)
+
+
+@register("dataset", "torchvision")
+class TorchvisionDataset(LabelledImages):
+    """A torchvision dataset taking ``(root, train=, download=)`` (MNIST, FashionMNIST, KMNIST, CIFAR10, ...).
+
+    Constructs ``torchvision.datasets.<name>(root, train=train, download=download)`` and loads its
+    first ``limit`` items (all if None) into memory. ``channels`` None keeps the native ones (1 for
+    grey sets such as MNIST, else 3). Nothing is downloaded unless ``download`` is true.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        root: str,
+        train: bool = True,
+        download: bool = False,
+        image_size: int = 32,
+        channels: Literal[1, 3] | None = None,
+        limit: int | None = None,
+    ) -> None:
+        _check("torchvision", image_size, channels, limit)
+        cls = _torchvision_class(name)
+        try:
+            ds = cls(str(Path(root).expanduser()), train=train, download=download)
+        except TypeError as e:
+            raise ConfigError(f"torchvision: {name} does not take (root, train=, download=) arguments: {e}") from e
+        except (RuntimeError, FileNotFoundError) as e:
+            if download:
+                raise
+            raise GenlabError(
+                f"torchvision: {name} files not found under {str(Path(root).expanduser().resolve())!r} ({e}); "
+                "pass `download: true` on a machine with an internet connection, or copy the files there"
+            ) from e
+        n = len(ds) if limit is None else min(limit, len(ds))
+        if channels is None:
+            channels = 1 if n and ds[0][0].mode in ("1", "L") else 3
+        targets: list[int] = []
+
+        def arrays() -> Iterator[np.ndarray]:
+            for i in range(n):
+                image, target = ds[i]
+                targets.append(int(target))
+                yield np.asarray(image.convert("L" if channels == 1 else "RGB"))
+
+        self.name, self.root = name, root
+        self.data = images_to_tensor(arrays(), image_size, channels)
+        self.labels = torch.tensor(targets, dtype=torch.long)
+        classes = getattr(ds, "classes", None)
+        count = max(targets, default=-1) + 1
+        self.class_names = tuple(classes) if classes and len(classes) >= count else tuple(map(str, range(count)))

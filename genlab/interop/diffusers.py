@@ -1,0 +1,68 @@
+"""``from_diffusers`` / ``to_diffusers``: genlab models from diffusers models or checkpoints, and back.
+
+Supported: ``UNet2DModel``, ``UNet2DConditionModel`` (Stable Diffusion 1.x layout) and
+``DiTTransformer2DModel``. Checkpoints load through diffusers' ``from_pretrained`` (safetensors);
+nothing is downloaded unless the path is a hub id and diffusers is allowed to fetch it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..core.errors import GenlabError
+from ..models.dit import DiT
+from ..models.unet import UNet
+
+CLASSES = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel")
+
+
+def _diffusers() -> Any:
+    try:
+        import diffusers
+    except ImportError as e:
+        raise GenlabError("diffusers interoperability needs the diffusers package: pip install 'genlab[interop]'") from e
+    return diffusers
+
+
+def load_diffusers(path: str | os.PathLike, subfolder: str | None = None) -> nn.Module:
+    """A diffusers model from a local directory holding ``config.json`` (the class is read from
+    ``_class_name``; a pipeline directory needs ``subfolder``, e.g. "unet" or "transformer")."""
+    root = Path(path) / (subfolder or "")
+    config = root / "config.json"
+    if not config.is_file():
+        raise GenlabError(f"{root}: no config.json; pass the model directory (or subfolder='unet' for a pipeline)")
+    name = json.loads(config.read_text()).get("_class_name")
+    if name not in CLASSES:
+        raise GenlabError(f"{config}: model class {name!r} is not supported; expected one of {', '.join(CLASSES)}")
+    return getattr(_diffusers(), name).from_pretrained(str(root))
+
+
+def from_diffusers(model_or_path: nn.Module | str | os.PathLike, subfolder: str | None = None) -> UNet | DiT:
+    """The equivalent genlab model with converted weights (outputs equal to 1e-5 in float32)."""
+    from .dit_weights import dit_from_diffusers
+    from .unet_weights import unet_from_diffusers
+
+    model = model_or_path if isinstance(model_or_path, nn.Module) else load_diffusers(model_or_path, subfolder)
+    name = type(model).__name__
+    if name in ("UNet2DModel", "UNet2DConditionModel"):
+        return unet_from_diffusers(model)
+    if name == "DiTTransformer2DModel":
+        return dit_from_diffusers(model)
+    raise GenlabError(f"from_diffusers: {name} is not supported; expected one of {', '.join(CLASSES)}")
+
+
+def to_diffusers(model: UNet | DiT) -> nn.Module:
+    """The equivalent diffusers model (``save_pretrained`` it to use it with diffusers' pipelines)."""
+    from .dit_weights import dit_to_diffusers
+    from .unet_weights import unet_to_diffusers
+
+    if isinstance(model, UNet):
+        return unet_to_diffusers(model)
+    if isinstance(model, DiT):
+        return dit_to_diffusers(model)
+    raise GenlabError(f"to_diffusers: expected a genlab UNet or DiT, got {type(model).__name__}")
