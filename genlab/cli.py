@@ -50,7 +50,7 @@ def report(out: Path, m: dict) -> None:
         print(f"digits classifier accuracy on the requested labels: {m['classifier_accuracy']:.1%}")
     if "frechet_distance" in m:
         print(f"Frechet distance in the classifier's feature space: {m['frechet_distance']:.3f} "
-              f"(two halves of the held-out digits: {m['frechet_distance_data_vs_data']:.3f})")
+              f"(training images vs the same held-out digits: {m['frechet_distance_data_vs_data']:.3f})")
 
 
 def cmd_sample(args: argparse.Namespace) -> None:

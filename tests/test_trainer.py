@@ -119,3 +119,22 @@ def test_ddp_ranks_hold_identical_weights(tmp_path):
     ranks = dict(re.findall(r"RANK (\d) OF 2 SUM (\S+)", res.stdout))  # the ranks' lines may interleave
     assert sorted(ranks) == ["0", "1"], res.stdout + res.stderr
     assert ranks["0"] == ranks["1"], ranks
+
+
+def test_digits_job_in_bf16_reports_classifier_metrics(tmp_path, capsys):
+    """The image path end to end, tiny: class-conditional UNet, bf16 autocast through accelerate,
+    a grid with one row per digit, classifier accuracy and Frechet distance."""
+    from genlab.cli import main
+
+    code = main(["train", str(ROOT / "configs" / "digits.yaml"), "model.channels=8", "model.channel_mult=[1]",
+                 "model.attention_levels=[]", "model.norm_groups=4", "train.steps=3", "train.batch_size=8",
+                 "train.eval_samples=20", "train.mixed_precision=bf16", "sampler.steps=2", "--out", str(tmp_path),
+                 "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "digits classifier accuracy on the requested labels" in out and "Frechet distance" in out
+    import json
+
+    metrics = json.loads((tmp_path / "samples.json").read_text())
+    assert 0.0 <= metrics["classifier_accuracy"] <= 1.0 and metrics["frechet_distance"] > 0
+    assert (tmp_path / "samples.png").stat().st_size > 5000
