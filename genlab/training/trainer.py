@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from tqdm.auto import tqdm
 
 from ..core.checkpoint import latest_checkpoint, load_optimizer, load_state, load_weights, save_checkpoint
@@ -46,6 +47,9 @@ class Trainer:
     def __init__(self, exp: Experiment, out_dir: str | Path, progress: bool = True) -> None:
         self.exp, self.out, self.progress = exp, Path(out_dir), progress
         tc = exp.train
+        # accelerate keeps one precision per process: let a later Trainer in the same process (a
+        # notebook, a test) choose its own; the distributed state is kept
+        AcceleratorState._reset_state(reset_partial_state=False)
         self.acc = Accelerator(mixed_precision=tc.mixed_precision, cpu=not torch.cuda.is_available())
         self.ema = EMA(exp.model, tc.ema_decay)
         opt = torch.optim.AdamW(exp.model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
