@@ -184,7 +184,7 @@ class DiT(nn.Module):
         elif class_labels is not None:
             raise ValueError("DiT: class_labels given, but the model was built with num_classes=None")
         self._check_context(context, x.shape[0])
-        h = rearrange(self.patch_embed(x), "b d h w -> b (h w) d") + self.pos_embed
+        h = rearrange(self.patch_embed(x), "b d h w -> b (h w) d").contiguous() + self.pos_embed
         extra = self._check_residuals(residuals or {}, h.shape)
         for i, block in enumerate(self.blocks):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
