@@ -176,16 +176,18 @@ def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch) -> None:
 
     monkeypatch.setattr(dit_module, "checkpoint", counting_checkpoint)
     ctx = torch.randn(2, 5, 6)
-    for flag in (False, True):
+    for flag in (False, True, "selective"):
         model = _model(num_classes=4, class_dropout=0.0, cross_attention_dim=6, gradient_checkpointing=flag).train()
         model(x, t, torch.tensor([1, 2]), ctx).square().sum().backward()
         grads.append({n: p.grad for n, p in model.named_parameters()})
-    assert calls == [{"use_reentrant": False}] * 2  # one per block, only in the checkpointed run
+    assert calls[:2] == [{"use_reentrant": False}] * 2  # one per block, only in the checkpointed runs
+    assert len(calls) == 4 and all("context_fn" in c for c in calls[2:])  # selective: a save policy
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
+        torch.testing.assert_close(grads[2][name], grads[0][name], msg=name)
     with torch.no_grad():  # not when no gradient is needed
         model(x, t)
-    assert len(calls) == 2
+    assert len(calls) == 4
 
 
 def test_sdpa_and_math_attention_agree() -> None:

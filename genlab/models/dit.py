@@ -20,7 +20,7 @@ from typing import Any, Literal
 import torch
 from einops import rearrange
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from genlab.core.errors import ShapeError, did_you_mean
 from genlab.core.registry import register
@@ -34,6 +34,20 @@ PRESETS: dict[str, dict[str, int]] = {
     for size, (d, h, n) in _SIZES.items()
     for p in (2, 4, 8)
 }
+
+
+def _keep_attention_and_expansion(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    """Selective checkpointing policy: keep attention outputs and the MLP's expanding matmul (the
+    costly ops to redo), recompute norms, activations and the rest."""
+    if "scaled_dot_product" in str(op):
+        return CheckpointPolicy.MUST_SAVE
+    if op is torch.ops.aten.addmm.default and args[2].shape[-1] > args[1].shape[-1]:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def selective_contexts() -> Any:
+    return create_selective_checkpoint_contexts(_keep_attention_and_expansion)
 
 
 def sincos_pos_embed_2d(dim: int, grid: int) -> Tensor:
@@ -111,7 +125,7 @@ class DiT(nn.Module):
         time_freq_shift: float = 0.0,
         mlp_norm_eps: float = 1e-6,
         attention_backend: Backend = "auto",
-        gradient_checkpointing: bool = False,
+        gradient_checkpointing: bool | Literal["selective"] = False,
     ) -> None:
         super().__init__()
         if preset is not None and preset not in PRESETS:
@@ -188,7 +202,8 @@ class DiT(nn.Module):
         extra = self._check_residuals(residuals or {}, h.shape)
         for i, block in enumerate(self.blocks):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                h = checkpoint(block, h, c, context, use_reentrant=False)
+                selective = {"context_fn": selective_contexts} if self.gradient_checkpointing == "selective" else {}
+                h = checkpoint(block, h, c, context, use_reentrant=False, **selective)
             else:
                 h = block(h, c, context)
             if f"block.{i}" in extra:
