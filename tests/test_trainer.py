@@ -138,3 +138,28 @@ def test_digits_job_in_bf16_reports_classifier_metrics(tmp_path, capsys):
     metrics = json.loads((tmp_path / "samples.json").read_text())
     assert 0.0 <= metrics["classifier_accuracy"] <= 1.0 and metrics["frechet_distance"] > 0
     assert (tmp_path / "samples.png").stat().st_size > 5000
+
+
+def test_tensorboard_logs_or_says_what_is_missing(tmp_path):
+    exp = experiment("train.steps=4", "train.log_every=2", "train.tensorboard=true")
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(GenlabError, match="needs the tensorboard package"):
+            Trainer(exp, tmp_path, progress=False)
+        return
+    tr = Trainer(exp, tmp_path, progress=False)
+    tr.fit()
+    tr.writer.flush()
+    assert any((tmp_path / "tensorboard").iterdir())
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_like_the_eager_one(tmp_path):
+    """train.compile: torch.compile gives the same first steps (to float tolerance)."""
+    runs = {}
+    for flag in ("false", "true"):
+        tr = Trainer(experiment("train.steps=3", f"train.compile={flag}", "train.grad_clip=null"), tmp_path / flag,
+                     progress=False)
+        runs[flag] = [tr.train_step() for _ in range(3)]
+    assert runs["true"] == pytest.approx(runs["false"], rel=1e-4)
