@@ -72,7 +72,7 @@ class Trainer:
         ckpt = latest_checkpoint(self.out)
         if ckpt is None:
             return False
-        self.acc.unwrap_model(self.model).load_state_dict(load_weights(ckpt / "model.safetensors"))
+        self.unwrapped().load_state_dict(load_weights(ckpt / "model.safetensors"))  # also under torch.compile
         self.ema.model.load_state_dict(load_weights(ckpt / "ema.safetensors"))
         self.opt.load_state_dict(load_optimizer(ckpt))
         state = load_state(ckpt)
