@@ -70,6 +70,18 @@ class Level:
         """Karras et al.'s sigma = sigma / alpha: the noise level of the scaled sample x / alpha."""
         return self.memo("sigma_edm", lambda lv: lv.sigma / lv.alpha)
 
+    @property
+    def sde(self) -> tuple[Tensor, Tensor]:
+        """(f, g^2) of the forward SDE dx = f x dt + g dW with these marginals: f = d log alpha / dt,
+        g^2 = d sigma^2 / dt - 2 f sigma^2 (Kingma et al. 2021, App. A.1; Song et al. 2021's VP,
+        sub-VP and VE SDEs, Eqs. 9, 11, 17)."""
+
+        def coefficients(lv: Level) -> tuple[Tensor, Tensor]:
+            f = lv.d_alpha / lv.alpha
+            return f, 2 * lv.sigma * (lv.d_sigma - f * lv.sigma)
+
+        return self.memo("sde", coefficients)
+
     def __getitem__(self, index: int | slice | Tensor) -> Level:
         return Level(self.t[index], self.alpha[index], self.sigma[index], self.d_alpha[index], self.d_sigma[index],
                      parent=(self, index))
@@ -144,14 +156,9 @@ class Process:
         return 1000 * t
 
     def sde(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        """Drift rate f(t) and squared diffusion g(t)^2 of dx = f x dt + g dW matching the marginals.
-
-        f = d log alpha / dt, g^2 = d sigma^2 / dt - 2 f sigma^2 (Kingma et al. 2021, App. A.1;
-        gives Song et al. 2021's VP, sub-VP and VE SDEs).
-        """
-        lv = self.level(t)
-        f = lv.d_alpha / lv.alpha
-        return f, 2 * lv.sigma * (lv.d_sigma - f * lv.sigma)
+        """Drift rate f(t) and squared diffusion g(t)^2 of dx = f x dt + g dW matching the marginals
+        (see :attr:`Level.sde`)."""
+        return self.level(t).sde
 
     def prior_std(self) -> float:
         """Std of x at t_max for unit-variance data: sqrt(alpha^2 + sigma^2)."""
