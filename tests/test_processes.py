@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from genlab.diffusion import EDM, VE, VP, DiscreteVP, RectifiedFlow, SubVP
+from genlab.diffusion import EDM, VE, VP, DiscreteVP, Process, RectifiedFlow, SubVP
 from genlab.diffusion.grids import DDPMGrid, Karras, UniformLogSNR, UniformTime
 
 diffusers = pytest.importorskip("diffusers")
@@ -92,3 +92,13 @@ def test_prior_matches_diffusers_init_noise():
     process = DiscreteVP(alphas_cumprod=sched.alphas_cumprod.double().tolist())
     alpha_max = process.level((sched.timesteps[0].double() + 1) / 1000).alpha.item()
     assert process.prior_std() == pytest.approx(float(sched.init_noise_sigma) * alpha_max, rel=1e-6)
+
+
+@pytest.mark.parametrize("process", [VP("linear"), VP("cosine"), SubVP("linear"), SubVP("cosine"),
+                                     VP("linear", beta_start=1e-3, beta_end=0.03)], ids=repr)
+def test_closed_form_t_of_log_snr_equals_bisection(process):
+    t = torch.linspace(0.001, 0.99, 300, dtype=torch.float64)  # the cosine schedule is floored above ~0.995
+    lam = process.log_snr(t)
+    closed, bisected = process.t_of_log_snr(lam), Process.t_of_log_snr(process, lam)
+    assert torch.allclose(closed, bisected, atol=1e-12)
+    assert torch.allclose(closed, t, atol=1e-12)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..core.registry import register, register_namespace
-from .schedules import discrete_alphas_cumprod, log_alpha_bar, rescale_zero_terminal_snr
+from .schedules import T_REF, discrete_alphas_cumprod, log_alpha_bar, rescale_zero_terminal_snr
 
 
 class Level:
@@ -208,6 +208,25 @@ class VP(Process):
     def sigma(self, t: Tensor) -> Tensor:
         return torch.sqrt(-torch.expm1(self._log_alpha_bar(t)))
 
+    def _log_alpha_bar_of_log_snr(self, lam: Tensor) -> Tensor:
+        """log alpha_bar at log-SNR lambda: alpha_bar = sigmoid(lambda) when sigma^2 = 1 - alpha_bar."""
+        return torch.nn.functional.logsigmoid(lam)
+
+    def t_of_log_snr(self, lam: Tensor) -> Tensor:
+        """Closed form for the linear schedule (the root of log alpha_bar(t) = -(b0 t + (b1 - b0) t^2 / 2))
+        and the cosine one (arccos); bisection for the others and under zero-terminal SNR."""
+        lam = torch.as_tensor(lam, dtype=torch.float64)
+        if self.zero_terminal_snr or self.schedule not in ("linear", "cosine"):
+            return super().t_of_log_snr(lam)
+        lab = self._log_alpha_bar_of_log_snr(lam)
+        if self.schedule == "linear":
+            b0, b1 = self.beta_start * T_REF, self.beta_end * T_REF
+            t = -2 * lab / (b0 + torch.sqrt(b0**2 - 2 * (b1 - b0) * lab))  # the stable form of the root
+        else:
+            s, top = self.cosine_s, math.cos(self.cosine_s / (1 + self.cosine_s) * math.pi / 2)
+            t = torch.arccos((torch.exp(0.5 * lab) * top).clamp(max=1)) * 2 * (1 + s) / math.pi - s
+        return t.clamp(0, self.t_max)
+
     def discrete(self, timesteps: int = 1000) -> DiscreteVP:
         """The T-step process with diffusers' ``alphas_cumprod`` for this schedule."""
         return DiscreteVP(self.schedule, timesteps, self.beta_start, self.beta_end, self.zero_terminal_snr)
@@ -219,6 +238,12 @@ class SubVP(VP):
 
     def sigma(self, t: Tensor) -> Tensor:
         return -torch.expm1(self._log_alpha_bar(t))
+
+    def _log_alpha_bar_of_log_snr(self, lam: Tensor) -> Tensor:
+        """alpha_bar / (1 - alpha_bar)^2 = e^lambda: the root below 1 of e^l a^2 - (2 e^l + 1) a + e^l,
+        a = 2 e^l / (2 e^l + 1 + sqrt(4 e^l + 1)) (the cancellation-free form)."""
+        e = torch.exp(lam)
+        return torch.log(2 * e) - torch.log(2 * e + 1 + torch.sqrt(4 * e + 1))
 
 
 @register("process", "ddpm")
