@@ -1,0 +1,149 @@
+"""UniPC: multistep predictor (UniP) and corrector (UniC) of order 1-3, data prediction (Zhao et al.
+2023, "UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of Diffusion Models", Sec. 3
+and Algorithms 1-3; B(h) variants "bh1" and "bh2").
+
+Both are exponential integrators of the data-prediction ODE in lambda = log(alpha / sigma). From x at
+t with model output m0 = x0(x_t, t), h = lambda_s - lambda_t and earlier (or, for UniC, later)
+outputs m_k at lambda_k, r_k = (lambda_k - lambda_t) / h, D_k = (m_k - m0) / r_k:
+
+    x_s = (sigma_s / sigma_t) x_t + alpha_s (1 - e^-h) m0 - alpha_s B(h) sum_k rho_k D_k
+
+with B(h) = -h ("bh1") or e^-h - 1 ("bh2"; the paper's h and e^h - 1 at -h, its data-prediction
+form), and rho solving the Vandermonde system
+sum_k rho_k r_k^(i-1) = i! (-h) phi_(i+1)(-h) / B(h), i = 1..K (phi_1(z) = (e^z - 1) / z,
+phi_(i+1)(z) = (phi_i(z) - 1/i!) / z). UniP-p uses the p - 1 earlier outputs as nodes; UniC-p
+re-does the previous step with its p - 1 earlier outputs plus the output at the new point (r = 1),
+which raises the order to p + 1 at no extra model evaluation. With one node (UniP-2, UniC-1),
+rho = 1/2, as in the authors' code and diffusers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from ...core.registry import register
+from ..grids import TimeGrid
+from ..predictions import combine, expm1
+from ..processes import Level
+from .base import DenoiserLike, Sampler, SamplerState
+
+Scalar = float | Tensor  # a Python float (grid shared by the batch) or a per-sample [B] tensor
+
+
+@dataclass
+class UniPCState(SamplerState):
+    """:class:`SamplerState` plus what UniC needs: the corrected sample the last predictor started
+    from and that predictor's order (``None`` before the first step or without the corrector)."""
+
+    last: tuple[Tensor, int] | None = None
+
+
+def solve(a: list[list[Scalar]], b: list[Scalar]) -> list[Scalar]:
+    """x with a x = b for a small K x K system, elementwise over floats or [B] tensors. Gaussian
+    elimination without pivoting: meant for Vandermonde matrices with distinct nodes, whose leading
+    minors are nonzero."""
+    n, a, b = len(b), [list(row) for row in a], list(b)
+    for k in range(n):
+        for i in range(k + 1, n):
+            f = a[i][k] / a[k][k]
+            a[i] = [a[i][j] - f * a[k][j] for j in range(n)]
+            b[i] = b[i] - f * b[k]
+    x: list[Scalar] = [0.0] * n
+    for i in reversed(range(n)):
+        x[i] = (b[i] - sum(a[i][j] * x[j] for j in range(i + 1, n))) / a[i][i]
+    return x
+
+
+def half_lambda(level: Level) -> Scalar:
+    """lambda = log(alpha / sigma); per-sample tensors in float64 (the phi recursion and the
+    Vandermonde solve lose digits as h shrinks; shared-grid floats are float64 already)."""
+    (log_snr,) = level.coef("log_snr")
+    return 0.5 * (log_snr.double() if isinstance(log_snr, Tensor) else log_snr)
+
+
+@register("sampler", "unipc")
+class UniPC(Sampler):
+    """UniPC-p: UniP-p predictor steps, each followed by UniC-p on the next step's model output.
+
+    Args:
+        steps, grid: as :class:`Sampler` (default grid: uniform in log-SNR).
+        order: p, the order of UniP; default 2, as diffusers' ``solver_order``. With the corrector the
+            method is of order p + 1. The first steps ramp up the order (multistep warm start).
+        variant: B(h) = -h ("bh1") or e^-h - 1 ("bh2", diffusers' default).
+        corrector: apply UniC (diffusers' ``disable_corrector`` lists steps where it is off).
+        lower_order_final: the order of step i is at most N - i (the last step is first order), as
+            in diffusers. A step into sigma = 0 (lambda = inf) is always first order: it returns x0
+            (diffusers' bh1 gives NaN there: alpha_s B(h) * 0 with B(h) = -inf).
+    """
+
+    default_grid = "log_snr"
+
+    def __init__(self, steps: int = 20, grid: TimeGrid | str | dict | None = None, order: Literal[1, 2, 3] = 2,
+                 variant: Literal["bh1", "bh2"] = "bh2", corrector: bool = True,
+                 lower_order_final: bool = True) -> None:
+        super().__init__(steps, grid)
+        if order not in (1, 2, 3):
+            raise ValueError(f"UniPC order must be 1, 2 or 3, got {order!r}")
+        if variant not in ("bh1", "bh2"):
+            raise ValueError(f"UniPC variant must be 'bh1' or 'bh2', got {variant!r}")
+        self.order, self.variant, self.corrector, self.lower_order_final = order, variant, corrector, lower_order_final
+
+    def init_state(self, steps: int) -> UniPCState:
+        return UniPCState(steps=steps)
+
+    def step_order(self, state: SamplerState, level_next: Level) -> int:
+        """p of this step: the warm start (history length), lower_order_final, 1 into sigma = 0."""
+        if bool((level_next.sigma == 0).any()):
+            return 1
+        order = min(self.order, len(state.history))
+        remaining = state.steps - state.step
+        return min(order, remaining) if self.lower_order_final and remaining > 0 else order
+
+    def rho(self, r: list[Scalar], h: Scalar, b_h: Scalar) -> list[Scalar]:
+        """Weights of D_k: solve sum_k rho_k r_k^(i-1) = i! hh phi_(i+1)(hh) / B(h), hh = -h, i = 1..K."""
+        if len(r) == 1:
+            return [0.5]
+        hh = -h
+        g, factorial, b = expm1(hh) / hh - 1, 1, []  # g = hh phi_2(hh)
+        for i in range(1, len(r) + 1):
+            b.append(g * factorial / b_h)
+            factorial *= i + 1
+            g = g / hh - 1 / factorial  # hh phi_(i+2)(hh)
+        return solve([[r_k ** i for r_k in r] for i in range(len(r))], b)
+
+    def update(self, x: Tensor, level: Level, m0: Tensor, level_next: Level,
+               nodes: list[tuple[Level, Tensor]]) -> Tensor:
+        """x at level_next from x at level (see the module docstring); ``nodes`` are the (level, x0)
+        pairs of the D_k terms: earlier ones for UniP, earlier ones and (level_next, x0) for UniC."""
+        lam_t = half_lambda(level)
+        h = half_lambda(level_next) - lam_t
+        (a_s, s_s), (s_t,) = level_next.coef("alpha", "sigma"), level.coef("sigma")
+        phi = expm1(-h)
+        weights = [-a_s * phi]  # on m0, then on each m_k
+        if nodes:
+            r = [(half_lambda(lv) - lam_t) / h for lv, _ in nodes]
+            b_h = -h if self.variant == "bh1" else phi
+            c = [-a_s * b_h * rho_k / r_k for rho_k, r_k in zip(self.rho(r, h, b_h), r)]
+            weights = [weights[0] - sum(c), *c]
+        weights = [w.to(x.dtype) if isinstance(w, Tensor) else w for w in weights]
+        return combine((s_s / s_t, x), *zip(weights, [m0, *(m for _, m in nodes)]))
+
+    def step(self, denoiser: DenoiserLike, x: Tensor, level: Level, level_next: Level, state: SamplerState,
+             generator: torch.Generator | None = None, cond: dict[str, Any] | None = None) -> Tensor:
+        """x: the previous step's output (the predictor's, uncorrected). Evaluates x0 there, corrects
+        x with UniC (using that evaluation), then returns the UniP prediction at level_next, itself
+        uncorrected (as diffusers' ``step()`` returns); so the final sample is the last predictor's."""
+        if not isinstance(state, UniPCState):
+            raise TypeError(f"UniPC needs a UniPCState (from UniPC.init_state), got {type(state).__name__}")
+        x0, _ = self.denoise(denoiser, x, level, state, cond)
+        if self.corrector and state.last is not None:
+            x_prev, p = state.last
+            x = self.update(x_prev, *state.history[-1], level, [*state.history[-p:-1], (level, x0)])
+        state.history = [*state.history, (level, x0)][-self.order:]
+        order = self.step_order(state, level_next)
+        state.last = (x, order) if self.corrector else None
+        return self.update(x, level, x0, level_next, state.history[-order:-1])
