@@ -2,9 +2,16 @@
 
 from .base import Sampler, SamplerState, StepInfo
 from .ddim import DDIM, DDPM, posterior_std
-from .dpm_solver import DPMSolverPP
-from .euler import Euler, Heun
+from .dpm_solver import DPMSolverPP, DPMSolverPPSDE, dpm_solver_pp_update
+from .dpm_solver_single import DPMSolverSingle
+from .euler import Euler, EulerAncestral, Heun, ancestral_sigmas
 from .flow_euler import FlowEuler
+from .restart import Restart, RestartInterval
+from .sde import EulerMaruyama, PredictorCorrector, ReverseDiffusion
+from .unipc import UniPC, UniPCState
 
-__all__ = ["Sampler", "SamplerState", "StepInfo", "DDIM", "DDPM", "posterior_std", "DPMSolverPP", "Euler",
-           "Heun", "FlowEuler"]
+__all__ = [
+    "Sampler", "SamplerState", "StepInfo", "DDIM", "DDPM", "posterior_std", "DPMSolverPP", "DPMSolverPPSDE",
+    "dpm_solver_pp_update", "DPMSolverSingle", "Euler", "EulerAncestral", "Heun", "ancestral_sigmas", "FlowEuler",
+    "Restart", "RestartInterval", "EulerMaruyama", "PredictorCorrector", "ReverseDiffusion", "UniPC", "UniPCState",
+]
