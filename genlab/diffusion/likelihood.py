@@ -1,0 +1,147 @@
+"""log p(x) of a diffusion or flow-matching model through the probability-flow ODE.
+
+The PF-ODE maps data at t_start to x_{t_end}; along it d log p_t(x_t) / dt = -div(dx/dt)
+(instantaneous change of variables: Chen et al. 2018, Thm. 1; Song et al. 2021, Eq. 39):
+
+    log p_start(x) = log p_end(x_end) + int div(drift) dt.
+
+It is solved in the variables of :mod:`genlab.diffusion.ode` (y = x / (alpha + sigma) in tau), so
+the x -> y rescaling adds D log(alpha + sigma) at each end. The divergence is ``"exact"`` (D
+backward passes per evaluation: small D) or ``"hutchinson"``: E_v[v^T J v] with ``n_probes``
+Rademacher or Gaussian probes v held fixed over the solve (Hutchinson 1990; Grathwohl et al. 2019,
+FFJORD, Sec. 3.1). Each probe gives an unbiased estimate of the whole integral along the same
+(probe-free) path, so their spread gives the estimate's standard error.
+
+The prior: by default the process's own N(0, prior_std^2 I), the distribution samplers start from,
+so ``log_prob`` is the exact density of the generative model "prior, then the PF-ODE" (and of the
+data exactly where alpha(t_end) = 0: rectified flow, zero-terminal-SNR VP). Where alpha(t_end) > 0
+(VP: 0.0066 at t = 1; VE, EDM: 1) the true marginal p_{t_end} = p_data * noise is not that
+Gaussian; a perfect denoiser's ``log_prob`` then differs from log p_data by log prior(x_end) -
+log p_end(x_end), whose leading term alpha x_end . E[x0] / sigma^2 is about alpha |E x0| / sigma
+nats per dimension (0.02 for VE's sigma = 50 and |E x0| = 1; 0.007 for VP); for centred data
+only O((alpha / sigma)^2) terms remain. Pass ``prior`` (a log-density of x_end) to use another,
+e.g. the exact marginal in tests.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+import torch
+from torch import Tensor
+
+from ..metrics.likelihood import Likelihood, normal_log_prob
+from .ode import Method, ProbabilityFlow, check_method, reaches_data, solve_unit
+from .predictions import broadcast
+from .samplers.base import DenoiserLike
+
+
+@dataclass
+class LogProbEstimate:
+    """``log_prob`` [B] in nats, its ``stderr`` [B] (0 for the exact divergence; NaN for one
+    probe), the number of denoiser calls ``nfe`` and the ODE's end point ``x_end`` [B, ...]."""
+
+    log_prob: Tensor
+    stderr: Tensor
+    nfe: int
+    x_end: Tensor
+
+
+class DiffusionLikelihood(Likelihood):
+    """log p(x) [B] of a Denoiser's probability-flow ODE (any process and prediction type).
+
+    Args:
+        denoiser: the model; ``denoiser.process`` gives the noise levels.
+        divergence: ``"exact"`` or ``"hutchinson"``.
+        probe: Hutchinson probes, ``"rademacher"`` (lower variance) or ``"gaussian"``.
+        n_probes: probes per sample; >= 2 for a standard error.
+        method, rtol, atol: the torchdiffeq solver (see :mod:`genlab.diffusion.ode`); ``steps``
+            equal steps in r for fixed-step methods.
+        t_start: where the data sits (default ``process.t_min``, as Song et al. 2021 use 1e-5;
+            0 integrates from the data itself where the process reaches it, not VE).
+        t_end: where the prior is evaluated (default ``process.t_max``).
+        prior: log-density of x_end [B, ...] -> [B]; default N(0, process.prior_std()^2 I).
+    """
+
+    def __init__(self, denoiser: DenoiserLike, divergence: Literal["exact", "hutchinson"] = "exact",
+                 probe: Literal["rademacher", "gaussian"] = "rademacher", n_probes: int = 1,
+                 method: Method = "dopri5", rtol: float = 1e-5, atol: float = 1e-5, steps: int = 100,
+                 t_start: float | None = None, t_end: float | None = None,
+                 prior: Callable[[Tensor], Tensor] | None = None) -> None:
+        process = denoiser.process
+        if divergence not in ("exact", "hutchinson"):
+            raise ValueError(f"unknown divergence {divergence!r}; expected 'exact' or 'hutchinson'")
+        if probe not in ("rademacher", "gaussian"):
+            raise ValueError(f"unknown probe {probe!r}; expected 'rademacher' or 'gaussian'")
+        if n_probes < 1 or steps < 1:
+            raise ValueError(f"n_probes and steps must be >= 1, got n_probes={n_probes}, steps={steps}")
+        check_method(method, rtol, atol)
+        self.t_start = process.t_min if t_start is None else t_start
+        self.t_end = process.t_max if t_end is None else t_end
+        if not 0 <= self.t_start < self.t_end <= process.t_max:
+            raise ValueError(f"need 0 <= t_start < t_end <= t_max = {process.t_max:g}, got t_start={self.t_start:g}, "
+                             f"t_end={self.t_end:g}")
+        if self.t_start == 0 and not reaches_data(process):
+            raise ValueError(f"{process}: sigma jumps to 0 at t = 0, so the ODE cannot start from the data; "
+                             f"use t_start > 0 (e.g. t_min = {process.t_min:g})")
+        self.denoiser, self.divergence, self.probe, self.n_probes = denoiser, divergence, probe, n_probes
+        self.method, self.rtol, self.atol, self.steps = method, rtol, atol, steps
+        self.prior = prior or (lambda x: normal_log_prob(x, process.prior_std()))
+
+    def log_prob(self, x: Tensor, generator: torch.Generator | None = None,
+                 cond: dict[str, Any] | None = None) -> Tensor:
+        """log p(x) [B] in nats for x [B, ...] at t_start (an estimate with Hutchinson)."""
+        return self.estimate(x, generator, cond).log_prob
+
+    @torch.no_grad()
+    def estimate(self, x: Tensor, generator: torch.Generator | None = None,
+                 cond: dict[str, Any] | None = None) -> LogProbEstimate:
+        """log p(x) with its standard error, the NFE and the end point (see :class:`LogProbEstimate`)."""
+        process = self.denoiser.process
+        start, end = (process.level(torch.tensor(t, dtype=torch.float64)).to(dtype=x.dtype, device=x.device)
+                      for t in (self.t_start, self.t_end))
+        flow = ProbabilityFlow(self.denoiser, start, end, cond)
+        probes = self.draw_probes(x, generator)
+        columns = 1 if probes is None else len(probes)
+
+        def augmented(tau: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+            with torch.enable_grad():
+                y = state[0].detach().requires_grad_(True)
+                v = flow(tau, y)
+                return v.detach(), self.divergence_of(v, y, probes)
+
+        y0 = x / broadcast(flow.scale(start), x)
+        zero = x.new_zeros(x.shape[0], columns)
+        y1, integral = solve_unit(augmented, (y0, zero), self.method, self.rtol, self.atol, steps=self.steps)
+        x_end = broadcast(flow.scale(end), y1) * y1
+        d = x[0].numel()
+        rescale = d * (torch.log(flow.scale(end)) - torch.log(flow.scale(start)))
+        per_probe = (self.prior(x_end) + rescale)[:, None] + integral  # [B, columns]
+        if probes is None:
+            stderr = torch.zeros_like(per_probe[:, 0])
+        else:
+            stderr = per_probe.std(1) / math.sqrt(columns) if columns > 1 else torch.full_like(per_probe[:, 0], math.nan)
+        return LogProbEstimate(per_probe.mean(1), stderr, flow.nfe, x_end)
+
+    def draw_probes(self, x: Tensor, generator: torch.Generator | None) -> Tensor | None:
+        """Hutchinson probes [n_probes, B, ...] (E v v^T = I), or None for the exact divergence."""
+        if self.divergence == "exact":
+            return None
+        shape = (self.n_probes, *x.shape)
+        if self.probe == "gaussian":
+            return torch.randn(shape, generator=generator, dtype=x.dtype, device=x.device)
+        return torch.randint(0, 2, shape, generator=generator, device=x.device).to(x.dtype) * 2 - 1
+
+    @staticmethod
+    def divergence_of(v: Tensor, y: Tensor, probes: Tensor | None) -> Tensor:
+        """div_y v per sample: [B, 1] exactly (the D basis vectors as probes: small D), or [B, n_probes]
+        Hutchinson estimates p^T (dv/dy) p. One vectorised backward pass (``is_grads_batched``)
+        for all probes. Assumes sample b's output depends on y_b only (no batch statistics)."""
+        if probes is None:
+            d = v[0].numel()
+            basis = torch.eye(d, dtype=v.dtype, device=v.device).reshape(d, 1, *v.shape[1:]).expand(d, *v.shape)
+            return DiffusionLikelihood.divergence_of(v, y, basis).sum(1, keepdim=True)
+        vjps = torch.autograd.grad(v, y, probes, is_grads_batched=True)[0]  # [n, B, ...]: p^T dv/dy
+        return (vjps * probes).flatten(2).sum(2).T

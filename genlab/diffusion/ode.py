@@ -1,0 +1,183 @@
+"""The probability-flow ODE of any Denoiser, integrated with torchdiffeq; the "ode" sampler.
+
+The PF-ODE (Song et al. 2021, Eq. 13) dx/dt = f x - g^2 / 2 score = f x + g^2 / (2 sigma) eps, with
+(f, g^2) of ``Level.sde``, equals dx/dt = alpha' x0 + sigma' eps for x = alpha x0 + sigma eps. We
+integrate it in the variables of the linear path that every process is a reparameterisation of
+(Kingma & Gao 2023, App. C; Esser et al. 2024, Sec. 2):
+
+    y = x / (alpha + sigma),   r = sigma / (alpha + sigma) in [0, 1],   dy/dr = eps - x0,
+
+so y = (1 - r) x0 + r eps (rectified flow's x_t, with r its time). Unlike x in t (or Karras' x / alpha
+in sigma / alpha, or anything in log sigma), the drift stays finite at both ends: at the data
+(r = 0, where VP's sigma' = inf) and at alpha = 0 (r = 1: rectified flow's t = 1, zero-terminal-SNR
+VP) for every prediction type that has an x0 there (v, velocity, x0). An Euler step in r is DDIM.
+
+One solve covers one segment between two levels in normalised time tau in [0, 1] with
+r(tau) = r_a + tau (r_b - r_a) (per sample when levels are [B]), so solver steps never leave the
+segment; the level at an intermediate r comes from ``process.t_of_sigma_edm(r / (1 - r))``.
+
+Solver: torchdiffeq (Chen et al. 2018) for adaptive (dopri5, ...) and fixed-step (euler, midpoint,
+rk4, ...) Runge-Kutta methods: batched tensors on any device and dtype, tuple states for the
+likelihood's augmented ODE, maintained. scipy's solve_ivp would need a numpy round trip per
+evaluation and a flat float64 state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+import torch
+from torch import Tensor
+from torchdiffeq import odeint
+
+from ..core.registry import register
+from .grids import TimeGrid
+from .predictions import broadcast
+from .processes import Level, Process
+from .samplers.base import DenoiserLike, Sampler, SamplerState
+
+Method = Literal["dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun", "euler", "midpoint", "heun2", "heun3",
+                 "rk4"]
+FIXED_STEP_NFE = {"euler": 1, "midpoint": 2, "heun2": 2, "heun3": 3, "rk4": 4}  # model calls per step
+
+
+def check_method(method: str, rtol: float, atol: float) -> None:
+    """Raise a clear error for an unknown solver or a non-positive tolerance."""
+    if method not in get_args(Method):
+        raise ValueError(f"unknown ODE method {method!r}; expected one of {', '.join(get_args(Method))}")
+    if not (rtol > 0 and atol > 0):
+        raise ValueError(f"rtol and atol must be positive, got rtol={rtol}, atol={atol}")
+
+
+def path_time(level: Level) -> Tensor:
+    """r = sigma / (alpha + sigma) [] or [B], float64: the time of the level on the linear path."""
+    alpha, sigma = level.alpha.double(), level.sigma.double()
+    return sigma / (alpha + sigma)
+
+
+def reaches_data(process: Process) -> bool:
+    """Whether sigma / alpha -> 0 as t -> 0+, so the ODE runs into the data. False for VE, whose
+    sigma jumps from sigma_min to 0 at t = 0: no model query exists in between."""
+    tiny = torch.tensor(1e-12 * process.t_max, dtype=torch.float64)
+    return float(process.level(tiny).sigma_edm) < 1e-6
+
+
+class ProbabilityFlow:
+    """dy/dtau = (r_b - r_a) (eps - x0) on the segment from level ``start`` to level ``end``.
+
+    Args:
+        denoiser: answers (x0, eps) at (x, level); ``denoiser.process`` maps r back to t.
+        start, end: the segment's levels ([] or [B] fields); tau = 0 and 1 use them exactly.
+        cond: keyword arguments for the denoiser.
+    Attributes: ``nfe`` (denoiser calls so far) and ``x0`` (the latest x0 estimate).
+    """
+
+    def __init__(self, denoiser: DenoiserLike, start: Level, end: Level, cond: dict[str, Any] | None = None) -> None:
+        self.denoiser, self.start, self.end, self.cond = denoiser, start, end, cond or {}
+        self.r0 = path_time(start)
+        self.dr = path_time(end) - self.r0
+        self.nfe, self.x0 = 0, None
+
+    @staticmethod
+    def scale(level: Level) -> Tensor:
+        """alpha + sigma: x = scale * y."""
+        return level.alpha + level.sigma
+
+    def level(self, tau: Tensor) -> Level:
+        """The level at tau in [0, 1] (clamped: torchdiffeq's first-step guess may look beyond)."""
+        tau = float(tau)
+        if tau <= 0 or tau >= 1:
+            return self.start if tau <= 0 else self.end
+        r = self.r0 + tau * self.dr
+        process = self.denoiser.process
+        t = process.t_of_sigma_edm(r / (1 - r)).clamp(0, process.t_max)
+        return process.level(t).to(dtype=self.start.alpha.dtype, device=self.start.alpha.device)
+
+    def __call__(self, tau: Tensor, y: Tensor) -> Tensor:
+        """dy/dtau at (tau, y): y [B, ...] -> [B, ...]."""
+        level = self.level(tau)
+        x0, eps = self.denoiser(broadcast(self.scale(level), y) * y, level, **self.cond)
+        self.nfe, self.x0 = self.nfe + 1, x0
+        return broadcast(self.dr.to(y.dtype), y) * (eps - x0)
+
+
+def solve_unit(func: Any, y0: Tensor | tuple[Tensor, ...], method: Method, rtol: float, atol: float,
+               steps: int = 1) -> Tensor | tuple[Tensor, ...]:
+    """y at tau = 1 of dy/dtau = func(tau, y), y(0) = y0, with torchdiffeq's ``method``: fixed-step
+    methods take ``steps`` equal steps; adaptive ones are made to land on tau = 1 (``step_t``)
+    instead of stepping past it and interpolating back."""
+    if method in FIXED_STEP_NFE:
+        t, options = torch.linspace(0, 1, steps + 1, dtype=torch.float64), None
+    else:
+        t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+        options = {"step_t": t[1:]}
+    first = y0 if torch.is_tensor(y0) else y0[0]
+    out = odeint(func, y0, t.to(first.device), rtol=rtol, atol=atol, method=method, options=options)
+    return out[-1] if torch.is_tensor(out) else tuple(o[-1] for o in out)
+
+
+@dataclass
+class ODESolution:
+    """The end point x [B, ...] of :meth:`ODESampler.solve` and the number of denoiser calls."""
+
+    x: Tensor
+    nfe: int
+
+
+class CountingDenoiser:
+    """A denoiser wrapper that counts calls (batched model evaluations)."""
+
+    def __init__(self, denoiser: DenoiserLike) -> None:
+        self.denoiser, self.process, self.calls = denoiser, denoiser.process, 0
+
+    def __call__(self, x: Tensor, t: Tensor | Level, **cond: Any) -> tuple[Tensor, Tensor]:
+        self.calls += 1
+        return self.denoiser(x, t, **cond)
+
+
+@register("sampler", "ode")
+class ODESampler(Sampler):
+    """The probability-flow ODE (Song et al. 2021, Eq. 13) solved with torchdiffeq between grid times.
+
+    Adaptive methods (dopri5: Dormand & Prince 1980, the default) use one step of the grid by
+    default, [t_max, 0], and choose their own steps to ``rtol`` / ``atol``; more grid steps give
+    intermediate results for callbacks. Fixed-step methods (euler = DDIM, midpoint, heun2,
+    heun3, rk4) take one step of the method per grid step (``steps`` default 20).
+
+    A step into t = 0 on a process that jumps there (VE) solves to t -> 0+ (sigma = sigma_min)
+    and returns the denoiser's x0, as DDIM does. ``solve`` reports the number of model calls.
+    """
+
+    def __init__(self, steps: int | None = None, grid: TimeGrid | str | dict | None = None,
+                 method: Method = "dopri5", rtol: float = 1e-5, atol: float = 1e-5) -> None:
+        check_method(method, rtol, atol)
+        fixed = method in FIXED_STEP_NFE
+        super().__init__(steps if steps is not None else (20 if fixed else 1), grid)
+        self.method, self.rtol, self.atol = method, rtol, atol
+        self.nfe_per_step = FIXED_STEP_NFE.get(method, 0)  # 0: adaptive, see solve()
+
+    def step(self, denoiser: DenoiserLike, x: Tensor, level: Level, level_next: Level, state: SamplerState,
+             generator: torch.Generator | None = None, cond: dict[str, Any] | None = None) -> Tensor:
+        at_data = level_next.sigma == 0
+        jump = bool(at_data.any()) and not reaches_data(denoiser.process)
+        end = level_next
+        if jump:  # VE: solve to t -> 0+, where sigma = sigma_min, then denoise
+            tiny = torch.full_like(level_next.t, 1e-12 * denoiser.process.t_max, dtype=torch.float64)
+            end = denoiser.process.level(torch.where(at_data, tiny, level_next.t.double())).to(dtype=x.dtype)
+        flow = ProbabilityFlow(denoiser, level, end, cond)
+        y = solve_unit(flow, x / broadcast(flow.scale(level), x), self.method, self.rtol, self.atol)
+        x = broadcast(flow.scale(end), y) * y
+        state.denoised = flow.x0
+        if jump:
+            x0 = denoiser(x, end, **(cond or {}))[0]
+            x = torch.where(broadcast(at_data, x), x0, x)
+        return x
+
+    def solve(self, denoiser: DenoiserLike, x: Tensor | None = None, **kwargs: Any) -> ODESolution:
+        """:meth:`sample` (same arguments) that also reports the number of denoiser calls."""
+        counting = CountingDenoiser(denoiser)
+        return ODESolution(self.sample(counting, x, **kwargs), counting.calls)
+
+    def __repr__(self) -> str:
+        return f"ODESampler(method={self.method}, steps={self.steps}, rtol={self.rtol:g}, atol={self.atol:g})"
