@@ -1,18 +1,27 @@
-"""The continuous-time diffusion core: processes, predictions, grids, Denoiser, objectives, samplers.
+"""The continuous-time diffusion core: processes, predictions, grids, Denoiser, objectives, samplers,
+the probability-flow ODE and likelihood, inversion and editing.
 
 It does not import ``genlab.models``: samplers work on any callable.
 """
 
 from .denoiser import Denoiser
+from .editing import edit_times, invert, sdedit
 from .grids import DDPMGrid, ExplicitGrid, Karras, TimeGrid, UniformLogSNR, UniformTime
+from .likelihood import DiffusionLikelihood, LogProbEstimate
 from .objectives import DenoisingObjective, FlowMatchingObjective
+from .ode import ODESampler, ODESolution, ProbabilityFlow
 from .predictions import PREDICTIONS, convert, from_x0_eps, to_x0_eps
 from .processes import EDM, VE, VP, DiscreteVP, Level, Process, RectifiedFlow, SubVP
-from .samplers import DDIM, DDPM, DPMSolverPP, Euler, FlowEuler, Heun, Sampler, SamplerState, StepInfo
+from .samplers import (DDIM, DDPM, DPMSolverPP, DPMSolverPPSDE, DPMSolverSingle, Euler, EulerAncestral, EulerMaruyama,
+                       FlowEuler, Heun, PredictorCorrector, Restart, ReverseDiffusion, Sampler, SamplerState, StepInfo,
+                       UniPC)
 
 __all__ = [
-    "Denoiser", "DDPMGrid", "ExplicitGrid", "Karras", "TimeGrid", "UniformLogSNR", "UniformTime",
-    "DenoisingObjective", "FlowMatchingObjective", "PREDICTIONS", "convert", "from_x0_eps", "to_x0_eps",
+    "Denoiser", "edit_times", "invert", "sdedit", "DDPMGrid", "ExplicitGrid", "Karras", "TimeGrid", "UniformLogSNR",
+    "UniformTime", "DiffusionLikelihood", "LogProbEstimate", "DenoisingObjective", "FlowMatchingObjective",
+    "ODESampler", "ODESolution", "ProbabilityFlow", "PREDICTIONS", "convert", "from_x0_eps", "to_x0_eps",
     "EDM", "VE", "VP", "DiscreteVP", "Level", "Process", "RectifiedFlow", "SubVP",
-    "DDIM", "DDPM", "DPMSolverPP", "Euler", "FlowEuler", "Heun", "Sampler", "SamplerState", "StepInfo",
+    "DDIM", "DDPM", "DPMSolverPP", "DPMSolverPPSDE", "DPMSolverSingle", "Euler", "EulerAncestral", "EulerMaruyama",
+    "FlowEuler", "Heun", "PredictorCorrector", "Restart", "ReverseDiffusion", "Sampler", "SamplerState", "StepInfo",
+    "UniPC",
 ]
