@@ -9,7 +9,7 @@ from torch import Tensor
 
 from genlab.diffusion.denoiser import Denoiser
 from genlab.diffusion.predictions import PredictionType, from_x0_eps
-from genlab.diffusion.processes import Process
+from genlab.diffusion.processes import Level, Process
 from genlab.testing.gaussian_mixture import GaussianMixture
 
 
@@ -17,10 +17,20 @@ def exact_denoiser(mixture: GaussianMixture, process: Process, prediction: Predi
     """A :class:`Denoiser` whose model is a plain function returning the mixture's exact
     ``prediction`` at (x, t); the model is given the process time t itself."""
 
+    levels: dict[float, Level] = {}  # a shared time's level (alpha, sigma and their derivatives), computed once
+
     def model(x: Tensor, t: Tensor) -> Tensor:
         if t.ndim and bool((t == t[0]).all()):
             t = t[0]  # one shared noise level: one factorisation per component, not one per sample
-        level = process.level(t.double()).to(dtype=x.dtype)
+        if t.ndim or t.requires_grad:
+            level = process.level(t.double())
+        else:
+            if float(t) not in levels:
+                if len(levels) > 4096:
+                    levels.clear()
+                levels[float(t)] = process.level(t.double())
+            level = levels[float(t)]
+        level = level.to(dtype=x.dtype)
         x0, eps = mixture.x0_eps(x, level.alpha, level.sigma)
         return from_x0_eps(prediction, x0, eps, level)
 
