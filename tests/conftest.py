@@ -6,10 +6,11 @@ import pytest
 import torch
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="session")
 def one_thread():
-    """Run each test on one torch thread: the small models and mixtures here run fastest that way,
-    and are not slowed by other processes' load on a 2-core machine."""
+    """Run the tests on one torch thread: the small models and mixtures here run fastest that way,
+    and are not slowed by other processes' load on a 2-core machine. Session-scoped, so module-scoped
+    fixtures (set up before function-scoped ones) run on one thread too."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

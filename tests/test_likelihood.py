@@ -4,7 +4,6 @@ bits/dim and the uniform-dequantisation convention."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
@@ -23,17 +22,6 @@ F64 = torch.float64
 MIX2 = GaussianMixture.ring(k=6, radius=2.0, std=0.5)
 MIX12 = GaussianMixture.random(12, 3, generator=torch.Generator().manual_seed(0), scale=0.5)
 BOUND = 0.01  # nats per dimension (the issue's bound); the tests assert it with a 5x margin
-
-
-@contextlib.contextmanager
-def one_thread():
-    """conftest's one-thread setting for module-scoped fixtures (set up before it applies)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def held_out(mixture: GaussianMixture, n: int, seed: int = 123) -> torch.Tensor:
@@ -61,10 +49,9 @@ def test_exact_divergence_matches_analytic_log_density_2d(process, prediction):
 @pytest.fixture(scope="module")
 def exact12():
     """D = 12, rectified flow with velocity prediction: the exact-divergence likelihood and the truth."""
-    with one_thread():
-        like, analytic = exact_setup(MIX12, RectifiedFlow(), "velocity")
-        x = held_out(MIX12, 16)
-        return like, x, like.estimate(x), analytic(x)
+    like, analytic = exact_setup(MIX12, RectifiedFlow(), "velocity")
+    x = held_out(MIX12, 16)
+    return like, x, like.estimate(x), analytic(x)
 
 
 def test_exact_divergence_matches_analytic_log_density_12d(exact12):
@@ -155,8 +142,7 @@ def order_problem():
     process = VP()
     x = process.prior((64, 4), generator=torch.Generator().manual_seed(0), dtype=F64)
     grid = UniformLogSNR(t_min=0.2, final="min")
-    with one_thread():
-        return exact_denoiser(ORDER_MIX, process), x, grid, exact_ode_solution(ORDER_MIX, process, x, 1.0, 0.2)
+    return exact_denoiser(ORDER_MIX, process), x, grid, exact_ode_solution(ORDER_MIX, process, x, 1.0, 0.2)
 
 
 @pytest.mark.parametrize("method, order", [("euler", 1), ("midpoint", 2), ("heun2", 2), ("heun3", 3), ("rk4", 4)])
