@@ -163,3 +163,19 @@ def test_compiled_model_trains_like_the_eager_one(tmp_path):
                      progress=False)
         runs[flag] = [tr.train_step() for _ in range(3)]
     assert runs["true"] == pytest.approx(runs["false"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_resume_under_compile_continues_the_run(tmp_path):
+    """train.compile with --resume: the checkpoint loads into the uncompiled module and the resumed run
+    ends with the weights of an uninterrupted compiled run (to float tolerance)."""
+    args = ("train.steps=4", "train.compile=true", "train.checkpoint_every=2", "train.sample_every=0")
+    whole = Trainer(experiment(*args), tmp_path / "whole", progress=False)
+    whole.fit()
+    half = Trainer(experiment(*args[1:], "train.steps=2"), tmp_path / "split", progress=False)
+    half.fit()
+    resumed = Trainer(experiment(*args), tmp_path / "split", progress=False)
+    assert resumed.resume() and resumed.step == 2
+    resumed.fit()
+    for (name, a), b in zip(whole.unwrapped().state_dict().items(), resumed.unwrapped().state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-5), name

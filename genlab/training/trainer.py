@@ -46,6 +46,7 @@ class Trainer:
 
     def __init__(self, exp: Experiment, out_dir: str | Path, progress: bool = True) -> None:
         self.exp, self.out, self.progress = exp, Path(out_dir), progress
+        self.out.mkdir(parents=True, exist_ok=True)
         tc = exp.train
         # accelerate keeps one precision per process: let a later Trainer in the same process (a
         # notebook, a test) choose its own; the distributed state is kept
