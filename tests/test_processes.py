@@ -102,3 +102,13 @@ def test_closed_form_t_of_log_snr_equals_bisection(process):
     closed, bisected = process.t_of_log_snr(lam), Process.t_of_log_snr(process, lam)
     assert torch.allclose(closed, bisected, atol=1e-12)
     assert torch.allclose(closed, t, atol=1e-12)
+
+
+def test_log_snr_grid_ends_in_karras_sigma():
+    process = DiscreteVP()
+    times = UniformLogSNR(sigma_min=0.03, sigma_max=40.0)(process, 5)
+    sigmas = process.level(times).sigma_edm
+    assert torch.allclose(sigmas[[0, -2]], torch.tensor([40.0, 0.03], dtype=torch.float64), rtol=1e-9)
+    assert sigmas[-1] == 0 and torch.allclose(process.level(times[:-1]).log_snr.diff().diff(),
+                                              torch.zeros(3, dtype=torch.float64), atol=1e-9)
+    assert UniformLogSNR(sigma_max=1e5)(EDM(), 3)[0] == EDM().t_max  # beyond the range: t_max

@@ -60,9 +60,25 @@ class UniformTime(SpacedGrid):
 
 @register("grid", "log_snr")
 class UniformLogSNR(SpacedGrid):
-    """Uniform in lambda = log-SNR (Lu et al. 2022, DPM-Solver, Sec. 3.3 "logSNR" steps)."""
+    """Uniform in lambda = log-SNR (Lu et al. 2022, DPM-Solver, Sec. 3.3 "logSNR" steps).
+
+    ``sigma_min`` / ``sigma_max`` set the ends in Karras' sigma = sigma / alpha instead of t (the
+    one of t_min / sigma_min that is noisier wins; sigma_max above the process's range is t_max).
+    Starting below the process's sigma_max treats the start noise as drawn there: for
+    variance-preserving processes, whose x_T hardly changes at high noise, this is what diffusers'
+    "leading" spacing does, and it saves the steps a uniform log-SNR grid spends at sigma ~ 100.
+    """
+
+    def __init__(self, t_min: float | None = None, t_max: float | None = None, final: Final = "zero",
+                 sigma_min: float | None = None, sigma_max: float | None = None) -> None:
+        super().__init__(t_min, t_max, final)
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
 
     def spacing(self, process: Process, t_max: float, t_min: float, n: int) -> Tensor:
+        if self.sigma_max is not None:
+            t_max = min(t_max, float(process.t_of_sigma_edm(torch.tensor(self.sigma_max, dtype=torch.float64))))
+        if self.sigma_min is not None:
+            t_min = max(t_min, float(process.t_of_sigma_edm(torch.tensor(self.sigma_min, dtype=torch.float64))))
         ends = process.log_snr(torch.tensor([t_max, t_min], dtype=torch.float64))
         if not torch.isfinite(ends).all():
             raise ConfigError(f"grid log_snr: log-SNR is infinite at t in [{t_min}, {t_max}] of {process}; "
