@@ -1,4 +1,4 @@
-"""``genlab train | sample | list``: the command line. Bad input prints one or two lines, exit 2."""
+"""``genlab train | sample | learn-grid | list``: the command line. Bad input prints one or two lines, exit 2."""
 
 from __future__ import annotations
 
@@ -53,6 +53,16 @@ def report(out: Path, m: dict) -> None:
               f"(training images vs the same held-out digits: {m['frechet_distance_data_vs_data']:.3f})")
 
 
+def use_stored_grids(config: dict, ckpt: Path) -> None:
+    """``sampler.grid=learned`` (without a path) means the grids stored in this checkpoint."""
+    sampler = config.get("sampler")
+    grid = sampler.get("grid") if isinstance(sampler, dict) else None
+    if grid == "learned":
+        sampler["grid"] = {"type": "learned", "path": str(ckpt)}
+    elif isinstance(grid, dict) and grid.get("type") == "learned" and not grid.get("times"):
+        grid.setdefault("path", str(ckpt))
+
+
 def cmd_sample(args: argparse.Namespace) -> None:
     from .core.checkpoint import load_weights, resolve_checkpoint
     from .core.config import ConfigDict, apply_overrides, load_config
@@ -61,6 +71,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     ckpt = resolve_checkpoint(args.path)
     config = load_config(ckpt / "config.yaml")
     apply_overrides(config, args.overrides)
+    use_stored_grids(config, ckpt)
     config = ConfigDict(config, source=f"{ckpt / 'config.yaml'}")
     if args.n:
         config.setdefault("train", {})["eval_samples"] = args.n
@@ -73,6 +84,45 @@ def cmd_sample(args: argparse.Namespace) -> None:
     sampler = config.get("sampler", {})
     kind = sampler if isinstance(sampler, str) else sampler.get("type", "sampler")
     report(out, trainer.evaluate(seed=args.seed, name=f"samples-{kind}-{exp.sampler.steps}steps-seed{args.seed}"))
+
+
+def cmd_learn_grid(args: argparse.Namespace) -> None:
+    """Learn time grids for a trained model and its sampler; store them in the checkpoint's grids.json."""
+    import torch
+
+    from .core.checkpoint import load_weights, resolve_checkpoint
+    from .core.config import ConfigDict, apply_overrides, load_config
+    from .diffusion.learned_grid import learn_grid, reference_solve, rms_error, save_grid
+    from .training import Experiment
+    from .training.evaluation import requested_labels
+
+    ckpt = resolve_checkpoint(args.path)
+    config = load_config(ckpt / "config.yaml")
+    apply_overrides(config, args.overrides)
+    exp = Experiment.from_config(ConfigDict(config, source=f"{ckpt / 'config.yaml'}"))
+    exp.model.load_state_dict(load_weights(ckpt / "ema.safetensors"))
+    exp.model.eval()
+    denoiser, sampler = exp.denoiser(), exp.sampler
+    g = torch.Generator().manual_seed(args.seed)
+    sets = []
+    for n in (max(args.pool, args.samples), args.heldout):  # the training pool, then held-out noise
+        labels = requested_labels(exp, -(-n // exp.num_classes))[:n] if exp.num_classes else None
+        cond = None if labels is None else {"class_labels": labels}
+        x = exp.process.prior((n, *exp.data_shape), generator=g)
+        sets.append((x, cond, *reference_solve(denoiser, x, args.reference_steps, cond)))
+    (x, cond, ref, ref_rms), (x_test, cond_test, ref_test, _) = sets
+    print(f"reference: DPM-Solver++ 3M, {args.reference_steps} steps, estimated RMS error {ref_rms:.2e}")
+    for nfe in args.nfe or [sampler.steps * sampler.nfe_per_step]:
+        fit = learn_grid(denoiser, sampler, nfe, x=x, reference=ref, samples=args.samples,
+                         evaluations=args.evaluations, cond=cond)
+        fit.reference_rms = ref_rms
+        file = save_grid(ckpt, fit.entry(sampler, denoiser, nfe, len(x)))
+        start, learned = (rms_error(sampler, denoiser, t, x_test, ref_test, cond_test) for t in (fit.start, fit.times))
+        print(f"NFE {nfe} ({len(fit.times) - 1} steps of {sampler!r}): RMS to the reference on held-out noise "
+              f"{start:.3e} -> {learned:.3e} ({start / learned:.1f}x); training pool {fit.rms_start:.3e} -> "
+              f"{fit.rms_learned:.3e}")
+    print(f"saved in {file}; use: genlab sample {args.path} sampler.grid.type=learned sampler.grid.path={ckpt} "
+          f"sampler.steps=N [the same sampler overrides]")
 
 
 def cmd_list(args: argparse.Namespace) -> None:
@@ -102,6 +152,17 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=1234)
     s.add_argument("--out", help="directory for the PNG (default: the run directory, which keeps the training samples.png)")
     s.set_defaults(func=cmd_sample)
+    lg = sub.add_parser("learn-grid", help="learn sampler time grids for a trained run (stored in its checkpoint)")
+    lg.add_argument("path", help="run directory or checkpoint directory")
+    lg.add_argument("overrides", nargs="*", help="sampler to learn for, e.g. sampler.type=dpm_solver_pp sampler.order=3")
+    lg.add_argument("--nfe", type=int, nargs="+", help="model evaluations per sample (default: the sampler's)")
+    lg.add_argument("--samples", type=int, default=256, help="noise draws per training batch")
+    lg.add_argument("--pool", type=int, default=1024, help="noise draws solved by the reference; batches come from it")
+    lg.add_argument("--heldout", type=int, default=512, help="further noise draws, only to report the error")
+    lg.add_argument("--evaluations", type=int, default=300, help="forward-backward passes of the sampler (L-BFGS)")
+    lg.add_argument("--reference-steps", type=int, default=800, help="steps of the DPM-Solver++ 3M reference")
+    lg.add_argument("--seed", type=int, default=0)
+    lg.set_defaults(func=cmd_learn_grid)
     ls = sub.add_parser("list", help="list registered components")
     ls.add_argument("namespace", nargs="?")
     ls.set_defaults(func=cmd_list)

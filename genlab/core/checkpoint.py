@@ -2,6 +2,7 @@
 
 Layout: ``model.safetensors``, ``ema.safetensors``, ``optimizer.pt`` (loaded with
 ``weights_only=True``), the resolved ``config.yaml`` and ``state.json`` (step, seed, RNG states).
+Grids learned for the model later (``genlab learn-grid``) are kept beside them in ``grids.json``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .config import save_config
 from .errors import GenlabError
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
+GRIDS_FILE = "grids.json"
 
 
 def _contiguous(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -51,6 +53,20 @@ def save_checkpoint(directory: str | os.PathLike, *, model: Mapping[str, torch.T
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
+    """Write ``data`` as JSON to ``path`` through a temporary file in the same directory and a rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -7,6 +7,7 @@ It does not import ``genlab.models``: samplers work on any callable.
 from .denoiser import Denoiser
 from .editing import edit_times, invert, sdedit
 from .grids import DDPMGrid, ExplicitGrid, Karras, TimeGrid, UniformLogSNR, UniformTime
+from .learned_grid import LearnedGrid, learn_grid
 from .likelihood import DiffusionLikelihood, LogProbEstimate
 from .objectives import DenoisingObjective, FlowMatchingObjective
 from .ode import ODESampler, ODESolution, ProbabilityFlow
@@ -23,5 +24,5 @@ __all__ = [
     "EDM", "VE", "VP", "DiscreteVP", "Level", "Process", "RectifiedFlow", "SubVP",
     "DDIM", "DDPM", "DPMSolverPP", "DPMSolverPPSDE", "DPMSolverSingle", "Euler", "EulerAncestral", "EulerMaruyama",
     "FlowEuler", "Heun", "PredictorCorrector", "Restart", "ReverseDiffusion", "Sampler", "SamplerState", "StepInfo",
-    "UniPC",
+    "UniPC", "LearnedGrid", "learn_grid",
 ]

@@ -66,8 +66,10 @@ class Sampler:
         self.grid: TimeGrid = build("grid", grid if grid is not None else self.default_grid, path="sampler.grid")
 
     def timesteps(self, process: Process, steps: int | None = None) -> Tensor:
-        """The time grid [steps + 1] (float64) this sampler uses on ``process``."""
-        return self.grid(process, steps or self.steps)
+        """The time grid [steps + 1] (float64) this sampler uses on ``process``. A grid with a
+        ``for_sampler(sampler)`` method (a learned grid, stored per sampler) is asked through it."""
+        select = getattr(self.grid, "for_sampler", None)
+        return (self.grid if select is None else select(self))(process, steps or self.steps)
 
     def step(self, denoiser: DenoiserLike, x: Tensor, level: Level, level_next: Level, state: SamplerState,
              generator: torch.Generator | None = None, cond: dict[str, Any] | None = None) -> Tensor:
@@ -103,9 +105,20 @@ class Sampler:
                progress: bool = True, callback: Callable[[StepInfo], None] | None = None,
                cond: dict[str, Any] | None = None) -> Tensor:
         """Integrate from x at the first time of the grid (default: a prior draw of ``shape``) to
-        the last one and return x there [B, ...].
+        the last one and return x there [B, ...]. :meth:`integrate` without autograd.
 
         ``times`` overrides the grid: [N + 1] shared by the batch, or [N + 1, B] per sample.
+        """
+        return self.integrate(denoiser, x, shape=shape, steps=steps, times=times, generator=generator,
+                              progress=progress, callback=callback, cond=cond)
+
+    def integrate(self, denoiser: DenoiserLike, x: Tensor | None = None, *, shape: tuple[int, ...] | None = None,
+                  steps: int | None = None, times: Tensor | None = None, generator: torch.Generator | None = None,
+                  progress: bool = False, callback: Callable[[StepInfo], None] | None = None,
+                  cond: dict[str, Any] | None = None) -> Tensor:
+        """The sampling loop of :meth:`sample`, differentiable: gradients reach ``x``, the model and
+        ``times``. A shared grid [N + 1] that requires grad runs as per-sample times [N + 1, B]
+        (the shared-grid fast path turns levels into Python floats, which would cut the graph).
         """
         process = denoiser.process
         if x is None:
@@ -115,6 +128,8 @@ class Sampler:
         times = self.timesteps(process, steps) if times is None else torch.as_tensor(times, dtype=torch.float64)
         if times.ndim == 2 and times.shape[1] != x.shape[0]:
             raise ValueError(f"per-sample times must be [N + 1, B] with B = {x.shape[0]}, got {list(times.shape)}")
+        if times.ndim == 1 and times.requires_grad:
+            times = times[:, None].expand(-1, x.shape[0])
         levels = process.level(times.to(x.device)).to(dtype=x.dtype).steps()
         state = self.init_state(len(times) - 1)
         state.track_denoised = callback is not None
