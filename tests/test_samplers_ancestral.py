@@ -73,14 +73,21 @@ def test_euler_ancestral_limits_are_euler_and_ddpm(process):
     assert (ancestral - run(Euler(12))).abs().max() > 0.1
 
 
-def test_euler_ancestral_per_sample_times():
+def per_sample_setup(sigma_maxes: tuple[float, ...]):
+    """Three start points on VP, one Karras grid (8 steps) per sample, and a runner with a fixed seed."""
     process = VP()
     den = exact_denoiser(MIX, process)
     x = process.prior((3, 2), generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-    grids = [Karras(sigma_max=s)(process, 8) for s in (100.0, 10.0, 2.0)]
-    times = torch.stack(grids, dim=1)
-    run = lambda s, t, x: s.sample(den, x.clone(), times=t, progress=False,  # noqa: E731
-                                   generator=torch.Generator().manual_seed(8))
+    grids = [Karras(sigma_max=s)(process, 8) for s in sigma_maxes]
+
+    def run(sampler, times, x):
+        return sampler.sample(den, x.clone(), times=times, progress=False, generator=torch.Generator().manual_seed(8))
+
+    return x, grids, torch.stack(grids, dim=1), run
+
+
+def test_euler_ancestral_per_sample_times():
+    x, grids, times, run = per_sample_setup((100.0, 10.0, 2.0))
     # eta = 0: each column is its own run
     joint = run(EulerAncestral(eta=0.0), times, x)
     for i in range(3):
@@ -249,13 +256,7 @@ def test_restart_maps_through_alpha():
 def test_restart_per_sample_times():
     """Per-sample grids snap sigma_min to each sample's own grid point. With s_noise = 0 the restarts
     are deterministic, so the joint run equals separate runs; with noise, equal columns equal the shared grid."""
-    process = VP()
-    den = exact_denoiser(MIX, process)
-    x = process.prior((3, 2), generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-    grids = [Karras(sigma_max=s)(process, 8) for s in (100.0, 20.0, 5.0)]
-    times = torch.stack(grids, dim=1)
-    run = lambda s, t, x: s.sample(den, x.clone(), times=t, progress=False,  # noqa: E731
-                                   generator=torch.Generator().manual_seed(8))
+    x, grids, times, run = per_sample_setup((100.0, 20.0, 5.0))
     small = [{"sigma_min": 0.1, "sigma_max": 2.0, "steps": 2, "repeats": 2}]
     quiet = Restart(8, restarts=small, s_noise=0.0)
     joint = run(quiet, times, x)
