@@ -92,7 +92,8 @@ def cmd_learn_grid(args: argparse.Namespace) -> None:
 
     from .core.checkpoint import load_weights, resolve_checkpoint
     from .core.config import ConfigDict, apply_overrides, load_config
-    from .diffusion.learned_grid import learn_grid, reference_solve, rms_error, save_grid
+    from .diffusion.grid_store import save_grid
+    from .diffusion.learned_grid import learn_grid, reference_solve, rms_error
     from .training import Experiment
     from .training.evaluation import requested_labels
 

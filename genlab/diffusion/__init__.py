@@ -7,7 +7,8 @@ It does not import ``genlab.models``: samplers work on any callable.
 from .denoiser import Denoiser
 from .editing import edit_times, invert, sdedit
 from .grids import DDPMGrid, ExplicitGrid, Karras, TimeGrid, UniformLogSNR, UniformTime
-from .learned_grid import LearnedGrid, learn_grid
+from .grid_store import LearnedGrid
+from .learned_grid import learn_grid
 from .likelihood import DiffusionLikelihood, LogProbEstimate
 from .objectives import DenoisingObjective, FlowMatchingObjective
 from .ode import ODESampler, ODESolution, ProbabilityFlow

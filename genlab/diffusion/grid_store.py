@@ -1,0 +1,125 @@
+"""Storing learned time grids with the model, and the registered grid ``learned`` that reads them.
+
+A run's checkpoint directory holds ``grids.json`` (written atomically), a list of records keyed by
+the sampler's configuration (:func:`sampler_spec`) and the number of steps; ``genlab learn-grid``
+writes it (see :mod:`genlab.diffusion.learned_grid`) and ``grid: {type: learned, path: RUN}`` (or
+``sampler.grid=learned`` with ``genlab sample``) reads it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..core.checkpoint import GRIDS_FILE, resolve_checkpoint, write_json_atomic
+from ..core.errors import ConfigError, GenlabError
+from ..core.registry import lookup, register, registered
+from .grids import TimeGrid
+from .processes import Process
+from .samplers.base import Sampler
+
+FORMAT = "genlab.learned_grids"
+
+
+def sampler_spec(sampler: Sampler) -> dict[str, Any]:
+    """The sampler's registered type and its constructor arguments other than steps and grid,
+    read from its attributes of the same names: the key a learned grid is stored under."""
+    names = [n for n in registered("sampler")["sampler"] if lookup("sampler", n) is type(sampler)]
+    spec: dict[str, Any] = {"type": names[0] if names else type(sampler).__name__}
+    for p in list(inspect.signature(type(sampler).__init__).parameters)[1:]:
+        value = getattr(sampler, p, None)
+        if p not in ("steps", "grid") and isinstance(value, (bool, int, float, str)):
+            spec[p] = value
+    return spec
+
+
+def grids_path(path: str | os.PathLike) -> Path:
+    """The grids file of a run directory, a checkpoint directory or the file itself."""
+    p = Path(path)
+    if p.suffix == ".json" or p.is_file():
+        return p
+    return resolve_checkpoint(p) / GRIDS_FILE
+
+
+def load_grids(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The stored grid records of ``path`` (see :func:`grids_path`); [] when there is no file."""
+    file = grids_path(path)
+    if not file.is_file():
+        return []
+    data = json.loads(file.read_text())
+    if data.get("format") != FORMAT:
+        raise GenlabError(f"{file}: not a learned-grids file (format {data.get('format')!r}, expected {FORMAT!r})")
+    return data["grids"]
+
+
+def save_grid(path: str | os.PathLike, entry: dict[str, Any]) -> Path:
+    """Add ``entry`` (:meth:`GridFit.entry`) to the grids file of ``path``, replacing one with the
+    same sampler and steps; written atomically."""
+    file = grids_path(path)
+    kept = [g for g in load_grids(file) if (g["sampler"], g["steps"]) != (entry["sampler"], entry["steps"])]
+    grids = sorted([*kept, entry], key=lambda g: (json.dumps(g["sampler"], sort_keys=True), g["steps"]))
+    write_json_atomic(file, {"format": FORMAT, "version": 1, "grids": grids})
+    return file
+
+
+def _describe(entries: list[dict[str, Any]]) -> str:
+    return "; ".join(f"{g['sampler']} steps={g['steps']}" for g in entries) or "none"
+
+
+@register("grid", "learned")
+class LearnedGrid(TimeGrid):
+    """A grid learned for one model and sampler (``genlab learn-grid``): given ``times``, or found
+    in ``path`` (a run directory, a checkpoint directory or its grids.json) by the sampler's
+    configuration and the number of steps."""
+
+    def __init__(self, times: list[float] | None = None, path: str | None = None) -> None:
+        if (times is None) == (path is None):
+            raise ConfigError("grid learned: give exactly one of times (a list) or path (a run or checkpoint "
+                              "directory holding grids.json, written by `genlab learn-grid`)")
+        self.times = None if times is None else torch.as_tensor(times, dtype=torch.float64)
+        self.path = path
+
+    def for_sampler(self, sampler: Sampler) -> TimeGrid:
+        """This grid restricted to the records stored for ``sampler`` (what Sampler.timesteps calls)."""
+        return _Bound(self, sampler)
+
+    def lookup(self, process: Process, steps: int, sampler: Sampler | None = None) -> Tensor:
+        if self.times is not None:
+            if len(self.times) - 1 != steps:
+                raise ConfigError(f"grid learned: the times have {len(self.times) - 1} steps, the sampler asks "
+                                  f"for {steps}; set sampler.steps={len(self.times) - 1}")
+            return self.times.clone()
+        entries = load_grids(self.path)
+        if sampler is not None:
+            spec = sampler_spec(sampler)
+            entries_s = [g for g in entries if g["sampler"] == spec]
+        else:
+            spec, entries_s = None, entries
+        found = [g for g in entries_s if g["steps"] == steps]
+        if len(found) != 1:
+            want = f"{spec} steps={steps}" if spec else f"steps={steps}"
+            why = "none" if not found else "several"
+            raise ConfigError(f"grid learned: {why} stored in {grids_path(self.path)} for {want} (stored: "
+                              f"{_describe(entries)}); learn one with `genlab learn-grid RUN --nfe N` "
+                              "and the same sampler overrides")
+        if found[0]["process"] != repr(process):
+            raise ConfigError(f"grid learned: the grid in {grids_path(self.path)} was learned on "
+                              f"{found[0]['process']}, not {process!r}")
+        return torch.tensor(found[0]["times"], dtype=torch.float64)
+
+    def __call__(self, process: Process, steps: int) -> Tensor:
+        return self.lookup(process, steps)
+
+
+class _Bound(TimeGrid):
+    def __init__(self, grid: LearnedGrid, sampler: Sampler) -> None:
+        self.grid, self.sampler = grid, sampler
+
+    def __call__(self, process: Process, steps: int) -> Tensor:
+        return self.grid.lookup(process, steps, self.sampler)
