@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import torch
@@ -18,6 +19,19 @@ def posterior_std(level: Level, level_next: Level) -> Tensor:
     sigma_s sqrt(1 - exp(lambda_t - lambda_s)), with exp(..) = (alpha_t sigma_s / (alpha_s sigma_t))^2."""
     ratio = level.alpha * level_next.sigma / (level_next.alpha * level.sigma)
     return level_next.sigma * torch.sqrt((1 - ratio**2).clamp_min(0))
+
+
+def nonneg_sqrt(v: Tensor | float) -> Tensor | float:
+    """sqrt(max(v, 0)) of a float or a tensor."""
+    return math.sqrt(max(v, 0.0)) if isinstance(v, float) else v.clamp_min(0).sqrt()
+
+
+def transition_std(level: Level, level_next: Level) -> Tensor | float:
+    """Std of the forward transition x_t | x_s (s = level_next, t = level) in the alpha/sigma picture:
+    sqrt(sigma_t^2 - (alpha_t / alpha_s)^2 sigma_s^2) (Kingma et al. 2021, VDM, q(z_t | z_s); sqrt(beta_t)
+    for consecutive DDPM steps); floats on a grid shared by the batch."""
+    (a_t, s_t), (a_s, s_s) = level.coef("alpha", "sigma"), level_next.coef("alpha", "sigma")
+    return nonneg_sqrt(s_t**2 - (a_t / a_s * s_s) ** 2)
 
 
 @register("sampler", "ddim")
@@ -65,6 +79,5 @@ class DDPM(DDIM):
     def noise_std(self, level: Level, level_next: Level) -> Tensor:
         if self.variance == "small":
             return posterior_std(level, level_next)
-        ratio = level.alpha / level_next.alpha
-        large = torch.sqrt((level.sigma**2 - ratio**2 * level_next.sigma**2).clamp_min(0))
+        large = torch.as_tensor(transition_std(level, level_next), dtype=level.sigma.dtype, device=level.sigma.device)
         return torch.where(level_next.sigma > 0, large, torch.zeros_like(large))
