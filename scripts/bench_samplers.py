@@ -54,7 +54,8 @@ import torch
 from torch import Tensor
 
 from genlab.diffusion import (DDIM, Denoiser, DiscreteVP, DPMSolverPP, DPMSolverSingle, Euler, ExplicitGrid, Heun, Sampler,
-                              UniformLogSNR, UniPC)
+                              UniPC)
+from genlab.diffusion.grids import FAST_GRID
 from genlab.testing import GaussianMixture, exact_denoiser, exact_ode_solution
 from genlab.testing.peers import KeepFloat64, set_timesteps_float64
 
@@ -353,19 +354,14 @@ GENLAB: list[tuple[str, Factory]] = [  # add a sampler with one line: (row name,
     ("DPM-Solver++ 3M (log_snr)", within_budget(lambda n: DPMSolverPP(n, order=3))),
     ("DPM-Solver++ 3M ref (log_snr)", within_budget(lambda n: DPMSolverPP(n, order=3, third_order="reference"))),
 ]
-# genlab's default fast sampler for VP / DDPM models: UniPC (bh2, order 2, diffusers' default) on a log-SNR grid
-# from Karras sigma 40 to 0.03, then the data. Chosen on 300 other start points of these two problems among
-# UniPC 2/3, DPM-Solver++ 2M/3M and grid ends sigma_max in {20, 40, 80, 157 (t_max)}, sigma_min in
-# {0.01 .. 0.2}; starting at sigma 40 < sigma(t_max) = 157 is what diffusers' "leading" spacing does too.
-GRID_ENDS = {"sigma_min": 0.03, "sigma_max": 40.0}
-DEFAULT_GRID = {"type": "log_snr", **GRID_ENDS}
 GENLAB += [
-    ("UniPC bh2 (log_snr)", within_budget(lambda n: UniPC(n))),
+    ("UniPC bh2 (log_snr)", within_budget(lambda n: UniPC(n, grid="log_snr"))),
     ("DPM-Solver++ 2S single (log_snr)", within_budget(lambda n: DPMSolverSingle(n, order=2))),
-    ("DPM-Solver++ 2M (log_snr 40..0.03)", within_budget(lambda n: DPMSolverPP(n, grid=UniformLogSNR(**GRID_ENDS)))),
-    ("UniPC bh2 (log_snr 40..0.03)", within_budget(lambda n: UniPC(n, grid=DEFAULT_GRID))),
+    ("DPM-Solver++ 2M (FAST_GRID)", within_budget(lambda n: DPMSolverPP(n, grid=FAST_GRID))),
+    # genlab's default fast sampler: UniPC() as it comes, bh2, order 2, on FAST_GRID (its default grid)
+    ("UniPC bh2 (default)", within_budget(lambda n: UniPC(n))),
 ]
-DEFAULT = "UniPC bh2 (log_snr 40..0.03)"
+DEFAULT = "UniPC bh2 (default)"
 
 
 LEARN = {"pool": 512, "evaluations": 200}  # a learned grid's own start noise (seed 99); its fitting passes
@@ -407,6 +403,7 @@ def learned_rows() -> list[tuple[str, Factory]]:
     return [
         ("DPM-Solver++ 2M learned", learned(lambda n, grid=None: DPMSolverPP(n, grid=grid, order=2))),
         ("UniPC bh2 learned", learned(lambda n, grid=None: UniPC(n, grid=grid))),
+        ("UniPC bh2 o3 learned", learned(lambda n, grid=None: UniPC(n, grid=grid, order=3))),
     ]
 
 
@@ -496,6 +493,23 @@ def print_accuracy(problem: Problem, results: list[Result], learned: set[str], b
         print(line)
 
 
+CONVERGENCE = {"default (FAST_GRID)": None, "FAST_GRID, sigma_min=None": {**FAST_GRID, "sigma_min": None},
+               "log_snr": "log_snr"}
+
+
+def print_convergence(problem: Problem, steps: tuple[int, ...] = (20, 40, 80, 160)) -> None:
+    """The default UniPC at more steps: FAST_GRID's sigma_min end leaves an error more steps do not
+    remove (its last step returns x0_hat at sigma 0.045); without it, or on plain log-SNR, it converges."""
+    print(f"    UniPC bh2 at more steps, error (NFE = steps): {' | '.join(f'{n:>9}' for n in steps)}")
+    for name, grid in CONVERGENCE.items():
+        errs = []
+        for n in steps:
+            out = UniPC(n, grid=grid).sample(Denoiser(MixtureEps(problem.mixture, problem.process), problem.process,
+                                                      "eps"), problem.x.clone(), progress=False)
+            errs.append(errors(out, problem, 0.0)[0])
+        print(f"    {name:44}  " + " | ".join(f"{e:9.2e}" for e in errs))
+
+
 def part_accuracy(n: int, csv_path: str | None) -> None:
     print(f"== Accuracy per NFE: exact eps of Gaussian mixtures, DDPM linear schedule (T = 1000), float64, "
           f"{n} start points, {torch.get_num_threads()} torch thread(s) ==")
@@ -508,6 +522,7 @@ def part_accuracy(n: int, csv_path: str | None) -> None:
         start = time.perf_counter()
         results = diffusers_results(problem, BUDGETS) + genlab_results(problem, rows, BUDGETS)
         print_accuracy(problem, results, {name for name, _ in learned}, BUDGETS)
+        print_convergence(problem)
         print(f"    {parity(problem)}; runs took {time.perf_counter() - start:.0f} s")
         everything += results
     if csv_path:

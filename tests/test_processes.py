@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from genlab.diffusion import EDM, VE, VP, DiscreteVP, Process, RectifiedFlow, SubVP
+from genlab.core.errors import ConfigError
 from genlab.diffusion.grids import DDPMGrid, Karras, UniformLogSNR, UniformTime
 
 diffusers = pytest.importorskip("diffusers")
@@ -112,3 +113,25 @@ def test_log_snr_grid_ends_in_karras_sigma():
     assert sigmas[-1] == 0 and torch.allclose(process.level(times[:-1]).log_snr.diff().diff(),
                                               torch.zeros(3, dtype=torch.float64), atol=1e-9)
     assert float(UniformLogSNR(sigma_max=1e5)(EDM(), 3)[0]) == pytest.approx(EDM().t_max)  # beyond the range: t_max
+
+
+def test_log_snr_grid_with_snr_shift():
+    """snr_shift = s: uniform in log(SNR + s), exact ends, wider steps above sigma ~ s^-1/2, the first
+    one shrinking with more steps (no truncated start); s = 0 is the plain log-SNR grid."""
+    process = DiscreteVP()
+    assert torch.equal(UniformLogSNR(snr_shift=0.0)(process, 12), UniformLogSNR()(process, 12))
+    times = UniformLogSNR(snr_shift=0.03, sigma_min=0.045)(process, 12)
+    lam = process.level(times[:-1]).log_snr
+    u = torch.log(lam.exp() + 0.03)
+    assert torch.allclose(u.diff(), u.diff()[0].expand(11), rtol=1e-9)
+    assert times[0] == process.t_max and times[-1] == 0
+    assert float(process.level(times[-2]).sigma_edm) == pytest.approx(0.045, rel=1e-9)
+    steps = lam.diff()
+    assert steps[0] > 3 * steps[-1] > 0  # the first step (sigma 157 -> ~2) is the widest in log-SNR
+    jumps = []  # the first step's change in SNR (the scale on which x0_hat moves at high noise)
+    for n in (50, 400):
+        snr = process.level(UniformLogSNR(snr_shift=0.03)(process, n)[:2]).log_snr.exp()
+        jumps.append(float(snr[1] - snr[0]))
+    assert jumps[0] / jumps[1] > 7, jumps  # shrinks like 1 / n (8 for 8x the steps): no fixed first step
+    with pytest.raises(ConfigError, match="snr_shift must be a finite number >= 0, got -1"):
+        UniformLogSNR(snr_shift=-1)

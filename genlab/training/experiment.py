@@ -60,7 +60,7 @@ class Experiment:
         process = build("process", config.get("process", "vp"), path="process", source=source)
         data = build("dataset", config.get("data", "toy2d"), path="data", source=source)
         objective = build("objective", config.get("objective", "denoising"), path="objective", source=source)
-        sampler = build("sampler", config.get("sampler", "dpm_solver_pp"), path="sampler", source=source)
+        sampler = build("sampler", config.get("sampler", "unipc"), path="sampler", source=source)
         torch.manual_seed(train.seed)
         model = build("model", config.get("model", "mlp"), path="model", source=source,
                       **model_extra(config, data, source))

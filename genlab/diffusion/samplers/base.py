@@ -8,7 +8,7 @@ samplings at once, with per-sample times ([B]), or inside a training step.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 import torch
 from torch import Tensor
@@ -58,7 +58,7 @@ class Sampler:
         grid: a :class:`TimeGrid` or its config (name or mapping); default: ``default_grid``.
     """
 
-    default_grid: str = "uniform"
+    default_grid: str | Mapping[str, Any] = "uniform"
     nfe_per_step: int = 1  # model evaluations per step, for NFE budgets
 
     def __init__(self, steps: int = 20, grid: TimeGrid | str | dict | None = None) -> None:

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ...core.registry import register
-from ..grids import TimeGrid
+from ..grids import FAST_GRID, TimeGrid
 from ..predictions import combine, expm1
 from ..processes import Level
 from .base import DenoiserLike, Sampler, SamplerState
@@ -70,7 +70,9 @@ class UniPC(Sampler):
     """UniPC-p: UniP-p predictor steps, each followed by UniC-p on the next step's model output.
 
     Args:
-        steps, grid: as :class:`Sampler` (default grid: uniform in log-SNR).
+        steps, grid: as :class:`Sampler`; default grid :data:`~genlab.diffusion.grids.FAST_GRID`
+            (uniform in log(SNR + 0.03) down to Karras sigma 0.045, then the data). diffusers'
+            UniPC uses its spacings; plain uniform log-SNR is ``grid="log_snr"``.
         order: p, the order of UniP; default 2, as diffusers' ``solver_order``. With the corrector the
             method is of order p + 1. The first steps ramp up the order (multistep warm start).
         variant: B(h) = -h ("bh1") or e^-h - 1 ("bh2", diffusers' default).
@@ -80,7 +82,7 @@ class UniPC(Sampler):
             (diffusers' bh1 gives NaN there: alpha_s B(h) * 0 with B(h) = -inf).
     """
 
-    default_grid = "log_snr"
+    default_grid = FAST_GRID
 
     def __init__(self, steps: int = 20, grid: TimeGrid | str | dict | None = None, order: Literal[1, 2, 3] = 2,
                  variant: Literal["bh1", "bh2"] = "bh2", corrector: bool = True,
