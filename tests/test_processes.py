@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from genlab.diffusion import EDM, VE, VP, DiscreteVP, Process, RectifiedFlow, SubVP
 from genlab.core.errors import ConfigError
+from genlab.diffusion import EDM, VE, VP, DiscreteVP, Process, RectifiedFlow, SubVP
 from genlab.diffusion.grids import DDPMGrid, Karras, UniformLogSNR, UniformTime
 
 diffusers = pytest.importorskip("diffusers")
@@ -127,7 +127,7 @@ def test_log_snr_grid_with_snr_shift():
     assert times[0] == process.t_max and times[-1] == 0
     assert float(process.level(times[-2]).sigma_edm) == pytest.approx(0.045, rel=1e-9)
     steps = lam.diff()
-    assert steps[0] > 3 * steps[-1] > 0  # the first step (sigma 157 -> ~2) is the widest in log-SNR
+    assert steps[0] > 3 * steps[-1] > 0  # the first step, from sigma 157, is the widest in log-SNR
     jumps = []  # the first step's change in SNR (the scale on which x0_hat moves at high noise)
     for n in (50, 400):
         snr = process.level(UniformLogSNR(snr_shift=0.03)(process, n)[:2]).log_snr.exp()

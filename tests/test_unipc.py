@@ -136,7 +136,7 @@ def test_registry_and_bad_input():
 
 @pytest.fixture(scope="module")
 def ddpm_ring():
-    """The benchmark's ring (std 0.25 components at radius ~2) on DDPM's linear schedule, exact eps, 256
+    """The benchmark's ring (8 components of std 0.15 at radius 2) on DDPM's linear schedule, exact eps, 256
     start points and their exact ODE end points (two legs, as scripts/bench_samplers.py solves them)."""
     mixture, process = GaussianMixture.ring(), DiscreteVP()
     x = process.prior((256, 2), generator=torch.Generator().manual_seed(3), dtype=torch.float64)

@@ -107,11 +107,10 @@ class UniformLogSNR(SpacedGrid):
 
 # The default grid of genlab's fast multistep sampler (UniPC): log(SNR + 0.03) (steps widen above
 # Karras sigma ~ 6), ending at sigma 0.045 and then the data. Chosen with scripts/bench_samplers.py's
-# problems on other start noise (DDPM linear, exact eps; shift 1/sigma^2 for sigma in 4..10 and
-# 1/1000^2, sigma_min 0.04-0.05): the shift matters (NFE 5 and 10: 2-4x less error than plain
-# log-SNR on the ring), its exact value little (sigma 5-10 within 20%). The sigma_min end leaves an
-# error that more steps do not remove (the last step returns x0_hat at sigma 0.045; the script's
-# convergence lines show it): for many steps pass sigma_min=None.
+# problems on other start noise than the script's (DDPM linear, exact eps; shift 1/sigma^2 for sigma
+# in 4..10, sigma_min 0.04-0.05); the script's "UniPC bh2 (log_snr)" row shows what the shift buys.
+# The sigma_min end leaves an error that more steps do not remove (the last step returns x0_hat at
+# sigma 0.045; the script's convergence lines show it): for many steps pass sigma_min=None.
 FAST_GRID: Mapping[str, Any] = MappingProxyType({"type": "log_snr", "snr_shift": 0.03, "sigma_min": 0.045})
 
 
