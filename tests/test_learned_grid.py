@@ -13,7 +13,7 @@ from genlab.cli import main
 from genlab.core.checkpoint import GRIDS_FILE, latest_checkpoint, save_checkpoint
 from genlab.core.errors import ConfigError
 from genlab.core.registry import build
-from genlab.diffusion import DDIM, VP, DiscreteVP, DPMSolverPP, Heun
+from genlab.diffusion import DDIM, DDPM, VP, DiscreteVP, DPMSolverPP, Heun
 from genlab.diffusion.learned_grid import (GridParameters, LearnedGrid, learn_grid, load_grids, reference_solve,
                                            rms_error, sampler_spec, save_grid, stratified_batch, t_of_log_snr)
 from genlab.testing import GaussianMixture, exact_denoiser, exact_ode_solution
@@ -121,7 +121,8 @@ def test_save_load_round_trip(tmp_path):
     process, times = DiscreteVP(), [1.0, 0.5, 0.1, 0.0]
     s2, s3 = DPMSolverPP(3, order=2), DPMSolverPP(3, order=3)
     assert sampler_spec(s3) == {"type": "dpm_solver_pp", "order": 3, "lower_order_final": True,
-                                "third_order": "taylor"} or sampler_spec(s3)["order"] == 3
+                                "third_order": "taylor", "eta": 0.0, "solver_type": "midpoint"}
+    assert sampler_spec(DDPM(3))["type"] == "ddpm"  # its first name, not the alias "ancestral"
     file = tmp_path / GRIDS_FILE
     save_grid(file, entry(s2, times, process))
     save_grid(file, entry(s3, [1.0, 0.7, 0.2, 0.0], process))

@@ -10,7 +10,7 @@ from typing import Any, Literal
 import pytest
 
 from genlab.core import ConfigError, build, construct, describe, load_config, lookup, register, save_config
-from genlab.core import register_namespace, registered
+from genlab.core import name_of, register_namespace, registered
 from genlab.core.config import check_keys
 
 
@@ -84,6 +84,10 @@ def test_register_default_name_and_duplicates() -> None:
     assert register("_test_grid")(KarrasGrid) is KarrasGrid  # same object again is fine
     with pytest.raises(ValueError):
         register("_test_grid", name="karras_grid")(type("KarrasGrid", (_TestGrid,), {}))
+    alias = register("_test_alias", name="first")(type("Aliased", (), {}))
+    register("_test_alias", name="an_alias")(alias)  # a second name: the first stays its name
+    assert name_of("_test_alias", alias) == "first" and lookup("_test_alias", "an_alias") is alias
+    assert name_of("_test_alias", KarrasGrid) is None
 
 
 def test_registered_and_describe() -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from genlab.core.config import load_config, save_config
 from genlab.core.errors import ConfigError, GenlabError
-from genlab.core.registry import build, construct, describe, lookup, register, register_namespace, registered
+from genlab.core.registry import (build, construct, describe, lookup, name_of, register, register_namespace,
+                                  registered)
 
 __all__ = [
     "ConfigError",
@@ -14,6 +15,7 @@ __all__ = [
     "describe",
     "load_config",
     "lookup",
+    "name_of",
     "register",
     "register_namespace",
     "registered",

@@ -27,6 +27,7 @@ class _Namespace:
     base: type | None = None
     doc: str = ""
     entries: dict[str, Any] = field(default_factory=dict)
+    names: dict[Any, str] = field(default_factory=dict)  # object -> the name it was first registered under
 
 
 _NAMESPACES: dict[str, _Namespace] = {}
@@ -64,6 +65,7 @@ def register(namespace: str, name: str | None = None) -> Callable[[T], T]:
             raise ValueError(f"{namespace} '{key}' is already registered to {ns.entries[key]!r}")
         _check_base(namespace, ns.base, key, obj)
         ns.entries[key] = obj
+        ns.names.setdefault(obj, key)
         return obj
 
     return deco
@@ -90,6 +92,11 @@ def registered(namespace: str | None = None) -> dict[str, list[str]]:
     """Sorted registered names per namespace (all namespaces, or just ``namespace``)."""
     names = sorted(_NAMESPACES) if namespace is None else [namespace]
     return {n: sorted(_namespace(n, n, "genlab").entries) for n in names}
+
+
+def name_of(namespace: str, obj: Any) -> str | None:
+    """The name ``obj`` was first registered under in ``namespace`` (later ones are aliases), or None."""
+    return _namespace(namespace, namespace, "genlab").names.get(obj)
 
 
 def describe(namespace: str) -> list[tuple[str, str]]:

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..core.checkpoint import GRIDS_FILE, resolve_checkpoint, write_json_atomic
 from ..core.errors import ConfigError, GenlabError
-from ..core.registry import lookup, register, registered
+from ..core.registry import name_of, register
 from .grids import TimeGrid
 from .processes import Process
 from .samplers.base import Sampler
@@ -30,8 +30,7 @@ FORMAT = "genlab.learned_grids"
 def sampler_spec(sampler: Sampler) -> dict[str, Any]:
     """The sampler's registered type and its constructor arguments other than steps and grid,
     read from its attributes of the same names: the key a learned grid is stored under."""
-    names = [n for n in registered("sampler")["sampler"] if lookup("sampler", n) is type(sampler)]
-    spec: dict[str, Any] = {"type": names[0] if names else type(sampler).__name__}
+    spec: dict[str, Any] = {"type": name_of("sampler", type(sampler)) or type(sampler).__name__}
     for p in list(inspect.signature(type(sampler).__init__).parameters)[1:]:
         value = getattr(sampler, p, None)
         if p not in ("steps", "grid") and isinstance(value, (bool, int, float, str)):
