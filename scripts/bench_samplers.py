@@ -56,6 +56,7 @@ from torch import Tensor
 from genlab.diffusion import (DDIM, Denoiser, DiscreteVP, DPMSolverPP, DPMSolverSingle, Euler, ExplicitGrid, Heun, Sampler,
                               UniPC)
 from genlab.diffusion.grids import FAST_GRID
+from genlab.diffusion.ode import ODESampler
 from genlab.testing import GaussianMixture, exact_denoiser, exact_ode_solution
 from genlab.testing.peers import KeepFloat64, set_timesteps_float64
 
@@ -357,6 +358,11 @@ GENLAB: list[tuple[str, Factory]] = [  # add a sampler with one line: (row name,
 GENLAB += [
     ("UniPC bh2 (log_snr)", within_budget(lambda n: UniPC(n, grid="log_snr"))),
     ("DPM-Solver++ 2S single (log_snr)", within_budget(lambda n: DPMSolverSingle(n, order=2))),
+    ("DPM-Solver++ 3S single (log_snr)", within_budget(lambda n: DPMSolverSingle(n, order=3))),
+    ("PF-ODE heun2 (log_snr)", within_budget(lambda n: ODESampler(n, grid="log_snr", method="heun2"))),
+    ("PF-ODE rk4 (log_snr)", within_budget(lambda n: ODESampler(n, grid="log_snr", method="rk4"))),
+    ("UniPC bh1 (FAST_GRID)", within_budget(lambda n: UniPC(n, variant="bh1"))),
+    ("UniPC bh2 o3 (FAST_GRID)", within_budget(lambda n: UniPC(n, order=3))),
     ("DPM-Solver++ 2M (FAST_GRID)", within_budget(lambda n: DPMSolverPP(n, grid=FAST_GRID))),
     # genlab's default fast sampler: UniPC() as it comes, bh2, order 2, on FAST_GRID (its default grid)
     ("UniPC bh2 (default)", within_budget(lambda n: UniPC(n))),
