@@ -30,6 +30,9 @@ class TimeGrid:
 
 register_namespace("grid", TimeGrid, "time grids for samplers")
 
+#: what a sampler's ``grid`` accepts: a grid, a registered name or a config mapping ({type: name, ...})
+GridSpec = TimeGrid | str | Mapping[str, Any]
+
 
 class SpacedGrid(TimeGrid):
     """A grid given by a spacing between t_max and t_min; subclasses define ``spacing``."""

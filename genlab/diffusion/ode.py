@@ -32,7 +32,7 @@ from torch import Tensor
 from torchdiffeq import odeint
 
 from ..core.registry import register
-from .grids import TimeGrid
+from .grids import GridSpec
 from .predictions import broadcast
 from .processes import Level, Process
 from .samplers.base import DenoiserLike, Sampler, SamplerState
@@ -149,7 +149,7 @@ class ODESampler(Sampler):
     and returns the denoiser's x0, as DDIM does. ``solve`` reports the number of model calls.
     """
 
-    def __init__(self, steps: int | None = None, grid: TimeGrid | str | dict | None = None,
+    def __init__(self, steps: int | None = None, grid: GridSpec | None = None,
                  method: Method = "dopri5", rtol: float = 1e-5, atol: float = 1e-5) -> None:
         check_method(method, rtol, atol)
         fixed = method in FIXED_STEP_NFE

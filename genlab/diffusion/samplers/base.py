@@ -8,14 +8,14 @@ samplings at once, with per-sample times ([B]), or inside a training step.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from ...core.registry import build, register_namespace
-from ..grids import TimeGrid
+from ..grids import GridSpec, TimeGrid
 from ..predictions import broadcast, combine
 from ..processes import Level, Process
 
@@ -58,10 +58,10 @@ class Sampler:
         grid: a :class:`TimeGrid` or its config (name or mapping); default: ``default_grid``.
     """
 
-    default_grid: str | Mapping[str, Any] = "uniform"
+    default_grid: GridSpec = "uniform"
     nfe_per_step: int = 1  # model evaluations per step, for NFE budgets
 
-    def __init__(self, steps: int = 20, grid: TimeGrid | str | dict | None = None) -> None:
+    def __init__(self, steps: int = 20, grid: GridSpec | None = None) -> None:
         self.steps = steps
         self.grid: TimeGrid = build("grid", grid if grid is not None else self.default_grid, path="sampler.grid")
 

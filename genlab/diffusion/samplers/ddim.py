@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ...core.registry import register
-from ..grids import TimeGrid
+from ..grids import GridSpec
 from ..processes import Level
 from .base import DenoiserLike, Sampler, SamplerState, bc
 
@@ -41,7 +41,7 @@ class DDIM(Sampler):
     eta = 0 is the deterministic DDIM (first-order probability-flow ODE solver); eta = 1 is DDPM.
     """
 
-    def __init__(self, steps: int = 50, grid: TimeGrid | str | dict | None = None, eta: float = 0.0) -> None:
+    def __init__(self, steps: int = 50, grid: GridSpec | None = None, eta: float = 0.0) -> None:
         super().__init__(steps, grid)
         self.eta = eta
 
@@ -71,7 +71,7 @@ class DDPM(DDIM):
     (alpha_t / alpha_s)^2 sigma_s^2 (beta_t for consecutive DDPM steps). No noise at the last step.
     """
 
-    def __init__(self, steps: int = 1000, grid: TimeGrid | str | dict | None = None,
+    def __init__(self, steps: int = 1000, grid: GridSpec | None = None,
                  variance: Literal["small", "large"] = "small") -> None:
         super().__init__(steps, grid, eta=1.0)
         self.variance = variance

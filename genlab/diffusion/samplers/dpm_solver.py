@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ...core.registry import register
-from ..grids import TimeGrid
+from ..grids import GridSpec
 from ..predictions import combine, expm1
 from ..processes import Level
 from .base import DenoiserLike, Sampler, SamplerState
@@ -98,7 +98,7 @@ class DPMSolverPP(Sampler):
 
     default_grid = "log_snr"
 
-    def __init__(self, steps: int = 20, grid: TimeGrid | str | dict | None = None, order: Literal[1, 2, 3] = 2,
+    def __init__(self, steps: int = 20, grid: GridSpec | None = None, order: Literal[1, 2, 3] = 2,
                  lower_order_final: bool = True, third_order: ThirdOrder = "taylor", eta: float = 0.0,
                  solver_type: SolverType = "midpoint") -> None:
         super().__init__(steps, grid)
@@ -133,7 +133,7 @@ class DPMSolverPP(Sampler):
 class DPMSolverPPSDE(DPMSolverPP):
     """SDE-DPM-Solver++ (2M by default, 3M with order=3): :class:`DPMSolverPP` with eta = 1."""
 
-    def __init__(self, steps: int = 20, grid: TimeGrid | str | dict | None = None, order: Literal[1, 2, 3] = 2,
+    def __init__(self, steps: int = 20, grid: GridSpec | None = None, order: Literal[1, 2, 3] = 2,
                  lower_order_final: bool = True, third_order: ThirdOrder = "taylor", eta: float = 1.0,
                  solver_type: SolverType = "midpoint") -> None:
         super().__init__(steps, grid, order, lower_order_final, third_order, eta, solver_type)

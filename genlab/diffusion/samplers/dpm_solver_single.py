@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ...core.registry import register
-from ..grids import TimeGrid
+from ..grids import GridSpec
 from ..processes import Level
 from .base import DenoiserLike, Sampler, SamplerState
 from .dpm_solver import dpm_solver_pp_update
@@ -54,7 +54,7 @@ class DPMSolverSingle(Sampler):
 
     default_grid = "log_snr"
 
-    def __init__(self, steps: int = 20, grid: TimeGrid | str | dict | None = None, order: Literal[1, 2, 3] = 2,
+    def __init__(self, steps: int = 20, grid: GridSpec | None = None, order: Literal[1, 2, 3] = 2,
                  lower_order_final: bool = True) -> None:
         super().__init__(steps, grid)
         if order not in (1, 2, 3):

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ...core.registry import register
-from ..grids import TimeGrid
+from ..grids import GridSpec
 from ..processes import Level
 from .base import DenoiserLike, Sampler, SamplerState, bc
 from .ddim import posterior_std
@@ -29,7 +29,7 @@ class Euler(Sampler):
 
     default_grid = "karras"
 
-    def __init__(self, steps: int = 20, grid: TimeGrid | str | dict | None = None, s_churn: float = 0.0,
+    def __init__(self, steps: int = 20, grid: GridSpec | None = None, s_churn: float = 0.0,
                  s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0) -> None:
         super().__init__(steps, grid)
         self.s_churn, self.s_tmin, self.s_tmax, self.s_noise = s_churn, s_tmin, s_tmax, s_noise
@@ -104,7 +104,7 @@ class EulerAncestral(Sampler):
 
     default_grid = "karras"
 
-    def __init__(self, steps: int = 20, grid: TimeGrid | str | dict | None = None, eta: float = 1.0,
+    def __init__(self, steps: int = 20, grid: GridSpec | None = None, eta: float = 1.0,
                  s_noise: float = 1.0) -> None:
         super().__init__(steps, grid)
         if eta < 0:

@@ -21,7 +21,7 @@ from torch import Tensor
 from ...core.config import check_keys, show_value
 from ...core.errors import ConfigError
 from ...core.registry import register
-from ..grids import Karras, TimeGrid
+from ..grids import GridSpec, Karras
 from ..processes import Level, Process
 from .base import DenoiserLike, SamplerState, bc
 from .euler import Heun
@@ -99,7 +99,7 @@ class Restart(Heun):
     the paper's CIFAR-10 setting {"0": [3, 2, 0.06, 0.30]}.
     """
 
-    def __init__(self, steps: int = 18, grid: TimeGrid | str | dict | None = None,
+    def __init__(self, steps: int = 18, grid: GridSpec | None = None,
                  restarts: list[RestartInterval | dict[str, float]] | dict[str, list[float]] | None = None,
                  rho: float = 7.0, restart_churn: float = 0.0, s_churn: float = 0.0, s_tmin: float = 0.0,
                  s_tmax: float = float("inf"), s_noise: float = 1.0) -> None:

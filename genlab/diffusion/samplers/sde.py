@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ...core.registry import build, register
-from ..grids import TimeGrid
+from ..grids import GridSpec
 from ..predictions import combine
 from ..processes import Level
 from .base import DenoiserLike, Sampler, SamplerState, bc
@@ -36,7 +36,7 @@ class ReverseSDEPredictor(Sampler):
     into sigma = 0 returns the denoiser's x0 (Tweedie's formula): it divides by no zero sigma.
     """
 
-    def __init__(self, steps: int = 1000, grid: TimeGrid | str | dict | None = None) -> None:
+    def __init__(self, steps: int = 1000, grid: GridSpec | None = None) -> None:
         super().__init__(steps, grid)
 
     def coefficients(self, level: Level, level_next: Level) -> tuple[Coef, Coef, Coef]:
@@ -114,7 +114,7 @@ class PredictorCorrector(Sampler):
 
     default_grid = "uniform"
 
-    def __init__(self, steps: int = 1000, grid: TimeGrid | str | dict | None = None,
+    def __init__(self, steps: int = 1000, grid: GridSpec | None = None,
                  predictor: Sampler | str | dict = "reverse_diffusion",
                  corrector: Literal["langevin", "none"] = "langevin", snr: float = 0.16,
                  n_corrector_steps: int = 1) -> None:

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ...core.registry import register
-from ..grids import FAST_GRID, TimeGrid
+from ..grids import FAST_GRID, GridSpec
 from ..predictions import combine, expm1
 from ..processes import Level
 from .base import DenoiserLike, Sampler, SamplerState
@@ -84,7 +84,7 @@ class UniPC(Sampler):
 
     default_grid = FAST_GRID
 
-    def __init__(self, steps: int = 20, grid: TimeGrid | str | dict | None = None, order: Literal[1, 2, 3] = 2,
+    def __init__(self, steps: int = 20, grid: GridSpec | None = None, order: Literal[1, 2, 3] = 2,
                  variant: Literal["bh1", "bh2"] = "bh2", corrector: bool = True,
                  lower_order_final: bool = True) -> None:
         super().__init__(steps, grid)
