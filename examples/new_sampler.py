@@ -32,9 +32,9 @@ from torch import Tensor
 
 from genlab.core.registry import register
 from genlab.diffusion import (EDM, PREDICTIONS, VE, VP, DPMSolverPP, Euler, Karras, Level, Process, RectifiedFlow,
-                              Sampler, SubVP, TimeGrid, UniformLogSNR)
-from genlab.diffusion.predictions import combine
-from genlab.diffusion.samplers.base import DenoiserLike, SamplerState
+                              Sampler, StepContext, SubVP, UniformLogSNR)
+from genlab.diffusion.grids import GridSpec
+from genlab.diffusion.levels import combine
 from genlab.testing import GaussianMixture, exact_denoiser, exact_ode_solution
 
 
@@ -52,20 +52,19 @@ class IPNDM(Sampler):
     """
 
     default_grid = "karras"
+    multistep = True  # a step reads the eps of earlier steps
     WEIGHTS = ((1.0,), (3 / 2, -1 / 2), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24))
 
-    def __init__(self, steps: int = 20, grid: TimeGrid | str | dict | None = None,
-                 max_order: Literal[1, 2, 3, 4] = 4) -> None:
+    def __init__(self, steps: int = 20, grid: GridSpec | None = None, max_order: Literal[1, 2, 3, 4] = 4) -> None:
         super().__init__(steps, grid)
         if max_order not in (1, 2, 3, 4):
             raise ValueError(f"iPNDM max_order must be 1, 2, 3 or 4, got {max_order!r}")
         self.max_order = max_order
 
-    def step(self, denoiser: DenoiserLike, x: Tensor, level: Level, level_next: Level, state: SamplerState,
-             generator: torch.Generator | None = None, cond: dict[str, Any] | None = None) -> Tensor:
-        _, eps = self.denoise(denoiser, x, level, state, cond)
-        state.history = [*state.history, (level, eps)][-self.max_order:]
-        eps_ab = combine(*zip(self.WEIGHTS[len(state.history) - 1], (e for _, e in reversed(state.history))))
+    def step(self, ctx: StepContext, x: Tensor, level: Level, level_next: Level) -> Tensor:
+        _, eps = ctx.denoise(x, level)
+        history = ctx.state.history = [*ctx.state.history, (level, eps)][-self.max_order:]
+        eps_ab = combine(*zip(self.WEIGHTS[len(history) - 1], (e for _, e in reversed(history))))
         (a_s, s_s), (a_t, s_t) = level_next.coef("alpha", "sigma_edm"), level.coef("alpha", "sigma_edm")
         return combine((a_s / a_t, x), (a_s * (s_s - s_t), eps_ab))
 
@@ -109,9 +108,9 @@ def local_errors(sampler: IPNDM, mixture: GaussianMixture, process: Process, t_e
         for t, t_next in zip(times[:-1].tolist(), times[1:].tolist()):
             path.append(exact_ode_solution(mixture, process, path[-1], t, t_next))
         levels = process.level(times).steps()
-        state = sampler.init_state(4)
-        state.step, state.history = 3, [(lv, denoiser(x, lv)[1]) for lv, x in zip(levels[:3], path[:3])]
-        errs.append(rms(sampler.step(denoiser, path[3], levels[3], levels[4], state), path[4]))
+        ctx = sampler.context(denoiser, 4)
+        ctx.state.step, ctx.state.history = 3, [(lv, denoiser(x, lv)[1]) for lv, x in zip(levels[:3], path[:3])]
+        errs.append(rms(sampler.step(ctx, path[3], levels[3], levels[4]), path[4]))
     return errs
 
 

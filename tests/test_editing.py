@@ -135,18 +135,18 @@ def test_inversion_passes_cond_and_runs_in_float32():
 class NoisyDDIM(DDIM):
     """Stochastic without a known stochastic parameter: only the run-time check can catch it."""
 
-    def step(self, denoiser, x, level, level_next, state, generator=None, cond=None):
-        return super().step(denoiser, x, level, level_next, state, generator, cond) + 1e-3 * self.noise(x, generator)
+    def step(self, ctx, x, level, level_next):
+        return super().step(ctx, x, level, level_next) + 1e-3 * ctx.noise(x)
 
 
 class DeclaredStochastic(DDIM):
-    deterministic = False
+    stochastic = True
 
 
 @pytest.mark.parametrize("sampler, message", [
-    (DDIM(10, eta=1.0), "stochastic .*eta=1.0"), (DDPM(10), "stochastic .*eta=1.0"),
-    (Euler(10, s_churn=1.0), "stochastic .*s_churn=1.0"), (Heun(10, s_churn=2.0), "stochastic .*s_churn=2.0"),
-    (DeclaredStochastic(10), "deterministic=False"), (NoisyDDIM(10), "drew random noise"),
+    (DDIM(10, eta=1.0), r"eta=1\.0\) is stochastic"), (DDPM(10), r"DDPM\(steps=10.* is stochastic"),
+    (Euler(10, s_churn=1.0), r"s_churn=1\.0\) is stochastic"), (Heun(10, s_churn=2.0), r"s_churn=2\.0\) is stochastic"),
+    (DeclaredStochastic(10), "DeclaredStochastic.* is stochastic"), (NoisyDDIM(10), "drew random noise"),
 ], ids=["ddim_eta1", "ddpm", "euler_churn", "heun_churn", "declared", "undeclared"])
 def test_stochastic_samplers_cannot_invert(sampler, message):
     with pytest.raises(ValueError, match=message):

@@ -18,7 +18,6 @@ from genlab.core.errors import ConfigError
 from genlab.core.registry import build
 from genlab.diffusion import (DDPM, EDM, PREDICTIONS, VE, VP, DiscreteVP, EulerMaruyama, ExplicitGrid, Karras,
                               PredictorCorrector, RectifiedFlow, ReverseDiffusion, SubVP, UniformTime)
-from genlab.diffusion.samplers.base import SamplerState
 from genlab.testing import GaussianMixture, exact_denoiser
 
 # 3 components in 2-D, component stds 0.22-0.7 (not sharp): mean (-1.65, -0.79), cov [[8.72, -1.34], [-1.34, 3.17]]
@@ -128,7 +127,7 @@ def test_langevin_corrector_keeps_and_reaches_p_t():
     wide = 1.5 * p_t(N)
     assert log_prob_z(wide, sigma) < -20
     for start in (p_t(N), wide):
-        z = log_prob_z(pc.correct(den, start, level, level, SamplerState(), generator=gen), sigma)
+        z = log_prob_z(pc.correct(pc.context(den, 1, gen), start, level, level), sigma)
         assert abs(z) < 4, z
 
 

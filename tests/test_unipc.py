@@ -11,7 +11,7 @@ from test_samplers_exact import observed_orders, ode_setup
 from genlab.core import build
 from genlab.core.errors import ConfigError
 from genlab.diffusion import PREDICTIONS, VP, Denoiser, DiscreteVP
-from genlab.diffusion.samplers.base import SamplerState
+from genlab.diffusion.samplers.base import SamplerState, StepContext
 from genlab.diffusion.samplers.unipc import UniPC, UniPCState
 from genlab.testing import GaussianMixture, exact_denoiser, exact_ode_solution
 from genlab.testing.peers import set_timesteps_float64
@@ -131,7 +131,7 @@ def test_registry_and_bad_input():
     assert isinstance(defaults.init_state(5), UniPCState)
     level = VP().level(torch.tensor(0.5, dtype=torch.float64))
     with pytest.raises(TypeError, match="needs a UniPCState"):
-        defaults.step(exact_denoiser(MIX, VP()), X[:, 0, 0, :2], level, level, SamplerState())
+        defaults.step(StepContext(exact_denoiser(MIX, VP()), SamplerState()), X[:, 0, 0, :2], level, level)
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,11 @@ from .likelihood import DiffusionLikelihood, LogProbEstimate
 from .objectives import DenoisingObjective, FlowMatchingObjective
 from .ode import ODESampler, ODESolution, ProbabilityFlow
 from .predictions import PREDICTIONS, convert, from_x0_eps, to_x0_eps
-from .processes import EDM, VE, VP, DiscreteVP, Level, Process, RectifiedFlow, SubVP
+from .levels import Level
+from .processes import EDM, VE, VP, DiscreteVP, Process, RectifiedFlow, SubVP
 from .samplers import (DDIM, DDPM, DPMSolverPP, DPMSolverPPSDE, DPMSolverSingle, Euler, EulerAncestral, EulerMaruyama,
-                       FlowEuler, Heun, PredictorCorrector, Restart, ReverseDiffusion, Sampler, SamplerState, StepInfo,
-                       UniPC)
+                       FlowEuler, Heun, PredictorCorrector, Restart, ReverseDiffusion, Sampler, SamplerState,
+                       StepContext, StepInfo, UniPC)
 
 __all__ = [
     "Denoiser", "edit_times", "invert", "sdedit", "DDPMGrid", "ExplicitGrid", "Karras", "TimeGrid", "UniformLogSNR",
@@ -24,6 +25,6 @@ __all__ = [
     "ODESampler", "ODESolution", "ProbabilityFlow", "PREDICTIONS", "convert", "from_x0_eps", "to_x0_eps",
     "EDM", "VE", "VP", "DiscreteVP", "Level", "Process", "RectifiedFlow", "SubVP",
     "DDIM", "DDPM", "DPMSolverPP", "DPMSolverPPSDE", "DPMSolverSingle", "Euler", "EulerAncestral", "EulerMaruyama",
-    "FlowEuler", "Heun", "PredictorCorrector", "Restart", "ReverseDiffusion", "Sampler", "SamplerState", "StepInfo",
-    "UniPC", "LearnedGrid", "learn_grid",
+    "FlowEuler", "Heun", "PredictorCorrector", "Restart", "ReverseDiffusion", "Sampler", "SamplerState",
+    "StepContext", "StepInfo", "UniPC", "LearnedGrid", "learn_grid",
 ]

@@ -3,17 +3,35 @@
 Any ``model(x_in, t_in, **cond) -> out`` works: an ``nn.Module`` or a plain function (an analytic
 score, a lookup table). The Denoiser answers ``(x0, eps)`` for any (x_t, t), so samplers,
 guidance and objectives never see what the network predicts.
+
+Every parameterisation, EDM's included, makes x0 and eps linear in (x, raw) with ``raw`` the
+network's output: x0 = a_x0 x + b_x0 raw, eps = a_eps x + b_eps raw. :meth:`Denoiser.linear`
+declares this as the samplers' fast path (see :func:`linear_path`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from . import predictions as P
-from .processes import Level, Process
+from .levels import Level, Scalar, combine
+from .processes import Process, edm_c_noise
+
+Linear = tuple[Tensor, tuple[Scalar, Scalar, Scalar, Scalar]]  # (raw, (a_x0, b_x0, a_eps, b_eps))
+
+
+def edm_scalings(level: Level, sigma_data: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(c_skip, c_out, c_in, c_noise) of EDM preconditioning (Karras et al. 2022, Table 1) at
+    s = sigma / alpha, for x in the process's units: Karras' scaled sample is x^ = x / alpha, so
+    c_skip and c_in carry a factor 1 / alpha, and D(x) = c_skip x + c_out F(c_in x, c_noise) is
+    their Eq. 7, D(x^; s) = c_skip(s) x^ + c_out(s) F(c_in(s) x^, c_noise(s))."""
+    s, sd, alpha = level.sigma_edm, sigma_data, level.alpha
+    norm = torch.sqrt(s**2 + sd**2)
+    return sd**2 / (s**2 + sd**2) / alpha, s * sd / norm, 1 / norm / alpha, edm_c_noise(s)
 
 
 class Denoiser(nn.Module):
@@ -22,13 +40,14 @@ class Denoiser(nn.Module):
     Args:
         model: ``model(x_in [B, ...], t_in [B], **cond) -> [B, ...]``.
         process: the noise process x_t = alpha x0 + sigma eps.
-        prediction: what ``model`` outputs: eps, x0, v, score or velocity (ignored with EDM
-            preconditioning, where the output is Karras et al.'s F).
-        preconditioning: ``"edm"``: D = c_skip x^ + c_out F(c_in x^, c_noise) on x^ = x / alpha,
-            sigma = sigma / alpha (Karras et al. 2022, Eq. 7 and Table 1).
+        prediction: what ``model`` outputs: eps, x0, v, score or velocity (with EDM
+            preconditioning the output is Karras et al.'s F and ``prediction`` is not used).
+        preconditioning: ``"edm"``: x0 = D(x) = c_skip x + c_out F(c_in x, c_noise) (Karras et al.
+            2022, Eq. 7 and Table 1; :func:`edm_scalings`).
         sigma_data: the data std for EDM preconditioning.
         model_time: maps process time t to the network's time input; default
-            ``process.model_time``. Pass ``lambda t: t`` to give an analytic model t itself.
+            ``process.model_time``. Pass ``lambda t: t`` to give an analytic model t itself. Not
+            with EDM preconditioning, whose time input is c_noise.
     """
 
     def __init__(self, model: Callable[..., Tensor], process: Process, prediction: P.PredictionType = "eps",
@@ -39,74 +58,84 @@ class Denoiser(nn.Module):
             raise ValueError(f"unknown prediction type {prediction!r}; expected one of {', '.join(P.PREDICTIONS)}")
         if preconditioning not in (None, "edm"):
             raise ValueError(f"unknown preconditioning {preconditioning!r}; expected 'edm' or None")
+        if preconditioning == "edm" and model_time is not None:
+            raise ValueError("model_time cannot be used with preconditioning='edm': the network's time input is "
+                             "c_noise = ln(sigma / alpha) / 4 (Karras et al. 2022, Table 1); drop model_time")
+        if not sigma_data > 0:
+            raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
         self.model, self.process, self.prediction = model, process, prediction
         self.preconditioning, self.sigma_data = preconditioning, sigma_data
         self.model_time = model_time or process.model_time
 
-    def level(self, t: Tensor | Level, x: Tensor) -> Level:
-        """The level at t, cast to x's dtype and device; t: scalar, [B] or a Level."""
-        level = t if isinstance(t, Level) else self.process.level(torch.as_tensor(t, dtype=torch.float64))
-        return level.to(dtype=x.dtype, device=x.device)
+    fast_path = True  # linear() gives this class's outputs (see __init_subclass__ and linear_path)
 
-    def edm_scalings(self, level: Level) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(c_skip, c_out, c_in, c_noise) at sigma = sigma / alpha (Karras et al. 2022, Table 1)."""
-        s, sd = level.sigma_edm, self.sigma_data
-        c_skip = sd**2 / (s**2 + sd**2)
-        c_out = s * sd / torch.sqrt(s**2 + sd**2)
-        c_in = 1 / torch.sqrt(s**2 + sd**2)
-        return c_skip, c_out, c_in, torch.log(s) / 4
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A subclass that changes ``forward`` without ``linear`` has no fast path: the inherited
+        linear map would skip its change. Defining ``linear`` (or ``linear = None``) says what it has."""
+        super().__init_subclass__(**kwargs)
+        if "linear" in vars(cls):
+            cls.fast_path = vars(cls)["linear"] is not None
+        elif "forward" in vars(cls):
+            cls.fast_path = False
 
-    def _time_input(self, t: Tensor, x: Tensor) -> Tensor:
-        return t.expand(x.shape[0]) if t.ndim == 0 else t
+    def level(self, t: Tensor | float | Level, x: Tensor) -> Level:
+        """The level at t (a float, [], [B] or a Level): float64; per-sample levels on x's device."""
+        level = t if isinstance(t, Level) else self.process.level(t)
+        return level if level.shared else level.to(device=x.device)
+
+    def network_input(self, level: Level) -> tuple[Scalar, Scalar]:
+        """(scale, t_in): the network sees ``scale * x`` and the time input ``t_in`` (floats on a
+        shared level): (1, model_time(t)), or (c_in, c_noise) under EDM preconditioning."""
+        if self.preconditioning == "edm":
+            return level.values(("edm_input", self.sigma_data), lambda lv: edm_scalings(lv, self.sigma_data)[2:])
+        return 1.0, level.values(("model_time", self.model_time), lambda lv: self.model_time(lv.t))
 
     def raw(self, x: Tensor, level: Level, **cond: Any) -> Tensor:
-        """The network's output at (x, level): the prediction, or F under EDM preconditioning."""
-        if self.preconditioning == "edm":
-            _, _, c_in, c_noise = self.edm_scalings(level)
-            x_in = P.broadcast(c_in / level.alpha, x) * x
-            return self.model(x_in, self._time_input(c_noise, x), **cond)
-        t_in = level.memo(("model_time", self.model_time), lambda lv: self.model_time(lv.t))
-        return self.model(x, self._time_input(t_in, x), **cond)
+        """The network's output at (x, level): the prediction, or F(c_in x, c_noise) under EDM."""
+        scale, t_in = self.network_input(level)
+        x_in = x if isinstance(scale, float) and scale == 1.0 else combine((scale, x))
+        return self.model(x_in, time_input(t_in, x), **cond)
 
-    def coefficients(self, level: Level) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def coefficients(self, level: Level) -> tuple[Scalar, Scalar, Scalar, Scalar]:
         """(a_x0, b_x0, a_eps, b_eps) with x0 = a_x0 x + b_x0 raw and eps = a_eps x + b_eps raw;
-        floats on a grid shared by the batch. Under EDM preconditioning x0 = (c_skip / alpha) x +
-        c_out F and eps = (x - alpha x0) / sigma."""
+        floats on a shared level. Under EDM preconditioning x0 = c_skip x + c_out F and
+        eps = (x - alpha x0) / sigma."""
         if self.preconditioning != "edm":
             return level.values(("coefficients", self.prediction), P.coefficients_of(self.prediction))
 
         def edm(lv: Level) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-            c_skip, c_out, _, _ = self.edm_scalings(lv)
-            return c_skip / lv.alpha, c_out, (1 - c_skip) / lv.sigma, -lv.alpha * c_out / lv.sigma
+            c_skip, c_out, _, _ = edm_scalings(lv, self.sigma_data)
+            return c_skip, c_out, (1 - lv.alpha * c_skip) / lv.sigma, -lv.alpha * c_out / lv.sigma
 
         return level.values(("edm", self.sigma_data), edm)
 
     def to_x0_eps(self, raw: Tensor, x: Tensor, level: Level) -> tuple[Tensor, Tensor]:
-        """(x0, eps) from a network output ``raw`` at (x, level)."""
+        """(x0, eps) [B, ...] from a network output ``raw`` at (x, level)."""
         if self.preconditioning != "edm":
             return P.to_x0_eps(self.prediction, raw, x, level)
         a_x0, b_x0, a_eps, b_eps = self.coefficients(level)
-        return P.combine((a_x0, x), (b_x0, raw)), P.combine((a_eps, x), (b_eps, raw))
+        return combine((a_x0, x), (b_x0, raw)), combine((a_eps, x), (b_eps, raw))
 
-    def linear(self, x: Tensor, t: Tensor | Level, **cond: Any) -> tuple[Tensor, tuple[Tensor, ...]]:
-        """(raw, coefficients): x0 and eps as linear maps of (x, raw), for samplers that fold the
-        conversion into their update (w_x0 x0 + w_eps eps in two tensor operations)."""
+    def linear(self, x: Tensor, t: Tensor | float | Level, **cond: Any) -> Linear:
+        """The fast path: (raw, coefficients), x0 and eps as linear maps of (x, raw), for samplers that
+        fold the conversion into their update (w_x0 x0 + w_eps eps in two tensor operations)."""
         level = self.level(t, x)
         return self.raw(x, level, **cond), self.coefficients(level)
 
-    def forward(self, x: Tensor, t: Tensor | Level, **cond: Any) -> tuple[Tensor, Tensor]:
-        """(x0, eps) estimates [B, ...] at x [B, ...] and t (scalar, [B] or a Level)."""
+    def forward(self, x: Tensor, t: Tensor | float | Level, **cond: Any) -> tuple[Tensor, Tensor]:
+        """(x0, eps) estimates [B, ...] at x [B, ...] and t (a float, [], [B] or a Level)."""
         level = self.level(t, x)
         return self.to_x0_eps(self.raw(x, level, **cond), x, level)
 
     def target(self, x0: Tensor, eps: Tensor, x: Tensor, level: Level) -> Tensor:
-        """What ``raw`` should output for the truth (x0, eps): the regression target."""
+        """What ``raw`` should output for the truth (x0, eps) [B, ...] at x: the regression target
+        (under EDM, F's target (x0 - c_skip x) / c_out)."""
         if self.preconditioning == "edm":
-            c_skip, c_out, _, _ = self.edm_scalings(level)
-            return (x0 - P.broadcast(c_skip / level.alpha, x) * x) / P.broadcast(c_out, x)
+            a_x0, b_x0, _, _ = self.coefficients(level)
+            return combine((1 / b_x0, x0), (-a_x0 / b_x0, x))
         return P.from_x0_eps(self.prediction, x0, eps, level)
 
-    def x0_sensitivity(self, level: Level) -> Tensor:
+    def x0_sensitivity(self, level: Level) -> Scalar:
         """d x0 / d raw (= b_x0): an error e in ``raw`` is an error (this) * e in x0."""
         return self.coefficients(level)[1]
 
@@ -115,3 +144,20 @@ class Denoiser(nn.Module):
         return f"process={self.process}, prediction={self.prediction}{pre}"
 
 
+def time_input(value: Scalar, x: Tensor) -> Tensor:
+    """A network's time input [B] on x's device, in x's floating dtype, from a float or a [] / [B] tensor."""
+    dtype = x.dtype if x.is_floating_point() else torch.float32
+    if isinstance(value, float):
+        return torch.full((x.shape[0],), value, dtype=dtype, device=x.device)
+    return value.to(device=x.device, dtype=dtype).expand(x.shape[0])
+
+
+def linear_path(denoiser: Any) -> Callable[..., Linear] | None:
+    """The linear fast path a denoiser declares, bound to it, or None. It is looked up on the class:
+    a wrapper that forwards attribute access (``__getattr__``) to an inner Denoiser does not get the
+    inner one's path, and a Denoiser subclass that overrides ``forward`` alone has none. A wrapper
+    keeps the fast path by defining ``linear`` itself (with the same meaning) or turns it off with
+    ``linear = None``."""
+    cls = type(denoiser)
+    fn = getattr(cls, "linear", None)
+    return fn.__get__(denoiser) if fn is not None and getattr(cls, "fast_path", True) else None

@@ -20,46 +20,18 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .predictions import broadcast
-from .processes import Level, Process
-from .samplers.base import DenoiserLike, Sampler, SamplerState
-
-#: parameters of the known samplers that add fresh noise in a step when they are nonzero
-STOCHASTIC_PARAMETERS: tuple[str, ...] = ("eta", "s_churn")
-
-
-def _declared(sampler: Sampler, name: str) -> bool | None:
-    """The sampler's own answer to ``name`` (an attribute or a method), or None if it has none."""
-    value = getattr(sampler, name, None)
-    return None if value is None else bool(value() if callable(value) else value)
-
+from .levels import Level, combine
+from .processes import Process
+from .samplers.base import DenoiserLike, Sampler
 
 def check_deterministic(sampler: Sampler) -> None:
-    """Raise ValueError if ``sampler`` adds fresh noise in its steps (it then has no inverse).
-
-    A sampler may declare itself with an attribute or method ``deterministic``; otherwise the
-    known stochastic parameters (:data:`STOCHASTIC_PARAMETERS`: DDIM's / DDPM's ``eta``, Euler's
-    and Heun's ``s_churn``) must be zero. :func:`invert` also checks, after running, that no step
-    drew from the generator it was given."""
-    declared = _declared(sampler, "deterministic")
-    if declared is not None:
-        found = [] if declared else ["deterministic=False"]
-    else:
-        found = [f"{p}={getattr(sampler, p)}" for p in STOCHASTIC_PARAMETERS if getattr(sampler, p, 0)]
-    if found:
-        raise ValueError(f"{sampler!r} is stochastic ({', '.join(found)}): it adds fresh noise in its steps, so "
-                         "it has no inverse. Invert with a deterministic sampler (ddim with eta=0, euler or heun "
-                         "with s_churn=0, dpm_solver_pp, flow_euler); sdedit accepts any sampler")
-
-
-def is_multistep(sampler: Sampler) -> bool:
-    """Whether a step depends on earlier steps (multistep history, stages, correctors): declared by
-    an attribute or method ``multistep``; else, conservatively, ``order > 1`` (DPM-Solver++ 2M / 3M,
-    single-step DPM-Solver's stages, UniPC) or a state class of its own (UniPC's corrector)."""
-    declared = _declared(sampler, "multistep")
-    if declared is not None:
-        return declared
-    return getattr(sampler, "order", 1) > 1 or type(sampler.init_state(1)) is not SamplerState
+    """Raise ValueError if ``sampler`` declares itself stochastic (it adds fresh noise in its steps,
+    so it has no inverse). :func:`invert` also checks, after running, that no step drew from the
+    generator it was given."""
+    if sampler.stochastic:
+        raise ValueError(f"{sampler!r} is stochastic (it adds fresh noise in its steps), so it has no inverse. "
+                         "Invert with a deterministic sampler (ddim with eta=0, euler or heun with s_churn=0, "
+                         "dpm_solver_pp, unipc, flow_euler); sdedit accepts any sampler")
 
 
 def edit_times(sampler: Sampler, process: Process, strength: float | None = None, *, t_start: float | None = None,
@@ -108,9 +80,9 @@ def _solve_step(sampler: Sampler, denoiser: DenoiserLike, levels: list[Level], i
     d_r: list[Tensor] = []
     flat, prev = y.reshape(batch, -1), None
     for _ in range(iters):
-        state = sampler.init_state(len(levels) - 1)
-        state.step = i
-        r = (target - sampler.step(denoiser, flat.reshape(shape), levels[i], levels[i + 1], state, generator, cond))
+        ctx = sampler.context(denoiser, len(levels) - 1, generator, cond)
+        ctx.state.step = i
+        r = target - sampler.step(ctx, flat.reshape(shape), levels[i], levels[i + 1])
         r = r.reshape(batch, -1)
         norm = r.norm(dim=1)
         if prev is None:
@@ -165,7 +137,7 @@ def invert(sampler: Sampler, denoiser: DenoiserLike, x0: Tensor, *, strength: fl
     if fixed_point_iters < 0 or corrections < 0 or anderson_memory < 0:
         raise ValueError(f"fixed_point_iters, corrections and anderson_memory must be >= 0, got "
                          f"{fixed_point_iters}, {corrections}, {anderson_memory}")
-    if fixed_point_iters and is_multistep(sampler):
+    if fixed_point_iters and sampler.multistep:
         raise ValueError(f"fixed_point_iters needs a one-step sampler; {sampler!r} is multistep (its step reads "
                          "x0 at earlier points that inversion reaches later). Use corrections=... instead")
     times = edit_times(sampler, denoiser.process, strength, t_start=t_start, steps=steps, times=times)
@@ -174,26 +146,25 @@ def invert(sampler: Sampler, denoiser: DenoiserLike, x0: Tensor, *, strength: fl
         raise ValueError(f"per-sample times must be [N + 1, B] with B = {x0.shape[0]}, got {list(times.shape)}")
     if n == 0:
         return x0.clone()
-    levels = denoiser.process.level(times.to(x0.device)).to(dtype=x0.dtype).steps()
-    at_data = levels[n].sigma == 0
-    if bool(at_data.any()) and not bool(at_data.all()):
+    levels = sampler.levels(denoiser.process, x0, times=times)
+    if levels[n].touches_data and not levels[n].at_data:
         raise ValueError("per-sample times must all end at the data (sigma = 0) or all above it")
     probe = torch.Generator(device=x0.device)  # a stochastic step would draw from it
     before = probe.get_state()
 
     def inverse(x: Tensor) -> Tensor:
         start = n
-        if bool(at_data.all()):
+        if levels[n].at_data:
             start = n - 1
-            x = _solve_step(sampler, denoiser, levels, start, x, broadcast(levels[start].alpha, x) * x,
+            x = _solve_step(sampler, denoiser, levels, start, x, combine((levels[start].coef("alpha")[0], x)),
                             1 + fixed_point_iters, anderson_memory, probe, cond)
         if not fixed_point_iters:
             return sampler.sample(denoiser, x, times=times[:start + 1].flip(0), generator=probe, progress=progress,
                                   cond=cond)
         for i in tqdm(range(start - 1, -1, -1), disable=not progress, desc="invert", leave=False):
-            state = sampler.init_state(n)
-            state.step = n - 1 - i
-            guess = sampler.step(denoiser, x, levels[i + 1], levels[i], state, probe, cond)
+            ctx = sampler.context(denoiser, n, probe, cond)
+            ctx.state.step = n - 1 - i
+            guess = sampler.step(ctx, x, levels[i + 1], levels[i])
             x = _solve_step(sampler, denoiser, levels, i, x, guess, fixed_point_iters, anderson_memory, probe, cond)
         return x
 
@@ -228,7 +199,7 @@ def sdedit(sampler: Sampler, denoiser: DenoiserLike, x: Tensor, strength: float 
         return x.clone()
     if noise is not None and noise.shape != x.shape:
         raise ValueError(f"noise must have the shape of x {list(x.shape)}, got {list(noise.shape)}")
-    level = denoiser.process.level(times[0].to(x.device)).to(dtype=x.dtype)
-    z = sampler.noise(x, generator) if noise is None else noise
-    x_t = broadcast(level.alpha, x) * x + broadcast(level.sigma, x) * z
+    level = sampler.levels(denoiser.process, x, times=times)[0]
+    z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device) if noise is None else noise
+    x_t = combine(*zip(level.coef("alpha", "sigma"), (x, z)))
     return sampler.sample(denoiser, x_t, times=times, generator=generator, progress=progress, cond=cond)

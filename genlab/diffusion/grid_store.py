@@ -8,7 +8,6 @@ writes it (see :mod:`genlab.diffusion.learned_grid`) and ``grid: {type: learned,
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 from pathlib import Path
@@ -28,14 +27,9 @@ FORMAT = "genlab.learned_grids"
 
 
 def sampler_spec(sampler: Sampler) -> dict[str, Any]:
-    """The sampler's registered type and its constructor arguments other than steps and grid,
-    read from its attributes of the same names: the key a learned grid is stored under."""
-    spec: dict[str, Any] = {"type": name_of("sampler", type(sampler)) or type(sampler).__name__}
-    for p in list(inspect.signature(type(sampler).__init__).parameters)[1:]:
-        value = getattr(sampler, p, None)
-        if p not in ("steps", "grid") and isinstance(value, (bool, int, float, str)):
-            spec[p] = value
-    return spec
+    """The sampler's registered type and its :meth:`~genlab.diffusion.Sampler.options`: the key a
+    learned grid is stored under."""
+    return {"type": name_of("sampler", type(sampler)) or type(sampler).__name__, **sampler.options()}
 
 
 def grids_path(path: str | os.PathLike) -> Path:

@@ -65,8 +65,8 @@ class UniformTime(SpacedGrid):
 
 @register("grid", "log_snr")
 class UniformLogSNR(SpacedGrid):
-    """Uniform in lambda = log-SNR (Lu et al. 2022, DPM-Solver, Sec. 3.3 "logSNR" steps), or with
-    ``snr_shift`` = s > 0 uniform in u = log(SNR + s) = lambda + log(1 + s e^-lambda).
+    """Uniform in the log-SNR l (Lu et al. 2022, DPM-Solver, Sec. 3.3 "logSNR" steps), or with
+    ``snr_shift`` = s > 0 uniform in u = log(SNR + s) = l + log(1 + s e^-l).
 
     Why the shift: at high noise the denoiser's x0 estimate of data at scale d moves like
     SNR d^2 (for Gaussian data along the ODE, x0_hat = x0 (1 + e^-lambda / d^2)^-1/2), so the
@@ -103,9 +103,9 @@ class UniformLogSNR(SpacedGrid):
         s = self.snr_shift
         u = ends + torch.log1p(s * torch.exp(-ends))  # log(SNR + s), without losing SNR << s
         u = torch.linspace(u[0], u[1], n, dtype=torch.float64)
-        lam = u + torch.log1p(-s * torch.exp(-u))  # lambda = log(e^u - s)
-        lam[0], lam[-1] = ends[0], ends[-1]  # the ends exactly, whatever rounding did
-        return process.t_of_log_snr(lam)
+        log_snr = u + torch.log1p(-s * torch.exp(-u))  # log(e^u - s)
+        log_snr[0], log_snr[-1] = ends[0], ends[-1]  # the ends exactly, whatever rounding did
+        return process.t_of_log_snr(log_snr)
 
 
 # The default grid of genlab's fast multistep sampler (UniPC): log(SNR + 0.03) (steps widen above
@@ -117,10 +117,17 @@ class UniformLogSNR(SpacedGrid):
 FAST_GRID: Mapping[str, Any] = MappingProxyType({"type": "log_snr", "snr_shift": 0.03, "sigma_min": 0.045})
 
 
+def karras_sigmas(sigma_max: float, sigma_min: float, n: int, rho: float = 7.0) -> Tensor:
+    """n Karras sigmas [n] (float64) from sigma_max down to sigma_min (Karras et al. 2022, Eq. 5):
+    sigma_i = (s_max^(1/rho) + i/(n-1) (s_min^(1/rho) - s_max^(1/rho)))^rho."""
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    return (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+
+
 @register("grid", "karras")
 class Karras(SpacedGrid):
-    """sigma_i = (s_max^(1/rho) + i/(n-1) (s_min^(1/rho) - s_max^(1/rho)))^rho in sigma = sigma/alpha
-    (Karras et al. 2022, Eq. 5), mapped to the process's time."""
+    """Karras sigmas (:func:`karras_sigmas`, Karras et al. 2022, Eq. 5) in sigma = sigma / alpha,
+    mapped to the process's time."""
 
     def __init__(self, rho: float = 7.0, sigma_min: float | None = None, sigma_max: float | None = None,
                  final: Final = "zero") -> None:
@@ -134,9 +141,7 @@ class Karras(SpacedGrid):
         if not (0 < s_min < s_max < float("inf")):
             raise ConfigError(f"grid karras: need 0 < sigma_min < sigma_max < inf, got {s_min:g}, {s_max:g} "
                               f"for {process}; set grid.sigma_max / grid.sigma_min")
-        ramp = torch.linspace(0, 1, n, dtype=torch.float64)
-        sigmas = (s_max ** (1 / self.rho) + ramp * (s_min ** (1 / self.rho) - s_max ** (1 / self.rho))) ** self.rho
-        return process.t_of_sigma_edm(sigmas)
+        return process.t_of_sigma_edm(karras_sigmas(s_max, s_min, n, self.rho))
 
 
 @register("grid", "ddpm")

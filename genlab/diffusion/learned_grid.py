@@ -32,6 +32,7 @@ from torch import Tensor
 from ..core.errors import ConfigError, GenlabError
 from ..core.registry import build
 from .grid_store import LearnedGrid, load_grids, sampler_spec, save_grid
+from .grids import karras_sigmas
 from .processes import Process
 from .samplers.base import DenoiserLike, Sampler
 from .samplers.dpm_solver import DPMSolverPP
@@ -39,23 +40,21 @@ from .samplers.dpm_solver import DPMSolverPP
 
 
 # ----- the teacher ------------------------------------------------------------------------------
-def log_snr_range(process: Process, lam_min: float = -30.0, extend: float = 2 * math.log(100)) -> tuple[float, float]:
-    """(lambda_start, lambda_stop): the log-SNR at t_max (at least ``lam_min``, for processes that
-    reach pure noise) and ``extend`` beyond the one at t_min (sigma 100 times smaller), as far as
-    the process reaches before t = 0."""
+def log_snr_range(process: Process, log_snr_min: float = -30.0,
+                  extend: float = 2 * math.log(100)) -> tuple[float, float]:
+    """(start, stop) log-SNRs: the one at t_max (at least ``log_snr_min``, for processes that reach
+    pure noise) and ``extend`` beyond the one at t_min (sigma 100 times smaller), as far as the
+    process reaches before t = 0."""
     ends = process.log_snr(torch.tensor([process.t_max, process.t_min, process.t_min * 1e-6], dtype=torch.float64))
-    start = max(float(ends[0]), lam_min)
+    start = max(float(ends[0]), log_snr_min)
     return start, max(min(float(ends[1]) + extend, float(ends[2])), float(ends[1]))
 
 
 def reference_times(process: Process, steps: int = 800, rho: float = 7.0) -> Tensor:
     """The teacher's grid [steps + 1]: ``steps`` times with Karras sigmas (rho = 7, Karras et al.
     2022, Eq. 5) from sigma(t_max) down to 100 times below sigma(t_min) (t_max itself first), then 0."""
-    lam_start, lam_stop = log_snr_range(process)
-    s_max, s_min = math.exp(-lam_start / 2), math.exp(-lam_stop / 2)
-    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
-    sigmas = (s_max ** (1 / rho) + ramp * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
-    inner = process.t_of_sigma_edm(sigmas[1:])
+    start, stop = log_snr_range(process)
+    inner = process.t_of_sigma_edm(karras_sigmas(math.exp(-start / 2), math.exp(-stop / 2), steps, rho)[1:])
     return torch.cat([torch.tensor([process.t_max], dtype=torch.float64), inner, torch.zeros(1, dtype=torch.float64)])
 
 
@@ -110,20 +109,20 @@ def rms_error(sampler: Sampler, denoiser: DenoiserLike, times: Tensor, x: Tensor
 
 
 # ----- the student: a monotone grid with fixed ends ---------------------------------------------
-def t_of_log_snr(process: Process, lam: Tensor) -> Tensor:
-    """``process.t_of_log_snr`` with the gradient of the inverse function, dt/dlambda =
-    1 / (dlambda/dt), dlambda/dt = 2 (alpha'/alpha - sigma'/sigma): one Newton step from the
+def t_of_log_snr(process: Process, log_snr: Tensor) -> Tensor:
+    """``process.t_of_log_snr`` with the gradient of the inverse function, dt/dl = 1 / (dl/dt) for the
+    log-SNR l, dl/dt = 2 (alpha'/alpha - sigma'/sigma): one Newton step from the
     (possibly bisected, non-differentiable) solution."""
-    t = process.t_of_log_snr(lam.detach())
+    t = process.t_of_log_snr(log_snr.detach())
     lv = process.level(t)
     slope = 2 * (lv.d_alpha / lv.alpha - lv.d_sigma / lv.sigma)
-    return t + (lam - lv.log_snr) / slope
+    return t + (log_snr - lv.log_snr) / slope
 
 
 class GridParameters(torch.nn.Module):
     """N-step grids t_max > t_1 > ... > t_{N-1} > 0 with the inner log-SNRs at cumulative fractions
-    of [lambda_start, lambda_stop]: increments (floor + (1 - N floor) softmax(theta)) with floor =
-    ``min_step`` / N (N logits; the last increment ends at lambda_stop). ``min_step`` > 0 keeps
+    of [log_snr_start, log_snr_stop]: increments (floor + (1 - N floor) softmax(theta)) with floor =
+    ``min_step`` / N (N logits; the last increment ends at log_snr_stop). ``min_step`` > 0 keeps
     every log-SNR step above that fraction of the mean one: no near-duplicate times, whose large
     step ratios make multistep extrapolation fit the training noise and fail on other noise."""
 
@@ -131,10 +130,10 @@ class GridParameters(torch.nn.Module):
         super().__init__()
         self.process, self.floor = process, min_step / (len(init) - 1)
         self.t_max = float(init[0])
-        lam = process.log_snr(init[1:-1].double())
-        self.lam_start, lam_stop = log_snr_range(process)
-        self.lam_stop = max(lam_stop, float(lam[-1]) + 1.0) if len(lam) else lam_stop
-        full = torch.cat([torch.tensor([self.lam_start]), lam, torch.tensor([self.lam_stop])])
+        inner = process.log_snr(init[1:-1].double())
+        self.log_snr_start, stop = log_snr_range(process)
+        self.log_snr_stop = max(stop, float(inner[-1]) + 1.0) if len(inner) else stop
+        full = torch.cat([torch.tensor([self.log_snr_start]), inner, torch.tensor([self.log_snr_stop])])
         inc = full.diff()
         if not (inc > 0).all():
             raise ConfigError(f"the starting grid must decrease in t (increase in log-SNR) from t_max = {self.t_max:g} "
@@ -150,7 +149,8 @@ class GridParameters(torch.nn.Module):
         """The grid [N + 1] (float64), differentiable in ``theta``."""
         n = self.theta.numel()
         frac = (self.floor + (1 - n * self.floor) * torch.softmax(self.theta, 0)).cumsum(0)[:-1]
-        inner = t_of_log_snr(self.process, self.lam_start + (self.lam_stop - self.lam_start) * frac)
+        start, stop = self.log_snr_start, self.log_snr_stop
+        inner = t_of_log_snr(self.process, start + (stop - start) * frac)
         ends = torch.tensor([self.t_max, 0.0], dtype=torch.float64)
         return torch.cat([ends[:1], inner, ends[1:]])
 

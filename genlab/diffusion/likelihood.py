@@ -33,8 +33,8 @@ import torch
 from torch import Tensor
 
 from ..metrics.likelihood import Likelihood, normal_log_prob
-from .ode import Method, ProbabilityFlow, check_method, reaches_data, solve_unit
-from .predictions import broadcast
+from .levels import combine, log
+from .ode import Method, ProbabilityFlow, check_method, path_scale, reaches_data, solve_unit
 from .samplers.base import DenoiserLike
 
 
@@ -100,8 +100,7 @@ class DiffusionLikelihood(Likelihood):
                  cond: dict[str, Any] | None = None) -> LogProbEstimate:
         """log p(x) with its standard error, the NFE and the end point (see :class:`LogProbEstimate`)."""
         process = self.denoiser.process
-        start, end = (process.level(torch.tensor(t, dtype=torch.float64)).to(dtype=x.dtype, device=x.device)
-                      for t in (self.t_start, self.t_end))
+        start, end = process.level(self.t_start), process.level(self.t_end)
         flow = ProbabilityFlow(self.denoiser, start, end, cond)
         probes = self.draw_probes(x, generator)
         columns = 1 if probes is None else len(probes)
@@ -112,12 +111,12 @@ class DiffusionLikelihood(Likelihood):
                 v = flow(tau, y)
                 return v.detach(), self.divergence_of(v, y, probes)
 
-        y0 = x / broadcast(flow.scale(start), x)
+        y0 = combine((1 / path_scale(start), x))
         zero = x.new_zeros(x.shape[0], columns)
         y1, integral = solve_unit(augmented, (y0, zero), self.method, self.rtol, self.atol, steps=self.steps)
-        x_end = broadcast(flow.scale(end), y1) * y1
+        x_end = combine((path_scale(end), y1))
         d = x[0].numel()
-        rescale = d * (torch.log(flow.scale(end)) - torch.log(flow.scale(start)))
+        rescale = d * (log(path_scale(end)) - log(path_scale(start)))
         per_probe = (self.prior(x_end) + rescale)[:, None] + integral  # [B, columns]
         if probes is None:
             stderr = torch.zeros_like(per_probe[:, 0])

@@ -15,15 +15,26 @@ from torch import Tensor
 
 from ..core.registry import build, register, register_namespace
 from .denoiser import Denoiser
-from .predictions import PredictionType, broadcast
-from .processes import Level, Process
+from .levels import Level, combine, level_dtype
+from .predictions import PredictionType
+from .processes import Process
 
 
 class TimeDistribution:
-    """Base: ``sample(process, n, generator) -> t [n]`` (float64)."""
+    """Base: ``sample(process, n, generator, device) -> t [n]`` (float64) on ``device`` (default: the
+    generator's device, else the CPU); draws come from ``generator``, which must live there."""
 
-    def sample(self, process: Process, n: int, generator: torch.Generator | None = None) -> Tensor:
+    def sample(self, process: Process, n: int, generator: torch.Generator | None = None,
+               device: torch.device | str | None = None) -> Tensor:
         raise NotImplementedError
+
+
+def _draw(draw: str, n: int, generator: torch.Generator | None, device: torch.device | str | None) -> Tensor:
+    """n uniform (``"rand"``) or standard normal (``"randn"``) draws [n] from ``generator`` on
+    ``device`` (default: the generator's device), in the dtype of levels."""
+    if device is None:
+        device = generator.device if generator is not None else "cpu"
+    return getattr(torch, draw)(n, generator=generator, dtype=level_dtype(device), device=device)
 
 
 register_namespace("time_distribution", TimeDistribution, "training-time distributions")
@@ -33,9 +44,9 @@ register_namespace("time_distribution", TimeDistribution, "training-time distrib
 class UniformT(TimeDistribution):
     """t ~ U[t_min, t_max] of the process (Ho et al. 2020; Song et al. 2021)."""
 
-    def sample(self, process: Process, n: int, generator: torch.Generator | None = None) -> Tensor:
-        u = torch.rand(n, generator=generator, dtype=torch.float64)
-        return process.t_min + (process.t_max - process.t_min) * u
+    def sample(self, process: Process, n: int, generator: torch.Generator | None = None,
+               device: torch.device | str | None = None) -> Tensor:
+        return process.t_min + (process.t_max - process.t_min) * _draw("rand", n, generator, device)
 
 
 @register("time_distribution", "log_normal")
@@ -46,8 +57,9 @@ class LogNormalSigma(TimeDistribution):
     def __init__(self, p_mean: float = -1.2, p_std: float = 1.2) -> None:
         self.p_mean, self.p_std = p_mean, p_std
 
-    def sample(self, process: Process, n: int, generator: torch.Generator | None = None) -> Tensor:
-        log_sigma = self.p_mean + self.p_std * torch.randn(n, generator=generator, dtype=torch.float64)
+    def sample(self, process: Process, n: int, generator: torch.Generator | None = None,
+               device: torch.device | str | None = None) -> Tensor:
+        log_sigma = self.p_mean + self.p_std * _draw("randn", n, generator, device)
         return process.t_of_log_snr(-2 * log_sigma).clamp(process.t_min, process.t_max)
 
 
@@ -58,8 +70,9 @@ class LogitNormalT(TimeDistribution):
     def __init__(self, mean: float = 0.0, std: float = 1.0) -> None:
         self.mean, self.std = mean, std
 
-    def sample(self, process: Process, n: int, generator: torch.Generator | None = None) -> Tensor:
-        u = torch.sigmoid(self.mean + self.std * torch.randn(n, generator=generator, dtype=torch.float64))
+    def sample(self, process: Process, n: int, generator: torch.Generator | None = None,
+               device: torch.device | str | None = None) -> Tensor:
+        u = torch.sigmoid(self.mean + self.std * _draw("randn", n, generator, device))
         return process.t_min + (process.t_max - process.t_min) * u
 
 
@@ -114,13 +127,13 @@ class DenoisingObjective:
         """The mean loss over the batch x0 [B, ...] (noise and times drawn from ``generator``)."""
         eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
         x0, eps = self.pair(x0, eps)
-        t = self.t_distribution.sample(denoiser.process, x0.shape[0], generator).to(x0.device)
-        level = denoiser.process.level(t).to(dtype=x0.dtype)
-        x_t = broadcast(level.alpha, x0) * x0 + broadcast(level.sigma, x0) * eps
+        level = denoiser.process.level(self.t_distribution.sample(denoiser.process, x0.shape[0], generator,
+                                                                  device=x0.device))
+        x_t = combine(*zip(level.coef("alpha", "sigma"), (x0, eps)))
         raw = denoiser.raw(x_t, level, **cond)
         err = (raw - denoiser.target(x0, eps, x_t, level)).square().flatten(1).mean(1)
         if self.weighting != "constant":
-            err = err * (self.x0_weight(level) * denoiser.x0_sensitivity(level) ** 2)
+            err = err * (self.x0_weight(level) * denoiser.x0_sensitivity(level) ** 2).to(err.dtype)
         return err.mean()
 
 

@@ -33,9 +33,9 @@ from torchdiffeq import odeint
 
 from ..core.registry import register
 from .grids import GridSpec
-from .predictions import broadcast
-from .processes import Level, Process
-from .samplers.base import DenoiserLike, Sampler, SamplerState
+from .levels import Level, Scalar, combine, where
+from .processes import Process
+from .samplers.base import DenoiserLike, Sampler, StepContext
 
 Method = Literal["dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun", "euler", "midpoint", "heun2", "heun3",
                  "rk4"]
@@ -52,8 +52,12 @@ def check_method(method: str, rtol: float, atol: float) -> None:
 
 def path_time(level: Level) -> Tensor:
     """r = sigma / (alpha + sigma) [] or [B], float64: the time of the level on the linear path."""
-    alpha, sigma = level.alpha.double(), level.sigma.double()
-    return sigma / (alpha + sigma)
+    return level.sigma / (level.alpha + level.sigma)
+
+
+def path_scale(level: Level) -> Scalar:
+    """alpha + sigma (a float on a shared level): x = (alpha + sigma) y on the linear path."""
+    return level.values("path_scale", lambda lv: lv.alpha + lv.sigma)
 
 
 def reaches_data(process: Process) -> bool:
@@ -79,11 +83,6 @@ class ProbabilityFlow:
         self.dr = path_time(end) - self.r0
         self.nfe, self.x0 = 0, None
 
-    @staticmethod
-    def scale(level: Level) -> Tensor:
-        """alpha + sigma: x = scale * y."""
-        return level.alpha + level.sigma
-
     def level(self, tau: Tensor) -> Level:
         """The level at tau in [0, 1] (clamped: torchdiffeq's first-step guess may look beyond)."""
         tau = float(tau)
@@ -91,15 +90,14 @@ class ProbabilityFlow:
             return self.start if tau <= 0 else self.end
         r = self.r0 + tau * self.dr
         process = self.denoiser.process
-        t = process.t_of_sigma_edm(r / (1 - r)).clamp(0, process.t_max)
-        return process.level(t).to(dtype=self.start.alpha.dtype, device=self.start.alpha.device)
+        return process.level(process.t_of_sigma_edm(r / (1 - r)).clamp(0, process.t_max))
 
     def __call__(self, tau: Tensor, y: Tensor) -> Tensor:
         """dy/dtau at (tau, y): y [B, ...] -> [B, ...]."""
         level = self.level(tau)
-        x0, eps = self.denoiser(broadcast(self.scale(level), y) * y, level, **self.cond)
+        x0, eps = self.denoiser(combine((path_scale(level), y)), level, **self.cond)
         self.nfe, self.x0 = self.nfe + 1, x0
-        return broadcast(self.dr.to(y.dtype), y) * (eps - x0)
+        return combine((self.dr, eps), (-self.dr, x0))
 
 
 def solve_unit(func: Any, y0: Tensor | tuple[Tensor, ...], method: Method, rtol: float, atol: float,
@@ -157,21 +155,18 @@ class ODESampler(Sampler):
         self.method, self.rtol, self.atol = method, rtol, atol
         self.nfe_per_step = FIXED_STEP_NFE.get(method, 0)  # 0: adaptive, see solve()
 
-    def step(self, denoiser: DenoiserLike, x: Tensor, level: Level, level_next: Level, state: SamplerState,
-             generator: torch.Generator | None = None, cond: dict[str, Any] | None = None) -> Tensor:
-        at_data = level_next.sigma == 0
-        jump = bool(at_data.any()) and not reaches_data(denoiser.process)
-        end = level_next
+    def step(self, ctx: StepContext, x: Tensor, level: Level, level_next: Level) -> Tensor:
+        process, end = ctx.process, level_next
+        jump = level_next.touches_data and not reaches_data(process)
         if jump:  # VE: solve to t -> 0+, where sigma = sigma_min, then denoise
-            tiny = torch.full_like(level_next.t, 1e-12 * denoiser.process.t_max, dtype=torch.float64)
-            end = denoiser.process.level(torch.where(at_data, tiny, level_next.t.double())).to(dtype=x.dtype)
-        flow = ProbabilityFlow(denoiser, level, end, cond)
-        y = solve_unit(flow, x / broadcast(flow.scale(level), x), self.method, self.rtol, self.atol)
-        x = broadcast(flow.scale(end), y) * y
-        state.denoised = flow.x0
+            tiny = torch.full_like(level_next.t, 1e-12 * process.t_max)
+            end = process.level(torch.where(level_next.sigma == 0, tiny, level_next.t))
+        flow = ProbabilityFlow(ctx.denoiser, level, end, ctx.cond)
+        y = solve_unit(flow, combine((1 / path_scale(level), x)), self.method, self.rtol, self.atol)
+        x = combine((path_scale(end), y))
+        ctx.state.denoised = flow.x0
         if jump:
-            x0 = denoiser(x, end, **(cond or {}))[0]
-            x = torch.where(broadcast(at_data, x), x0, x)
+            x = where(level_next.sigma == 0, ctx.denoiser(x, end, **ctx.cond)[0], x)
         return x
 
     def solve(self, denoiser: DenoiserLike, x: Tensor | None = None, **kwargs: Any) -> ODESolution:

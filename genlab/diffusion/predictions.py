@@ -12,37 +12,15 @@ x0 = a_x0 x + b_x0 out and eps = a_eps x + b_eps out. The types:
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 from typing import Literal
 
-import torch
 from torch import Tensor
 
-from .processes import Level
+from .levels import Level, combine
 
 PredictionType = Literal["eps", "x0", "v", "score", "velocity"]
 PREDICTIONS: tuple[str, ...] = ("eps", "x0", "v", "score", "velocity")
-
-
-def broadcast(value: Tensor, x: Tensor) -> Tensor:
-    """Append singleton dims so a per-sample value [B] (or a scalar) broadcasts against x [B, ...]."""
-    return value.reshape(value.shape + (1,) * (x.ndim - value.ndim)) if value.ndim else value
-
-
-def expm1(v: Tensor | float) -> Tensor | float:
-    """exp(v) - 1 for a float or a tensor."""
-    return math.expm1(v) if isinstance(v, float) else torch.expm1(v)
-
-
-def combine(*terms: tuple[Tensor | float, Tensor]) -> Tensor:
-    """sum_j w_j v_j for weights that are floats, scalars or per-sample [B] tensors, in one
-    multiply and one fused multiply-add per further term."""
-    (w, v), *rest = terms
-    out = torch.mul(v, w if isinstance(w, float) else broadcast(w, v))
-    for w, v in rest:
-        out = out.add_(v, alpha=w) if isinstance(w, float) else out.addcmul_(v, broadcast(w, v))
-    return out
 
 
 def coefficients(prediction: str, level: Level) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -82,20 +60,36 @@ def coefficients_of(prediction: str) -> Callable[[Level], tuple[Tensor, Tensor, 
     return lambda level: coefficients(prediction, level)
 
 
-def from_x0_eps(prediction: str, x0: Tensor, eps: Tensor, level: Level) -> Tensor:
-    """The output of type ``prediction`` that corresponds to (x0, eps): the training target."""
-    a, s = broadcast(level.alpha, x0), broadcast(level.sigma, x0)
+def target_coefficients(prediction: str, level: Level) -> tuple[Tensor, Tensor]:
+    """(c_x0, c_eps) with out = c_x0 x0 + c_eps eps: what a network of type ``prediction`` should
+    output for the truth (x0, eps) (the definitions in the module docstring)."""
+    a, s = level.alpha, level.sigma
+    zero, one = a * 0, a * 0 + 1
     if prediction == "eps":
-        return eps
+        return zero, one
     if prediction == "x0":
-        return x0
+        return one, zero
     if prediction == "v":
-        return a * eps - s * x0
+        return -s, a
     if prediction == "score":
-        return -eps / s
+        return zero, -1 / s
     if prediction == "velocity":
-        return broadcast(level.d_alpha, x0) * x0 + broadcast(level.d_sigma, x0) * eps
+        return level.d_alpha, level.d_sigma
     raise ValueError(f"unknown prediction type {prediction!r}; expected one of {', '.join(PREDICTIONS)}")
+
+
+@functools.cache
+def target_coefficients_of(prediction: str) -> Callable[[Level], tuple[Tensor, Tensor]]:
+    """``level -> target_coefficients(prediction, level)``, one function object per type (a memo key)."""
+    return lambda level: target_coefficients(prediction, level)
+
+
+def from_x0_eps(prediction: str, x0: Tensor, eps: Tensor, level: Level) -> Tensor:
+    """The output of type ``prediction`` that corresponds to (x0, eps) [B, ...]: the training target."""
+    if prediction in ("eps", "x0"):
+        return eps if prediction == "eps" else x0
+    c_x0, c_eps = level.values(("target", prediction), target_coefficients_of(prediction))
+    return combine((c_x0, x0), (c_eps, eps))
 
 
 def convert(out: Tensor, source: str, target: str, x: Tensor, level: Level) -> Tensor:

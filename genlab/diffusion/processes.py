@@ -9,100 +9,20 @@ noisiest level at ``t_max``; samplers work on :class:`Level` values and never on
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Hashable
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from ..core.registry import register, register_namespace
+from .levels import Level, level_dtype
 from .schedules import T_REF, discrete_alphas_cumprod, log_alpha_bar, rescale_zero_terminal_snr
 
 
-class Level:
-    """A noise level of a process: time ``t``, ``alpha``, ``sigma`` and their t-derivatives.
-
-    Fields have one shape: [] (shared by the batch), [B] (per sample), or [N, ...] for a whole
-    time grid, which ``level[i]`` indexes. Derived quantities (log-SNR, conversion coefficients)
-    go through :meth:`memo`: computed once for a whole grid, vectorised, and indexed per step.
-    """
-
-    __slots__ = ("t", "alpha", "sigma", "d_alpha", "d_sigma", "_parent", "_memo")
-    FIELDS = ("t", "alpha", "sigma", "d_alpha", "d_sigma")
-
-    def __init__(self, t: Tensor, alpha: Tensor, sigma: Tensor, d_alpha: Tensor, d_sigma: Tensor,
-                 parent: tuple[Level, Any] | None = None) -> None:
-        self.t, self.alpha, self.sigma, self.d_alpha, self.d_sigma = t, alpha, sigma, d_alpha, d_sigma
-        self._parent, self._memo = parent, {}
-
-    def memo(self, key: Hashable, fn: Callable[[Level], Any]) -> Any:
-        """``fn(self)`` (a tensor or a tuple of tensors), cached; on a step of a grid it is computed
-        for the whole grid at once and indexed."""
-        if key not in self._memo:
-            if self._parent is None:
-                self._memo[key] = fn(self)
-            else:
-                parent, index = self._parent
-                value = parent.memo(key, fn)
-                self._memo[key] = tuple(v[index] for v in value) if isinstance(value, tuple) else value[index]
-        return self._memo[key]
-
-    def values(self, key: Hashable, fn: Callable[[Level], Any]) -> Any:
-        """:meth:`memo` as Python floats when this level is a step of a grid shared by the batch
-        (the grid's values are turned into lists once), so step formulas cost no tensor ops."""
-        if self._parent is None or self._parent[0].t.ndim != 1 or self.t.device.type != "cpu":
-            return self.memo(key, fn)
-        parent, index = self._parent
-        lists = parent.memo(("floats", key), lambda lv: _tolist(lv.memo(key, fn)))
-        return tuple(v[index] for v in lists) if isinstance(lists, tuple) else lists[index]
-
-    def coef(self, *names: str) -> tuple[Tensor | float, ...]:
-        """Fields (or ``log_snr``, ``sigma_edm``) by name, as floats on a shared grid (see :meth:`values`)."""
-        return tuple(self.values(name, lambda lv, n=name: getattr(lv, n)) for name in names)
-
-    @property
-    def log_snr(self) -> Tensor:
-        """lambda = log(alpha^2 / sigma^2) (Kingma et al. 2021, Eq. 2 uses its negative, gamma)."""
-        return self.memo("log_snr", lambda lv: 2 * (torch.log(lv.alpha) - torch.log(lv.sigma)))
-
-    @property
-    def sigma_edm(self) -> Tensor:
-        """Karras et al.'s sigma = sigma / alpha: the noise level of the scaled sample x / alpha."""
-        return self.memo("sigma_edm", lambda lv: lv.sigma / lv.alpha)
-
-    @property
-    def sde(self) -> tuple[Tensor, Tensor]:
-        """(f, g^2) of the forward SDE dx = f x dt + g dW with these marginals: f = d log alpha / dt,
-        g^2 = d sigma^2 / dt - 2 f sigma^2 (Kingma et al. 2021, App. A.1; Song et al. 2021's VP,
-        sub-VP and VE SDEs, Eqs. 9, 11, 17)."""
-
-        def coefficients(lv: Level) -> tuple[Tensor, Tensor]:
-            f = lv.d_alpha / lv.alpha
-            return f, 2 * lv.sigma * (lv.d_sigma - f * lv.sigma)
-
-        return self.memo("sde", coefficients)
-
-    def __getitem__(self, index: int | slice | Tensor) -> Level:
-        return Level(self.t[index], self.alpha[index], self.sigma[index], self.d_alpha[index], self.d_sigma[index],
-                     parent=(self, index))
-
-    def steps(self) -> list[Level]:
-        """The levels of a grid [N, ...] as a list, sharing this grid's memo."""
-        rows = zip(*(getattr(self, f).unbind(0) for f in self.FIELDS))
-        return [Level(*row, parent=(self, i)) for i, row in enumerate(rows)]
-
-    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Level:
-        """A copy with fields cast; this level itself if nothing changes."""
-        if (dtype is None or self.alpha.dtype == dtype) and (device is None or self.alpha.device == torch.device(device)):
-            return self
-        return Level(*(getattr(self, f).to(device=device, dtype=dtype) for f in self.FIELDS))
-
-    def __repr__(self) -> str:
-        return "Level(" + ", ".join(f"{f}={getattr(self, f)}" for f in self.FIELDS) + ")"
-
-
-def _tolist(value: Tensor | tuple[Tensor, ...]) -> list | tuple[list, ...]:
-    return tuple(v.tolist() for v in value) if isinstance(value, tuple) else value.tolist()
+def edm_c_noise(sigma: Tensor) -> Tensor:
+    """c_noise(sigma) = ln(sigma) / 4: the noise level a network is given under EDM's conventions
+    (Karras et al. 2022, Table 1), for the EDM process's model time and EDM preconditioning alike."""
+    return torch.log(sigma) / 4
 
 
 class Process:
@@ -122,32 +42,37 @@ class Process:
         raise NotImplementedError
 
     def derivatives(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        """(d alpha / dt, d sigma / dt) at t, by autograd through ``alpha`` and ``sigma``."""
+        """(d alpha / dt, d sigma / dt) at t, by autograd through ``alpha`` and ``sigma``. When t itself
+        requires grad (a time grid being learned), the derivatives keep their graph, so gradients
+        reach t through them too (the velocity conversion uses them)."""
+        keep = t.requires_grad and torch.is_grad_enabled()
         with torch.enable_grad():
-            t = t.detach().requires_grad_(True)
-            d_alpha = torch.autograd.grad(self.alpha(t).sum(), t)[0]
-            d_sigma = torch.autograd.grad(self.sigma(t).sum(), t)[0]
+            u = t if keep else t.detach().requires_grad_(True)
+            d_alpha = torch.autograd.grad(self.alpha(u).sum(), u, create_graph=keep)[0]
+            d_sigma = torch.autograd.grad(self.sigma(u).sum(), u, create_graph=keep)[0]
         return d_alpha, d_sigma
 
     def level(self, t: Tensor | float) -> Level:
-        """The :class:`Level` at t (float64 unless t is a floating tensor of another dtype)."""
-        t = torch.as_tensor(t, dtype=torch.float64) if not torch.is_tensor(t) or not t.is_floating_point() else t
+        """The :class:`Level` at t ([], [B] or a grid [N + 1, ...]), in float64 on t's device."""
+        t = torch.as_tensor(t)
+        t = t.to(level_dtype(t.device))
         return Level(t, self.alpha(t), self.sigma(t), *self.derivatives(t))
 
     def log_snr(self, t: Tensor) -> Tensor:
+        """log(alpha^2 / sigma^2) at t (= 2 lambda, lambda = log(alpha / sigma))."""
         return 2 * (torch.log(self.alpha(t)) - torch.log(self.sigma(t)))
 
-    def t_of_log_snr(self, lam: Tensor) -> Tensor:
+    def t_of_log_snr(self, log_snr: Tensor) -> Tensor:
         """Inverse of ``log_snr`` by bisection on [0, t_max] (log-SNR decreases in t)."""
-        lam = torch.as_tensor(lam, dtype=torch.float64)
-        lo, hi = torch.zeros_like(lam), torch.full_like(lam, self.t_max)
+        log_snr = torch.as_tensor(log_snr, dtype=torch.float64)
+        lo, hi = torch.zeros_like(log_snr), torch.full_like(log_snr, self.t_max)
         for _ in range(64):
             mid = (lo + hi) / 2
-            above = self.log_snr(mid) > lam
+            above = self.log_snr(mid) > log_snr
             lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
         return (lo + hi) / 2
 
-    def t_of_sigma_edm(self, sigma: Tensor) -> Tensor:
+    def t_of_sigma_edm(self, sigma: Tensor | float) -> Tensor:
         """The time at which sigma / alpha equals ``sigma`` (Karras et al.'s noise level)."""
         return self.t_of_log_snr(-2 * torch.log(torch.as_tensor(sigma, dtype=torch.float64)))
 
@@ -162,12 +87,15 @@ class Process:
 
     def prior_std(self) -> float:
         """Std of x at t_max for unit-variance data: sqrt(alpha^2 + sigma^2)."""
-        lv = self.level(torch.tensor(self.t_max, dtype=torch.float64))
-        return float(torch.sqrt(lv.alpha**2 + lv.sigma**2))
+        alpha, sigma = self.level(self.t_max).coef("alpha", "sigma")
+        return math.sqrt(alpha**2 + sigma**2)
 
     def prior(self, shape: tuple[int, ...] | torch.Size, generator: torch.Generator | None = None,
-              dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Tensor:
-        """A draw of x_{t_max} ~ N(0, prior_std^2 I) of the given shape."""
+              dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> Tensor:
+        """A draw of x_{t_max} ~ N(0, prior_std^2 I) of the given shape, on ``device`` (default: the
+        generator's device, else the CPU)."""
+        if device is None:
+            device = generator.device if generator is not None else "cpu"
         return self.prior_std() * torch.randn(shape, generator=generator, dtype=dtype, device=device)
 
     def __repr__(self) -> str:
@@ -198,7 +126,7 @@ class VP(Process):
         kw = dict(beta_start=self.beta_start, beta_end=self.beta_end, cosine_s=self.cosine_s)
         lab = log_alpha_bar(self.schedule, t, **kw)
         if self.zero_terminal_snr:  # Lin et al. 2024, Alg. 1, on sqrt(alpha_bar) with value 1 at t = 0
-            last = torch.exp(0.5 * log_alpha_bar(self.schedule, torch.ones((), dtype=t.dtype), **kw))
+            last = torch.exp(0.5 * log_alpha_bar(self.schedule, torch.ones((), dtype=t.dtype, device=t.device), **kw))
             lab = torch.log(((torch.exp(0.5 * lab) - last) / (1 - last)).clamp_min(2.0**-12)) * 2
         return lab.clamp(max=0)
 
@@ -208,17 +136,17 @@ class VP(Process):
     def sigma(self, t: Tensor) -> Tensor:
         return torch.sqrt(-torch.expm1(self._log_alpha_bar(t)))
 
-    def _log_alpha_bar_of_log_snr(self, lam: Tensor) -> Tensor:
-        """log alpha_bar at log-SNR lambda: alpha_bar = sigmoid(lambda) when sigma^2 = 1 - alpha_bar."""
-        return torch.nn.functional.logsigmoid(lam)
+    def _log_alpha_bar_of_log_snr(self, log_snr: Tensor) -> Tensor:
+        """log alpha_bar at a log-SNR: alpha_bar = sigmoid(log-SNR) when sigma^2 = 1 - alpha_bar."""
+        return torch.nn.functional.logsigmoid(log_snr)
 
-    def t_of_log_snr(self, lam: Tensor) -> Tensor:
+    def t_of_log_snr(self, log_snr: Tensor) -> Tensor:
         """Closed form for the linear schedule (the root of log alpha_bar(t) = -(b0 t + (b1 - b0) t^2 / 2))
         and the cosine one (arccos); bisection for the others and under zero-terminal SNR."""
-        lam = torch.as_tensor(lam, dtype=torch.float64)
+        log_snr = torch.as_tensor(log_snr, dtype=torch.float64)
         if self.zero_terminal_snr or self.schedule not in ("linear", "cosine"):
-            return super().t_of_log_snr(lam)
-        lab = self._log_alpha_bar_of_log_snr(lam)
+            return super().t_of_log_snr(log_snr)
+        lab = self._log_alpha_bar_of_log_snr(log_snr)
         if self.schedule == "linear":
             b0, b1 = self.beta_start * T_REF, self.beta_end * T_REF
             t = -2 * lab / (b0 + torch.sqrt(b0**2 - 2 * (b1 - b0) * lab))  # the stable form of the root
@@ -239,10 +167,10 @@ class SubVP(VP):
     def sigma(self, t: Tensor) -> Tensor:
         return -torch.expm1(self._log_alpha_bar(t))
 
-    def _log_alpha_bar_of_log_snr(self, lam: Tensor) -> Tensor:
-        """alpha_bar / (1 - alpha_bar)^2 = e^lambda: the root below 1 of e^l a^2 - (2 e^l + 1) a + e^l,
-        a = 2 e^l / (2 e^l + 1 + sqrt(4 e^l + 1)) (the cancellation-free form)."""
-        e = torch.exp(lam)
+    def _log_alpha_bar_of_log_snr(self, log_snr: Tensor) -> Tensor:
+        """alpha_bar / (1 - alpha_bar)^2 = e^l (l the log-SNR): the root below 1 of e^l a^2 - (2 e^l + 1) a
+        + e^l, a = 2 e^l / (2 e^l + 1 + sqrt(4 e^l + 1)) (the cancellation-free form)."""
+        e = torch.exp(log_snr)
         return torch.log(2 * e) - torch.log(2 * e + 1 + torch.sqrt(4 * e + 1))
 
 
@@ -290,8 +218,8 @@ class DiscreteVP(Process):
         a3 = (1 + s**2) ** -1.5
         return -s * a3 * ds, a3 * ds
 
-    def t_of_log_snr(self, lam: Tensor) -> Tensor:
-        s = torch.exp(-0.5 * torch.as_tensor(lam, dtype=torch.float64))
+    def t_of_log_snr(self, log_snr: Tensor) -> Tensor:
+        s = torch.exp(-0.5 * torch.as_tensor(log_snr, dtype=torch.float64))
         knots = self._knots.to(s.device)
         i = (torch.searchsorted(knots, s.contiguous()) - 1).clamp(0, self.T - 1)
         frac = (s - knots[i]) / (knots[i + 1] - knots[i])
@@ -320,8 +248,8 @@ class VE(Process):
     def derivatives(self, t: Tensor) -> tuple[Tensor, Tensor]:
         return torch.zeros_like(t), self.sigma(t) * self._log_ratio
 
-    def t_of_log_snr(self, lam: Tensor) -> Tensor:
-        sigma = torch.exp(-0.5 * torch.as_tensor(lam, dtype=torch.float64))
+    def t_of_log_snr(self, log_snr: Tensor) -> Tensor:
+        sigma = torch.exp(-0.5 * torch.as_tensor(log_snr, dtype=torch.float64))
         return (torch.log(sigma / self.sigma_min) / self._log_ratio).clamp(0, self.t_max)
 
 
@@ -342,11 +270,11 @@ class EDM(Process):
     def derivatives(self, t: Tensor) -> tuple[Tensor, Tensor]:
         return torch.zeros_like(t), torch.ones_like(t)
 
-    def t_of_log_snr(self, lam: Tensor) -> Tensor:
-        return torch.exp(-0.5 * torch.as_tensor(lam, dtype=torch.float64))
+    def t_of_log_snr(self, log_snr: Tensor) -> Tensor:
+        return torch.exp(-0.5 * torch.as_tensor(log_snr, dtype=torch.float64))
 
     def model_time(self, t: Tensor) -> Tensor:
-        return torch.log(t) / 4
+        return edm_c_noise(t)
 
 
 @register("process", "rectified_flow")
@@ -366,5 +294,5 @@ class RectifiedFlow(Process):
     def derivatives(self, t: Tensor) -> tuple[Tensor, Tensor]:
         return -torch.ones_like(t), torch.ones_like(t)
 
-    def t_of_log_snr(self, lam: Tensor) -> Tensor:
-        return torch.sigmoid(-0.5 * torch.as_tensor(lam, dtype=torch.float64))
+    def t_of_log_snr(self, log_snr: Tensor) -> Tensor:
+        return torch.sigmoid(-0.5 * torch.as_tensor(log_snr, dtype=torch.float64))

@@ -42,7 +42,8 @@ def log_alpha_bar(schedule: str, t: Tensor, *, beta_start: float = 1e-4, beta_en
         return lab.clamp(min=COSINE_FLOOR, max=0)
     if schedule == "sigmoid":
         start, end = sigmoid_range
-        v_start, v_end = (torch.sigmoid(torch.tensor(v / sigmoid_tau, dtype=t.dtype)) for v in (start, end))
+        v_start, v_end = (torch.sigmoid(torch.tensor(v / sigmoid_tau, dtype=t.dtype, device=t.device))
+                          for v in (start, end))
         v = torch.sigmoid((t * (end - start) + start) / sigmoid_tau)
         return torch.log(((v_end - v) / (v_end - v_start)).clamp(1e-9, 1.0))
     raise ValueError(f"unknown schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}")

@@ -9,7 +9,8 @@ from torch import Tensor
 
 from genlab.diffusion.denoiser import Denoiser
 from genlab.diffusion.predictions import PredictionType, from_x0_eps
-from genlab.diffusion.processes import Level, Process
+from genlab.diffusion.levels import Level
+from genlab.diffusion.processes import Process
 from genlab.testing.gaussian_mixture import GaussianMixture
 
 

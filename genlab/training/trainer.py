@@ -94,8 +94,8 @@ class Trainer:
 
     def micro_loss(self, micro: int) -> torch.Tensor:
         tc = self.exp.train
-        g = step_generator(tc.seed, self.step, micro, self.acc.process_index, self.acc.device)
-        idx = torch.randint(len(self.data), (tc.batch_size,), generator=g, device=self.acc.device)
+        g = step_generator(tc.seed, self.step, micro, self.acc.process_index, self.data.device)
+        idx = torch.randint(len(self.data), (tc.batch_size,), generator=g, device=self.data.device)
         cond = {} if self.labels is None else {"class_labels": self.labels[idx]}
         with self.acc.autocast():
             return self.exp.objective(self.exp.denoiser(self.model), self.data[idx], generator=g, **cond)

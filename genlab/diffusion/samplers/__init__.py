@@ -1,6 +1,6 @@
 """Samplers: one base class owning the loop; each method is a small subclass."""
 
-from .base import Sampler, SamplerState, StepInfo
+from .base import Sampler, SamplerState, StepContext, StepInfo
 from .ddim import DDIM, DDPM, posterior_std
 from .dpm_solver import DPMSolverPP, DPMSolverPPSDE, dpm_solver_pp_update
 from .dpm_solver_single import DPMSolverSingle
@@ -11,7 +11,8 @@ from .sde import EulerMaruyama, PredictorCorrector, ReverseDiffusion
 from .unipc import UniPC, UniPCState
 
 __all__ = [
-    "Sampler", "SamplerState", "StepInfo", "DDIM", "DDPM", "posterior_std", "DPMSolverPP", "DPMSolverPPSDE",
-    "dpm_solver_pp_update", "DPMSolverSingle", "Euler", "EulerAncestral", "Heun", "ancestral_sigmas", "FlowEuler",
+    "Sampler", "SamplerState", "StepContext", "StepInfo", "DDIM", "DDPM", "posterior_std", "DPMSolverPP",
+    "DPMSolverPPSDE", "dpm_solver_pp_update", "DPMSolverSingle", "Euler", "EulerAncestral", "Heun", "ancestral_sigmas",
+    "FlowEuler",
     "Restart", "RestartInterval", "EulerMaruyama", "PredictorCorrector", "ReverseDiffusion", "UniPC", "UniPCState",
 ]

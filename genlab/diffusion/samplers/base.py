@@ -1,12 +1,25 @@
 """The sampler base class: the loop, progress bar, callbacks, generators and explicit state.
 
-A sampler owns a time grid and a ``step``; everything else lives here. Multistep history is kept
-in a :class:`SamplerState` created per call, never on the instance, so one sampler can run many
-samplings at once, with per-sample times ([B]), or inside a training step.
+A sampler owns a time grid and a ``step``; everything else lives here. A step is written as
+
+    def step(self, ctx: StepContext, x: Tensor, level: Level, level_next: Level) -> Tensor
+
+and reaches the model, the random generator, the condition and the per-call state through ``ctx``
+(``ctx.denoise``, ``ctx.combine``, ``ctx.noise``, ``ctx.state``). The state is created per call
+(:meth:`Sampler.init_state`), never kept on the instance, so one sampler can run many samplings at
+once, with per-sample times ([N + 1, B]), or inside a training step. Coefficients come from the
+levels (floats on a grid shared by the batch, float64 [B] tensors per sample) and reach the data
+through :func:`~genlab.diffusion.levels.combine`, which keeps the data's dtype.
+
+A sampler declares what it is on its class: ``stochastic`` (draws fresh noise in its steps),
+``multistep`` (a step reads earlier steps: history, stages or a corrector) and ``nfe_per_step``
+(model calls per step); parameter-dependent answers are properties.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
@@ -15,13 +28,20 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ...core.registry import build, register_namespace
+from ..denoiser import linear_path
 from ..grids import GridSpec, TimeGrid
-from ..predictions import broadcast, combine
-from ..processes import Level, Process
+from ..levels import Level, Scalar, combine
+from ..processes import Process
 
 
 class DenoiserLike(Protocol):
-    """What samplers need: ``denoiser(x, level, **cond) -> (x0, eps)`` and its ``process``."""
+    """What samplers need: ``denoiser(x, t, **cond) -> (x0, eps)`` and its ``process``.
+
+    A denoiser may declare a fast path on its class, ``linear(x, t, **cond) -> (raw, (a_x0, b_x0,
+    a_eps, b_eps))`` with x0 = a_x0 x + b_x0 raw and eps = a_eps x + b_eps raw (as
+    :class:`~genlab.diffusion.Denoiser` does), or ``linear = None``; see
+    :func:`~genlab.diffusion.denoiser.linear_path`.
+    """
 
     process: Process
 
@@ -30,13 +50,56 @@ class DenoiserLike(Protocol):
 
 @dataclass
 class SamplerState:
-    """Per-sampling state: the step index, the number of steps and the multistep history."""
+    """Per-sampling state: the step index, the number of steps and the multistep history.
+
+    ``history`` holds (level, value) pairs, newest last; the value is whatever the sampler's
+    method stores: x0 estimates for DPM-Solver++ and UniPC, eps for iPNDM (examples/new_sampler.py).
+    """
 
     step: int = 0
     steps: int = 0
-    history: list[tuple[Level, Tensor]] = field(default_factory=list)  # (level, x0), newest last
+    history: list[tuple[Level, Tensor]] = field(default_factory=list)
     denoised: Tensor | None = None  # the latest x0 estimate, for callbacks
     track_denoised: bool = False  # a callback wants ``denoised`` every step
+
+
+@dataclass
+class StepContext:
+    """What a step sees besides x and its two levels: the denoiser, the random generator, the
+    condition (keyword arguments of the model) and the per-call state."""
+
+    denoiser: DenoiserLike
+    state: SamplerState
+    generator: torch.Generator | None = None
+    cond: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def process(self) -> Process:
+        return self.denoiser.process
+
+    def denoise(self, x: Tensor, level: Level) -> tuple[Tensor, Tensor]:
+        """(x0, eps) [B, ...] at (x, level); x0 is kept for callbacks."""
+        x0, eps = self.denoiser(x, level, **self.cond)
+        self.state.denoised = x0
+        return x0, eps
+
+    def combine(self, x: Tensor, level: Level, w_x0: Scalar, w_eps: Scalar) -> Tensor:
+        """w_x0 x0 + w_eps eps at (x, level). Through the denoiser's linear fast path when it declares
+        one and no callback asks for x0: two tensor operations on (x, raw)."""
+        linear = None if self.state.track_denoised else linear_path(self.denoiser)
+        if linear is None:
+            x0, eps = self.denoise(x, level)
+            return combine((w_x0, x0), (w_eps, eps))
+        raw, (a_x0, b_x0, a_eps, b_eps) = linear(x, level, **self.cond)
+        return combine((w_x0 * a_x0 + w_eps * a_eps, x), (w_x0 * b_x0 + w_eps * b_eps, raw))
+
+    def noise(self, x: Tensor) -> Tensor:
+        """Standard normal noise like x [B, ...] (its dtype and device), drawn from the generator."""
+        return torch.randn(x.shape, generator=self.generator, dtype=x.dtype, device=x.device)
+
+    def with_state(self, state: SamplerState) -> StepContext:
+        """The same context with another state (a sub-solve inside a step, e.g. a restart)."""
+        return dataclasses.replace(self, state=state)
 
 
 @dataclass
@@ -60,96 +123,100 @@ class Sampler:
 
     default_grid: GridSpec = "uniform"
     nfe_per_step: int = 1  # model evaluations per step, for NFE budgets
+    stochastic: bool = False  # draws fresh noise in its steps (then it has no inverse)
+    multistep: bool = False  # a step reads earlier steps (history, stages, a corrector)
 
     def __init__(self, steps: int = 20, grid: GridSpec | None = None) -> None:
+        if not (isinstance(steps, int) and steps >= 1):
+            raise ValueError(f"{type(self).__name__}: steps must be an integer >= 1, got {steps!r}")
         self.steps = steps
         self.grid: TimeGrid = build("grid", grid if grid is not None else self.default_grid, path="sampler.grid")
 
     def timesteps(self, process: Process, steps: int | None = None) -> Tensor:
-        """The time grid [steps + 1] (float64) this sampler uses on ``process``. A grid with a
+        """The time grid [steps + 1] (float64, CPU) this sampler uses on ``process``. A grid with a
         ``for_sampler(sampler)`` method (a learned grid, stored per sampler) is asked through it."""
         select = getattr(self.grid, "for_sampler", None)
         return (self.grid if select is None else select(self))(process, steps or self.steps)
 
-    def step(self, denoiser: DenoiserLike, x: Tensor, level: Level, level_next: Level, state: SamplerState,
-             generator: torch.Generator | None = None, cond: dict[str, Any] | None = None) -> Tensor:
-        """One step from ``level`` to ``level_next`` (less noisy); returns x at level_next."""
+    def step(self, ctx: StepContext, x: Tensor, level: Level, level_next: Level) -> Tensor:
+        """One step of x [B, ...] from ``level`` to ``level_next`` (less noisy); returns x at level_next."""
         raise NotImplementedError
 
-    def denoise(self, denoiser: DenoiserLike, x: Tensor, level: Level, state: SamplerState,
-                cond: dict[str, Any] | None) -> tuple[Tensor, Tensor]:
-        """Call the denoiser and remember its x0 for callbacks."""
-        x0, eps = denoiser(x, level, **(cond or {}))
-        state.denoised = x0
-        return x0, eps
+    def init_state(self, steps: int) -> SamplerState:
+        """A fresh per-call state for ``steps`` steps (subclasses with more state return a subclass)."""
+        return SamplerState(steps=steps)
 
-    def denoise_combine(self, denoiser: DenoiserLike, x: Tensor, level: Level, state: SamplerState,
-                        cond: dict[str, Any] | None, w_x0: Tensor | float, w_eps: Tensor | float) -> Tensor:
-        """w_x0 x0 + w_eps eps at (x, level). With a :class:`Denoiser` (linear in its raw output)
-        and no callback asking for x0, this is two tensor operations on (x, raw)."""
-        linear = getattr(denoiser, "linear", None)
-        if linear is None or state.track_denoised:
-            x0, eps = self.denoise(denoiser, x, level, state, cond)
-            return combine((w_x0, x0), (w_eps, eps))
-        raw, (a_x0, b_x0, a_eps, b_eps) = linear(x, level, **(cond or {}))
-        return combine((w_x0 * a_x0 + w_eps * a_eps, x), (w_x0 * b_x0 + w_eps * b_eps, raw))
-
-    @staticmethod
-    def noise(x: Tensor, generator: torch.Generator | None) -> Tensor:
-        """Standard normal noise like x, drawn from ``generator``."""
-        return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    def context(self, denoiser: DenoiserLike, steps: int, generator: torch.Generator | None = None,
+                cond: dict[str, Any] | None = None) -> StepContext:
+        """A step context with a fresh state, for running steps by hand (inversion, tests)."""
+        return StepContext(denoiser, self.init_state(steps), generator, dict(cond or {}))
 
     @torch.no_grad()
     def sample(self, denoiser: DenoiserLike, x: Tensor | None = None, *, shape: tuple[int, ...] | None = None,
                steps: int | None = None, times: Tensor | None = None, generator: torch.Generator | None = None,
                progress: bool = True, callback: Callable[[StepInfo], None] | None = None,
-               cond: dict[str, Any] | None = None) -> Tensor:
-        """Integrate from x at the first time of the grid (default: a prior draw of ``shape``) to
-        the last one and return x there [B, ...]. :meth:`integrate` without autograd.
+               cond: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32,
+               device: torch.device | str | None = None) -> Tensor:
+        """Integrate from x at the first time of the grid (default: a prior draw of ``shape`` in
+        ``dtype`` on ``device``, default the generator's) to the last one and return x there
+        [B, ...]. :meth:`integrate` without autograd.
 
         ``times`` overrides the grid: [N + 1] shared by the batch, or [N + 1, B] per sample.
         """
         return self.integrate(denoiser, x, shape=shape, steps=steps, times=times, generator=generator,
-                              progress=progress, callback=callback, cond=cond)
+                              progress=progress, callback=callback, cond=cond, dtype=dtype, device=device)
 
     def integrate(self, denoiser: DenoiserLike, x: Tensor | None = None, *, shape: tuple[int, ...] | None = None,
                   steps: int | None = None, times: Tensor | None = None, generator: torch.Generator | None = None,
                   progress: bool = False, callback: Callable[[StepInfo], None] | None = None,
-                  cond: dict[str, Any] | None = None) -> Tensor:
+                  cond: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32,
+                  device: torch.device | str | None = None) -> Tensor:
         """The sampling loop of :meth:`sample`, differentiable: gradients reach ``x``, the model and
         ``times``. A shared grid [N + 1] that requires grad runs as per-sample times [N + 1, B]
-        (the shared-grid fast path turns levels into Python floats, which would cut the graph).
+        (a shared grid's coefficients are Python floats, which would cut the graph).
         """
-        process = denoiser.process
         if x is None:
             if shape is None:
                 raise ValueError("sample() needs x (the starting noise) or shape")
-            x = process.prior(shape, generator=generator)
-        times = self.timesteps(process, steps) if times is None else torch.as_tensor(times, dtype=torch.float64)
+            x = denoiser.process.prior(shape, generator=generator, dtype=dtype, device=device)
+        levels = self.levels(denoiser.process, x, steps, times)
+        ctx = StepContext(denoiser, self.init_state(len(levels) - 1), generator, dict(cond or {}))
+        ctx.state.track_denoised = callback is not None
+        for i in tqdm(range(len(levels) - 1), disable=not progress, desc=type(self).__name__, leave=False):
+            x = self.step(ctx, x, levels[i], levels[i + 1])
+            ctx.state.step = i + 1
+            if callback is not None:
+                callback(StepInfo(i, x, ctx.state.denoised, levels[i], levels[i + 1]))
+        return x
+
+    def levels(self, process: Process, x: Tensor, steps: int | None = None, times: Tensor | None = None) -> list[Level]:
+        """The levels of the grid (``times`` or this sampler's own), float64: a shared grid on the CPU,
+        per-sample times [N + 1, B] on x's device."""
+        times = self.timesteps(process, steps) if times is None else torch.as_tensor(times)
+        if times.ndim not in (1, 2) or len(times) < 2:
+            raise ValueError(f"times must be a grid [N + 1] or per sample [N + 1, B] with N >= 1, got shape "
+                             f"{list(times.shape)}")
         if times.ndim == 2 and times.shape[1] != x.shape[0]:
             raise ValueError(f"per-sample times must be [N + 1, B] with B = {x.shape[0]}, got {list(times.shape)}")
         if times.ndim == 1 and times.requires_grad:
             times = times[:, None].expand(-1, x.shape[0])
-        levels = process.level(times.to(x.device)).to(dtype=x.dtype).steps()
-        state = self.init_state(len(times) - 1)
-        state.track_denoised = callback is not None
-        for i in tqdm(range(len(times) - 1), disable=not progress, desc=type(self).__name__, leave=False):
-            x = self.step(denoiser, x, levels[i], levels[i + 1], state, generator, cond)
-            state.step = i + 1
-            if callback is not None:
-                callback(StepInfo(i, x, state.denoised, levels[i], levels[i + 1]))
-        return x
+        grid = process.level(times)
+        return (grid if grid.t.ndim == 1 else grid.to(device=x.device)).steps()
 
-    def init_state(self, steps: int) -> SamplerState:
-        return SamplerState(steps=steps)
+    def options(self) -> dict[str, Any]:
+        """The constructor's arguments other than steps and grid, read back from the attributes of the
+        same names, where they are plain values (bool, int, float, str): what configures the method."""
+        out = {}
+        for name in list(inspect.signature(type(self).__init__).parameters)[1:]:
+            value = getattr(self, name, None)
+            if name not in ("steps", "grid") and isinstance(value, (bool, int, float, str)):
+                out[name] = value
+        return out
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(steps={self.steps}, grid={type(self.grid).__name__})"
+        defaults = {k: p.default for k, p in inspect.signature(type(self).__init__).parameters.items()}
+        changed = "".join(f", {k}={v!r}" for k, v in self.options().items() if defaults.get(k) != v)
+        return f"{type(self).__name__}(steps={self.steps}, grid={type(self.grid).__name__}{changed})"
 
 
 register_namespace("sampler", Sampler, "samplers: a time grid and a step, on any process and prediction")
-
-
-def bc(value: Tensor, x: Tensor) -> Tensor:
-    """Short alias of :func:`genlab.diffusion.predictions.broadcast` for step formulas."""
-    return broadcast(value, x)

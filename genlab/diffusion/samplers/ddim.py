@@ -2,36 +2,29 @@
 
 from __future__ import annotations
 
-import math
-from typing import Any, Literal
+from typing import Literal
 
-import torch
 from torch import Tensor
 
 from ...core.registry import register
 from ..grids import GridSpec
-from ..processes import Level
-from .base import DenoiserLike, Sampler, SamplerState, bc
+from ..levels import Level, Scalar, combine, sqrt
+from .base import Sampler, StepContext
 
 
-def posterior_std(level: Level, level_next: Level) -> Tensor:
+def posterior_std(level: Level, level_next: Level) -> Scalar:
     """Std of q(x_s | x_t, x0) for s = level_next < t = level (Kingma et al. 2021, Eq. 33):
-    sigma_s sqrt(1 - exp(lambda_t - lambda_s)), with exp(..) = (alpha_t sigma_s / (alpha_s sigma_t))^2."""
-    ratio = level.alpha * level_next.sigma / (level_next.alpha * level.sigma)
-    return level_next.sigma * torch.sqrt((1 - ratio**2).clamp_min(0))
+    sigma_s sqrt(1 - exp(lambda_t - lambda_s)^2), exp(..) = alpha_t sigma_s / (alpha_s sigma_t)."""
+    (a_t, s_t), (a_s, s_s) = level.coef("alpha", "sigma"), level_next.coef("alpha", "sigma")
+    return s_s * sqrt(1 - (a_t * s_s / (a_s * s_t)) ** 2)
 
 
-def nonneg_sqrt(v: Tensor | float) -> Tensor | float:
-    """sqrt(max(v, 0)) of a float or a tensor."""
-    return math.sqrt(max(v, 0.0)) if isinstance(v, float) else v.clamp_min(0).sqrt()
-
-
-def transition_std(level: Level, level_next: Level) -> Tensor | float:
+def transition_std(level: Level, level_next: Level) -> Scalar:
     """Std of the forward transition x_t | x_s (s = level_next, t = level) in the alpha/sigma picture:
     sqrt(sigma_t^2 - (alpha_t / alpha_s)^2 sigma_s^2) (Kingma et al. 2021, VDM, q(z_t | z_s); sqrt(beta_t)
-    for consecutive DDPM steps); floats on a grid shared by the batch."""
+    for consecutive DDPM steps)."""
     (a_t, s_t), (a_s, s_s) = level.coef("alpha", "sigma"), level_next.coef("alpha", "sigma")
-    return nonneg_sqrt(s_t**2 - (a_t / a_s * s_s) ** 2)
+    return sqrt(s_t**2 - (a_t / a_s * s_s) ** 2)
 
 
 @register("sampler", "ddim")
@@ -43,24 +36,27 @@ class DDIM(Sampler):
 
     def __init__(self, steps: int = 50, grid: GridSpec | None = None, eta: float = 0.0) -> None:
         super().__init__(steps, grid)
+        if not eta >= 0:
+            raise ValueError(f"ddim: eta must be >= 0 (0: deterministic DDIM, 1: DDPM), got {eta}")
         self.eta = eta
 
-    def noise_std(self, level: Level, level_next: Level) -> Tensor:
+    @property
+    def stochastic(self) -> bool:
+        return self.eta > 0
+
+    def noise_std(self, level: Level, level_next: Level) -> Scalar:
         """Std of the fresh noise added in the step (DDPM overrides it)."""
         return self.eta * posterior_std(level, level_next)
 
-    def step(self, denoiser: DenoiserLike, x: Tensor, level: Level, level_next: Level, state: SamplerState,
-             generator: torch.Generator | None = None, cond: dict[str, Any] | None = None) -> Tensor:
-        if self.eta == 0:
-            return self.denoise_combine(denoiser, x, level, state, cond, *level_next.coef("alpha", "sigma"))
-        x0, eps = self.denoise(denoiser, x, level, state, cond)
+    def step(self, ctx: StepContext, x: Tensor, level: Level, level_next: Level) -> Tensor:
+        a_s, s_s = level_next.coef("alpha", "sigma")
+        if not self.stochastic:
+            return ctx.combine(x, level, a_s, s_s)
         mean_std = self.eta * posterior_std(level, level_next)
-        c_eps = torch.sqrt((level_next.sigma**2 - mean_std**2).clamp_min(0))
-        x_next = bc(level_next.alpha, x) * x0 + bc(c_eps, x) * eps
-        std = self.noise_std(level, level_next)
-        if bool((level_next.sigma > 0).any()):
-            x_next = x_next + bc(std, x) * self.noise(x, generator)
-        return x_next
+        x_next = ctx.combine(x, level, a_s, sqrt(s_s**2 - mean_std**2))
+        if level_next.at_data:
+            return x_next
+        return combine((1.0, x_next), (self.noise_std(level, level_next), ctx.noise(x)))
 
 
 @register("sampler", "ddpm")
@@ -74,10 +70,12 @@ class DDPM(DDIM):
     def __init__(self, steps: int = 1000, grid: GridSpec | None = None,
                  variance: Literal["small", "large"] = "small") -> None:
         super().__init__(steps, grid, eta=1.0)
+        if variance not in ("small", "large"):
+            raise ValueError(f"ddpm: variance must be 'small' or 'large', got {variance!r}")
         self.variance = variance
 
-    def noise_std(self, level: Level, level_next: Level) -> Tensor:
+    def noise_std(self, level: Level, level_next: Level) -> Scalar:
         if self.variance == "small":
             return posterior_std(level, level_next)
-        large = torch.as_tensor(transition_std(level, level_next), dtype=level.sigma.dtype, device=level.sigma.device)
-        return torch.where(level_next.sigma > 0, large, torch.zeros_like(large))
+        (s_s,) = level_next.coef("sigma")
+        return transition_std(level, level_next) * (s_s > 0)  # no noise into the data

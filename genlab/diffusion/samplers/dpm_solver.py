@@ -17,16 +17,15 @@ both. With x0 held constant this is DDIM (eta = 0) and DDPM's posterior step (et
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Literal
 
-import torch
 from torch import Tensor
 
 from ...core.registry import register
 from ..grids import GridSpec
-from ..predictions import combine, expm1
-from ..processes import Level
-from .base import DenoiserLike, Sampler, SamplerState
+from ..levels import Level, combine, expm1
+from .base import Sampler, StepContext
+from .multistep import lam_step, phis, step_order
 
 SolverType = Literal["midpoint", "heun"]
 ThirdOrder = Literal["taylor", "reference"]
@@ -40,35 +39,37 @@ def dpm_solver_pp_update(x: Tensor, points: Sequence[tuple[Level, Tensor]], leve
     behind (multistep) or ahead (single-step stages): D1 and D2 are the divided differences of the
     x0 estimates in lambda, scaled by h and h^2, whatever side they are on.
 
-    Weights of the x0 integral (with k h for h, e = 1 - e^(-k h)): one point, e m0 (DPM-Solver++(1),
-    Lu et al. 2022b, Eq. 6); two points, e m0 + w1 D1 with w1 = e / 2 (``"midpoint"``, Eq. 8) or
-    1 - e / (k h) (``"heun"``: the linear interpolant integrated exactly); three points, D1 and D2 of
-    the quadratic through them, w1 = 1 - e / (k h) and w2 = 1 - 2 (k h - e) / (k h)^2 (``"taylor"``,
-    exact for the quadratic) or half of it, 1/2 - (k h - e) / (k h)^2 (``"reference"``: the DPM-Solver
-    code and diffusers, which makes 3M globally second order). All weights are times alpha_s.
+    Weights of the x0 integral (with k h for h, e = 1 - e^(-k h), phi_k = phi_k(-k h) of
+    :func:`~genlab.diffusion.samplers.multistep.phis`): one point, e m0 (DPM-Solver++(1), Lu et al.
+    2022b, Eq. 6); two points, e m0 + w1 D1 with w1 = e / 2 (``"midpoint"``, Eq. 8) or 1 - phi_1
+    (``"heun"``: the linear interpolant integrated exactly); three points, D1 and D2 of the quadratic
+    through them, w1 = 1 - phi_1 and w2 = 1 - 2 phi_2 (``"taylor"``, exact for the quadratic) or half
+    of it, 1/2 - phi_2 (``"reference"``: the DPM-Solver code and diffusers, which makes 3M globally
+    second order). All weights are times alpha_s.
 
     ``noise`` (standard normal like x) is required when eta > 0 and sigma_s > 0.
     """
     if not 1 <= len(points) <= 3:
         raise ValueError(f"DPM-Solver++ updates use 1, 2 or 3 x0 estimates, got {len(points)}")
-    lam = [0.5 * lv.coef("log_snr")[0] for lv, _ in points]
-    (a_s, s_s, log_snr_s), (s_t,) = level_next.coef("alpha", "sigma", "log_snr"), points[0][0].coef("sigma")
-    h = 0.5 * log_snr_s - lam[0]
+    lam, h = lam_step(points[0][0], level_next)
+    lams = [lam, *(lv.coef("lam")[0] for lv, _ in points[1:])]
+    (a_s, s_s), (s_t,) = level_next.coef("alpha", "sigma"), points[0][0].coef("sigma")
     kh = (1 + eta) * h
     e = -expm1(-kh)  # 1 - e^(-k h)
     weights = [e]  # on x0 at points[0], points[1], ..., before the factor alpha_s
-    if len(points) == 2:
-        r0 = (lam[0] - lam[1]) / h
-        w1 = 0.5 * e if solver_type == "midpoint" else 1 - e / kh
-        weights = [e + w1 / r0, -w1 / r0]  # D1 = (m0 - m1) / r0
-    elif len(points) == 3:
-        r0, r1 = (lam[0] - lam[1]) / h, (lam[1] - lam[2]) / h
-        w1 = 1 - e / kh
-        w2 = 1 - 2 * (kh - e) / kh**2 if third_order == "taylor" else 0.5 - (kh - e) / kh**2
-        # D1 = (1 + q) D1_0 - q D1_1, D2 = (D1_0 - D1_1) / (r0 + r1), D1_k = (m_k - m_{k+1}) / r_k
-        q, inv = r0 / (r0 + r1), 1 / (r0 + r1)
-        u, v = w1 * (1 + q) + w2 * inv, -w1 * q - w2 * inv  # weights of D1_0 and D1_1
-        weights = [e + u / r0, -u / r0 + v / r1, -v / r1]
+    if len(points) > 1:
+        phi_1, phi_2 = phis(-kh, 2)  # phi_1 = e / (k h), phi_2 = (k h - e) / (k h)^2
+        w1 = 0.5 * e if solver_type == "midpoint" and len(points) == 2 else 1 - phi_1
+        r0 = (lam - lams[1]) / h
+        if len(points) == 2:
+            weights = [e + w1 / r0, -w1 / r0]  # D1 = (m0 - m1) / r0
+        else:
+            r1 = (lams[1] - lams[2]) / h
+            w2 = 1 - 2 * phi_2 if third_order == "taylor" else 0.5 - phi_2
+            # D1 = (1 + q) D1_0 - q D1_1, D2 = (D1_0 - D1_1) / (r0 + r1), D1_k = (m_k - m_{k+1}) / r_k
+            q, inv = r0 / (r0 + r1), 1 / (r0 + r1)
+            u, v = w1 * (1 + q) + w2 * inv, -w1 * q - w2 * inv  # weights of D1_0 and D1_1
+            weights = [e + u / r0, -u / r0 + v / r1, -v / r1]
     c_x = s_s / s_t if eta == 0 else s_s / s_t * (expm1(-eta * h) + 1)  # sigma_s / sigma_t e^(-eta h)
     terms = [(c_x, x), *((a_s * w, m) for w, (_, m) in zip(weights, points))]
     if noise is not None:
@@ -91,8 +92,8 @@ class DPMSolverPP(Sampler):
     its local error O(h^2).
 
     Third order: with D1 ~ h x0' and D2 = (D1_0 - D1_1) / (r0 + r1) ~ h^2 x0'' / 2, the Taylor
-    expansion of the exact solution weights D2 by 1 - 2 (h - phi) / h^2. The reference code
-    (LuChengTHU/dpm-solver, diffusers) uses half of that, (phi_2 / h - 1/2), which makes 3M
+    expansion of the exact solution weights D2 by 1 - 2 phi_2(-h). The reference code
+    (LuChengTHU/dpm-solver, diffusers) uses half of that, 1/2 - phi_2(-h), which makes 3M
     globally second order; ``third_order="reference"`` reproduces it step for step.
     """
 
@@ -109,24 +110,24 @@ class DPMSolverPP(Sampler):
         self.order, self.lower_order_final, self.third_order = order, lower_order_final, third_order
         self.eta, self.solver_type = eta, solver_type
 
-    def step_order(self, state: SamplerState, level_next: Level) -> int:
-        order = min(self.order, len(state.history))
-        few = self.lower_order_final and state.steps < 15
-        if state.step == state.steps - 1 and (few or bool((level_next.sigma == 0).any())):
-            return 1
-        if state.step == state.steps - 2 and few:
-            return min(order, 2)
-        return order
+    @property
+    def stochastic(self) -> bool:
+        return self.eta > 0
 
-    def step(self, denoiser: DenoiserLike, x: Tensor, level: Level, level_next: Level, state: SamplerState,
-             generator: torch.Generator | None = None, cond: dict[str, Any] | None = None) -> Tensor:
-        x0, _ = self.denoise(denoiser, x, level, state, cond)
-        state.history = [*state.history[-(self.order - 1):], (level, x0)] if self.order > 1 else [(level, x0)]
-        points = state.history[::-1][:self.step_order(state, level_next)]  # newest first
-        noisy = self.eta > 0 and bool((level_next.sigma > 0).any())
+    @property
+    def multistep(self) -> bool:
+        return self.order > 1
+
+    def step(self, ctx: StepContext, x: Tensor, level: Level, level_next: Level) -> Tensor:
+        x0, _ = ctx.denoise(x, level)
+        state = ctx.state
+        state.history = [*(state.history[1 - self.order:] if self.order > 1 else []), (level, x0)]
+        final = "short_grids" if self.lower_order_final else "none"
+        points = state.history[::-1][:step_order(self.order, state, level_next, final)]  # newest first
+        noisy = self.stochastic and not level_next.at_data
         return dpm_solver_pp_update(x, points, level_next, solver_type=self.solver_type,
                                     third_order=self.third_order, eta=self.eta,
-                                    noise=self.noise(x, generator) if noisy else None)
+                                    noise=ctx.noise(x) if noisy else None)
 
 
 @register("sampler", "dpm_solver_pp_sde")

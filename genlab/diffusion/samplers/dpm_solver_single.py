@@ -13,15 +13,14 @@ stages sit at r = 1/2 (2S) and r = 1/3, 2/3 (3S) of the step: the papers' choice
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
-import torch
 from torch import Tensor
 
 from ...core.registry import register
 from ..grids import GridSpec
-from ..processes import Level
-from .base import DenoiserLike, Sampler, SamplerState
+from ..levels import Level
+from .base import Sampler, SamplerState, StepContext
 from .dpm_solver import dpm_solver_pp_update
 
 
@@ -61,17 +60,19 @@ class DPMSolverSingle(Sampler):
             raise ValueError(f"single-step DPM-Solver++ order must be 1, 2 or 3, got {order}")
         self.order, self.lower_order_final = order, lower_order_final
 
+    @property
+    def multistep(self) -> bool:
+        return self.order > 1  # a stage's step reads x and x0 from the earlier stages of its step
+
     def init_state(self, steps: int) -> SingleStepState:
         return SingleStepState(steps=steps, stages=stage_schedule(steps, self.order, self.lower_order_final))
 
-    def step(self, denoiser: DenoiserLike, x: Tensor, level: Level, level_next: Level, state: SamplerState,
-             generator: torch.Generator | None = None, cond: dict[str, Any] | None = None) -> Tensor:
+    def step(self, ctx: StepContext, x: Tensor, level: Level, level_next: Level) -> Tensor:
+        state = ctx.state
         if not isinstance(state, SingleStepState):
             raise TypeError(f"{type(self).__name__} needs the state from its init_state(), got {type(state).__name__}")
-        x0, _ = self.denoise(denoiser, x, level, state, cond)
-        stage = state.stages[state.step]
-        if state.step == state.steps - 1 and bool((level_next.sigma == 0).any()):
-            stage = 1
+        x0, _ = ctx.denoise(x, level)
+        stage = 1 if level_next.touches_data else state.stages[state.step]
         if stage == 1:
             state.start, state.history = x, [(level, x0)]
         else:

@@ -7,16 +7,16 @@ they run on every process: an Euler step is x_next = alpha_next x0 + sigma_next 
 from __future__ import annotations
 
 import math
-from typing import Any
 
-import torch
 from torch import Tensor
 
 from ...core.registry import register
 from ..grids import GridSpec
-from ..processes import Level
-from .base import DenoiserLike, Sampler, SamplerState, bc
+from ..levels import Level, Scalar, combine, minimum, sqrt, where
+from .base import Sampler, SamplerState, StepContext
 from .ddim import posterior_std
+
+CHURN_CAP = math.sqrt(2) - 1  # the largest gamma of Algorithm 2: sigma_hat at most sqrt(2) sigma
 
 
 @register("sampler", "euler")
@@ -32,33 +32,36 @@ class Euler(Sampler):
     def __init__(self, steps: int = 20, grid: GridSpec | None = None, s_churn: float = 0.0,
                  s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0) -> None:
         super().__init__(steps, grid)
+        if not s_churn >= 0:
+            raise ValueError(f"{type(self).__name__}: s_churn must be >= 0, got {s_churn}")
         self.s_churn, self.s_tmin, self.s_tmax, self.s_noise = s_churn, s_tmin, s_tmax, s_noise
+
+    @property
+    def stochastic(self) -> bool:
+        return self.s_churn > 0
 
     def churn_gamma(self, state: SamplerState) -> float:
         """gamma of Algorithm 2 for a sampling of ``state.steps`` steps: min(S_churn / N, sqrt(2) - 1)."""
-        return min(self.s_churn / state.steps, math.sqrt(2) - 1)
+        return min(self.s_churn / state.steps, CHURN_CAP)
 
-    def churn(self, denoiser: DenoiserLike, x: Tensor, level: Level, state: SamplerState,
-              generator: torch.Generator | None) -> tuple[Tensor, Level]:
+    def churn(self, ctx: StepContext, x: Tensor, level: Level) -> tuple[Tensor, Level]:
         """Lines 4-6 of Algorithm 2: move x from sigma up to sigma_hat; returns (x_hat, level_hat)."""
-        gamma = self.churn_gamma(state)
-        if gamma <= 0:
+        gamma = self.churn_gamma(ctx.state)
+        window = ("churn", self.s_tmin, self.s_tmax)
+        if gamma <= 0 or not level.facts(window, lambda lv: (lv.sigma_edm >= self.s_tmin)
+                                         & (lv.sigma_edm <= self.s_tmax))[0]:
             return x, level
         sigma = level.sigma_edm
-        gamma = gamma * ((sigma >= self.s_tmin) & (sigma <= self.s_tmax)).double()  # float64, not torch's default
-        if not bool((gamma > 0).any()):
-            return x, level
-        process = denoiser.process
-        t_hat = process.t_of_sigma_edm(sigma.double() * (1 + gamma.double())).clamp(max=process.t_max)
-        level_hat = process.level(t_hat).to(dtype=x.dtype, device=x.device)
-        extra = torch.sqrt((level_hat.sigma_edm**2 - sigma**2).clamp_min(0)) * self.s_noise
-        x_hat = x / bc(level.alpha, x) + bc(extra, x) * self.noise(x, generator)
-        return bc(level_hat.alpha, x) * x_hat, level_hat
+        gamma_t = gamma * ((sigma >= self.s_tmin) & (sigma <= self.s_tmax)).to(sigma.dtype)
+        process = ctx.process
+        level_hat = process.level(process.t_of_sigma_edm(sigma * (1 + gamma_t)).clamp(max=process.t_max))
+        (s_hat, a_hat), (s, a) = level_hat.coef("sigma_edm", "alpha"), level.coef("sigma_edm", "alpha")
+        extra = sqrt(s_hat**2 - s**2) * self.s_noise
+        return combine((a_hat / a, x), (a_hat * extra, ctx.noise(x))), level_hat
 
-    def step(self, denoiser: DenoiserLike, x: Tensor, level: Level, level_next: Level, state: SamplerState,
-             generator: torch.Generator | None = None, cond: dict[str, Any] | None = None) -> Tensor:
-        x, level = self.churn(denoiser, x, level, state, generator)
-        return self.denoise_combine(denoiser, x, level, state, cond, *level_next.coef("alpha", "sigma"))
+    def step(self, ctx: StepContext, x: Tensor, level: Level, level_next: Level) -> Tensor:
+        x, level = self.churn(ctx, x, level)
+        return ctx.combine(x, level, *level_next.coef("alpha", "sigma"))
 
 
 @register("sampler", "heun")
@@ -68,22 +71,25 @@ class Heun(Euler):
 
     nfe_per_step = 2
 
-    def step(self, denoiser: DenoiserLike, x: Tensor, level: Level, level_next: Level, state: SamplerState,
-             generator: torch.Generator | None = None, cond: dict[str, Any] | None = None) -> Tensor:
-        x, level = self.churn(denoiser, x, level, state, generator)
-        x0, eps = self.denoise(denoiser, x, level, state, cond)
-        euler = bc(level_next.alpha, x) * x0 + bc(level_next.sigma, x) * eps
-        second = (level_next.sigma > 0) & torch.isfinite(level.sigma_edm)
-        if not bool(second.any()):
+    def step(self, ctx: StepContext, x: Tensor, level: Level, level_next: Level) -> Tensor:
+        x, level = self.churn(ctx, x, level)
+        x0, eps = ctx.denoise(x, level)
+        a_s, s_s = level_next.coef("alpha", "sigma")
+        euler = combine((a_s, x0), (s_s, eps))
+        finite = level.facts("alpha>0", lambda lv: lv.alpha > 0)  # sigma / alpha is finite
+        if level_next.at_data or not finite[0]:
             return euler
-        _, eps_next = denoiser(euler, level_next, **(cond or {}))
-        step = bc(level_next.sigma_edm - level.sigma_edm, x) * (eps + eps_next) / 2
-        heun = bc(level_next.alpha, x) * (x / bc(level.alpha, x) + step)
-        return torch.where(bc(second, x), heun, euler)
+        _, eps_next = ctx.denoiser(euler, level_next, **ctx.cond)
+        (s_edm, a_t), (s_edm_next,) = level.coef("sigma_edm", "alpha"), level_next.coef("sigma_edm")
+        half = a_s * (s_edm_next - s_edm) / 2
+        heun = combine((a_s / a_t, x), (half, eps), (half, eps_next))
+        if level_next.touches_data or not finite[1]:
+            return where((level_next.sigma > 0) & (level.alpha > 0), heun, euler)
+        return heun
 
 
-def ancestral_sigmas(level: Level, level_next: Level, eta: float = 1.0) -> tuple[Tensor, Tensor]:
-    """(sigma_down, sigma_up) of an ancestral step from ``level`` to ``level_next`` ([] or [B]).
+def ancestral_sigmas(level: Level, level_next: Level, eta: float = 1.0) -> tuple[Scalar, Scalar]:
+    """(sigma_down, sigma_up) of an ancestral step from ``level`` to ``level_next`` (floats or [B]).
 
     k-diffusion's ``get_ancestral_step`` in Karras' sigma s = sigma / alpha is s_up = min(s_next,
     eta s_next sqrt(1 - s_next^2 / s^2)), s_down = sqrt(s_next^2 - s_up^2). Here both are multiplied
@@ -91,8 +97,9 @@ def ancestral_sigmas(level: Level, level_next: Level, eta: float = 1.0) -> tuple
     s_next sqrt(1 - s_next^2 / s^2) alpha_next is the DDPM posterior std (Kingma et al. 2021, Eq. 33),
     so eta = 1 is DDPM's step and eta = 0 the Euler (DDIM) step.
     """
-    sigma_up = torch.minimum(level_next.sigma, eta * posterior_std(level, level_next))
-    return torch.sqrt((level_next.sigma**2 - sigma_up**2).clamp_min(0)), sigma_up
+    (s_s,) = level_next.coef("sigma")
+    sigma_up = minimum(s_s, eta * posterior_std(level, level_next))
+    return sqrt(s_s**2 - sigma_up**2), sigma_up
 
 
 @register("sampler", "euler_ancestral")
@@ -107,14 +114,17 @@ class EulerAncestral(Sampler):
     def __init__(self, steps: int = 20, grid: GridSpec | None = None, eta: float = 1.0,
                  s_noise: float = 1.0) -> None:
         super().__init__(steps, grid)
-        if eta < 0:
+        if not eta >= 0:
             raise ValueError(f"euler_ancestral: eta must be >= 0 (0: Euler, 1: full ancestral noise), got {eta}")
         self.eta, self.s_noise = eta, s_noise
 
-    def step(self, denoiser: DenoiserLike, x: Tensor, level: Level, level_next: Level, state: SamplerState,
-             generator: torch.Generator | None = None, cond: dict[str, Any] | None = None) -> Tensor:
+    @property
+    def stochastic(self) -> bool:
+        return self.eta > 0
+
+    def step(self, ctx: StepContext, x: Tensor, level: Level, level_next: Level) -> Tensor:
         sigma_down, sigma_up = ancestral_sigmas(level, level_next, self.eta)
-        x_next = self.denoise_combine(denoiser, x, level, state, cond, level_next.alpha, sigma_down)
-        if self.eta > 0 and bool((sigma_up > 0).any()):
-            x_next = x_next + bc(self.s_noise * sigma_up, x) * self.noise(x, generator)
-        return x_next
+        x_next = ctx.combine(x, level, level_next.coef("alpha")[0], sigma_down)
+        if not self.stochastic or level_next.at_data:
+            return x_next
+        return combine((1.0, x_next), (self.s_noise * sigma_up, ctx.noise(x)))

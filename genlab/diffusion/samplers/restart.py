@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -22,8 +21,9 @@ from ...core.config import check_keys, show_value
 from ...core.errors import ConfigError
 from ...core.registry import register
 from ..grids import GridSpec, Karras
-from ..processes import Level, Process
-from .base import DenoiserLike, SamplerState, bc
+from ..levels import Level, combine, sqrt, where
+from ..processes import Process
+from .base import SamplerState, StepContext
 from .euler import Heun
 
 
@@ -116,23 +116,31 @@ class Restart(Heun):
         n = self.steps if steps is None else steps
         return 2 * n - 1 + sum(2 * r.steps * r.repeats for r in self.restarts)
 
+    @property
+    def stochastic(self) -> bool:
+        return super().stochastic or any(r.repeats > 0 for r in self.restarts)
+
+    @property
+    def multistep(self) -> bool:
+        return any(r.repeats > 0 for r in self.restarts)  # a step reads the previous grid point's sigma
+
     def init_state(self, steps: int) -> RestartState:
         return RestartState(steps=steps)
 
     def churn_gamma(self, state: SamplerState) -> float:
         return self.restart_churn if getattr(state, "restarting", False) else super().churn_gamma(state)
 
-    def step(self, denoiser: DenoiserLike, x: Tensor, level: Level, level_next: Level, state: SamplerState,
-             generator: torch.Generator | None = None, cond: dict[str, Any] | None = None) -> Tensor:
+    def step(self, ctx: StepContext, x: Tensor, level: Level, level_next: Level) -> Tensor:
+        state = ctx.state
         previous = getattr(state, "previous", None)
         if previous is not None:  # level is an interior grid point: restart here if it is nearest
             for interval in self.restarts:
-                x = self.restart(denoiser, x, level, previous, level_next.sigma_edm, interval, generator, cond)
+                x = self.restart(ctx, x, level, previous, level_next.sigma_edm, interval)
         state.previous = level.sigma_edm
-        return super().step(denoiser, x, level, level_next, state, generator, cond)
+        return super().step(ctx, x, level, level_next)
 
-    def restart(self, denoiser: DenoiserLike, x: Tensor, level: Level, previous: Tensor, following: Tensor,
-                interval: RestartInterval, generator: torch.Generator | None, cond: dict[str, Any] | None) -> Tensor:
+    def restart(self, ctx: StepContext, x: Tensor, level: Level, previous: Tensor, following: Tensor,
+                interval: RestartInterval) -> Tensor:
         """Alg. 1, lines 3-7, for the samples whose main grid point nearest sigma_min is ``level`` (between
         the points of sigma ``previous`` and ``following``); x [B, ...] at ``level`` -> x at ``level``."""
         sigma, s = level.sigma_edm, interval.sigma_min
@@ -140,22 +148,23 @@ class Restart(Heun):
         here = (gap < (previous - s).abs()) & (gap <= (following - s).abs())
         if interval.repeats == 0 or not bool(here.any()):
             return x
-        process = denoiser.process
+        process = ctx.process
         t_max = process.t_of_sigma_edm(interval.sigma_max).clamp(max=process.t_max)
         sigma_max = float(process.level(t_max).sigma_edm)  # beyond the process's range: its largest sigma
         here = here & (sigma < sigma_max)
         if not bool(here.any()):
             return x
-        levels = process.level(self.restart_times(process, sigma_max, level, here, interval.steps))
-        levels = levels.to(dtype=x.dtype, device=x.device).steps()
-        inner = RestartState(steps=interval.steps, restarting=True)
-        jump = torch.sqrt((levels[0].sigma_edm**2 - levels[-1].sigma_edm**2).clamp_min(0)) * self.s_noise
+        grid = process.level(self.restart_times(process, sigma_max, level, here, interval.steps))
+        levels = (grid if grid.t.ndim == 1 else grid.to(device=x.device)).steps()
+        inner = ctx.with_state(RestartState(steps=interval.steps, restarting=True))
+        (s_top, a_top), (s_end, a_end) = levels[0].coef("sigma_edm", "alpha"), levels[-1].coef("sigma_edm", "alpha")
+        jump = sqrt(s_top**2 - s_end**2) * self.s_noise
         x_new = x
         for _ in range(interval.repeats):
-            x_new = bc(levels[0].alpha, x) * (x_new / bc(levels[-1].alpha, x) + bc(jump, x) * self.noise(x, generator))
+            x_new = combine((a_top / a_end, x_new), (a_top * jump, ctx.noise(x)))
             for j in range(interval.steps):
-                x_new = super().step(denoiser, x_new, levels[j], levels[j + 1], inner, generator, cond)
-        return torch.where(bc(here, x), x_new, x)
+                x_new = super().step(inner, x_new, levels[j], levels[j + 1])
+        return where(here, x_new, x)
 
     def restart_times(self, process: Process, sigma_max: float, level: Level, here: Tensor, steps: int) -> Tensor:
         """The restart's backward grid: Karras' rho spacing from sigma_max down to the sigma of ``level``,

@@ -13,19 +13,17 @@ ancestral-sampling predictor (App. F) is DDPM's step, so PC configs say ``predic
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from ...core.registry import build, register
 from ..grids import GridSpec
-from ..predictions import combine
-from ..processes import Level
-from .base import DenoiserLike, Sampler, SamplerState, bc
-from .ddim import DDPM, nonneg_sqrt, transition_std
+from ..levels import Level, Scalar, combine, sqrt, where
+from .base import Sampler, StepContext
+from .ddim import DDPM, transition_std
 
-Coef = Tensor | float
 register("sampler", "ancestral")(DDPM)
 
 
@@ -36,23 +34,23 @@ class ReverseSDEPredictor(Sampler):
     into sigma = 0 returns the denoiser's x0 (Tweedie's formula): it divides by no zero sigma.
     """
 
+    stochastic = True
+
     def __init__(self, steps: int = 1000, grid: GridSpec | None = None) -> None:
         super().__init__(steps, grid)
 
-    def coefficients(self, level: Level, level_next: Level) -> tuple[Coef, Coef, Coef]:
+    def coefficients(self, level: Level, level_next: Level) -> tuple[Scalar, Scalar, Scalar]:
         raise NotImplementedError
 
-    def step(self, denoiser: DenoiserLike, x: Tensor, level: Level, level_next: Level, state: SamplerState,
-             generator: torch.Generator | None = None, cond: dict[str, Any] | None = None) -> Tensor:
-        x0, eps = self.denoise(denoiser, x, level, state, cond)
-        at_data = level_next.sigma == 0
-        if bool(at_data.all()):
+    def step(self, ctx: StepContext, x: Tensor, level: Level, level_next: Level) -> Tensor:
+        x0, eps = ctx.denoise(x, level)
+        if level_next.at_data:
             return x0
         a, b, c = self.coefficients(level, level_next)
         x_next = combine((a, x), (b, eps))
-        if state.step < state.steps - 1:
-            x_next = combine((1.0, x_next), (c, self.noise(x, generator)))
-        return torch.where(bc(at_data, x), x0, x_next) if bool(at_data.any()) else x_next
+        if ctx.state.step < ctx.state.steps - 1:
+            x_next = combine((1.0, x_next), (c, ctx.noise(x)))
+        return where(level_next.sigma == 0, x0, x_next) if level_next.touches_data else x_next
 
 
 @register("sampler", "euler_maruyama")
@@ -63,14 +61,14 @@ class EulerMaruyama(ReverseSDEPredictor):
     f = d log alpha / dt is infinite where alpha = 0 (rectified flow at t = 1): start below it.
     """
 
-    def coefficients(self, level: Level, level_next: Level) -> tuple[Coef, Coef, Coef]:
+    def coefficients(self, level: Level, level_next: Level) -> tuple[Scalar, Scalar, Scalar]:
         f, g2 = level.values("sde", lambda lv: lv.sde)
         (t, sigma), (t_next,) = level.coef("t", "sigma"), level_next.coef("t")
-        if not bool(torch.isfinite(torch.as_tensor(f)).all()):
+        if not level.facts("finite_drift", lambda lv: torch.isfinite(lv.sde[0]))[1]:
             raise ValueError("euler_maruyama: the SDE drift f = d log alpha / dt is infinite at the first time "
                              "(alpha = 0, e.g. rectified_flow at t = 1); start lower, e.g. grid: {t_max: 0.995}")
         dt = t_next - t
-        return 1 + f * dt, g2 * dt / sigma, nonneg_sqrt(-g2 * dt)
+        return 1 + f * dt, g2 * dt / sigma, sqrt(-g2 * dt)
 
 
 @register("sampler", "reverse_diffusion")
@@ -82,7 +80,7 @@ class ReverseDiffusion(ReverseSDEPredictor):
     On VE (r = 1) this is NCSN's / SMLD's ancestral step with the large variance.
     """
 
-    def coefficients(self, level: Level, level_next: Level) -> tuple[Coef, Coef, Coef]:
+    def coefficients(self, level: Level, level_next: Level) -> tuple[Scalar, Scalar, Scalar]:
         (a_t, sigma), (a_s,) = level.coef("alpha", "sigma"), level_next.coef("alpha")
         g = transition_std(level, level_next)
         return 2 - a_t / a_s, -(g**2) / sigma, g
@@ -128,27 +126,33 @@ class PredictorCorrector(Sampler):
         self.n_corrector_steps = n_corrector_steps if corrector == "langevin" else 0
         self.nfe_per_step = self.predictor.nfe_per_step + self.n_corrector_steps
 
+    @property
+    def stochastic(self) -> bool:
+        return self.n_corrector_steps > 0 or self.predictor.stochastic
+
+    @property
+    def multistep(self) -> bool:
+        return self.predictor.multistep
+
     def init_state(self, steps: int) -> SamplerState:
         return self.predictor.init_state(steps)
 
-    def correct(self, denoiser: DenoiserLike, x: Tensor, level: Level, level_next: Level, state: SamplerState,
-                generator: torch.Generator | None = None, cond: dict[str, Any] | None = None) -> Tensor:
+    def correct(self, ctx: StepContext, x: Tensor, level: Level, level_next: Level) -> Tensor:
         """``n_corrector_steps`` Langevin steps at ``level`` (Alg. 4/5); level_next sets alpha_i."""
         (a_t, sigma), (a_s,) = level.coef("alpha", "sigma"), level_next.coef("alpha")
         alpha_i = (a_t / a_s) ** 2
         for _ in range(self.n_corrector_steps):
-            _, eps = self.denoise(denoiser, x, level, state, cond)
-            z = self.noise(x, generator)
+            _, eps = ctx.denoise(x, level)
+            z = ctx.noise(x)
             ratio = z.flatten(1).norm(dim=1).mean() / eps.flatten(1).norm(dim=1).mean()
             step_over_sigma = 2 * alpha_i * (self.snr * ratio) ** 2 * sigma  # eps_ / sigma: no division by sigma
-            x = combine((1.0, x), (-step_over_sigma, eps), (nonneg_sqrt(2 * step_over_sigma * sigma), z))
+            x = combine((1.0, x), (-step_over_sigma, eps), (sqrt(2 * step_over_sigma * sigma), z))
         return x
 
-    def step(self, denoiser: DenoiserLike, x: Tensor, level: Level, level_next: Level, state: SamplerState,
-             generator: torch.Generator | None = None, cond: dict[str, Any] | None = None) -> Tensor:
+    def step(self, ctx: StepContext, x: Tensor, level: Level, level_next: Level) -> Tensor:
         if self.n_corrector_steps:
-            x = self.correct(denoiser, x, level, level_next, state, generator, cond)
-        return self.predictor.step(denoiser, x, level, level_next, state, generator, cond)
+            x = self.correct(ctx, x, level, level_next)
+        return self.predictor.step(ctx, x, level, level_next)
 
     def __repr__(self) -> str:
         return (f"PredictorCorrector(steps={self.steps}, grid={type(self.grid).__name__}, predictor="

@@ -20,18 +20,15 @@ rho = 1/2, as in the authors' code and diffusers.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
-import torch
 from torch import Tensor
 
 from ...core.registry import register
 from ..grids import FAST_GRID, GridSpec
-from ..predictions import combine, expm1
-from ..processes import Level
-from .base import DenoiserLike, Sampler, SamplerState
-
-Scalar = float | Tensor  # a Python float (grid shared by the batch) or a per-sample [B] tensor
+from ..levels import Level, Scalar, combine, expm1
+from .base import Sampler, SamplerState, StepContext
+from .multistep import lam_step, phis, step_order
 
 
 @dataclass
@@ -56,13 +53,6 @@ def solve(a: list[list[Scalar]], b: list[Scalar]) -> list[Scalar]:
     for i in reversed(range(n)):
         x[i] = (b[i] - sum(a[i][j] * x[j] for j in range(i + 1, n))) / a[i][i]
     return x
-
-
-def half_lambda(level: Level) -> Scalar:
-    """lambda = log(alpha / sigma); per-sample tensors in float64 (the phi recursion and the
-    Vandermonde solve lose digits as h shrinks; shared-grid floats are float64 already)."""
-    (log_snr,) = level.coef("log_snr")
-    return 0.5 * (log_snr.double() if isinstance(log_snr, Tensor) else log_snr)
 
 
 @register("sampler", "unipc")
@@ -94,58 +84,50 @@ class UniPC(Sampler):
             raise ValueError(f"UniPC variant must be 'bh1' or 'bh2', got {variant!r}")
         self.order, self.variant, self.corrector, self.lower_order_final = order, variant, corrector, lower_order_final
 
+    @property
+    def multistep(self) -> bool:
+        return self.order > 1 or self.corrector
+
     def init_state(self, steps: int) -> UniPCState:
         return UniPCState(steps=steps)
-
-    def step_order(self, state: SamplerState, level_next: Level) -> int:
-        """p of this step: the warm start (history length), lower_order_final, 1 into sigma = 0."""
-        if bool((level_next.sigma == 0).any()):
-            return 1
-        order = min(self.order, len(state.history))
-        remaining = state.steps - state.step
-        return min(order, remaining) if self.lower_order_final and remaining > 0 else order
 
     def rho(self, r: list[Scalar], h: Scalar, b_h: Scalar) -> list[Scalar]:
         """Weights of D_k: solve sum_k rho_k r_k^(i-1) = i! hh phi_(i+1)(hh) / B(h), hh = -h, i = 1..K."""
         if len(r) == 1:
             return [0.5]
-        hh = -h
-        g, factorial, b = expm1(hh) / hh - 1, 1, []  # g = hh phi_2(hh)
-        for i in range(1, len(r) + 1):
-            b.append(g * factorial / b_h)
-            factorial *= i + 1
-            g = g / hh - 1 / factorial  # hh phi_(i+2)(hh)
+        hh, factorial, b = -h, 1, []
+        for i, phi in enumerate(phis(hh, len(r) + 1)[1:], start=1):
+            factorial *= i
+            b.append(factorial * hh * phi / b_h)
         return solve([[r_k ** i for r_k in r] for i in range(len(r))], b)
 
     def update(self, x: Tensor, level: Level, m0: Tensor, level_next: Level,
                nodes: list[tuple[Level, Tensor]]) -> Tensor:
         """x at level_next from x at level (see the module docstring); ``nodes`` are the (level, x0)
         pairs of the D_k terms: earlier ones for UniP, earlier ones and (level_next, x0) for UniC."""
-        lam_t = half_lambda(level)
-        h = half_lambda(level_next) - lam_t
+        lam_t, h = lam_step(level, level_next)
         (a_s, s_s), (s_t,) = level_next.coef("alpha", "sigma"), level.coef("sigma")
         phi = expm1(-h)
         weights = [-a_s * phi]  # on m0, then on each m_k
         if nodes:
-            r = [(half_lambda(lv) - lam_t) / h for lv, _ in nodes]
+            r = [(lv.coef("lam")[0] - lam_t) / h for lv, _ in nodes]
             b_h = -h if self.variant == "bh1" else phi
             c = [-a_s * b_h * rho_k / r_k for rho_k, r_k in zip(self.rho(r, h, b_h), r)]
             weights = [weights[0] - sum(c), *c]
-        weights = [w.to(x.dtype) if isinstance(w, Tensor) else w for w in weights]
         return combine((s_s / s_t, x), *zip(weights, [m0, *(m for _, m in nodes)]))
 
-    def step(self, denoiser: DenoiserLike, x: Tensor, level: Level, level_next: Level, state: SamplerState,
-             generator: torch.Generator | None = None, cond: dict[str, Any] | None = None) -> Tensor:
+    def step(self, ctx: StepContext, x: Tensor, level: Level, level_next: Level) -> Tensor:
         """x: the previous step's output (the predictor's, uncorrected). Evaluates x0 there, corrects
         x with UniC (using that evaluation), then returns the UniP prediction at level_next, itself
         uncorrected (as diffusers' ``step()`` returns); so the final sample is the last predictor's."""
+        state = ctx.state
         if not isinstance(state, UniPCState):
             raise TypeError(f"UniPC needs a UniPCState (from UniPC.init_state), got {type(state).__name__}")
-        x0, _ = self.denoise(denoiser, x, level, state, cond)
+        x0, _ = ctx.denoise(x, level)
         if self.corrector and state.last is not None:
             x_prev, p = state.last
             x = self.update(x_prev, *state.history[-1], level, [*state.history[-p:-1], (level, x0)])
         state.history = [*state.history, (level, x0)][-self.order:]
-        order = self.step_order(state, level_next)
+        order = step_order(self.order, state, level_next, "remaining" if self.lower_order_final else "none")
         state.last = (x, order) if self.corrector else None
         return self.update(x, level, x0, level_next, state.history[-order:-1])
