@@ -12,6 +12,7 @@ import pytest
 from genlab.core import ConfigError, build, construct, describe, load_config, lookup, register, save_config
 from genlab.core import name_of, register_namespace, registered
 from genlab.core.config import check_keys
+from genlab.diffusion.samplers.restart import RestartInterval
 
 
 class _TestGrid:
@@ -170,6 +171,89 @@ def test_construct_and_check_keys() -> None:
     )
     assert _message(check_keys, {"modle": {}}, ["model", "train"], path="", source="config.yaml") == (
         "config.yaml: modle: unknown key; did you mean 'model'?"
+    )
+
+
+# dataclass parameters: built from mappings with the checks of any component
+
+register_namespace("_test_nested", doc="test components with dataclass parameters")
+
+
+@dataclass(frozen=True)
+class _Interval:
+    sigma_min: float
+    sigma_max: float
+    steps: int = 2
+
+    def __post_init__(self) -> None:
+        if not self.sigma_min < self.sigma_max:
+            raise ConfigError(f"need sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max}")
+
+
+@register("_test_nested", name="sampler")
+def make_sampler(single: _Interval, many: list[_Interval] | None = None, optional: _Interval | None = None,
+                 named: dict[str, _Interval] | None = None, fixed: tuple[_Interval, ...] = ()) -> dict:
+    return {"single": single, "many": many, "optional": optional, "named": named, "fixed": fixed}
+
+
+@register("_test_nested", name="restart")
+def make_restart(restarts: list[RestartInterval] | dict[str, list[float]] | None = None) -> Any:
+    return restarts
+
+
+def _nested_error(cfg: dict) -> str:
+    return _message(build, "_test_nested", cfg, path="sampler", source="c.yaml")
+
+
+def test_dataclass_parameters_from_mappings() -> None:
+    one = {"sigma_min": 0.1, "sigma_max": 1}
+    out = build("_test_nested", {"type": "sampler", "single": one, "many": [one, {**one, "steps": 3}],
+                                 "named": {"a": one}, "fixed": [one]})
+    assert out == {"single": _Interval(0.1, 1), "many": [_Interval(0.1, 1), _Interval(0.1, 1, 3)], "optional": None,
+                   "named": {"a": _Interval(0.1, 1)}, "fixed": (_Interval(0.1, 1),)}
+    assert build("_test_nested", {"type": "sampler", "single": one, "optional": one})["optional"] == _Interval(0.1, 1)
+    given = _Interval(0.2, 2.0)
+    assert build("_test_nested", {"type": "sampler", "single": given, "many": [given, one]})["single"] is given
+
+
+def test_dataclass_parameter_errors() -> None:
+    one = {"sigma_min": 0.1, "sigma_max": 1}
+    assert _nested_error({"type": "sampler", "single": one, "many": [{"sigma_mni": 0.1}]}) == (
+        "c.yaml: sampler.many[0].sigma_mni: unknown key; did you mean 'sigma_min'?"
+    )
+    assert _nested_error({"type": "sampler", "single": {**one, "steps": "two"}}) == (
+        "c.yaml: sampler.single.steps: expected int, got str 'two'"
+    )
+    assert _nested_error({"type": "sampler", "single": {"sigma_min": 0.1}}) == (
+        "c.yaml: sampler.single: missing required key 'sigma_max'"
+    )
+    assert _nested_error({"type": "sampler", "single": one, "named": {"b": {**one, "sigma_min": "x"}}}) == (
+        "c.yaml: sampler.named.b.sigma_min: expected float, got str 'x'"
+    )
+    assert _nested_error({"type": "sampler", "single": one, "optional": {"sigma_min": 2, "sigma_max": 1}}) == (
+        "c.yaml: sampler.optional: need sigma_min < sigma_max, got 2, 1"  # from __post_init__, with the path
+    )
+    assert _nested_error({"type": "sampler", "single": one, "many": [3]}) == (
+        "c.yaml: sampler.many: expected list of _Interval or None, got list [3]"
+    )
+
+
+def test_restart_intervals_from_mappings() -> None:
+    """The Restart sampler's intervals as a list of mappings, or in the reference code's dict form."""
+    cfg = {"type": "restart", "restarts": [{"sigma_min": 0.06, "sigma_max": 0.3, "repeats": 2}, {"sigma_min": 1,
+                                                                                                "sigma_max": 2}]}
+    assert build("_test_nested", cfg) == [RestartInterval(0.06, 0.3, 2, 2), RestartInterval(1.0, 2.0)]
+    assert build("_test_nested", {"type": "restart", "restarts": {"0": [3, 2, 0.06, 0.3]}}) == {"0": [3, 2, 0.06, 0.3]}
+    assert build("_test_nested", {"type": "restart", "restarts": None}) is None
+    assert _nested_error({"type": "restart", "restarts": [{"sigma_mni": 0.06, "sigma_max": 0.3}]}) == (
+        "c.yaml: sampler.restarts[0].sigma_mni: unknown key; did you mean 'sigma_min'?"
+    )
+    assert _nested_error({"type": "restart", "restarts": [{"sigma_min": 1, "sigma_max": 2},
+                                                          {"sigma_min": 1, "sigma_max": 2, "steps": "two"}]}) == (
+        "c.yaml: sampler.restarts[1].steps: expected int, got str 'two'"
+    )
+    assert _nested_error({"type": "restart", "restarts": [{"sigma_min": 0.3, "sigma_max": 0.06}]}) == (
+        "c.yaml: sampler.restarts[0]: restart interval: need 0 < sigma_min < sigma_max, got 0.3, 0.06"
     )
 
 

@@ -1,12 +1,14 @@
 """Registry of named components, and building them from config with checked keyword arguments.
 
 ``build`` turns ``"name"`` or ``{type: name, **kwargs}`` into an object; ``construct`` checks keys and
-types against the signature and builds nested components annotated with a namespace's ``base`` class.
+types against the signature and builds nested components annotated with a namespace's ``base`` class,
+and dataclasses given as mappings.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import re
 import types
@@ -170,6 +172,16 @@ def _hints(fn: Callable) -> dict[str, Any]:
     return hints
 
 
+def _build_dataclass(cls: type[T], cfg: Mapping, path: str, source: str) -> T:
+    """``cls(**cfg)`` checked as any component; a ValueError of its own (``__post_init__``) gets ``path``."""
+    try:
+        return _construct(cls, cfg, {}, path, source)
+    except ValueError as e:  # ConfigError included: the checks' own messages name the path already
+        if path in str(e):
+            raise
+        raise ConfigError(f"{source}: {path}: {e}") from e
+
+
 class _Mismatch(Exception):
     """``(path, hint, value)``: a value does not match a type hint; ``_checked`` makes it a ConfigError."""
 
@@ -189,11 +201,15 @@ def _base_namespace(hint: Any) -> str | None:
 
 
 def _check(hint: Any, value: Any, path: str, source: str) -> Any:
+    """A namespace's base or a dataclass (also as a union member) is built from a mapping; its errors are final."""
     origin, args = _origin(hint), get_args(hint)
     members = args if origin in (Union, types.UnionType) else (hint,)
     nested = next(filter(None, map(_base_namespace, members)), None)
     if nested is not None and isinstance(value, (str, Mapping)):
         return build(nested, value, path=path, source=source)
+    record = next(filter(_is_dataclass_type, members), None)
+    if record is not None and isinstance(value, Mapping):
+        return _build_dataclass(record, value, path, source)
     if len(members) > 1:
         for member in members:
             with contextlib.suppress(_Mismatch):
@@ -203,6 +219,11 @@ def _check(hint: Any, value: Any, path: str, source: str) -> Any:
     elif _matches(hint, origin, args, value):
         return value
     raise _Mismatch(path, hint, value)
+
+
+def _is_dataclass_type(hint: Any) -> bool:
+    """Whether ``hint`` is a dataclass (the class, not an instance)."""
+    return isinstance(hint, type) and dataclasses.is_dataclass(hint)
 
 
 def _matches(hint: Any, origin: Any, args: tuple, value: Any) -> bool:
