@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -12,6 +12,7 @@ import pytest
 from genlab.core import ConfigError, build, construct, describe, load_config, lookup, register, save_config
 from genlab.core import name_of, register_namespace, registered
 from genlab.core.config import check_keys
+from genlab.core.typecheck import hints
 from genlab.diffusion.samplers.restart import RestartInterval
 
 
@@ -53,11 +54,6 @@ def make_unet(grid: _TestGrid | str = "karras_grid", grids: Sequence[_TestGrid] 
     return {"grid": grid, "grids": grids, "extra": extra}
 
 
-@register("_test_model", name="unresolved")
-def make_unresolved(a: NotDefinedAnywhere = None, b: int = 0) -> tuple:  # noqa: F821
-    return a, b
-
-
 @register("_test_model", name="free")
 def make_free(**kwargs: Any) -> dict:
     return kwargs
@@ -92,7 +88,7 @@ def test_register_default_name_and_duplicates() -> None:
 
 
 def test_registered_and_describe() -> None:
-    assert registered("_test_model") == {"_test_model": ["free", "mlp", "unet", "unresolved"]}
+    assert registered("_test_model") == {"_test_model": ["free", "mlp", "unet"]}
     assert "_test_grid" in registered()
     assert describe("_test_model")[:3] == [("free", ""), ("mlp", "A test MLP."), ("unet", "")]
 
@@ -110,10 +106,10 @@ def test_unknown_key_type_and_missing_keys() -> None:
     )
     assert _model_error({"type": "unet2"}) == (
         "config.yaml: model.type: unknown _test_model 'unet2'; did you mean 'unet'?"
-        " (registered: free, mlp, unet, unresolved)"
+        " (registered: free, mlp, unet)"
     )
     assert _model_error({"dim": 1}) == (
-        "config.yaml: model: missing 'type' (registered _test_models: free, mlp, unet, unresolved)"
+        "config.yaml: model: missing 'type' (registered _test_models: free, mlp, unet)"
     )
     assert _model_error({"type": "mlp"}) == "config.yaml: model: missing required key 'dim'"
 
@@ -139,8 +135,6 @@ def test_accepted_values() -> None:
     m = build("_test_model", {"type": "mlp", "dim": 1, "scale": 2, "width": None})  # int for float
     assert m.scale == 2 and m.width is None
     assert build("_test_model", {"type": "free", "anything": [1], "x": "y"}) == {"anything": [1], "x": "y"}
-    assert build("_test_model", {"type": "unresolved", "a": [1]}) == ([1], 0)  # unresolvable hint: unchecked
-    assert _model_error({"type": "unresolved", "b": "x"}) == "config.yaml: model.b: expected int, got str 'x'"
 
 
 def test_nested_build_through_declared_base() -> None:
@@ -201,6 +195,20 @@ def make_restart(restarts: list[RestartInterval] | dict[str, list[float]] | None
     return restarts
 
 
+@register("_test_nested", name="node")
+class _Node:
+    """Its ``__init__`` names the class itself, which is bound only after ``register`` ran."""
+
+    def __init__(self, parent: _Node | None = None) -> None:
+        self.parent = parent
+
+
+@register("_test_nested", name="unchecked")
+def make_unchecked(fn: Callable[[int], int] | None = None, cls: type[_TestGrid] = _TestGrid, x: Any = None) -> tuple:
+    """Callable[...], type[...] and Any are accepted at registration and not checked."""
+    return fn, cls
+
+
 def _nested_error(cfg: dict) -> str:
     return _message(build, "_test_nested", cfg, path="sampler", source="c.yaml")
 
@@ -214,6 +222,8 @@ def test_dataclass_parameters_from_mappings() -> None:
     assert build("_test_nested", {"type": "sampler", "single": one, "optional": one})["optional"] == _Interval(0.1, 1)
     given = _Interval(0.2, 2.0)
     assert build("_test_nested", {"type": "sampler", "single": given, "many": [given, one]})["single"] is given
+    assert build("_test_nested", {"type": "node", "parent": None}).parent is None
+    assert hints(_Node)["parent"] == _Node | None
 
 
 def test_dataclass_parameter_errors() -> None:
@@ -255,6 +265,38 @@ def test_restart_intervals_from_mappings() -> None:
     assert _nested_error({"type": "restart", "restarts": [{"sigma_min": 0.3, "sigma_max": 0.06}]}) == (
         "c.yaml: sampler.restarts[0]: restart interval: need 0 < sigma_min < sigma_max, got 0.3, 0.06"
     )
+
+
+@dataclass
+class _BadField:
+    sigma: flot  # noqa: F821
+
+
+def test_unreadable_annotations_fail_at_registration() -> None:
+    def unresolved(a: NotDefinedAnywhere = None, b: int = 0) -> None:  # noqa: F821
+        pass
+
+    def inner(x: _BadField | None = None) -> None:
+        pass
+
+    def generic(xs: Iterable[int] = ()) -> None:
+        pass
+
+    with pytest.raises(TypeError) as e:
+        register("_test_nested", name="unresolved")(unresolved)
+    assert str(e.value) == ("_test_nested 'unresolved': parameter 'a': cannot resolve annotation 'NotDefinedAnywhere'"
+                            " (NameError: name 'NotDefinedAnywhere' is not defined)")
+    with pytest.raises(TypeError) as e:
+        register("_test_nested", name="inner")(inner)
+    assert str(e.value) == ("_test_nested 'inner': parameter 'x': _BadField: parameter 'sigma': cannot resolve "
+                            "annotation 'flot' (NameError: name 'flot' is not defined)")
+    with pytest.raises(TypeError) as e:
+        register("_test_nested", name="generic")(generic)
+    assert str(e.value).startswith("_test_nested 'generic': parameter 'xs': annotation 'Iterable[int]': the config "
+                                   "checker cannot check collections.abc.Iterable[int] (it checks classes, ")
+    assert registered("_test_nested") == {"_test_nested": ["node", "restart", "sampler", "unchecked"]}
+    assert hints(make_unchecked) is hints(make_unchecked) and hints(make_unchecked)["x"] is Any  # resolved once
+    assert build("_test_nested", {"type": "unchecked", "fn": "anything", "cls": 3}) == ("anything", 3)
 
 
 def _write(tmp_path: Path, name: str, text: str) -> Path:
