@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -12,6 +12,8 @@ import pytest
 from genlab.core import ConfigError, build, construct, describe, load_config, lookup, register, save_config
 from genlab.core import name_of, register_namespace, registered
 from genlab.core.config import check_keys
+from genlab.core.typecheck import hints
+from genlab.diffusion.samplers.restart import RestartInterval
 
 
 class _TestGrid:
@@ -52,11 +54,6 @@ def make_unet(grid: _TestGrid | str = "karras_grid", grids: Sequence[_TestGrid] 
     return {"grid": grid, "grids": grids, "extra": extra}
 
 
-@register("_test_model", name="unresolved")
-def make_unresolved(a: NotDefinedAnywhere = None, b: int = 0) -> tuple:  # noqa: F821
-    return a, b
-
-
 @register("_test_model", name="free")
 def make_free(**kwargs: Any) -> dict:
     return kwargs
@@ -91,7 +88,7 @@ def test_register_default_name_and_duplicates() -> None:
 
 
 def test_registered_and_describe() -> None:
-    assert registered("_test_model") == {"_test_model": ["free", "mlp", "unet", "unresolved"]}
+    assert registered("_test_model") == {"_test_model": ["free", "mlp", "unet"]}
     assert "_test_grid" in registered()
     assert describe("_test_model")[:3] == [("free", ""), ("mlp", "A test MLP."), ("unet", "")]
 
@@ -109,10 +106,10 @@ def test_unknown_key_type_and_missing_keys() -> None:
     )
     assert _model_error({"type": "unet2"}) == (
         "config.yaml: model.type: unknown _test_model 'unet2'; did you mean 'unet'?"
-        " (registered: free, mlp, unet, unresolved)"
+        " (registered: free, mlp, unet)"
     )
     assert _model_error({"dim": 1}) == (
-        "config.yaml: model: missing 'type' (registered _test_models: free, mlp, unet, unresolved)"
+        "config.yaml: model: missing 'type' (registered _test_models: free, mlp, unet)"
     )
     assert _model_error({"type": "mlp"}) == "config.yaml: model: missing required key 'dim'"
 
@@ -138,8 +135,6 @@ def test_accepted_values() -> None:
     m = build("_test_model", {"type": "mlp", "dim": 1, "scale": 2, "width": None})  # int for float
     assert m.scale == 2 and m.width is None
     assert build("_test_model", {"type": "free", "anything": [1], "x": "y"}) == {"anything": [1], "x": "y"}
-    assert build("_test_model", {"type": "unresolved", "a": [1]}) == ([1], 0)  # unresolvable hint: unchecked
-    assert _model_error({"type": "unresolved", "b": "x"}) == "config.yaml: model.b: expected int, got str 'x'"
 
 
 def test_nested_build_through_declared_base() -> None:
@@ -171,6 +166,137 @@ def test_construct_and_check_keys() -> None:
     assert _message(check_keys, {"modle": {}}, ["model", "train"], path="", source="config.yaml") == (
         "config.yaml: modle: unknown key; did you mean 'model'?"
     )
+
+
+# dataclass parameters: built from mappings with the checks of any component
+
+register_namespace("_test_nested", doc="test components with dataclass parameters")
+
+
+@dataclass(frozen=True)
+class _Interval:
+    sigma_min: float
+    sigma_max: float
+    steps: int = 2
+
+    def __post_init__(self) -> None:
+        if not self.sigma_min < self.sigma_max:
+            raise ConfigError(f"need sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max}")
+
+
+@register("_test_nested", name="sampler")
+def make_sampler(single: _Interval, many: list[_Interval] | None = None, optional: _Interval | None = None,
+                 named: dict[str, _Interval] | None = None, fixed: tuple[_Interval, ...] = ()) -> dict:
+    return {"single": single, "many": many, "optional": optional, "named": named, "fixed": fixed}
+
+
+@register("_test_nested", name="restart")
+def make_restart(restarts: list[RestartInterval] | dict[str, list[float]] | None = None) -> Any:
+    return restarts
+
+
+@register("_test_nested", name="node")
+class _Node:
+    """Its ``__init__`` names the class itself, which is bound only after ``register`` ran."""
+
+    def __init__(self, parent: _Node | None = None) -> None:
+        self.parent = parent
+
+
+@register("_test_nested", name="unchecked")
+def make_unchecked(fn: Callable[[int], int] | None = None, cls: type[_TestGrid] = _TestGrid, x: Any = None) -> tuple:
+    """Callable[...], type[...] and Any are accepted at registration and not checked."""
+    return fn, cls
+
+
+def _nested_error(cfg: dict) -> str:
+    return _message(build, "_test_nested", cfg, path="sampler", source="c.yaml")
+
+
+def test_dataclass_parameters_from_mappings() -> None:
+    one = {"sigma_min": 0.1, "sigma_max": 1}
+    out = build("_test_nested", {"type": "sampler", "single": one, "many": [one, {**one, "steps": 3}],
+                                 "named": {"a": one}, "fixed": [one]})
+    assert out == {"single": _Interval(0.1, 1), "many": [_Interval(0.1, 1), _Interval(0.1, 1, 3)], "optional": None,
+                   "named": {"a": _Interval(0.1, 1)}, "fixed": (_Interval(0.1, 1),)}
+    assert build("_test_nested", {"type": "sampler", "single": one, "optional": one})["optional"] == _Interval(0.1, 1)
+    given = _Interval(0.2, 2.0)
+    assert build("_test_nested", {"type": "sampler", "single": given, "many": [given, one]})["single"] is given
+    assert build("_test_nested", {"type": "node", "parent": None}).parent is None
+    assert hints(_Node)["parent"] == _Node | None
+
+
+def test_dataclass_parameter_errors() -> None:
+    one = {"sigma_min": 0.1, "sigma_max": 1}
+    assert _nested_error({"type": "sampler", "single": one, "many": [{"sigma_mni": 0.1}]}) == (
+        "c.yaml: sampler.many[0].sigma_mni: unknown key; did you mean 'sigma_min'?"
+    )
+    assert _nested_error({"type": "sampler", "single": {**one, "steps": "two"}}) == (
+        "c.yaml: sampler.single.steps: expected int, got str 'two'"
+    )
+    assert _nested_error({"type": "sampler", "single": {"sigma_min": 0.1}}) == (
+        "c.yaml: sampler.single: missing required key 'sigma_max'"
+    )
+    assert _nested_error({"type": "sampler", "single": one, "named": {"b": {**one, "sigma_min": "x"}}}) == (
+        "c.yaml: sampler.named.b.sigma_min: expected float, got str 'x'"
+    )
+    assert _nested_error({"type": "sampler", "single": one, "optional": {"sigma_min": 2, "sigma_max": 1}}) == (
+        "c.yaml: sampler.optional: need sigma_min < sigma_max, got 2, 1"  # from __post_init__, with the path
+    )
+    assert _nested_error({"type": "sampler", "single": one, "many": [3]}) == (
+        "c.yaml: sampler.many: expected list of _Interval or None, got list [3]"
+    )
+
+
+def test_restart_intervals_from_mappings() -> None:
+    """The Restart sampler's intervals as a list of mappings, or in the reference code's dict form."""
+    cfg = {"type": "restart", "restarts": [{"sigma_min": 0.06, "sigma_max": 0.3, "repeats": 2}, {"sigma_min": 1,
+                                                                                                "sigma_max": 2}]}
+    assert build("_test_nested", cfg) == [RestartInterval(0.06, 0.3, 2, 2), RestartInterval(1.0, 2.0)]
+    assert build("_test_nested", {"type": "restart", "restarts": {"0": [3, 2, 0.06, 0.3]}}) == {"0": [3, 2, 0.06, 0.3]}
+    assert build("_test_nested", {"type": "restart", "restarts": None}) is None
+    assert _nested_error({"type": "restart", "restarts": [{"sigma_mni": 0.06, "sigma_max": 0.3}]}) == (
+        "c.yaml: sampler.restarts[0].sigma_mni: unknown key; did you mean 'sigma_min'?"
+    )
+    assert _nested_error({"type": "restart", "restarts": [{"sigma_min": 1, "sigma_max": 2},
+                                                          {"sigma_min": 1, "sigma_max": 2, "steps": "two"}]}) == (
+        "c.yaml: sampler.restarts[1].steps: expected int, got str 'two'"
+    )
+    assert _nested_error({"type": "restart", "restarts": [{"sigma_min": 0.3, "sigma_max": 0.06}]}) == (
+        "c.yaml: sampler.restarts[0]: restart interval: need 0 < sigma_min < sigma_max, got 0.3, 0.06"
+    )
+
+
+@dataclass
+class _BadField:
+    sigma: flot  # noqa: F821
+
+
+def test_unreadable_annotations_fail_at_registration() -> None:
+    def unresolved(a: NotDefinedAnywhere = None, b: int = 0) -> None:  # noqa: F821
+        pass
+
+    def inner(x: _BadField | None = None) -> None:
+        pass
+
+    def generic(xs: Iterable[int] = ()) -> None:
+        pass
+
+    with pytest.raises(TypeError) as e:
+        register("_test_nested", name="unresolved")(unresolved)
+    assert str(e.value) == ("_test_nested 'unresolved': parameter 'a': cannot resolve annotation 'NotDefinedAnywhere'"
+                            " (NameError: name 'NotDefinedAnywhere' is not defined)")
+    with pytest.raises(TypeError) as e:
+        register("_test_nested", name="inner")(inner)
+    assert str(e.value) == ("_test_nested 'inner': parameter 'x': _BadField: parameter 'sigma': cannot resolve "
+                            "annotation 'flot' (NameError: name 'flot' is not defined)")
+    with pytest.raises(TypeError) as e:
+        register("_test_nested", name="generic")(generic)
+    assert str(e.value).startswith("_test_nested 'generic': parameter 'xs': annotation 'Iterable[int]': the config "
+                                   "checker cannot check collections.abc.Iterable[int] (it checks classes, ")
+    assert registered("_test_nested") == {"_test_nested": ["node", "restart", "sampler", "unchecked"]}
+    assert hints(make_unchecked) is hints(make_unchecked) and hints(make_unchecked)["x"] is Any  # resolved once
+    assert build("_test_nested", {"type": "unchecked", "fn": "anything", "cls": 3}) == ("anything", 3)
 
 
 def _write(tmp_path: Path, name: str, text: str) -> Path:

@@ -1,7 +1,8 @@
 """Registry of named components, and building them from config with checked keyword arguments.
 
 ``build`` turns ``"name"`` or ``{type: name, **kwargs}`` into an object; ``construct`` checks keys and
-types against the signature and builds nested components annotated with a namespace's ``base`` class.
+types against the signature and builds nested components annotated with a namespace's ``base`` class,
+and dataclasses given as mappings. ``register`` resolves and vets the annotations (:mod:`.typecheck`).
 """
 
 from __future__ import annotations
@@ -9,17 +10,15 @@ from __future__ import annotations
 import contextlib
 import inspect
 import re
-import types
-from collections.abc import Callable, Mapping, MutableMapping, MutableSequence, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, TypeVar, get_args
 
 from genlab.core.config import check_keys, join_path, show_value
 from genlab.core.errors import ConfigError, did_you_mean
+from genlab.core.typecheck import MAPPINGS, SEQUENCES, UNIONS, hints, is_dataclass_type, origin, type_name, vet
 
 T = TypeVar("T")
-_SEQUENCES = (list, tuple, Sequence, MutableSequence)  # a YAML list is accepted for any of these
-_MAPPINGS = (dict, Mapping, MutableMapping)
 
 
 @dataclass
@@ -56,7 +55,10 @@ def register_namespace(namespace: str, base: type | None = None, doc: str = "") 
 
 
 def register(namespace: str, name: str | None = None) -> Callable[[T], T]:
-    """Decorator registering a class or factory as ``namespace/name`` (default: snake_case of its name)."""
+    """Decorator registering a class or factory as ``namespace/name`` (default: snake_case of its name).
+
+    TypeError if an annotation of its parameters does not resolve or is not one the config checker reads.
+    """
 
     def deco(obj: T) -> T:
         key = name or _snake_case(obj.__name__)
@@ -64,6 +66,7 @@ def register(namespace: str, name: str | None = None) -> Callable[[T], T]:
         if ns.entries.get(key, obj) is not obj:
             raise ValueError(f"{namespace} '{key}' is already registered to {ns.entries[key]!r}")
         _check_base(namespace, ns.base, key, obj)
+        vet(obj, f"{namespace} '{key}'")
         ns.entries[key] = obj
         ns.names.setdefault(obj, key)
         return obj
@@ -154,20 +157,19 @@ def _construct(fn: Callable[..., T], kwargs: Mapping, extra: Mapping, path: str,
     missing = [n for n, p in named.items() if p.default is p.empty and n not in kwargs and n not in extra]
     if missing:
         raise ConfigError(f"{source}: {path}: missing required key '{missing[0]}'")
-    hints = _hints(fn)
-    checked = {k: _checked(hints.get(k, Any), v, join_path(path, k), source) for k, v in kwargs.items()}
+    resolved = hints(fn)
+    checked = {k: _checked(resolved.get(k, Any), v, join_path(path, k), source) for k, v in kwargs.items()}
     return fn(**checked, **extra)
 
 
-def _hints(fn: Callable) -> dict[str, Any]:
-    """Resolved annotations of ``fn`` (of ``__init__`` for a class); ones that fail to resolve are left out."""
-    target = fn.__init__ if isinstance(fn, type) else fn
-    env = getattr(inspect.unwrap(target), "__globals__", {})
-    hints = {}
-    for name, ann in getattr(target, "__annotations__", {}).items():
-        with contextlib.suppress(Exception):  # one by one, so that one bad name does not stop the others
-            hints[name] = get_type_hints(types.SimpleNamespace(__annotations__={name: ann}, __globals__=env))[name]
-    return hints
+def _build_dataclass(cls: type[T], cfg: Mapping, path: str, source: str) -> T:
+    """``cls(**cfg)`` checked as any component; a ValueError of its own (``__post_init__``) gets ``path``."""
+    try:
+        return _construct(cls, cfg, {}, path, source)
+    except ValueError as e:  # ConfigError included: the checks' own messages name the path already
+        if path in str(e):
+            raise
+        raise ConfigError(f"{source}: {path}: {e}") from e
 
 
 class _Mismatch(Exception):
@@ -180,7 +182,7 @@ def _checked(hint: Any, value: Any, path: str, source: str) -> Any:
         return _check(hint, value, path, source)
     except _Mismatch as m:
         where, wanted, got = m.args
-        raise ConfigError(f"{source}: {where}: expected {_type_name(wanted)}, got {show_value(got)}") from None
+        raise ConfigError(f"{source}: {where}: expected {type_name(wanted)}, got {show_value(got)}") from None
 
 
 def _base_namespace(hint: Any) -> str | None:
@@ -189,71 +191,53 @@ def _base_namespace(hint: Any) -> str | None:
 
 
 def _check(hint: Any, value: Any, path: str, source: str) -> Any:
-    origin, args = _origin(hint), get_args(hint)
-    members = args if origin in (Union, types.UnionType) else (hint,)
+    """A namespace's base or a dataclass (also as a union member) is built from a mapping; its errors are final."""
+    org, args = origin(hint), get_args(hint)
+    members = args if org in UNIONS else (hint,)
     nested = next(filter(None, map(_base_namespace, members)), None)
     if nested is not None and isinstance(value, (str, Mapping)):
         return build(nested, value, path=path, source=source)
+    record = next(filter(is_dataclass_type, members), None)
+    if record is not None and isinstance(value, Mapping):
+        return _build_dataclass(record, value, path, source)
     if len(members) > 1:
         for member in members:
             with contextlib.suppress(_Mismatch):
                 return _check(member, value, path, source)
-    elif origin in _SEQUENCES + _MAPPINGS:
-        return _check_collection(hint, origin, args, value, path, source)
-    elif _matches(hint, origin, args, value):
+    elif org in SEQUENCES + MAPPINGS:
+        return _check_collection(hint, org, args, value, path, source)
+    elif _matches(hint, org, args, value):
         return value
     raise _Mismatch(path, hint, value)
 
 
-def _matches(hint: Any, origin: Any, args: tuple, value: Any) -> bool:
-    if origin is Literal:
+def _matches(hint: Any, org: Any, args: tuple, value: Any) -> bool:
+    if org is Literal:
         return any(value == a and type(value) is type(a) for a in args)
-    if origin is not None:
-        return True  # other generics (Callable[...], type[X], ...) are not checked
+    if org is not None:
+        return True  # Callable[...], type[X]: not checked (register refuses other generics)
     if hint is None or hint is type(None):
         return value is None
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     if hint is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return hint is Any or not isinstance(hint, type) or isinstance(value, hint)  # TypeVar, NewType: not checked
+    return hint is Any or not isinstance(hint, type) or isinstance(value, hint)  # a TypeVar: not checked
 
 
-def _check_collection(hint: Any, origin: Any, args: tuple, value: Any, path: str, source: str) -> Any:
+def _check_collection(hint: Any, org: Any, args: tuple, value: Any, path: str, source: str) -> Any:
     """Mappings, and sequences (YAML lists, also for tuples), checked item by item."""
-    if origin in _MAPPINGS:
+    if org in MAPPINGS:
         if not isinstance(value, Mapping):
             raise _Mismatch(path, hint, value)
         v_hint = args[1] if len(args) == 2 else Any  # keys are not checked: YAML keys are str
         return {k: _check(v_hint, v, join_path(path, k), source) for k, v in value.items()}
     if not isinstance(value, (list, tuple)):
         raise _Mismatch(path, hint, value)
-    fixed = origin is tuple and args and args[-1] is not Ellipsis
+    fixed = org is tuple and args and args[-1] is not Ellipsis
     if fixed and len(value) != len(args):
         raise _Mismatch(path, hint, value)
     item_hints = args if fixed else [args[0] if args else Any] * len(value)
     items = [_check(h, v, f"{path}[{i}]", source) for i, (h, v) in enumerate(zip(item_hints, value))]
-    return tuple(items) if origin is tuple else items
+    return tuple(items) if org is tuple else items
 
-
-def _origin(hint: Any) -> Any:
-    """``get_origin(hint)``, except that a bare ``list``, ``tuple``, ``dict``, ``Sequence``... is its own origin."""
-    return get_origin(hint) or (hint if hint in _SEQUENCES + _MAPPINGS else None)
-
-
-def _type_name(hint: Any) -> str:
-    """Readable type: ``int``, ``list of int``, ``one of 'a', 'b'``, ``int or None``."""
-    origin, args = _origin(hint), get_args(hint)
-    if hint is None or hint is type(None):
-        return "None"
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in args)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    if origin in _MAPPINGS:
-        return "mapping"
-    if origin is tuple and args and args[-1] is not Ellipsis:
-        return "list [" + ", ".join(_type_name(a) for a in args) + "]"
-    if origin in _SEQUENCES:
-        return f"list of {_type_name(args[0])}" if args else "list"
-    return getattr(hint, "__name__", str(hint))
