@@ -25,7 +25,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from genlab.core.errors import ShapeError, did_you_mean
 from genlab.core.registry import register
 from genlab.models.attention import Backend, MultiHeadAttention
-from genlab.models.layers import LabelEmbedding, TimestepEmbedding, batch_labels, batch_times, modulate
+from genlab.models.layers import LabelEmbedding, TimestepEmbedding, condition_embedding, modulate
 
 Preset = Literal["S/2", "S/4", "S/8", "B/2", "B/4", "B/8", "L/2", "L/4", "L/8", "XL/2", "XL/4", "XL/8"]
 _SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}  # Table 1
@@ -192,11 +192,7 @@ class DiT(nn.Module):
                 context: Tensor | None = None, residuals: dict[str, Tensor] | None = None) -> Tensor:
         """See the class docstring; returns ``[B, out_channels, H, W]``."""
         self._check_x(tuple(x.shape))
-        c = self.time_embed(batch_times(t, x, "DiT"))
-        if self.label_embed is not None:
-            c = c + self.label_embed(batch_labels(class_labels, x, self.num_classes, "DiT"))
-        elif class_labels is not None:
-            raise ValueError("DiT: class_labels given, but the model was built with num_classes=None")
+        c = condition_embedding(self.time_embed, self.label_embed, x, t, class_labels, "DiT")  # [B, hidden]
         self._check_context(context, x.shape[0])
         h = rearrange(self.patch_embed(x), "b d h w -> b (h w) d").contiguous() + self.pos_embed
         extra = self._check_residuals(residuals or {}, h.shape)

@@ -87,3 +87,17 @@ def batch_labels(class_labels: Tensor | None, x: Tensor, num_classes: int, model
     if class_labels.is_floating_point() or (class_labels >= num_classes).any() or (class_labels < -1).any():
         raise ValueError(f"{model}: class_labels must be integers in [-1, {num_classes}), got {class_labels}")
     return class_labels.long()
+
+
+def condition_embedding(time_embed: nn.Module, label_embed: LabelEmbedding | None, x: Tensor, t: Tensor | float,
+                        class_labels: Tensor | None, model: str) -> Tensor:
+    """The conditioning of a backbone: ``time_embed(t) + label_embed(class_labels)`` -> ``[B, D]`` for
+    ``x: [B, ...]``, ``t`` a scalar, ``[1]`` or ``[B]``, ``class_labels: [B]`` or None (the null class).
+    Without ``label_embed`` (a model built with ``num_classes=None``) it is the time embedding alone,
+    and labels are an error; ``model`` names the caller in errors."""
+    c = time_embed(batch_times(t, x, model))
+    if label_embed is not None:
+        return c + label_embed(batch_labels(class_labels, x, label_embed.num_classes, model))
+    if class_labels is not None:
+        raise ValueError(f"{model}: class_labels given, but the model was built with num_classes=None")
+    return c

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from genlab.core.errors import ShapeError, did_you_mean
 from genlab.core.registry import register
 from genlab.models.attention import BACKENDS, Backend
-from genlab.models.layers import LabelEmbedding, TimestepEmbedding, batch_labels, batch_times
+from genlab.models.layers import LabelEmbedding, TimestepEmbedding, condition_embedding
 from genlab.models.unet_blocks import (
     AttentionBlock,
     Downsample,
@@ -226,11 +226,7 @@ class UNet(nn.Module):
         ``context: [B, L, cross_attention_dim]``, ``residuals``: see the class docstring ->
         ``[B, out_channels, H, W]``."""
         points = self.injection_points(x.shape)
-        emb = self.time_embed(batch_times(t, x, "UNet"))
-        if self.label_embed is not None:
-            emb = emb + self.label_embed(batch_labels(class_labels, x, self.num_classes, "UNet"))
-        elif class_labels is not None:
-            raise ValueError("UNet: class_labels given, but the model was built with num_classes=None")
+        emb = condition_embedding(self.time_embed, self.label_embed, x, t, class_labels, "UNet")  # [B, time_embed_dim]
         self._check_context(context, x)
         residuals = self._check_residuals(residuals or {}, points)
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
