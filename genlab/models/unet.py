@@ -1,5 +1,6 @@
 """ADM-style UNet backbone (Ho et al. 2020, "DDPM"; Dhariwal & Nichol 2021, "ADM"), optionally with
-LDM / Stable Diffusion cross-attention transformers (Rombach et al. 2022). Blocks: ``unet_blocks.py``.
+LDM / Stable Diffusion cross-attention transformers (Rombach et al. 2022). Blocks: ``unet_blocks.py``;
+their assembly into levels: ``unet_builder.py``.
 """
 
 from __future__ import annotations
@@ -14,18 +15,8 @@ from genlab.core.errors import ShapeError, did_you_mean
 from genlab.core.registry import register
 from genlab.models.attention import BACKENDS, Backend
 from genlab.models.layers import LabelEmbedding, TimestepEmbedding, condition_embedding
-from genlab.models.unet_blocks import (
-    AttentionBlock,
-    Downsample,
-    DownLevel,
-    GroupNorm32,
-    MidBlock,
-    ResBlock,
-    SpatialTransformer,
-    Upsample,
-    UpLevel,
-    set_backend,
-)
+from genlab.models.unet_blocks import AttentionBlock, GroupNorm32, ResBlock, SpatialTransformer, set_backend
+from genlab.models.unet_builder import UNetBuilder
 
 Preset = Literal["tiny", "small", "base", "adm_cifar10", "adm_imagenet64"]
 
@@ -42,6 +33,17 @@ PRESETS: dict[str, dict[str, Any]] = {
                            head_dim=64, scale_shift_norm=True, resample="resblock", dropout=0.1),
 }
 _ZERO_INIT = {ResBlock: "conv_2", AttentionBlock: "attn.to_out", SpatialTransformer: "proj_out"}
+
+
+def _architecture(preset: Preset | None, **given: Any) -> dict[str, Any]:
+    """The architecture arguments: ``_DEFAULTS``, then the preset's, then those ``given`` that are not
+    None (``num_heads`` given without ``head_dim`` clears the preset's ``head_dim``)."""
+    given = {k: v for k, v in given.items() if v is not None}
+    cfg = {**_DEFAULTS, **PRESETS.get(preset or "", {}), **given}
+    if "num_heads" in given and "head_dim" not in given:
+        cfg["head_dim"] = None
+    cfg["channel_mult"], cfg["attention_levels"] = tuple(cfg["channel_mult"]), tuple(cfg["attention_levels"])
+    return cfg
 
 
 @register("model", "unet")
@@ -125,14 +127,9 @@ class UNet(nn.Module):
         attention_backend: Backend = "auto",
     ) -> None:
         super().__init__()
-        given = dict(channels=channels, channel_mult=channel_mult, num_res_blocks=num_res_blocks,
-                     attention_levels=attention_levels, num_heads=num_heads, head_dim=head_dim, dropout=dropout,
-                     scale_shift_norm=scale_shift_norm, resample=resample)
-        given = {k: v for k, v in given.items() if v is not None}
-        cfg = {**_DEFAULTS, **PRESETS.get(preset or "", {}), **given}
-        if "num_heads" in given and "head_dim" not in given:
-            cfg["head_dim"] = None
-        cfg["channel_mult"], cfg["attention_levels"] = tuple(cfg["channel_mult"]), tuple(cfg["attention_levels"])
+        cfg = _architecture(preset, channels=channels, channel_mult=channel_mult, num_res_blocks=num_res_blocks,
+                            attention_levels=attention_levels, num_heads=num_heads, head_dim=head_dim,
+                            dropout=dropout, scale_shift_norm=scale_shift_norm, resample=resample)
         c, mult, n, levels = cfg["channels"], cfg["channel_mult"], cfg["num_res_blocks"], cfg["attention_levels"]
         out_channels = in_channels if out_channels is None else out_channels
         time_embed_dim = time_embed_dim or 4 * c
@@ -150,52 +147,30 @@ class UNet(nn.Module):
         self.channels, self.channel_mult, self.num_res_blocks = c, mult, n
         self.cross_attention_dim = cross_attention_dim
         self.gradient_checkpointing, self.channels_last = gradient_checkpointing, channels_last
-
-        def res(c_in: int, c_out: int, resample: Literal["down", "up"] | None = None) -> ResBlock:
-            return ResBlock(c_in, c_out, time_embed_dim, norm_groups, norm_eps, cfg["dropout"],
-                            cfg["scale_shift_norm"], resample)
-
-        def attn(co: int, norm: bool = True) -> nn.Module:
-            heads = co // cfg["head_dim"] if cfg["head_dim"] else cfg["num_heads"]
-            if cross_attention_dim is None:
-                return AttentionBlock(co, heads, norm_groups, norm_eps, norm)
-            return SpatialTransformer(co, heads, cross_attention_dim, norm_groups, transformer_depth, linear_projection)
-
-        by_resblock = cfg["resample"] == "resblock"
+        make = UNetBuilder.from_config(self.config)
         self.time_embed = TimestepEmbedding(time_embed_dim, c, freq_shift=time_freq_shift,
                                             flip_sin_to_cos=time_flip_sin_to_cos)
         self.label_embed = None if num_classes is None else LabelEmbedding(num_classes, time_embed_dim, class_dropout)
         self.conv_in = nn.Conv2d(in_channels, c, 3, padding=1)
-        skip_ch, cur, self.down, self.up = [c], c, nn.ModuleList(), nn.ModuleList()
-        for i, co in enumerate(ch):
-            blocks, attns = [], []
-            for _ in range(n):
-                blocks.append(res(cur, co))
-                attns += [attn(co)] if i in levels else []
-                cur = co
-                skip_ch.append(co)
-            down = None if i == len(ch) - 1 else res(co, co, "down") if by_resblock else Downsample(co)
-            skip_ch += [co] if down is not None else []
-            self.down.append(DownLevel(blocks, attns, down))
-        self.mid = MidBlock(res(cur, cur), attn(cur, mid_attention_norm) if mid_attention else None, res(cur, cur))
-        for i, co in reversed(list(enumerate(ch))):
-            blocks, attns = [], []
-            for _ in range(n + 1):
-                blocks.append(res(cur + skip_ch.pop(), co))
-                attns += [attn(co)] if i in levels else []
-                cur = co
-            up = None if i == 0 else res(co, co, "up") if by_resblock else Upsample(co)
-            self.up.append(UpLevel(blocks, attns, up))
+        down, skips, cur = make.down_path(c, ch, n, levels)
+        mid = make.mid(cur, mid_attention, mid_attention_norm)
+        # built down, mid, up (the order of the initial weights), registered down, up, mid (the order of the
+        # state_dict and of the parameters, which optimizer checkpoints index)
+        self.down, self.up, self.mid = down, make.up_path(cur, ch, n, levels, skips), mid
         self.norm_out = GroupNorm32(norm_groups, c, norm_eps)
         self.conv_out = nn.Conv2d(c, out_channels, 3, padding=1)
         if zero_init:
-            last = [m.get_submodule(_ZERO_INIT[type(m)]) for m in self.modules() if type(m) in _ZERO_INIT]
-            for layer in [self.conv_out, *last]:
-                nn.init.zeros_(layer.weight)
-                nn.init.zeros_(layer.bias)
+            self._zero_init()
         self.set_attention_backend(attention_backend)
         if channels_last:
             self.to(memory_format=torch.channels_last)
+
+    def _zero_init(self) -> None:
+        """Zero the output conv and the last layer of every residual branch (ADM): blocks start as the identity."""
+        last = [m.get_submodule(_ZERO_INIT[type(m)]) for m in self.modules() if type(m) in _ZERO_INIT]
+        for layer in [self.conv_out, *last]:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
 
     @staticmethod
     def _validate(ch: list[int], levels: tuple[int, ...], num_heads: int, head_dim: int | None, groups: int) -> None:
