@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from genlab.core.errors import ShapeError
 from genlab.core.registry import register
-from genlab.models.layers import LabelEmbedding, TimestepEmbedding, condition_embedding
+from genlab.models.layers import LabelEmbedding, TimeEmbeddingKind, TimestepEmbedding, condition_embedding
 
 
 class ResidualBlock(nn.Module):
@@ -40,9 +40,11 @@ class MLP(nn.Module):
 
     ``t`` is the model time in whatever range the caller uses (e.g. 0..1000 or a log-sigma around
     -2..2); it is embedded unchanged with ``time_dim`` sinusoids and Linear-SiLU-Linear to ``hidden``
-    (:class:`~genlab.models.layers.TimestepEmbedding`). With ``num_classes``, labels
-    ``0..num_classes-1`` are classes and ``-1`` (or ``class_labels=None``) is the null class (index
-    ``num_classes`` of :class:`~genlab.models.layers.LabelEmbedding`), added to the time embedding.
+    (:class:`~genlab.models.layers.TimestepEmbedding`), or with ``time_embedding="fourier"`` with
+    ``time_dim`` random Fourier features of scale ``fourier_scale`` (for times of order 1). With
+    ``num_classes``, labels ``0..num_classes-1`` are classes and ``-1`` (or ``class_labels=None``) is
+    the null class (index ``num_classes`` of :class:`~genlab.models.layers.LabelEmbedding`), added to
+    the time embedding.
     """
 
     def __init__(
@@ -53,10 +55,12 @@ class MLP(nn.Module):
         time_dim: int = 128,
         num_classes: int | None = None,
         dropout: float = 0.0,
+        time_embedding: TimeEmbeddingKind = "sinusoidal",
+        fourier_scale: float = 16.0,
     ) -> None:
         super().__init__()
         self.dim, self.time_dim, self.num_classes = dim, time_dim, num_classes
-        self.time_embed = TimestepEmbedding(hidden, time_dim)
+        self.time_embed = TimestepEmbedding(hidden, time_dim, kind=time_embedding, fourier_scale=fourier_scale)
         self.label_embed = LabelEmbedding(num_classes, hidden) if num_classes is not None else None
         self.emb_act = nn.SiLU()
         self.inp = nn.Linear(dim, hidden)

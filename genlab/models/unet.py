@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from genlab.core.errors import ShapeError, did_you_mean
 from genlab.core.registry import register
 from genlab.models.attention import BACKENDS, Backend
-from genlab.models.layers import LabelEmbedding, TimestepEmbedding, condition_embedding
+from genlab.models.layers import LabelEmbedding, TimeEmbeddingKind, TimestepEmbedding, condition_embedding
 from genlab.models.unet_blocks import AttentionBlock, GroupNorm32, ResBlock, SpatialTransformer, set_backend
 from genlab.models.unet_builder import UNetBuilder
 
@@ -62,8 +62,11 @@ class UNet(nn.Module):
     cross-attention to ``context: [B, L, cross_attention_dim]``, GEGLU) of ``transformer_depth``
     blocks. ``t`` is the model time in any range (e.g. the DDPM step index), embedded with
     sinusoids of ``channels`` frequencies and a 2-layer MLP to ``time_embed_dim`` (default
-    ``4 * channels``). With ``num_classes``, labels ``0..num_classes-1`` are classes and ``-1`` (or
-    ``None``) is the null class; ``class_dropout`` nulls labels while training (Ho & Salimans 2022).
+    ``4 * channels``); ``time_embedding="fourier"`` replaces the sinusoids by ``channels`` random
+    Fourier features of scale ``fourier_scale`` (score_sde's NCSN++; for times of order 1, such as
+    ``edm``'s log(sigma) / 4). With ``num_classes``, labels ``0..num_classes-1`` are classes and
+    ``-1`` (or ``None``) is the null class; ``class_dropout`` nulls labels while training (Ho &
+    Salimans 2022).
     The output conv and the last layer of every residual branch start at zero (ADM) unless
     ``zero_init=False``.
 
@@ -117,6 +120,8 @@ class UNet(nn.Module):
         time_embed_dim: int | None = None,
         time_flip_sin_to_cos: bool = True,
         time_freq_shift: float = 0.0,
+        time_embedding: TimeEmbeddingKind = "sinusoidal",
+        fourier_scale: float = 16.0,
         norm_groups: int = 32,
         norm_eps: float = 1e-5,
         mid_attention: bool = True,
@@ -137,7 +142,8 @@ class UNet(nn.Module):
             in_channels=in_channels, out_channels=out_channels, **cfg, num_classes=num_classes,
             class_dropout=class_dropout, cross_attention_dim=cross_attention_dim, transformer_depth=transformer_depth,
             linear_projection=linear_projection, time_embed_dim=time_embed_dim,
-            time_flip_sin_to_cos=time_flip_sin_to_cos, time_freq_shift=time_freq_shift, norm_groups=norm_groups,
+            time_flip_sin_to_cos=time_flip_sin_to_cos, time_freq_shift=time_freq_shift,
+            time_embedding=time_embedding, fourier_scale=fourier_scale, norm_groups=norm_groups,
             norm_eps=norm_eps, mid_attention=mid_attention, mid_attention_norm=mid_attention_norm,
             gradient_checkpointing=gradient_checkpointing, channels_last=channels_last,
             attention_backend=attention_backend)
@@ -149,7 +155,8 @@ class UNet(nn.Module):
         self.gradient_checkpointing, self.channels_last = gradient_checkpointing, channels_last
         make = UNetBuilder.from_config(self.config)
         self.time_embed = TimestepEmbedding(time_embed_dim, c, freq_shift=time_freq_shift,
-                                            flip_sin_to_cos=time_flip_sin_to_cos)
+                                            flip_sin_to_cos=time_flip_sin_to_cos, kind=time_embedding,
+                                            fourier_scale=fourier_scale)
         self.label_embed = None if num_classes is None else LabelEmbedding(num_classes, time_embed_dim, class_dropout)
         self.conv_in = nn.Conv2d(in_channels, c, 3, padding=1)
         down, skips, cur = make.down_path(c, ch, n, levels)
