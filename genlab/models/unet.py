@@ -161,8 +161,7 @@ class UNet(nn.Module):
         self.conv_in = nn.Conv2d(in_channels, c, 3, padding=1)
         down, skips, cur = make.down_path(c, ch, n, levels)
         mid = make.mid(cur, mid_attention, mid_attention_norm)
-        # built down, mid, up (the order of the initial weights), registered down, up, mid (the order of the
-        # state_dict and of the parameters, which optimizer checkpoints index)
+        # built down, mid, up (initial weights); registered down, up, mid (state_dict and optimizer order)
         self.down, self.up, self.mid = down, make.up_path(cur, ch, n, levels, skips), mid
         self.norm_out = GroupNorm32(norm_groups, c, norm_eps)
         self.conv_out = nn.Conv2d(c, out_channels, 3, padding=1)
