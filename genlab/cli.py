@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .core.errors import GenlabError
+
+if TYPE_CHECKING:
+    from .core.config import ConfigDict
+    from .training import Experiment
 
 
 def _out_dir(config: Path, out: str | None, resume: bool) -> Path:
@@ -63,19 +69,31 @@ def use_stored_grids(config: dict, ckpt: Path) -> None:
         grid.setdefault("path", str(ckpt))
 
 
-def cmd_sample(args: argparse.Namespace) -> None:
-    from .core.checkpoint import load_weights, resolve_checkpoint
+def checkpoint_experiment(path: str, overrides: Sequence[str], *, stored_grids: bool = False,
+                          eval_samples: int | None = None) -> tuple[Path, ConfigDict, Experiment]:
+    """The checkpoint directory that ``path`` (a run or checkpoint directory) names, its ``config.yaml``
+    with ``overrides`` applied, and the Experiment built from that config. ``stored_grids``: apply
+    :func:`use_stored_grids`; ``eval_samples`` (if given and not 0) sets ``train.eval_samples``."""
+    from .core.checkpoint import resolve_checkpoint
     from .core.config import ConfigDict, apply_overrides, load_config
-    from .training import Experiment, Trainer
+    from .training import Experiment
 
-    ckpt = resolve_checkpoint(args.path)
+    ckpt = resolve_checkpoint(path)
     config = load_config(ckpt / "config.yaml")
-    apply_overrides(config, args.overrides)
-    use_stored_grids(config, ckpt)
+    apply_overrides(config, overrides)
+    if stored_grids:
+        use_stored_grids(config, ckpt)
     config = ConfigDict(config, source=f"{ckpt / 'config.yaml'}")
-    if args.n:
-        config.setdefault("train", {})["eval_samples"] = args.n
-    exp = Experiment.from_config(config)
+    if eval_samples:
+        config.setdefault("train", {})["eval_samples"] = eval_samples
+    return ckpt, config, Experiment.from_config(config)
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from .core.checkpoint import load_weights
+    from .training import Trainer
+
+    ckpt, config, exp = checkpoint_experiment(args.path, args.overrides, stored_grids=True, eval_samples=args.n)
     out = Path(args.out) if args.out else ckpt.parent.parent
     out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(exp, out, progress=False)
@@ -90,17 +108,12 @@ def cmd_learn_grid(args: argparse.Namespace) -> None:
     """Learn time grids for a trained model and its sampler; store them in the checkpoint's grids.json."""
     import torch
 
-    from .core.checkpoint import load_weights, resolve_checkpoint
-    from .core.config import ConfigDict, apply_overrides, load_config
+    from .core.checkpoint import load_weights
     from .diffusion.grid_store import save_grid
     from .diffusion.learned_grid import learn_grid, reference_solve, rms_error
-    from .training import Experiment
     from .training.evaluation import requested_labels
 
-    ckpt = resolve_checkpoint(args.path)
-    config = load_config(ckpt / "config.yaml")
-    apply_overrides(config, args.overrides)
-    exp = Experiment.from_config(ConfigDict(config, source=f"{ckpt / 'config.yaml'}"))
+    ckpt, _, exp = checkpoint_experiment(args.path, args.overrides)
     exp.model.load_state_dict(load_weights(ckpt / "ema.safetensors"))
     exp.model.eval()
     denoiser, sampler = exp.denoiser(), exp.sampler

@@ -96,6 +96,7 @@ def test_what_genlab_cannot_express_raises() -> None:
         ({"num_classes": 10, "cross_attention_dim": 8}, "cross_attention_dim=8"),
         ({"num_classes": 10, "mlp_ratio": 2.0}, "mlp_ratio=2.0"),
         ({"num_classes": 10, "time_freq_shift": 0}, "time_freq_shift=0"),
+        ({"num_classes": 10, "time_embedding": "fourier"}, "time_embedding='fourier'"),
     ]:
         with pytest.raises(ValueError, match=f"cannot express {message}"):
             dit_to_diffusers(DiT(**(small | kwargs)))

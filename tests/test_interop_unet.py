@@ -132,3 +132,5 @@ def test_to_diffusers_rejects_what_it_cannot_express() -> None:
         unet_to_diffusers(UNet(**small, mid_attention_norm=False))
     with pytest.raises(ValueError, match="set head_dim instead"):
         unet_to_diffusers(UNet(**small, attention_levels=(0,), num_heads=2))
+    with pytest.raises(ValueError, match="cannot express time_embedding='fourier'"):
+        unet_to_diffusers(UNet(**small, time_embedding="fourier"))

@@ -57,7 +57,7 @@ def test_class_labels() -> None:
     assert not torch.allclose(a, b)
     null = model(x, t, torch.tensor([-1, -1, -1, -1]))
     torch.testing.assert_close(model(x, t), null)  # None means the null class
-    assert model.label_emb.num_embeddings == 4
+    assert model.label_embed.embedding.num_embeddings == 4
     with pytest.raises(ValueError, match=r"integers in \[-1, 3\)"):
         model(x, t, torch.tensor([0, 1, 2, 3]))
     with pytest.raises(ValueError, match="num_classes=None"):
@@ -74,6 +74,19 @@ def test_shape_errors() -> None:
         model(torch.zeros(4, 3), 0.0, torch.zeros(4, 1, dtype=torch.long))
 
 
+
+
+def test_loads_state_dicts_with_the_old_key_names() -> None:
+    """Checkpoints written before MLP used the shared layers (``time_mlp.0``, ``time_mlp.2``, ``label_emb``)."""
+    model, x, t, labels = _model(num_classes=3), torch.randn(4, 3), torch.rand(4), torch.tensor([0, 1, 2, -1])
+    renames = {"time_embed.linear_1.": "time_mlp.0.", "time_embed.linear_2.": "time_mlp.2.",
+               "label_embed.embedding.": "label_emb."}
+    old = {next((o + k[len(n):] for n, o in renames.items() if k.startswith(n)), k): v
+           for k, v in model.state_dict().items()}
+    assert {"time_mlp.0.weight", "time_mlp.2.bias", "label_emb.weight"} <= set(old)
+    fresh = MLP(dim=3, hidden=32, depth=2, time_dim=16, num_classes=3)
+    fresh.load_state_dict(old)
+    torch.testing.assert_close(fresh(x, t, labels), model(x, t, labels), rtol=0, atol=0)
 
 
 def test_fits_a_tiny_regression() -> None:

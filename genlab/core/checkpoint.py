@@ -17,10 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from .config import save_config
 from .errors import GenlabError
+from .io import atomic_open, atomic_write, fsync_directory, write_json_atomic
+
+__all__ = ["GRIDS_FILE", "latest_checkpoint", "load_optimizer", "load_state", "load_weights", "resolve_checkpoint",
+           "save_checkpoint", "write_json_atomic"]
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 GRIDS_FILE = "grids.json"
@@ -33,40 +37,29 @@ def _contiguous(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def save_checkpoint(directory: str | os.PathLike, *, model: Mapping[str, torch.Tensor],
                     ema: Mapping[str, torch.Tensor] | None = None, optimizer: Mapping[str, Any] | None = None,
                     config: Mapping[str, Any] | None = None, state: Mapping[str, Any] | None = None) -> Path:
-    """Write a checkpoint directory atomically (temp dir in the same parent, then rename)."""
+    """Write a checkpoint directory atomically: every file written atomically (fsynced) into a temp dir
+    in the same parent, the temp dir renamed to ``directory``, then the parent fsynced."""
     final = Path(directory)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
-        save_file(_contiguous(model), str(tmp / "model.safetensors"))
+        atomic_write(tmp / "model.safetensors", save(_contiguous(model)))
         if ema is not None:
-            save_file(_contiguous(ema), str(tmp / "ema.safetensors"))
+            atomic_write(tmp / "ema.safetensors", save(_contiguous(ema)))
         if optimizer is not None:
-            torch.save(optimizer, tmp / "optimizer.pt")
+            with atomic_open(tmp / "optimizer.pt") as f:
+                torch.save(optimizer, f)
         if config is not None:
             save_config(config, tmp / "config.yaml")
-        (tmp / "state.json").write_text(json.dumps(dict(state or {}), indent=2))
+        atomic_write(tmp / "state.json", json.dumps(dict(state or {}), indent=2))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    fsync_directory(final.parent)
     return final
-
-
-def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
-    """Write ``data`` as JSON to ``path`` through a temporary file in the same directory and a rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import yaml
 
 from genlab.core.errors import ConfigError, did_you_mean
+from genlab.core.io import atomic_write
 
 _OVERRIDE_HELP = "expected KEY=VALUE, e.g. train.lr=1e-4"
 _KEY = re.compile(r"^[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)*$")
@@ -205,15 +205,5 @@ def _plain(value: Any) -> Any:
 
 
 def save_config(cfg: Mapping, path: str | os.PathLike) -> None:
-    """Write ``cfg`` as YAML atomically: a temp file in the same directory, then ``os.replace``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            yaml.safe_dump(_plain(cfg), f, sort_keys=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``cfg`` as YAML atomically (:func:`genlab.core.io.atomic_write`), keys in their order."""
+    atomic_write(path, yaml.safe_dump(_plain(cfg), sort_keys=False))

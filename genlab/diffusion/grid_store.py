@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..core.checkpoint import GRIDS_FILE, resolve_checkpoint, write_json_atomic
+from ..core.checkpoint import GRIDS_FILE, resolve_checkpoint
+from ..core.io import write_json_atomic
 from ..core.errors import ConfigError, GenlabError
 from ..core.registry import name_of, register
 from .grids import TimeGrid

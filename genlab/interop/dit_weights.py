@@ -93,7 +93,8 @@ def dit_to_diffusers(dit: DiT) -> DiTTransformer2DModel:
     """A diffusers ``DiTTransformer2DModel`` computing exactly what ``dit`` computes.
 
     Raises ValueError for genlab options diffusers' DiT does not have: no classes, cross-attention,
-    ``mlp_ratio != 4``, or ``time_freq_shift != 1`` (diffusers' timestep embedding is fixed).
+    ``mlp_ratio != 4``, Fourier time features, or ``time_freq_shift != 1`` (diffusers' timestep
+    embedding is fixed).
     """
     from diffusers import DiTTransformer2DModel
 
@@ -102,6 +103,7 @@ def dit_to_diffusers(dit: DiT) -> DiTTransformer2DModel:
         (c["num_classes"] is None, "num_classes=None (diffusers' DiT is always class-conditional)"),
         (c["cross_attention_dim"] is not None, f"cross_attention_dim={c['cross_attention_dim']}"),
         (c["mlp_ratio"] != 4.0, f"mlp_ratio={c['mlp_ratio']} (diffusers uses 4)"),
+        (c["time_embedding"] != "sinusoidal", f"time_embedding={c['time_embedding']!r} (diffusers uses sinusoids)"),
         (c["time_freq_shift"] != 1.0, f"time_freq_shift={c['time_freq_shift']} (diffusers embeds time with "
                                       "downscale_freq_shift=1; build the DiT with time_freq_shift=1)"),
     ]

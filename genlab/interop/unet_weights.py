@@ -236,6 +236,9 @@ def unet_to_diffusers(unet: UNet, sample_size: int | None = None) -> UNet2DModel
     from diffusers import UNet2DConditionModel, UNet2DModel
 
     c = unet.config
+    if c["time_embedding"] != "sinusoidal":
+        raise ValueError(f"unet_to_diffusers: diffusers cannot express time_embedding={c['time_embedding']!r} "
+                         "(its Fourier time projection embeds log t, as [sin, cos])")
     widths = [c["channels"] * m for m in c["channel_mult"]]
     levels, n = set(c["attention_levels"]), len(widths)
     cfg: dict[str, Any] = dict(

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
 from genlab.core.errors import ConfigError, ShapeError
+from genlab.core.io import atomic_write
 from genlab.data.digits import DIGITS_SIZES, Digits
 
 _VERSION = 1  # bump when the architecture or the training recipe changes: old disk caches are then ignored
@@ -141,9 +142,8 @@ def train_digits_classifier(
         state = _train_state(image_size, steps, seed)
         if file is not None:
             file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = file.with_suffix(f".tmp{os.getpid()}")
-            save_file(state, tmp, metadata={"image_size": str(image_size), "steps": str(steps), "seed": str(seed)})
-            os.replace(tmp, file)
+            metadata = {"image_size": str(image_size), "steps": str(steps), "seed": str(seed)}
+            atomic_write(file, save(state, metadata=metadata))
     model = DigitsClassifier(image_size)
     model.load_state_dict(state)
     return model.eval().requires_grad_(False)

@@ -25,7 +25,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from genlab.core.errors import ShapeError, did_you_mean
 from genlab.core.registry import register
 from genlab.models.attention import Backend, MultiHeadAttention
-from genlab.models.layers import LabelEmbedding, TimestepEmbedding, batch_labels, batch_times, modulate
+from genlab.models.layers import LabelEmbedding, TimeEmbeddingKind, TimestepEmbedding, condition_embedding, modulate
 
 Preset = Literal["S/2", "S/4", "S/8", "B/2", "B/4", "B/8", "L/2", "L/4", "L/8", "XL/2", "XL/4", "XL/8"]
 _SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}  # Table 1
@@ -103,7 +103,9 @@ class DiT(nn.Module):
     ``cross_attention_dim`` adds a LayerNorm + cross-attention sub-block to every block (output
     projection zero-initialised; skipped when ``context`` is None). ``time_freq_shift`` and
     ``mlp_norm_eps`` exist to reproduce diffusers' ``DiTTransformer2DModel`` (1 and 1e-5 there; 0 and
-    1e-6 in the paper's code). ``config`` holds the resolved arguments: ``DiT(**model.config)``.
+    1e-6 in the paper's code). ``time_embedding="fourier"`` embeds ``t`` with 256 random Fourier features
+    of scale ``fourier_scale`` instead of sinusoids (for times of order 1). ``config`` holds the resolved
+    arguments: ``DiT(**model.config)``.
     """
 
     def __init__(
@@ -123,6 +125,8 @@ class DiT(nn.Module):
         cross_attention_dim: int | None = None,
         qkv_bias: bool = True,
         time_freq_shift: float = 0.0,
+        time_embedding: TimeEmbeddingKind = "sinusoidal",
+        fourier_scale: float = 16.0,
         mlp_norm_eps: float = 1e-6,
         attention_backend: Backend = "auto",
         gradient_checkpointing: bool | Literal["selective"] = False,
@@ -141,8 +145,8 @@ class DiT(nn.Module):
             input_size=input_size, in_channels=in_channels, out_channels=pred_channels, learn_sigma=learn_sigma,
             **arch, mlp_ratio=mlp_ratio, num_classes=num_classes, class_dropout=class_dropout,
             cross_attention_dim=cross_attention_dim, qkv_bias=qkv_bias, time_freq_shift=time_freq_shift,
-            mlp_norm_eps=mlp_norm_eps, attention_backend=attention_backend,
-            gradient_checkpointing=gradient_checkpointing)
+            time_embedding=time_embedding, fourier_scale=fourier_scale, mlp_norm_eps=mlp_norm_eps,
+            attention_backend=attention_backend, gradient_checkpointing=gradient_checkpointing)
         self.input_size, self.in_channels, self.patch_size, self.hidden = input_size, in_channels, p, hidden
         self.out_channels = pred_channels * (2 if learn_sigma else 1)
         self.num_classes, self.cross_attention_dim = num_classes, cross_attention_dim
@@ -151,7 +155,8 @@ class DiT(nn.Module):
 
         self.patch_embed = nn.Conv2d(in_channels, hidden, kernel_size=p, stride=p)
         self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden, self.grid), persistent=False)
-        self.time_embed = TimestepEmbedding(hidden, freq_shift=time_freq_shift)
+        self.time_embed = TimestepEmbedding(hidden, freq_shift=time_freq_shift, kind=time_embedding,
+                                            fourier_scale=fourier_scale)
         self.label_embed = LabelEmbedding(num_classes, hidden, class_dropout) if num_classes is not None else None
         self.blocks = nn.ModuleList(
             DiTBlock(hidden, num_heads, mlp_ratio, cross_attention_dim, qkv_bias, mlp_norm_eps, attention_backend)
@@ -192,11 +197,7 @@ class DiT(nn.Module):
                 context: Tensor | None = None, residuals: dict[str, Tensor] | None = None) -> Tensor:
         """See the class docstring; returns ``[B, out_channels, H, W]``."""
         self._check_x(tuple(x.shape))
-        c = self.time_embed(batch_times(t, x, "DiT"))
-        if self.label_embed is not None:
-            c = c + self.label_embed(batch_labels(class_labels, x, self.num_classes, "DiT"))
-        elif class_labels is not None:
-            raise ValueError("DiT: class_labels given, but the model was built with num_classes=None")
+        c = condition_embedding(self.time_embed, self.label_embed, x, t, class_labels, "DiT")  # [B, hidden]
         self._check_context(context, x.shape[0])
         h = rearrange(self.patch_embed(x), "b d h w -> b (h w) d").contiguous() + self.pos_embed
         extra = self._check_residuals(residuals or {}, h.shape)

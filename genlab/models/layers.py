@@ -3,42 +3,65 @@
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 
 from genlab.core.errors import ShapeError
 from genlab.models.embeddings import timestep_embedding
 
 
-class TimestepEmbedding(nn.Module):
-    """Sinusoidal features of the model time, then Linear-SiLU-Linear (DDPM / ADM time embedding):
-    t [B] -> [B, dim]. ``freq_dim`` sinusoids with ``max_period`` and ``freq_shift`` (see
-    :func:`timestep_embedding`; Vaswani et al. 2017)."""
-
-    def __init__(self, dim: int, freq_dim: int = 256, max_period: float = 10000.0, freq_shift: float = 0.0,
-                 flip_sin_to_cos: bool = True) -> None:
-        super().__init__()
-        self.freq_dim, self.max_period, self.freq_shift, self.flip_sin_to_cos = freq_dim, max_period, freq_shift, flip_sin_to_cos
-        self.linear_1, self.act, self.linear_2 = nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim)
-
-    def forward(self, t: Tensor) -> Tensor:
-        emb = timestep_embedding(t, self.freq_dim, self.max_period, self.freq_shift, self.flip_sin_to_cos)
-        emb = emb.to(self.linear_1.weight.dtype)
-        return self.linear_2(self.act(self.linear_1(emb)))
+TimeEmbeddingKind = Literal["sinusoidal", "fourier"]
 
 
 class FourierFeatures(nn.Module):
     """Random Fourier features [cos(2 pi w t), sin(2 pi w t)], w ~ N(0, scale^2) fixed (Tancik et al.
-    2020; score_sde's GaussianFourierProjection): t [B] -> [B, dim]."""
+    2020; score_sde's GaussianFourierProjection): t [B] -> [B, dim] float32, ``dim`` even. ``w`` is a
+    persistent buffer (``weight: [dim // 2]``), so checkpoints keep it; the angles are computed in
+    float32. Suited to times of order 1 (t in [0, 1], a log-sigma): ``scale`` is in cycles per unit."""
 
     def __init__(self, dim: int, scale: float = 16.0) -> None:
         super().__init__()
+        if dim < 2 or dim % 2:
+            raise ValueError(f"FourierFeatures: dim must be even and >= 2, got {dim}")
         self.register_buffer("weight", torch.randn(dim // 2) * scale, persistent=True)
 
     def forward(self, t: Tensor) -> Tensor:
-        angles = 2 * math.pi * t.float()[:, None] * self.weight[None, :]
+        angles = 2 * math.pi * rearrange(t.float(), "b -> b 1") * rearrange(self.weight.float(), "h -> 1 h")
         return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+class TimestepEmbedding(nn.Module):
+    """Time features, then Linear-SiLU-Linear (DDPM / ADM time embedding): t [B] -> [B, dim].
+
+    ``kind="sinusoidal"`` (the default): ``freq_dim`` sinusoids with ``max_period``, ``freq_shift`` and
+    ``flip_sin_to_cos`` (see :func:`timestep_embedding`; Vaswani et al. 2017). ``kind="fourier"``:
+    ``freq_dim`` random Fourier features of scale ``fourier_scale`` (:class:`FourierFeatures`, kept as
+    the submodule ``fourier``; score_sde's NCSN++), for which the sinusoid options are unused.
+    """
+
+    def __init__(self, dim: int, freq_dim: int = 256, max_period: float = 10000.0, freq_shift: float = 0.0,
+                 flip_sin_to_cos: bool = True, kind: TimeEmbeddingKind = "sinusoidal",
+                 fourier_scale: float = 16.0) -> None:
+        super().__init__()
+        if kind not in get_args(TimeEmbeddingKind):
+            raise ValueError(f"TimestepEmbedding: kind must be 'sinusoidal' or 'fourier', got {kind!r}")
+        self.freq_dim, self.max_period, self.freq_shift, self.flip_sin_to_cos = freq_dim, max_period, freq_shift, flip_sin_to_cos
+        self.kind = kind
+        self.fourier = FourierFeatures(freq_dim, fourier_scale) if kind == "fourier" else None
+        self.linear_1, self.act, self.linear_2 = nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim)
+
+    def features(self, t: Tensor) -> Tensor:
+        """The time features before the MLP: ``t [B] -> [B, freq_dim]`` float32."""
+        if self.fourier is not None:
+            return self.fourier(t)
+        return timestep_embedding(t, self.freq_dim, self.max_period, self.freq_shift, self.flip_sin_to_cos)
+
+    def forward(self, t: Tensor) -> Tensor:
+        emb = self.features(t).to(self.linear_1.weight.dtype)
+        return self.linear_2(self.act(self.linear_1(emb)))
 
 
 class LabelEmbedding(nn.Module):
@@ -87,3 +110,17 @@ def batch_labels(class_labels: Tensor | None, x: Tensor, num_classes: int, model
     if class_labels.is_floating_point() or (class_labels >= num_classes).any() or (class_labels < -1).any():
         raise ValueError(f"{model}: class_labels must be integers in [-1, {num_classes}), got {class_labels}")
     return class_labels.long()
+
+
+def condition_embedding(time_embed: nn.Module, label_embed: LabelEmbedding | None, x: Tensor, t: Tensor | float,
+                        class_labels: Tensor | None, model: str) -> Tensor:
+    """The conditioning of a backbone: ``time_embed(t) + label_embed(class_labels)`` -> ``[B, D]`` for
+    ``x: [B, ...]``, ``t`` a scalar, ``[1]`` or ``[B]``, ``class_labels: [B]`` or None (the null class).
+    Without ``label_embed`` (a model built with ``num_classes=None``) it is the time embedding alone,
+    and labels are an error; ``model`` names the caller in errors."""
+    c = time_embed(batch_times(t, x, model))
+    if label_embed is not None:
+        return c + label_embed(batch_labels(class_labels, x, label_embed.num_classes, model))
+    if class_labels is not None:
+        raise ValueError(f"{model}: class_labels given, but the model was built with num_classes=None")
+    return c

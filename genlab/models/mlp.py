@@ -7,13 +7,13 @@ block. Class labels use one extra "null" index for classifier-free guidance (Ho 
 
 from __future__ import annotations
 
-import torch
+from typing import Any
+
 from torch import Tensor, nn
 
 from genlab.core.errors import ShapeError
 from genlab.core.registry import register
-from genlab.models.embeddings import timestep_embedding
-from genlab.models.layers import batch_times
+from genlab.models.layers import LabelEmbedding, TimeEmbeddingKind, TimestepEmbedding, condition_embedding
 
 
 class ResidualBlock(nn.Module):
@@ -30,13 +30,21 @@ class ResidualBlock(nn.Module):
         return h + self.out(self.inner(self.norm(h)) + self.emb(emb))
 
 
+_OLD_KEYS = {"time_mlp.0.": "time_embed.linear_1.", "time_mlp.2.": "time_embed.linear_2.",
+             "label_emb.": "label_embed.embedding."}
+
+
 @register("model", "mlp")
 class MLP(nn.Module):
     """Residual MLP ``(x: [B, dim], t: [B] or scalar, class_labels: [B] | None) -> [B, dim]``.
 
     ``t`` is the model time in whatever range the caller uses (e.g. 0..1000 or a log-sigma around
-    -2..2); it is embedded with ``timestep_embedding`` unchanged. With ``num_classes``, labels
-    ``0..num_classes-1`` are classes and ``-1`` (or ``class_labels=None``) is the null class.
+    -2..2); it is embedded unchanged with ``time_dim`` sinusoids and Linear-SiLU-Linear to ``hidden``
+    (:class:`~genlab.models.layers.TimestepEmbedding`), or with ``time_embedding="fourier"`` with
+    ``time_dim`` random Fourier features of scale ``fourier_scale`` (for times of order 1). With
+    ``num_classes``, labels ``0..num_classes-1`` are classes and ``-1`` (or ``class_labels=None``) is
+    the null class (index ``num_classes`` of :class:`~genlab.models.layers.LabelEmbedding`), added to
+    the time embedding.
     """
 
     def __init__(
@@ -47,11 +55,13 @@ class MLP(nn.Module):
         time_dim: int = 128,
         num_classes: int | None = None,
         dropout: float = 0.0,
+        time_embedding: TimeEmbeddingKind = "sinusoidal",
+        fourier_scale: float = 16.0,
     ) -> None:
         super().__init__()
         self.dim, self.time_dim, self.num_classes = dim, time_dim, num_classes
-        self.time_mlp = nn.Sequential(nn.Linear(time_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
-        self.label_emb = nn.Embedding(num_classes + 1, hidden) if num_classes is not None else None
+        self.time_embed = TimestepEmbedding(hidden, time_dim, kind=time_embedding, fourier_scale=fourier_scale)
+        self.label_embed = LabelEmbedding(num_classes, hidden) if num_classes is not None else None
         self.emb_act = nn.SiLU()
         self.inp = nn.Linear(dim, hidden)
         self.blocks = nn.ModuleList(ResidualBlock(hidden, dropout) for _ in range(depth))
@@ -61,28 +71,18 @@ class MLP(nn.Module):
         """``x: [B, dim]``, ``t: [B]`` or scalar, ``class_labels: [B]`` long (-1 = null) -> ``[B, dim]``."""
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ShapeError(f"MLP: expected x: [B, dim] = [B, {self.dim}], got {list(x.shape)}")
-        emb = self.time_mlp(self._time(t, x).to(x.dtype))
-        if self.label_emb is not None:
-            emb = emb + self.label_emb(self._labels(class_labels, x))
-        elif class_labels is not None:
-            raise ValueError("MLP: class_labels given, but the model was built with num_classes=None")
-        emb = self.emb_act(emb)
-        h = self.inp(x)
+        emb = self.emb_act(condition_embedding(self.time_embed, self.label_embed, x, t, class_labels, "MLP"))
+        h = self.inp(x)  # [B, hidden]
         for block in self.blocks:
             h = block(h, emb)
         return self.out(h)
 
-    def _time(self, t: Tensor | float, x: Tensor) -> Tensor:
-        """Time embedding ``[B, time_dim]`` from a scalar or ``[B]`` time."""
-        return timestep_embedding(batch_times(t, x, "MLP"), self.time_dim)
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        """Also load checkpoints written before MLP used the shared layers, which name the time MLP
+        ``time_mlp.{0,2}`` and the label table ``label_emb`` (their keys are renamed in place)."""
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            for old, new in _OLD_KEYS.items():
+                if key.startswith(prefix + old):
+                    state_dict[prefix + new + key[len(prefix + old):]] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
-    def _labels(self, class_labels: Tensor | None, x: Tensor) -> Tensor:
-        """Labels ``[B]`` with -1 and None mapped to the null index ``num_classes``."""
-        null = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
-        if class_labels is None:
-            return null
-        if class_labels.shape != (x.shape[0],):
-            raise ShapeError(f"MLP: expected class_labels: [B] = [{x.shape[0]}], got {list(class_labels.shape)}")
-        if class_labels.is_floating_point() or (class_labels >= self.num_classes).any() or (class_labels < -1).any():
-            raise ValueError(f"MLP: class_labels must be integers in [-1, {self.num_classes}), got {class_labels}")
-        return torch.where(class_labels == -1, null, class_labels.long())

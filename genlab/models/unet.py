@@ -1,5 +1,6 @@
 """ADM-style UNet backbone (Ho et al. 2020, "DDPM"; Dhariwal & Nichol 2021, "ADM"), optionally with
-LDM / Stable Diffusion cross-attention transformers (Rombach et al. 2022). Blocks: ``unet_blocks.py``.
+LDM / Stable Diffusion cross-attention transformers (Rombach et al. 2022). Blocks: ``unet_blocks.py``;
+their assembly into levels: ``unet_builder.py``.
 """
 
 from __future__ import annotations
@@ -13,19 +14,9 @@ from torch import Tensor, nn
 from genlab.core.errors import ShapeError, did_you_mean
 from genlab.core.registry import register
 from genlab.models.attention import BACKENDS, Backend
-from genlab.models.layers import LabelEmbedding, TimestepEmbedding, batch_labels, batch_times
-from genlab.models.unet_blocks import (
-    AttentionBlock,
-    Downsample,
-    DownLevel,
-    GroupNorm32,
-    MidBlock,
-    ResBlock,
-    SpatialTransformer,
-    Upsample,
-    UpLevel,
-    set_backend,
-)
+from genlab.models.layers import LabelEmbedding, TimeEmbeddingKind, TimestepEmbedding, condition_embedding
+from genlab.models.unet_blocks import AttentionBlock, GroupNorm32, ResBlock, SpatialTransformer, set_backend
+from genlab.models.unet_builder import UNetBuilder
 
 Preset = Literal["tiny", "small", "base", "adm_cifar10", "adm_imagenet64"]
 
@@ -44,6 +35,17 @@ PRESETS: dict[str, dict[str, Any]] = {
 _ZERO_INIT = {ResBlock: "conv_2", AttentionBlock: "attn.to_out", SpatialTransformer: "proj_out"}
 
 
+def _architecture(preset: Preset | None, **given: Any) -> dict[str, Any]:
+    """The architecture arguments: ``_DEFAULTS``, then the preset's, then those ``given`` that are not
+    None (``num_heads`` given without ``head_dim`` clears the preset's ``head_dim``)."""
+    given = {k: v for k, v in given.items() if v is not None}
+    cfg = {**_DEFAULTS, **PRESETS.get(preset or "", {}), **given}
+    if "num_heads" in given and "head_dim" not in given:
+        cfg["head_dim"] = None
+    cfg["channel_mult"], cfg["attention_levels"] = tuple(cfg["channel_mult"]), tuple(cfg["attention_levels"])
+    return cfg
+
+
 @register("model", "unet")
 class UNet(nn.Module):
     """UNet ``(x: [B, C, H, W], t: [B] or scalar, class_labels, context, residuals) -> [B, out_channels, H, W]``.
@@ -60,8 +62,11 @@ class UNet(nn.Module):
     cross-attention to ``context: [B, L, cross_attention_dim]``, GEGLU) of ``transformer_depth``
     blocks. ``t`` is the model time in any range (e.g. the DDPM step index), embedded with
     sinusoids of ``channels`` frequencies and a 2-layer MLP to ``time_embed_dim`` (default
-    ``4 * channels``). With ``num_classes``, labels ``0..num_classes-1`` are classes and ``-1`` (or
-    ``None``) is the null class; ``class_dropout`` nulls labels while training (Ho & Salimans 2022).
+    ``4 * channels``); ``time_embedding="fourier"`` replaces the sinusoids by ``channels`` random
+    Fourier features of scale ``fourier_scale`` (score_sde's NCSN++; for times of order 1, such as
+    ``edm``'s log(sigma) / 4). With ``num_classes``, labels ``0..num_classes-1`` are classes and
+    ``-1`` (or ``None``) is the null class; ``class_dropout`` nulls labels while training (Ho &
+    Salimans 2022).
     The output conv and the last layer of every residual branch start at zero (ADM) unless
     ``zero_init=False``.
 
@@ -115,6 +120,8 @@ class UNet(nn.Module):
         time_embed_dim: int | None = None,
         time_flip_sin_to_cos: bool = True,
         time_freq_shift: float = 0.0,
+        time_embedding: TimeEmbeddingKind = "sinusoidal",
+        fourier_scale: float = 16.0,
         norm_groups: int = 32,
         norm_eps: float = 1e-5,
         mid_attention: bool = True,
@@ -125,14 +132,9 @@ class UNet(nn.Module):
         attention_backend: Backend = "auto",
     ) -> None:
         super().__init__()
-        given = dict(channels=channels, channel_mult=channel_mult, num_res_blocks=num_res_blocks,
-                     attention_levels=attention_levels, num_heads=num_heads, head_dim=head_dim, dropout=dropout,
-                     scale_shift_norm=scale_shift_norm, resample=resample)
-        given = {k: v for k, v in given.items() if v is not None}
-        cfg = {**_DEFAULTS, **PRESETS.get(preset or "", {}), **given}
-        if "num_heads" in given and "head_dim" not in given:
-            cfg["head_dim"] = None
-        cfg["channel_mult"], cfg["attention_levels"] = tuple(cfg["channel_mult"]), tuple(cfg["attention_levels"])
+        cfg = _architecture(preset, channels=channels, channel_mult=channel_mult, num_res_blocks=num_res_blocks,
+                            attention_levels=attention_levels, num_heads=num_heads, head_dim=head_dim,
+                            dropout=dropout, scale_shift_norm=scale_shift_norm, resample=resample)
         c, mult, n, levels = cfg["channels"], cfg["channel_mult"], cfg["num_res_blocks"], cfg["attention_levels"]
         out_channels = in_channels if out_channels is None else out_channels
         time_embed_dim = time_embed_dim or 4 * c
@@ -140,7 +142,8 @@ class UNet(nn.Module):
             in_channels=in_channels, out_channels=out_channels, **cfg, num_classes=num_classes,
             class_dropout=class_dropout, cross_attention_dim=cross_attention_dim, transformer_depth=transformer_depth,
             linear_projection=linear_projection, time_embed_dim=time_embed_dim,
-            time_flip_sin_to_cos=time_flip_sin_to_cos, time_freq_shift=time_freq_shift, norm_groups=norm_groups,
+            time_flip_sin_to_cos=time_flip_sin_to_cos, time_freq_shift=time_freq_shift,
+            time_embedding=time_embedding, fourier_scale=fourier_scale, norm_groups=norm_groups,
             norm_eps=norm_eps, mid_attention=mid_attention, mid_attention_norm=mid_attention_norm,
             gradient_checkpointing=gradient_checkpointing, channels_last=channels_last,
             attention_backend=attention_backend)
@@ -150,52 +153,30 @@ class UNet(nn.Module):
         self.channels, self.channel_mult, self.num_res_blocks = c, mult, n
         self.cross_attention_dim = cross_attention_dim
         self.gradient_checkpointing, self.channels_last = gradient_checkpointing, channels_last
-
-        def res(c_in: int, c_out: int, resample: Literal["down", "up"] | None = None) -> ResBlock:
-            return ResBlock(c_in, c_out, time_embed_dim, norm_groups, norm_eps, cfg["dropout"],
-                            cfg["scale_shift_norm"], resample)
-
-        def attn(co: int, norm: bool = True) -> nn.Module:
-            heads = co // cfg["head_dim"] if cfg["head_dim"] else cfg["num_heads"]
-            if cross_attention_dim is None:
-                return AttentionBlock(co, heads, norm_groups, norm_eps, norm)
-            return SpatialTransformer(co, heads, cross_attention_dim, norm_groups, transformer_depth, linear_projection)
-
-        by_resblock = cfg["resample"] == "resblock"
+        make = UNetBuilder.from_config(self.config)
         self.time_embed = TimestepEmbedding(time_embed_dim, c, freq_shift=time_freq_shift,
-                                            flip_sin_to_cos=time_flip_sin_to_cos)
+                                            flip_sin_to_cos=time_flip_sin_to_cos, kind=time_embedding,
+                                            fourier_scale=fourier_scale)
         self.label_embed = None if num_classes is None else LabelEmbedding(num_classes, time_embed_dim, class_dropout)
         self.conv_in = nn.Conv2d(in_channels, c, 3, padding=1)
-        skip_ch, cur, self.down, self.up = [c], c, nn.ModuleList(), nn.ModuleList()
-        for i, co in enumerate(ch):
-            blocks, attns = [], []
-            for _ in range(n):
-                blocks.append(res(cur, co))
-                attns += [attn(co)] if i in levels else []
-                cur = co
-                skip_ch.append(co)
-            down = None if i == len(ch) - 1 else res(co, co, "down") if by_resblock else Downsample(co)
-            skip_ch += [co] if down is not None else []
-            self.down.append(DownLevel(blocks, attns, down))
-        self.mid = MidBlock(res(cur, cur), attn(cur, mid_attention_norm) if mid_attention else None, res(cur, cur))
-        for i, co in reversed(list(enumerate(ch))):
-            blocks, attns = [], []
-            for _ in range(n + 1):
-                blocks.append(res(cur + skip_ch.pop(), co))
-                attns += [attn(co)] if i in levels else []
-                cur = co
-            up = None if i == 0 else res(co, co, "up") if by_resblock else Upsample(co)
-            self.up.append(UpLevel(blocks, attns, up))
+        down, skips, cur = make.down_path(c, ch, n, levels)
+        mid = make.mid(cur, mid_attention, mid_attention_norm)
+        # built down, mid, up (initial weights); registered down, up, mid (state_dict and optimizer order)
+        self.down, self.up, self.mid = down, make.up_path(cur, ch, n, levels, skips), mid
         self.norm_out = GroupNorm32(norm_groups, c, norm_eps)
         self.conv_out = nn.Conv2d(c, out_channels, 3, padding=1)
         if zero_init:
-            last = [m.get_submodule(_ZERO_INIT[type(m)]) for m in self.modules() if type(m) in _ZERO_INIT]
-            for layer in [self.conv_out, *last]:
-                nn.init.zeros_(layer.weight)
-                nn.init.zeros_(layer.bias)
+            self._zero_init()
         self.set_attention_backend(attention_backend)
         if channels_last:
             self.to(memory_format=torch.channels_last)
+
+    def _zero_init(self) -> None:
+        """Zero the output conv and the last layer of every residual branch (ADM): blocks start as the identity."""
+        last = [m.get_submodule(_ZERO_INIT[type(m)]) for m in self.modules() if type(m) in _ZERO_INIT]
+        for layer in [self.conv_out, *last]:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
 
     @staticmethod
     def _validate(ch: list[int], levels: tuple[int, ...], num_heads: int, head_dim: int | None, groups: int) -> None:
@@ -226,11 +207,7 @@ class UNet(nn.Module):
         ``context: [B, L, cross_attention_dim]``, ``residuals``: see the class docstring ->
         ``[B, out_channels, H, W]``."""
         points = self.injection_points(x.shape)
-        emb = self.time_embed(batch_times(t, x, "UNet"))
-        if self.label_embed is not None:
-            emb = emb + self.label_embed(batch_labels(class_labels, x, self.num_classes, "UNet"))
-        elif class_labels is not None:
-            raise ValueError("UNet: class_labels given, but the model was built with num_classes=None")
+        emb = condition_embedding(self.time_embed, self.label_embed, x, t, class_labels, "UNet")  # [B, time_embed_dim]
         self._check_context(context, x)
         residuals = self._check_residuals(residuals or {}, points)
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
