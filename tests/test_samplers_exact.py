@@ -117,10 +117,10 @@ def test_every_sampler_on_every_process(pname, sname):
 
 
 @pytest.mark.parametrize("pname", PROCESSES)
-@pytest.mark.parametrize("sampler", [DPMSolverPP(8, order=3), Heun(6, "karras"), FlowEuler(8)],
+@pytest.mark.parametrize("make", [lambda: DPMSolverPP(8, order=3), lambda: Heun(6, "karras"), lambda: FlowEuler(8)],
                          ids=["dpm_solver_pp", "heun", "flow_euler"])
-def test_every_prediction_type_gives_the_same_samples(pname, sampler):
-    process = PROCESSES[pname]
+def test_every_prediction_type_gives_the_same_samples(pname, make):
+    process, sampler = PROCESSES[pname], make()  # a fresh sampler: the test changes its grid
     if isinstance(process, RectifiedFlow):
         sampler.grid.t_max = 0.995  # eps and score carry no information about x0 at alpha = 0
     x = process.prior((64, 2), generator=torch.Generator().manual_seed(6), dtype=torch.float64)
@@ -129,12 +129,13 @@ def test_every_prediction_type_gives_the_same_samples(pname, sampler):
         assert (out - outs["eps"]).abs().max().item() < 1e-6, p
 
 
-@pytest.mark.parametrize("sampler", [DPMSolverPP(10, order=3), Heun(8, "karras", s_churn=5), DDPM(20), FlowEuler(10)],
+@pytest.mark.parametrize("make", [lambda: DPMSolverPP(10, order=3), lambda: Heun(8, "karras", s_churn=5),
+                                  lambda: DDPM(20), lambda: FlowEuler(10)],
                          ids=["dpm_solver_pp", "heun_churn", "ddpm", "flow_euler"])
-def test_per_sample_times_equal_separate_runs(sampler):
+def test_per_sample_times_equal_separate_runs(make):
     """A [N + 1, B] time grid runs each sample on its own grid in one batch (deterministic samplers:
     equal to separate runs; stochastic ones: equal to the shared-grid path when the columns agree)."""
-    process = VP()
+    process, sampler = VP(), make()
     den = exact_denoiser(MIX, process)
     x = process.prior((3, 2), generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     t_maxes = [1.0, 0.7, 0.4]
@@ -142,7 +143,7 @@ def test_per_sample_times_equal_separate_runs(sampler):
              if not isinstance(sampler.grid, Karras) else Karras()(process, 8) * t / 1.0 for t in t_maxes]
     times = torch.stack(grids, dim=1)
     joint = sampler.sample(den, x.clone(), times=times, progress=False, generator=torch.Generator().manual_seed(8))
-    if isinstance(sampler, DDPM) or getattr(sampler, "s_churn", 0) > 0:
+    if sampler.stochastic:
         # noise is drawn for the whole batch, so runs of one sample differ; instead, the per-sample
         # path with equal columns must reproduce the shared-grid path, noise included
         shared = sampler.sample(den, x.clone(), times=grids[0], progress=False,
@@ -155,3 +156,20 @@ def test_per_sample_times_equal_separate_runs(sampler):
             alone = sampler.sample(den, x[i:i + 1].clone(), times=times[:, i], progress=False)
             assert torch.allclose(joint[i:i + 1], alone, atol=1e-10)
     assert torch.isfinite(joint).all()
+
+
+@pytest.mark.parametrize("s_churn, gamma", [(1e9, math.sqrt(2) - 1), (0.8, 0.1)], ids=["capped", "s_churn/N"])
+def test_churn_raises_sigma_by_gamma_capped_at_sqrt2_minus_1(s_churn, gamma):
+    """Algorithm 2 of Karras et al.: the first model call is at sigma_hat = sigma (1 + gamma) with
+    gamma = min(S_churn / N, sqrt(2) - 1) (N = 8 steps from sigma 10, inside EDM's range)."""
+    process, seen = EDM(), []
+    inner = exact_denoiser(MIX, process)
+
+    def recording(x, t, **cond):
+        seen.append(float(inner.level(t, x).sigma_edm))
+        return inner(x, t, **cond)
+
+    recording.process = process
+    Euler(8, Karras(sigma_max=10.0), s_churn=s_churn).sample(recording, shape=(4, 2), progress=False,
+                                                          generator=torch.Generator().manual_seed(0))
+    assert seen[0] == pytest.approx(10.0 * (1 + gamma), rel=1e-9)

@@ -54,8 +54,7 @@ class Process:
 
     def level(self, t: Tensor | float) -> Level:
         """The :class:`Level` at t ([], [B] or a grid [N + 1, ...]), in float64 on t's device."""
-        t = torch.as_tensor(t)
-        t = t.to(level_dtype(t.device))
+        t = t.to(level_dtype(t.device)) if torch.is_tensor(t) else torch.tensor(t, dtype=torch.float64)
         return Level(t, self.alpha(t), self.sigma(t), *self.derivatives(t))
 
     def log_snr(self, t: Tensor) -> Tensor:

@@ -192,7 +192,8 @@ class Sampler:
     def levels(self, process: Process, x: Tensor, steps: int | None = None, times: Tensor | None = None) -> list[Level]:
         """The levels of the grid (``times`` or this sampler's own), float64: a shared grid on the CPU,
         per-sample times [N + 1, B] on x's device."""
-        times = self.timesteps(process, steps) if times is None else torch.as_tensor(times)
+        times = self.timesteps(process, steps) if times is None else (
+            times if torch.is_tensor(times) else torch.tensor(times, dtype=torch.float64))
         if times.ndim not in (1, 2) or len(times) < 2:
             raise ValueError(f"times must be a grid [N + 1] or per sample [N + 1, B] with N >= 1, got shape "
                              f"{list(times.shape)}")
@@ -200,7 +201,7 @@ class Sampler:
             raise ValueError(f"per-sample times must be [N + 1, B] with B = {x.shape[0]}, got {list(times.shape)}")
         if times.ndim == 1 and times.requires_grad:
             times = times[:, None].expand(-1, x.shape[0])
-        grid = process.level(times)
+        grid = process.level(times if times.ndim == 2 else times.cpu())
         return (grid if grid.t.ndim == 1 else grid.to(device=x.device)).steps()
 
     def options(self) -> dict[str, Any]:
