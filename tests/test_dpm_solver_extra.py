@@ -20,16 +20,19 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-from test_samplers_diffusers import X, assert_steps_close, ddpm_times, run_diffusers, run_genlab  # noqa: E402
-from test_samplers_exact import MIX, ORDER_MIX, observed_orders  # noqa: E402
-
 from genlab.core.errors import ConfigError  # noqa: E402
 from genlab.core.registry import build  # noqa: E402
 from genlab.diffusion import DDIM, VP, DPMSolverPP, DPMSolverPPSDE, DPMSolverSingle  # noqa: E402
 from genlab.diffusion.samplers.dpm_solver import dpm_solver_pp_update  # noqa: E402
 from genlab.diffusion.samplers.dpm_solver_single import stage_schedule  # noqa: E402
-from genlab.testing import exact_denoiser, exact_ode_solution  # noqa: E402
-from genlab.testing.peers import set_timesteps_float64  # noqa: E402
+from genlab.testing import GaussianMixture, exact_denoiser, exact_ode_solution  # noqa: E402
+from genlab.testing.convergence import observed_orders  # noqa: E402
+from genlab.testing.peers import (assert_steps_close, ddpm_times, run_diffusers, run_genlab,  # noqa: E402
+                                  set_timesteps_float64)
+
+X = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+MIX = GaussianMixture.ring(std=0.5)
+ORDER_MIX = GaussianMixture.random(4, 3, generator=torch.Generator().manual_seed(0))
 
 # ----- diffusers, step by step ---------------------------------------------------------------------
 
@@ -40,7 +43,7 @@ def test_single_step_matches_diffusers(order, steps):
     sched = diffusers.DPMSolverSinglestepScheduler(solver_order=order, algorithm_type="dpmsolver++")
     set_timesteps_float64(sched, steps)
     theirs = run_diffusers(sched, X)
-    ours = run_genlab(DPMSolverSingle(steps, order=order), sched, X, ddpm_times(sched, steps))
+    ours = run_genlab(DPMSolverSingle(steps, order=order), sched, X, ddpm_times(sched))
     assert_steps_close(ours, theirs)
 
 
@@ -75,10 +78,10 @@ def test_sde_matches_diffusers_with_shared_noise(float64_noise, order, solver_ty
     set_timesteps_float64(sched, steps)
     theirs = run_diffusers(sched, X, generator=torch.Generator().manual_seed(3))
     ours = run_genlab(DPMSolverPPSDE(steps, order=order, solver_type=solver_type), sched, X,
-                      ddpm_times(sched, steps), generator=torch.Generator().manual_seed(3))
+                      ddpm_times(sched), generator=torch.Generator().manual_seed(3))
     assert_steps_close(ours, theirs)
     deterministic = run_genlab(DPMSolverPP(steps, order=order, solver_type=solver_type), sched, X,
-                               ddpm_times(sched, steps))
+                               ddpm_times(sched))
     assert (ours[-1] - deterministic[-1]).abs().max() > 0.1  # the noise matters
 
 
@@ -88,10 +91,10 @@ def test_sde_matches_diffusers_in_float32():
     sched.set_timesteps(12)
     x = X.float()
     theirs = run_diffusers(sched, x, generator=torch.Generator().manual_seed(5))
-    ours = run_genlab(DPMSolverPPSDE(12), sched, x, ddpm_times(sched, 12), generator=torch.Generator().manual_seed(5))
+    ours = run_genlab(DPMSolverPPSDE(12), sched, x, ddpm_times(sched), generator=torch.Generator().manual_seed(5))
     scale = max(t.abs().max().item() for t in theirs)  # about 200: float32 rounding, relative 3e-6
     assert_steps_close(ours, theirs, tol=1e-5 * scale)
-    other = run_genlab(DPMSolverPPSDE(12), sched, x, ddpm_times(sched, 12), generator=torch.Generator().manual_seed(6))
+    other = run_genlab(DPMSolverPPSDE(12), sched, x, ddpm_times(sched), generator=torch.Generator().manual_seed(6))
     assert (other[-1] - theirs[-1]).abs().max().item() > 100 * 1e-5 * scale  # another seed is far off
 
 
@@ -101,7 +104,7 @@ def test_multistep_heun_matches_diffusers(order):
     set_timesteps_float64(sched, 10)
     theirs = run_diffusers(sched, X)
     sampler = DPMSolverPP(10, order=order, solver_type="heun", third_order="reference")
-    assert_steps_close(run_genlab(sampler, sched, X, ddpm_times(sched, 10)), theirs)
+    assert_steps_close(run_genlab(sampler, sched, X, ddpm_times(sched)), theirs)
 
 
 def test_first_order_sde_is_ddpm_posterior_step():

@@ -11,55 +11,10 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-from genlab.diffusion import DDIM, DDPMGrid, Denoiser, DiscreteVP, DPMSolverPP, Euler, Heun  # noqa: E402
-from genlab.testing.peers import KeepFloat64, set_timesteps_float64  # noqa: E402
-
-
-def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """A nonlinear, time-dependent eps model; t is the DDPM step index (diffusers' timestep)."""
-    t = torch.as_tensor(t, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
-    return 0.6 * torch.sin(1.3 * x) * (1 + t / 1000) + 0.1 * x - 0.05 * torch.cos(t / 100)
-
-
-def run_diffusers(scheduler, x, generator=None, scaled=False):
-    """Run a diffusers scheduler loop; returns samples after each completed step (VP space)."""
-    sample = x / scheduler.sigmas[0].double().pow(2).add(1).rsqrt() if scaled else x.clone()
-    sample = sample.as_subclass(KeepFloat64)
-    out = []
-    for i, t in enumerate(scheduler.timesteps):
-        inp = scheduler.scale_model_input(sample, t)
-        kwargs = {} if generator is None else {"generator": generator}
-        sample = scheduler.step(model_fn(inp, t), t, sample, **kwargs).prev_sample
-        if getattr(scheduler, "state_in_first_order", True) or i == len(scheduler.timesteps) - 1:
-            out.append(sample.as_subclass(torch.Tensor))
-    if scaled:  # diffusers' Euler / Heun work on x / alpha; map back with alpha of each step
-        sigmas = scheduler.sigmas.double()
-        if hasattr(scheduler, "state_in_first_order"):
-            sigmas = torch.cat([sigmas[:1], sigmas[1::2]])
-        out = [s * (1 + sig**2).rsqrt() for s, sig in zip(out, sigmas[1:])]
-    return out
-
-
-def run_genlab(sampler, scheduler, x, times, generator=None):
-    process = DiscreteVP(alphas_cumprod=scheduler.alphas_cumprod.double().tolist())
-    denoiser = Denoiser(model_fn, process, "eps")
-    out = []
-    sampler.sample(denoiser, x.clone(), times=times, generator=generator, progress=False,
-                   callback=lambda info: out.append(info.x))
-    return out
-
-
-def assert_steps_close(ours, theirs, tol=1e-5):
-    assert len(ours) == len(theirs) > 0
-    for i, (a, b) in enumerate(zip(ours, theirs)):
-        err = (a - b).abs().max().item()
-        assert err < tol, f"step {i}: max |genlab - diffusers| = {err:.3e}"
-
-
-def ddpm_times(scheduler, steps):
-    """genlab times of diffusers' integer timesteps, ending at the data (t = 0)."""
-    t = (scheduler.timesteps.double() + 1) / scheduler.config.num_train_timesteps
-    return torch.cat([t, torch.zeros(1, dtype=torch.float64)])
+from genlab.diffusion import DDIM, DDPMGrid, DiscreteVP, DPMSolverPP, Euler, Heun  # noqa: E402
+from genlab.testing.peers import assert_steps_close, ddpm_times, run_diffusers, run_genlab  # noqa: E402
+from genlab.testing.peers import set_timesteps_float64  # noqa: E402
+from genlab.testing.peers import smooth_eps_model as model_fn  # noqa: E402
 
 
 X = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -73,11 +28,11 @@ def test_ddim_matches_diffusers(spacing, eta, schedule):
                                     set_alpha_to_one=True, steps_offset=0)
     set_timesteps_float64(sched, 10)
     theirs = run_diffusers_ddim(sched, X, eta)
-    ours = run_genlab(DDIM(10, eta=eta), sched, X, ddpm_times(sched, 10), torch.Generator().manual_seed(7))
+    ours = run_genlab(DDIM(10, eta=eta), sched, X, ddpm_times(sched), torch.Generator().manual_seed(7))
     assert_steps_close(ours, theirs)
     # the same grid comes from genlab's own DDPM grid
     grid = DDPMGrid(spacing)(DiscreteVP(alphas_cumprod=sched.alphas_cumprod.double().tolist()), 10)
-    assert torch.allclose(grid, ddpm_times(sched, 10), atol=1e-12)
+    assert torch.allclose(grid, ddpm_times(sched), atol=1e-12)
 
 
 def run_diffusers_ddim(sched, x, eta):
@@ -111,5 +66,5 @@ def test_dpm_solver_pp_matches_diffusers(order, steps):
     set_timesteps_float64(sched, steps)
     theirs = run_diffusers(sched, X)
     sampler = DPMSolverPP(steps, order=order, third_order="reference")
-    ours = run_genlab(sampler, sched, X, ddpm_times(sched, steps))
+    ours = run_genlab(sampler, sched, X, ddpm_times(sched))
     assert_steps_close(ours, theirs)

@@ -11,29 +11,18 @@ import torch
 from genlab.diffusion import (DDIM, DDPM, EDM, PREDICTIONS, VE, VP, DiscreteVP, DPMSolverPP, Euler, FlowEuler,
                               Heun, Karras, RectifiedFlow, SubVP, UniformLogSNR, UniformTime)
 from genlab.metrics import sliced_wasserstein
-from genlab.testing import GaussianMixture, exact_denoiser, exact_ode_solution
+from genlab.testing import GaussianMixture, exact_denoiser
+from genlab.testing.convergence import observed_orders
+from genlab.testing.convergence import ode_problem as ode_setup
 
 MIX = GaussianMixture.ring(std=0.5)
 # convergence orders are measured between 10 and 40 steps on a 4-D mixture, from t = 1 to 0.2
 ORDER_MIX = GaussianMixture.random(4, 3, generator=torch.Generator().manual_seed(0))
 
 
-def ode_setup(mixture, t_end, n=128):
-    process = VP()
-    x = process.prior((n, mixture.dim), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    return mixture, process, x, t_end, exact_ode_solution(mixture, process, x, 1.0, t_end)
-
-
 @pytest.fixture(scope="module")
 def ode_problem():
     return ode_setup(ORDER_MIX, 0.2, n=64)
-
-
-def observed_orders(make, mixture, process, x, t_end, ref, steps=(10, 20, 40)):
-    den = exact_denoiser(mixture, process, "eps")
-    grid = UniformLogSNR(t_min=t_end, final="min")
-    errs = [(make(n, grid).sample(den, x.clone(), progress=False) - ref).pow(2).mean().sqrt().item() for n in steps]
-    return [math.log2(errs[i] / errs[i + 1]) for i in range(len(errs) - 1)], errs
 
 
 @pytest.mark.parametrize("name, make, order", [

@@ -5,19 +5,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_samplers_diffusers import X, assert_steps_close, ddpm_times, model_fn, run_diffusers, run_genlab
-from test_samplers_exact import observed_orders, ode_setup
 
 from genlab.core import build
 from genlab.core.errors import ConfigError
 from genlab.diffusion import PREDICTIONS, VP, Denoiser, DiscreteVP
 from genlab.diffusion.samplers.base import SamplerState, StepContext
+from genlab.diffusion.grids import FAST_GRID
 from genlab.diffusion.samplers.unipc import UniPC, UniPCState
 from genlab.testing import GaussianMixture, exact_denoiser, exact_ode_solution
-from genlab.testing.peers import set_timesteps_float64
+from genlab.testing.convergence import observed_orders
+from genlab.testing.convergence import ode_problem as ode_setup
+from genlab.testing.peers import assert_steps_close, ddpm_times, run_diffusers, run_genlab, set_timesteps_float64
+from genlab.testing.peers import smooth_eps_model as model_fn
 
 diffusers = pytest.importorskip("diffusers")
 MIX = GaussianMixture.ring(std=0.5)
+X = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 
 
 def diffusers_unipc(steps: int, order: int, variant: str, corrector: bool, final: str = "zero",
@@ -37,7 +40,7 @@ def test_matches_diffusers_step_by_step(variant, order, corrector):
     steps = 10
     sched = diffusers_unipc(steps, order, variant, corrector)
     theirs = run_diffusers(sched, X)
-    times = ddpm_times(sched, steps)
+    times = ddpm_times(sched)
     ours = run_genlab(UniPC(steps, order=order, variant=variant, corrector=corrector), sched, X, times)
     assert_steps_close(ours[:-1], theirs[:-1], tol=1e-5)
     # The step into sigma = 0 is first order: it returns x0 at the previous (uncorrected) sample.
@@ -58,7 +61,7 @@ def test_matches_diffusers_ending_at_sigma_min(order, variant, lower_order_final
     steps = 12
     sched = diffusers_unipc(steps, order, variant, True, final="sigma_min", lower_order_final=lower_order_final)
     theirs = run_diffusers(sched, X)
-    times = ddpm_times(sched, steps)
+    times = ddpm_times(sched)
     times[-1] = 1 / sched.config.num_train_timesteps
     sampler = UniPC(steps, order=order, variant=variant, lower_order_final=lower_order_final)
     assert_steps_close(run_genlab(sampler, sched, X, times), theirs, tol=1e-5)
@@ -151,9 +154,28 @@ def test_default_grid_beats_plain_log_snr_and_diffusers_spacings(ddpm_ring, step
     "trailing" / "leading" spacings (where genlab's UniPC is diffusers', step by step): at 5 and 10
     NFE its error is at most half of theirs (measured: 0.33 and 0.19 of the best of them)."""
     den, x, ref = ddpm_ring
-    rms = lambda sampler: float((sampler.sample(den, x.clone(), progress=False) - ref).square().sum(-1).mean().sqrt())  # noqa: E731
+    rms = lambda s: float((s.sample(den, x.clone(), progress=False) - ref).square().sum(-1).mean().sqrt())  # noqa: E731
     ours = rms(UniPC(steps))
     others = {name: rms(UniPC(steps, grid)) for name, grid in [
         ("log_snr", "log_snr"), ("trailing", {"type": "ddpm", "spacing": "trailing"}),
         ("leading", {"type": "ddpm", "spacing": "leading"})]}
     assert ours < 0.5 * min(others.values()), (ours, others)
+
+
+def test_default_grid_keeps_converging_beyond_20_steps(ddpm_ring):
+    """FAST_GRID's end holds at sigma 0.045 up to 20 steps (the grids of 5-20 steps are those of a fixed
+    end) and moves down as (20 / N)^1.5 beyond, so UniPC() keeps converging where a fixed end stalls
+    (on this ring at 20 / 40 / 80 steps, measured: 7.1e-3 / 1.9e-3 / 4.9e-4; with a fixed end
+    7.1e-3 / 8.1e-3 / 8.6e-3)."""
+    den, x, ref = ddpm_ring
+    fixed = {k: v for k, v in FAST_GRID.items() if k != "sigma_min_steps"}
+    for n in (5, 10, 20):
+        assert torch.equal(UniPC(n).timesteps(den.process), UniPC(n, fixed).timesteps(den.process))
+    assert build("grid", FAST_GRID).end_sigma(40) == pytest.approx(0.045 * 0.5**1.5)
+
+    def rms(sampler):
+        return float((sampler.sample(den, x.clone(), progress=False) - ref).square().sum(-1).mean().sqrt())
+
+    errs = {n: rms(UniPC(n)) for n in (20, 40, 80)}
+    assert errs[40] < errs[20] / 3 and errs[80] < errs[40] / 2, errs
+    assert errs[40] < rms(UniPC(40, fixed)) / 3, errs

@@ -15,7 +15,7 @@ from .ode import ODESampler, ODESolution, ProbabilityFlow
 from .predictions import PREDICTIONS, convert, from_x0_eps, to_x0_eps
 from .levels import Level
 from .processes import EDM, VE, VP, DiscreteVP, Process, RectifiedFlow, SubVP
-from .samplers import (DDIM, DDPM, DPMSolverPP, DPMSolverPPSDE, DPMSolverSingle, Euler, EulerAncestral, EulerMaruyama,
+from .samplers import (DDIM, DDPM, DEIS, DPMSolverPP, DPMSolverPPSDE, DPMSolverSingle, Euler, EulerAncestral, EulerMaruyama,
                        FlowEuler, Heun, PredictorCorrector, Restart, ReverseDiffusion, Sampler, SamplerState,
                        StepContext, StepInfo, UniPC)
 
@@ -24,7 +24,7 @@ __all__ = [
     "UniformTime", "DiffusionLikelihood", "LogProbEstimate", "DenoisingObjective", "FlowMatchingObjective",
     "ODESampler", "ODESolution", "ProbabilityFlow", "PREDICTIONS", "convert", "from_x0_eps", "to_x0_eps",
     "EDM", "VE", "VP", "DiscreteVP", "Level", "Process", "RectifiedFlow", "SubVP",
-    "DDIM", "DDPM", "DPMSolverPP", "DPMSolverPPSDE", "DPMSolverSingle", "Euler", "EulerAncestral", "EulerMaruyama",
+    "DDIM", "DDPM", "DEIS", "DPMSolverPP", "DPMSolverPPSDE", "DPMSolverSingle", "Euler", "EulerAncestral", "EulerMaruyama",
     "FlowEuler", "Heun", "PredictorCorrector", "Restart", "ReverseDiffusion", "Sampler", "SamplerState",
     "StepContext", "StepInfo", "UniPC", "LearnedGrid", "learn_grid",
 ]

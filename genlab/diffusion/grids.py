@@ -81,21 +81,37 @@ class UniformLogSNR(SpacedGrid):
     Starting below the process's sigma_max treats the start noise as drawn there: for
     variance-preserving processes, whose x_T hardly changes at high noise, this is what diffusers'
     "leading" spacing does; it leaves an error that more steps do not remove (``snr_shift`` does
-    not). Ending at sigma_min > 0 leaves one too: the last step returns x0_hat at sigma_min.
+    not). Ending at sigma_min > 0 leaves one too: the last step returns x0_hat at sigma_min, whose
+    distance to the ODE's end point is O(sigma_min^2). With ``sigma_min_steps`` = M, sigma_min holds
+    for grids of up to M steps and shrinks as sigma_min (M / N)^(sigma_min_order / 2) for N > M, so
+    that this error falls as N^-sigma_min_order, at the order of the solver (3 for UniPC-2 with its
+    corrector), until the process's own t_min is reached.
     """
 
     def __init__(self, t_min: float | None = None, t_max: float | None = None, final: Final = "zero",
-                 sigma_min: float | None = None, sigma_max: float | None = None, snr_shift: float = 0.0) -> None:
+                 sigma_min: float | None = None, sigma_max: float | None = None, snr_shift: float = 0.0,
+                 sigma_min_steps: int | None = None, sigma_min_order: float = 3.0) -> None:
         super().__init__(t_min, t_max, final)
         if not (snr_shift >= 0 and math.isfinite(snr_shift)):
             raise ConfigError(f"grid log_snr: snr_shift must be a finite number >= 0, got {snr_shift!r}")
+        if sigma_min_steps is not None and not (sigma_min_steps >= 1 and sigma_min_order > 0):
+            raise ConfigError(f"grid log_snr: need sigma_min_steps >= 1 and sigma_min_order > 0, got "
+                              f"{sigma_min_steps!r}, {sigma_min_order!r}")
         self.sigma_min, self.sigma_max, self.snr_shift = sigma_min, sigma_max, snr_shift
+        self.sigma_min_steps, self.sigma_min_order = sigma_min_steps, sigma_min_order
+
+    def end_sigma(self, steps: int) -> float | None:
+        """The grid's sigma_min for a grid of ``steps`` steps (see ``sigma_min_steps``)."""
+        if self.sigma_min is None or self.sigma_min_steps is None or steps <= self.sigma_min_steps:
+            return self.sigma_min
+        return self.sigma_min * (self.sigma_min_steps / steps) ** (self.sigma_min_order / 2)
 
     def spacing(self, process: Process, t_max: float, t_min: float, n: int) -> Tensor:
+        sigma_min = self.end_sigma(n if self.final == "zero" else n - 1)
         if self.sigma_max is not None:
             t_max = min(t_max, float(process.t_of_sigma_edm(torch.tensor(self.sigma_max, dtype=torch.float64))))
-        if self.sigma_min is not None:
-            t_min = max(t_min, float(process.t_of_sigma_edm(torch.tensor(self.sigma_min, dtype=torch.float64))))
+        if sigma_min is not None:
+            t_min = max(t_min, float(process.t_of_sigma_edm(torch.tensor(sigma_min, dtype=torch.float64))))
         ends = process.log_snr(torch.tensor([t_max, t_min], dtype=torch.float64))
         if not torch.isfinite(ends).all():
             raise ConfigError(f"grid log_snr: log-SNR is infinite at t in [{t_min}, {t_max}] of {process}; "
@@ -109,12 +125,14 @@ class UniformLogSNR(SpacedGrid):
 
 
 # The default grid of genlab's fast multistep sampler (UniPC): log(SNR + 0.03) (steps widen above
-# Karras sigma ~ 6), ending at sigma 0.045 and then the data. Chosen with scripts/bench_samplers.py's
-# problems on other start noise than the script's (DDPM linear, exact eps; shift 1/sigma^2 for sigma
-# in 4..10, sigma_min 0.04-0.05); the script's "UniPC bh2 (log_snr)" row shows what the shift buys.
-# The sigma_min end leaves an error that more steps do not remove (the last step returns x0_hat at
-# sigma 0.045; the script's convergence lines show it): for many steps pass sigma_min=None.
-FAST_GRID: Mapping[str, Any] = MappingProxyType({"type": "log_snr", "snr_shift": 0.03, "sigma_min": 0.045})
+# Karras sigma ~ 6), ending at sigma 0.045 and then the data for up to 20 steps; beyond 20 steps the
+# end shrinks as (20 / N)^1.5, so the error of ending there falls at UniPC's order 3 and the default
+# converges (down to the process's t_min). Chosen with scripts/bench_samplers.py's problems on other
+# start noise than the script's (DDPM linear, exact eps; shift 1/sigma^2 for sigma in 4..10, sigma_min
+# 0.04-0.05, sigma_min_steps 10-20); the script's "UniPC bh2 (log_snr)" row shows what the shift buys
+# and its convergence lines what the moving end buys.
+FAST_GRID: Mapping[str, Any] = MappingProxyType({"type": "log_snr", "snr_shift": 0.03, "sigma_min": 0.045,
+                                                 "sigma_min_steps": 20})
 
 
 def karras_sigmas(sigma_max: float, sigma_min: float, n: int, rho: float = 7.0) -> Tensor:

@@ -2,6 +2,7 @@
 
 from .base import Sampler, SamplerState, StepContext, StepInfo
 from .ddim import DDIM, DDPM, posterior_std
+from .deis import DEIS
 from .dpm_solver import DPMSolverPP, DPMSolverPPSDE, dpm_solver_pp_update
 from .dpm_solver_single import DPMSolverSingle
 from .euler import Euler, EulerAncestral, Heun, ancestral_sigmas
@@ -11,7 +12,7 @@ from .sde import EulerMaruyama, PredictorCorrector, ReverseDiffusion
 from .unipc import UniPC, UniPCState
 
 __all__ = [
-    "Sampler", "SamplerState", "StepContext", "StepInfo", "DDIM", "DDPM", "posterior_std", "DPMSolverPP",
+    "Sampler", "SamplerState", "StepContext", "StepInfo", "DDIM", "DDPM", "DEIS", "posterior_std", "DPMSolverPP",
     "DPMSolverPPSDE", "dpm_solver_pp_update", "DPMSolverSingle", "Euler", "EulerAncestral", "Heun", "ancestral_sigmas",
     "FlowEuler",
     "Restart", "RestartInterval", "EulerMaruyama", "PredictorCorrector", "ReverseDiffusion", "UniPC", "UniPCState",

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ...core.config import check_keys, show_value
+from ...core.config import show_value
 from ...core.errors import ConfigError
-from ...core.registry import register
+from ...core.registry import construct, register
 from ..grids import GridSpec, Karras
 from ..levels import Level, combine, sqrt, where
 from ..processes import Process
@@ -54,9 +54,10 @@ PAPER_CIFAR10 = (RestartInterval(sigma_min=0.06, sigma_max=0.30, steps=2, repeat
 
 def parse_restarts(restarts: Sequence[RestartInterval | Mapping[str, float]] | Mapping[str, Sequence[float]],
                    path: str = "sampler.restarts") -> tuple[RestartInterval, ...]:
-    """Restart intervals from a list of {sigma_min, sigma_max, steps, repeats} (or RestartInterval), or
-    from the reference code's dict {"i": [N_restart, K, t_min, t_max]}, whose N_restart counts the
-    points of the restart grid, i.e. N_restart - 1 Heun steps (its NFE is 2 K (N_restart - 1))."""
+    """Restart intervals from a list of RestartInterval (or mappings of its fields, built and checked by
+    the registry as in a config), or from the reference code's dict {"i": [N_restart, K, t_min, t_max]},
+    whose N_restart counts the points of the restart grid, i.e. N_restart - 1 Heun steps (its NFE is
+    2 K (N_restart - 1))."""
     if isinstance(restarts, Mapping):
         out = []
         for key, value in restarts.items():
@@ -68,17 +69,9 @@ def parse_restarts(restarts: Sequence[RestartInterval | Mapping[str, float]] | M
     if isinstance(restarts, (str, bytes)) or not isinstance(restarts, Sequence):
         raise ConfigError(f"{path}: expected a list of {{sigma_min, sigma_max, steps, repeats}} or a dict "
                           f"{{i: [N_restart, K, t_min, t_max]}}, got {show_value(restarts)}")
-    out = []
-    for i, item in enumerate(restarts):
-        if isinstance(item, Mapping):
-            check_keys(item, ("sigma_min", "sigma_max", "steps", "repeats"), path=f"{path}[{i}]", source="config")
-            if "sigma_min" not in item or "sigma_max" not in item:
-                raise ConfigError(f"{path}[{i}]: needs sigma_min and sigma_max, got {show_value(dict(item))}")
-            item = RestartInterval(**item)
-        if not isinstance(item, RestartInterval):
-            raise ConfigError(f"{path}[{i}]: expected a mapping or RestartInterval, got {show_value(item)}")
-        out.append(item)
-    return tuple(out)
+    return tuple(item if isinstance(item, RestartInterval)
+                 else construct(RestartInterval, item, path=f"{path}[{i}]", source="Restart")
+                 for i, item in enumerate(restarts))
 
 
 @dataclass
@@ -100,7 +93,7 @@ class Restart(Heun):
     """
 
     def __init__(self, steps: int = 18, grid: GridSpec | None = None,
-                 restarts: list[RestartInterval | dict[str, float]] | dict[str, list[float]] | None = None,
+                 restarts: list[RestartInterval] | dict[str, list[float]] | None = None,
                  rho: float = 7.0, restart_churn: float = 0.0, s_churn: float = 0.0, s_tmin: float = 0.0,
                  s_tmax: float = float("inf"), s_noise: float = 1.0) -> None:
         super().__init__(steps, grid, s_churn, s_tmin, s_tmax, s_noise)

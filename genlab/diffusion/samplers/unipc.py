@@ -61,8 +61,9 @@ class UniPC(Sampler):
 
     Args:
         steps, grid: as :class:`Sampler`; default grid :data:`~genlab.diffusion.grids.FAST_GRID`
-            (uniform in log(SNR + 0.03) down to Karras sigma 0.045, then the data). diffusers'
-            UniPC uses its spacings; plain uniform log-SNR is ``grid="log_snr"``.
+            (uniform in log(SNR + 0.03) down to Karras sigma 0.045, then the data; the end moves
+            down beyond 20 steps). diffusers' UniPC uses its spacings; plain uniform log-SNR is
+            ``grid="log_snr"``.
         order: p, the order of UniP; default 2, as diffusers' ``solver_order``. With the corrector the
             method is of order p + 1. The first steps ramp up the order (multistep warm start).
         variant: B(h) = -h ("bh1") or e^-h - 1 ("bh2", diffusers' default).
