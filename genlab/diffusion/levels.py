@@ -43,13 +43,13 @@ class Level:
     and indexed per step; :meth:`values` and :meth:`coef` return them as floats on a shared level.
     """
 
-    __slots__ = ("t", "alpha", "sigma", "d_alpha", "d_sigma", "_parent", "_memo")
+    __slots__ = ("t", "alpha", "sigma", "d_alpha", "d_sigma", "_parent", "_memo", "_floats")
     FIELDS = ("t", "alpha", "sigma", "d_alpha", "d_sigma")
 
     def __init__(self, t: Tensor, alpha: Tensor, sigma: Tensor, d_alpha: Tensor, d_sigma: Tensor,
                  parent: tuple[Level, Any] | None = None) -> None:
         self.t, self.alpha, self.sigma, self.d_alpha, self.d_sigma = t, alpha, sigma, d_alpha, d_sigma
-        self._parent, self._memo = parent, {}
+        self._parent, self._memo, self._floats = parent, {}, None
 
     @property
     def shared(self) -> bool:
@@ -75,7 +75,9 @@ class Level:
     def values(self, key: Hashable, fn: Callable[[Level], Any]) -> Any:
         """:meth:`memo` as Python floats on a shared level that needs no gradient (a grid's values
         are turned into lists once), else as tensors."""
-        if not self.shared or self.requires_grad:
+        if self._floats is None:
+            self._floats = self.shared and not self.requires_grad
+        if not self._floats:
             return self.memo(key, fn)
         if self._parent is None:
             return _tolist(self.memo(key, fn))

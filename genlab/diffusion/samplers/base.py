@@ -93,6 +93,13 @@ class StepContext:
         raw, (a_x0, b_x0, a_eps, b_eps) = linear(x, level, **self.cond)
         return combine((w_x0 * a_x0 + w_eps * a_eps, x), (w_x0 * b_x0 + w_eps * b_eps, raw))
 
+    def x0(self, x: Tensor, level: Level) -> Tensor:
+        """The x0 estimate [B, ...] alone (through the fast path when there is one: no eps computed);
+        kept for callbacks."""
+        x0 = self.combine(x, level, 1.0, 0.0)
+        self.state.denoised = x0
+        return x0
+
     def noise(self, x: Tensor) -> Tensor:
         """Standard normal noise like x [B, ...] (its dtype and device), drawn from the generator."""
         return torch.randn(x.shape, generator=self.generator, dtype=x.dtype, device=x.device)

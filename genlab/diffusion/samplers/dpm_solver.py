@@ -119,7 +119,7 @@ class DPMSolverPP(Sampler):
         return self.order > 1
 
     def step(self, ctx: StepContext, x: Tensor, level: Level, level_next: Level) -> Tensor:
-        x0, _ = ctx.denoise(x, level)
+        x0 = ctx.x0(x, level)
         state = ctx.state
         state.history = [*(state.history[1 - self.order:] if self.order > 1 else []), (level, x0)]
         final = "short_grids" if self.lower_order_final else "none"

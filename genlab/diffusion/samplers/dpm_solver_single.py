@@ -71,7 +71,7 @@ class DPMSolverSingle(Sampler):
         state = ctx.state
         if not isinstance(state, SingleStepState):
             raise TypeError(f"{type(self).__name__} needs the state from its init_state(), got {type(state).__name__}")
-        x0, _ = ctx.denoise(x, level)
+        x0 = ctx.x0(x, level)
         stage = 1 if level_next.touches_data else state.stages[state.step]
         if stage == 1:
             state.start, state.history = x, [(level, x0)]

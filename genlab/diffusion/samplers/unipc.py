@@ -124,7 +124,7 @@ class UniPC(Sampler):
         state = ctx.state
         if not isinstance(state, UniPCState):
             raise TypeError(f"UniPC needs a UniPCState (from UniPC.init_state), got {type(state).__name__}")
-        x0, _ = ctx.denoise(x, level)
+        x0 = ctx.x0(x, level)
         if self.corrector and state.last is not None:
             x_prev, p = state.last
             x = self.update(x_prev, *state.history[-1], level, [*state.history[-p:-1], (level, x0)])
