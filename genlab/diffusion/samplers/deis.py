@@ -11,12 +11,12 @@ from torch import Tensor
 from ...core.registry import register
 from ..grids import GridSpec
 from ..levels import Level, Scalar, combine
-from .base import Sampler, StepContext
-from .multistep import lam_step, phis, step_order
+from .base import StepContext
+from .multistep import MultistepSampler, lam_step, phis
 
 
 @register("sampler", "deis")
-class DEIS(Sampler):
+class DEIS(MultistepSampler):
     """Multistep DEIS of order 1-3 on eps. In x^ = x / alpha and rho = sigma / alpha = e^-lambda the ODE
     is dx^/drho = eps; DEIS puts the polynomial in v = lambda - lambda_t through the last ``order`` eps
     (nodes v_k <= 0) and integrates it exactly in rho:
@@ -32,21 +32,12 @@ class DEIS(Sampler):
 
     def __init__(self, steps: int = 20, grid: GridSpec | None = None, order: Literal[1, 2, 3] = 2,
                  lower_order_final: bool = True) -> None:
-        super().__init__(steps, grid)
-        if order not in (1, 2, 3):
-            raise ValueError(f"DEIS order must be 1, 2 or 3, got {order!r}")
-        self.order, self.lower_order_final = order, lower_order_final
-
-    @property
-    def multistep(self) -> bool:
-        return self.order > 1
+        super().__init__(steps, grid, order, lower_order_final)
 
     def step(self, ctx: StepContext, x: Tensor, level: Level, level_next: Level) -> Tensor:
         _, eps = ctx.denoise(x, level)
-        state = ctx.state
-        state.history = [*state.history, (level, eps)][-self.order:]
-        final = "short_grids" if self.lower_order_final else "none"
-        points = state.history[::-1][:step_order(self.order, state, level_next, final)]  # newest first
+        self.remember(ctx.state, level, eps)
+        points = ctx.state.history[::-1][:self.order_of(ctx.state, level_next)]  # newest first
         (a_t, rho_t), (a_s, rho_s) = level.coef("alpha", "sigma_edm"), level_next.coef("alpha", "sigma_edm")
         lam, h = lam_step(level, level_next)
         nodes = [lv.coef("lam")[0] - lam for lv, _ in points]  # v_k, 0 first

@@ -24,8 +24,8 @@ from torch import Tensor
 from ...core.registry import register
 from ..grids import GridSpec
 from ..levels import Level, combine, expm1
-from .base import Sampler, StepContext
-from .multistep import lam_step, phis, step_order
+from .base import StepContext
+from .multistep import MultistepSampler, lam_step, phis
 
 SolverType = Literal["midpoint", "heun"]
 ThirdOrder = Literal["taylor", "reference"]
@@ -78,7 +78,7 @@ def dpm_solver_pp_update(x: Tensor, points: Sequence[tuple[Level, Tensor]], leve
 
 
 @register("sampler", "dpm_solver_pp")
-class DPMSolverPP(Sampler):
+class DPMSolverPP(MultistepSampler):
     """DPM-Solver++ (2M by default, 3M with order=3). The first steps ramp up the order; the last
     step into sigma = 0 is first order; ``lower_order_final`` also lowers the final two steps when
     there are fewer than 15 (as in the paper's code and diffusers).
@@ -102,28 +102,18 @@ class DPMSolverPP(Sampler):
     def __init__(self, steps: int = 20, grid: GridSpec | None = None, order: Literal[1, 2, 3] = 2,
                  lower_order_final: bool = True, third_order: ThirdOrder = "taylor", eta: float = 0.0,
                  solver_type: SolverType = "midpoint") -> None:
-        super().__init__(steps, grid)
-        if order not in (1, 2, 3):
-            raise ValueError(f"DPM-Solver++ order must be 1, 2 or 3, got {order}")
+        super().__init__(steps, grid, order, lower_order_final)
         if not eta >= 0:
             raise ValueError(f"DPM-Solver++ eta must be >= 0 (0: ODE, 1: SDE), got {eta}")
-        self.order, self.lower_order_final, self.third_order = order, lower_order_final, third_order
-        self.eta, self.solver_type = eta, solver_type
+        self.third_order, self.eta, self.solver_type = third_order, eta, solver_type
 
     @property
     def stochastic(self) -> bool:
         return self.eta > 0
 
-    @property
-    def multistep(self) -> bool:
-        return self.order > 1
-
     def step(self, ctx: StepContext, x: Tensor, level: Level, level_next: Level) -> Tensor:
-        x0 = ctx.x0(x, level)
-        state = ctx.state
-        state.history = [*(state.history[1 - self.order:] if self.order > 1 else []), (level, x0)]
-        final = "short_grids" if self.lower_order_final else "none"
-        points = state.history[::-1][:step_order(self.order, state, level_next, final)]  # newest first
+        self.remember(ctx.state, level, ctx.x0(x, level))
+        points = ctx.state.history[::-1][:self.order_of(ctx.state, level_next)]  # newest first
         noisy = self.stochastic and not level_next.at_data
         return dpm_solver_pp_update(x, points, level_next, solver_type=self.solver_type,
                                     third_order=self.third_order, eta=self.eta,

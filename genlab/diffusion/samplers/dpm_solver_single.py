@@ -20,8 +20,9 @@ from torch import Tensor
 from ...core.registry import register
 from ..grids import GridSpec
 from ..levels import Level
-from .base import Sampler, SamplerState, StepContext
+from .base import SamplerState, StepContext
 from .dpm_solver import dpm_solver_pp_update
+from .multistep import MultistepSampler
 
 
 @dataclass
@@ -46,7 +47,7 @@ def stage_schedule(steps: int, order: int, lower_order_final: bool = True) -> li
 
 
 @register("sampler", "dpm_solver_single")
-class DPMSolverSingle(Sampler):
+class DPMSolverSingle(MultistepSampler):
     """Single-step DPM-Solver++ of order 2 (2S) or 3 (3S), one model evaluation per grid interval
     (``steps`` intervals = ``steps`` evaluations); order 1 is DDIM. The interval into sigma = 0 is
     first order, as in :class:`DPMSolverPP`."""
@@ -55,14 +56,7 @@ class DPMSolverSingle(Sampler):
 
     def __init__(self, steps: int = 20, grid: GridSpec | None = None, order: Literal[1, 2, 3] = 2,
                  lower_order_final: bool = True) -> None:
-        super().__init__(steps, grid)
-        if order not in (1, 2, 3):
-            raise ValueError(f"single-step DPM-Solver++ order must be 1, 2 or 3, got {order}")
-        self.order, self.lower_order_final = order, lower_order_final
-
-    @property
-    def multistep(self) -> bool:
-        return self.order > 1  # a stage's step reads x and x0 from the earlier stages of its step
+        super().__init__(steps, grid, order, lower_order_final)  # multistep: a stage reads earlier stages
 
     def init_state(self, steps: int) -> SingleStepState:
         return SingleStepState(steps=steps, stages=stage_schedule(steps, self.order, self.lower_order_final))

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 from typing import Literal
 
+from torch import Tensor
+
+from ..grids import GridSpec
 from ..levels import Level, Scalar, expm1
-from .base import SamplerState
+from .base import Sampler, SamplerState
 
 #: how the last steps lower the order: "short_grids": on grids of fewer than 15 steps, the last step is
 #: first order and the one before at most second (DPM-Solver's code; diffusers' DPM-Solver++ and DEIS
@@ -50,3 +53,33 @@ def lam_step(level: Level, level_next: Level) -> tuple[Scalar, Scalar]:
     """(lambda, h = lambda_next - lambda) of a step, as floats on a shared grid."""
     (lam,), (lam_next,) = level.coef("lam"), level_next.coef("lam")
     return lam, lam_next - lam
+
+
+class MultistepSampler(Sampler):
+    """Base of the multistep family (DPM-Solver++, UniPC, DEIS, and single-step DPM-Solver++ with its
+    stages): an ``order`` of 1-3 and ``lower_order_final``, with the class's ``final_order`` rule.
+
+    A subclass stores (level, value) pairs with :meth:`remember` and takes the points of a step as
+    ``state.history[::-1][:self.order_of(state, level_next)]`` (newest first).
+    """
+
+    final_order: FinalOrder = "short_grids"
+
+    def __init__(self, steps: int = 20, grid: GridSpec | None = None, order: Literal[1, 2, 3] = 2,
+                 lower_order_final: bool = True) -> None:
+        super().__init__(steps, grid)
+        if order not in (1, 2, 3):
+            raise ValueError(f"{type(self).__name__}: order must be 1, 2 or 3, got {order!r}")
+        self.order, self.lower_order_final = order, lower_order_final
+
+    @property
+    def multistep(self) -> bool:
+        return self.order > 1
+
+    def order_of(self, state: SamplerState, level_next: Level) -> int:
+        """The order of this step (:func:`step_order` with ``final_order`` when ``lower_order_final``)."""
+        return step_order(self.order, state, level_next, self.final_order if self.lower_order_final else "none")
+
+    def remember(self, state: SamplerState, level: Level, value: Tensor) -> None:
+        """Append (level, value) to ``state.history``, keeping the last ``order`` pairs."""
+        state.history = [*state.history, (level, value)][-self.order:]

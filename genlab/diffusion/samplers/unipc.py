@@ -27,8 +27,8 @@ from torch import Tensor
 from ...core.registry import register
 from ..grids import FAST_GRID, GridSpec
 from ..levels import Level, Scalar, combine, expm1
-from .base import Sampler, SamplerState, StepContext
-from .multistep import lam_step, phis, step_order
+from .base import SamplerState, StepContext
+from .multistep import MultistepSampler, lam_step, phis
 
 
 @dataclass
@@ -56,7 +56,7 @@ def solve(a: list[list[Scalar]], b: list[Scalar]) -> list[Scalar]:
 
 
 @register("sampler", "unipc")
-class UniPC(Sampler):
+class UniPC(MultistepSampler):
     """UniPC-p: UniP-p predictor steps, each followed by UniC-p on the next step's model output.
 
     Args:
@@ -74,16 +74,15 @@ class UniPC(Sampler):
     """
 
     default_grid = FAST_GRID
+    final_order = "remaining"
 
     def __init__(self, steps: int = 20, grid: GridSpec | None = None, order: Literal[1, 2, 3] = 2,
                  variant: Literal["bh1", "bh2"] = "bh2", corrector: bool = True,
                  lower_order_final: bool = True) -> None:
-        super().__init__(steps, grid)
-        if order not in (1, 2, 3):
-            raise ValueError(f"UniPC order must be 1, 2 or 3, got {order!r}")
+        super().__init__(steps, grid, order, lower_order_final)
         if variant not in ("bh1", "bh2"):
             raise ValueError(f"UniPC variant must be 'bh1' or 'bh2', got {variant!r}")
-        self.order, self.variant, self.corrector, self.lower_order_final = order, variant, corrector, lower_order_final
+        self.variant, self.corrector = variant, corrector
 
     @property
     def multistep(self) -> bool:
@@ -128,7 +127,7 @@ class UniPC(Sampler):
         if self.corrector and state.last is not None:
             x_prev, p = state.last
             x = self.update(x_prev, *state.history[-1], level, [*state.history[-p:-1], (level, x0)])
-        state.history = [*state.history, (level, x0)][-self.order:]
-        order = step_order(self.order, state, level_next, "remaining" if self.lower_order_final else "none")
+        self.remember(state, level, x0)
+        order = self.order_of(state, level_next)
         state.last = (x, order) if self.corrector else None
         return self.update(x, level, x0, level_next, state.history[-order:-1])
