@@ -1,7 +1,7 @@
 """Adding a sampler from a paper: one small subclass of :class:`genlab.diffusion.Sampler`.
 
 The base class owns the loop, the time grid, progress, callbacks and state; a new method only writes
-``step`` in the paper's notation (alpha, sigma, lambda = log(alpha / sigma) = 0.5 * level.log_snr).
+``step`` in the paper's notation (alpha, sigma, lambda = log(alpha / sigma) = ``level.lam``).
 Written against the Denoiser's (x0, eps), it runs with every process and every prediction type.
 
 This file adds iPNDM (Zhang & Chen 2023), the Adams-Bashforth method of order up to 4 on eps in the

@@ -69,8 +69,8 @@ class UniformLogSNR(SpacedGrid):
     ``snr_shift`` = s > 0 uniform in u = log(SNR + s) = l + log(1 + s e^-l).
 
     Why the shift: at high noise the denoiser's x0 estimate of data at scale d moves like
-    SNR d^2 (for Gaussian data along the ODE, x0_hat = x0 (1 + e^-lambda / d^2)^-1/2), so the
-    solver's error per unit lambda vanishes there and uniform log-SNR spends steps on nothing.
+    SNR d^2 (for Gaussian data along the ODE, x0_hat = x0 (1 + 1 / (SNR d^2))^-1/2), so the
+    solver's error per unit log-SNR vanishes there and uniform log-SNR spends steps on nothing.
     u is log-SNR where SNR >> s (Karras sigma << s^-1/2) and SNR itself where SNR << s: the steps
     widen smoothly above sigma ~ s^-1/2, every step still shrinks as steps grow (no truncated
     start, no error floor at the top), and the grid resembles the big-first-step shape of
