@@ -372,3 +372,12 @@ def test_save_config_round_trip(tmp_path: Path) -> None:
     assert load_config(tmp_path / "out.yaml") == cfg
     assert (tmp_path / "out.yaml").read_text().startswith("b:")  # order kept
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml", "out.yaml"]  # no temp file left
+
+
+def test_a_components_own_value_check_becomes_a_config_error_with_its_path() -> None:
+    """A ValueError from a constructor (here: steps < 1) reaches the command line as a ConfigError that
+    names where the value came from, so the CLI prints one line instead of a traceback."""
+    with pytest.raises(ConfigError, match=r"^c\.yaml: sampler: DDIM: steps must be an integer >= 1, got 0$"):
+        build("sampler", {"type": "ddim", "steps": 0}, path="sampler", source="c.yaml")
+    with pytest.raises(ConfigError, match=r"^c\.yaml: sampler\.predictor: DDIM: steps must be"):
+        build("sampler", {"type": "pc", "predictor": {"type": "ddim", "steps": 0}}, path="sampler", source="c.yaml")

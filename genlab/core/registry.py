@@ -159,16 +159,11 @@ def _construct(fn: Callable[..., T], kwargs: Mapping, extra: Mapping, path: str,
         raise ConfigError(f"{source}: {path}: missing required key '{missing[0]}'")
     resolved = hints(fn)
     checked = {k: _checked(resolved.get(k, Any), v, join_path(path, k), source) for k, v in kwargs.items()}
-    return fn(**checked, **extra)
-
-
-def _build_dataclass(cls: type[T], cfg: Mapping, path: str, source: str) -> T:
-    """``cls(**cfg)`` checked as any component; a ValueError of its own (``__post_init__``) gets ``path``."""
     try:
-        return _construct(cls, cfg, {}, path, source)
-    except ValueError as e:  # ConfigError included: the checks' own messages name the path already
-        if path in str(e):
-            raise
+        return fn(**checked, **extra)
+    except ValueError as e:  # the component's own check of a value (``__init__``, ``__post_init__``)
+        if isinstance(e, ConfigError) and path in str(e):
+            raise  # a nested component's error names its place already
         raise ConfigError(f"{source}: {path}: {e}") from e
 
 
@@ -199,7 +194,7 @@ def _check(hint: Any, value: Any, path: str, source: str) -> Any:
         return build(nested, value, path=path, source=source)
     record = next(filter(is_dataclass_type, members), None)
     if record is not None and isinstance(value, Mapping):
-        return _build_dataclass(record, value, path, source)
+        return _construct(record, value, {}, path, source)
     if len(members) > 1:
         for member in members:
             with contextlib.suppress(_Mismatch):
