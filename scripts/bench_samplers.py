@@ -632,8 +632,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer points and timing repeats")
     parser.add_argument("--csv", help="write every accuracy run (problem, budget, configuration, error) here")
-    parser.add_argument("--parts", nargs="+", choices=("accuracy", "likelihood", "cost"),
-                        default=["accuracy", "likelihood", "cost"], help="which parts to run (default: all)")
+    parser.add_argument("--parts", nargs="+", choices=("accuracy", "convergence", "likelihood", "cost"),
+                        default=["accuracy", "likelihood", "cost"],
+                        help="which parts to run (default: all; accuracy includes the convergence lines)")
     args = parser.parse_args()
     diffusers.utils.logging.set_verbosity_error()  # DPMSolverSinglestep warns on every odd step count
     torch.set_num_threads(1)  # faster here than 2 (small tensors) and stable timings
@@ -641,6 +642,10 @@ def main() -> None:
     start = time.perf_counter()
     if "accuracy" in args.parts:
         part_accuracy(n=300 if args.quick else 2000, csv_path=args.csv)
+    elif "convergence" in args.parts:  # the convergence lines alone, on the accuracy part's problems
+        for problem in make_problems(300 if args.quick else 2000):
+            print(f"--- {problem.name}: {problem.mixture}, {len(problem.x)} points; {problem.ref_note}")
+            print_convergence(problem)
     if "likelihood" in args.parts:
         part_likelihood(n=100 if args.quick else 500)
     if "cost" in args.parts:
