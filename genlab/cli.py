@@ -57,6 +57,9 @@ def report(out: Path, m: dict) -> None:
     if "frechet_distance" in m:
         print(f"Frechet distance in the classifier's feature space: {m['frechet_distance']:.3f} "
               f"(training images vs the same held-out digits: {m['frechet_distance_data_vs_data']:.3f})")
+    if "confident_fraction" in m:
+        print(f"classified as some digit with probability > 0.9: {m['confident_fraction']:.1%} of the samples "
+              f"(held-out test digits: {m['confident_fraction_data']:.1%})")
 
 
 def use_stored_grids(config: dict, ckpt: Path) -> None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from scipy import linalg
 from genlab.core.errors import ShapeError
 from genlab.data.digits import Digits
 from genlab.metrics import classifier
-from genlab.metrics.classifier import DigitsClassifier, random_shift, train_digits_classifier
+from genlab.metrics.classifier import DigitsClassifier, confident_fraction, random_shift, train_digits_classifier
 from genlab.metrics.frechet import frechet_distance, gaussian_frechet, mean_cov
 
 F64 = torch.float64
@@ -132,3 +133,41 @@ def test_classifier_frechet_distance_sees_noise(trained: tuple[DigitsClassifier,
     print(f"FD(half A, half B + noise 0 / 0.2 / 0.5) = {fd_halves}, FD(test, test + noise 0.5) = {fd_full:.1f}")
     assert fd_halves == sorted(fd_halves) and fd_halves[2] > 2 * fd_halves[0]
     assert fd_full > fd_halves[0]
+
+
+def test_confident_fraction_hand_checked() -> None:
+    """Largest softmax probabilities 0.95, 0.8, 0.1 (ten equal logits) and 0.99: two of four exceed 0.9."""
+    ten = torch.zeros(10)
+    rows = [ten.clone(), ten.clone(), ten.clone(), ten.clone()]
+    rows[0][3] = math.log(0.95 / 0.05 * 9)  # p = 0.95 on class 3 (the other nine share 0.05)
+    rows[1][7] = math.log(0.8 / 0.2 * 9)  # p = 0.8
+    rows[3][0] = math.log(0.99 / 0.01 * 9)  # p = 0.99
+    logits = torch.stack(rows)
+    assert logits.softmax(1).amax(1).tolist() == pytest.approx([0.95, 0.8, 0.1, 0.99])
+    assert confident_fraction(logits) == 0.5
+    assert confident_fraction(logits, threshold=0.5) == 0.75
+    assert confident_fraction(logits, threshold=0.96) == 0.25
+    assert confident_fraction(torch.zeros(0, 10)) == 0.0
+    with pytest.raises(ShapeError, match=r"expected logits: \[N, K\]"):
+        confident_fraction(torch.zeros(10))
+    with pytest.raises(ValueError, match="threshold"):
+        confident_fraction(logits, threshold=1.0)
+
+
+def test_classifier_confident_fraction_real_digits_vs_noise(trained: tuple[DigitsClassifier, float]) -> None:
+    """Real held-out digits are mostly classified with p > 0.9, noise images (the blobs a broken
+    sampler draws) hardly ever; a mix of the two scores in between, in proportion."""
+    model, _ = trained
+    test = Digits(image_size=16, split="test").data
+    noise = (0.5 * torch.randn(test.shape, generator=_gen(14))).clamp(-1, 1)
+    real, fake = model.confident_fraction(test), model.confident_fraction(noise)
+    print(f"confident fraction: test digits {real:.3f}, noise {fake:.3f}")
+    assert real > 0.9 and fake < 0.1
+    with torch.no_grad():
+        assert model.confident_fraction(test) == confident_fraction(model(test))
+    assert model.confident_fraction(test, batch_size=7) == real  # batching does not change the count
+    n = len(test) // 4
+    mixed = torch.cat([test[n:], noise[:n]])
+    with torch.no_grad():
+        parts = confident_fraction(model(test[n:])) * (len(test) - n) + confident_fraction(model(noise[:n])) * n
+    assert model.confident_fraction(mixed) == pytest.approx(parts / len(test), abs=1e-12)

@@ -123,7 +123,8 @@ def test_ddp_ranks_hold_identical_weights(tmp_path):
 
 def test_digits_job_in_bf16_reports_classifier_metrics(tmp_path, capsys):
     """The image path end to end, tiny: class-conditional UNet, bf16 autocast through accelerate,
-    a grid with one row per digit, classifier accuracy and Frechet distance."""
+    a grid with one row per digit, classifier accuracy, Frechet distance and the confident fraction
+    of the samples next to that of the held-out test digits."""
     from genlab.cli import main
 
     code = main(["train", str(ROOT / "configs" / "digits.yaml"), "model.channels=8", "model.channel_mult=[1]",
@@ -133,10 +134,13 @@ def test_digits_job_in_bf16_reports_classifier_metrics(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0, out
     assert "digits classifier accuracy on the requested labels" in out and "Frechet distance" in out
+    assert "classified as some digit with probability > 0.9" in out
     import json
 
     metrics = json.loads((tmp_path / "samples.json").read_text())
     assert 0.0 <= metrics["classifier_accuracy"] <= 1.0 and metrics["frechet_distance"] > 0
+    assert 0.0 <= metrics["confident_fraction"] <= 1.0
+    assert metrics["confident_fraction_data"] > 0.9  # the test split: real digits, mostly classified with p > 0.9
     assert (tmp_path / "samples.png").stat().st_size > 5000
 
 

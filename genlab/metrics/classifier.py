@@ -25,6 +25,7 @@ from genlab.data.digits import DIGITS_SIZES, Digits
 
 _VERSION = 1  # bump when the architecture or the training recipe changes: old disk caches are then ignored
 _WORK_SIZE = 16  # the network's working resolution
+CONFIDENCE = 0.9  # the default threshold of ``confident_fraction``: a largest class probability above it
 
 
 class DigitsClassifier(nn.Module):
@@ -67,6 +68,32 @@ class DigitsClassifier(nn.Module):
             raise ShapeError(f"accuracy: expected labels: [{x.shape[0]}], got {list(labels.shape)}")
         batches = zip(x.split(batch_size), labels.split(batch_size))
         return sum((self(xb).argmax(1) == yb).sum().item() for xb, yb in batches) / max(len(labels), 1)
+
+    @torch.no_grad()
+    def confident_fraction(self, x: Tensor, threshold: float = CONFIDENCE, batch_size: int = 1024) -> float:
+        """Fraction of ``x: [N, 1, S, S]`` that the classifier assigns to some class (whichever) with
+        probability above ``threshold``: see :func:`confident_fraction`."""
+        n = sum(confident_count(self(xb), threshold) for xb in x.split(batch_size))
+        return n / max(len(x), 1)
+
+
+def confident_count(logits: Tensor, threshold: float = CONFIDENCE) -> int:
+    """How many rows of ``logits: [N, K]`` have a largest softmax probability above ``threshold``."""
+    if logits.ndim != 2:
+        raise ShapeError(f"confident_count: expected logits: [N, K], got {list(logits.shape)}")
+    if not 0 < threshold < 1:
+        raise ValueError(f"confident_count: threshold must be in (0, 1), got {threshold}")
+    return int((logits.float().softmax(dim=1).amax(dim=1) > threshold).sum().item())
+
+
+def confident_fraction(logits: Tensor, threshold: float = CONFIDENCE) -> float:
+    """Fraction of rows of ``logits: [N, K]`` whose largest softmax probability exceeds ``threshold``.
+
+    Unlike accuracy it needs no requested labels and sees samples that look like no digit at all
+    (a noise blob gets a flat or unsure prediction); compare it with the same fraction for real
+    held-out images, which is below 1 because some real digits are ambiguous.
+    """
+    return confident_count(logits, threshold) / max(len(logits), 1)
 
 
 def random_shift(x: Tensor, generator: torch.Generator, max_shift: int = 1) -> Tensor:

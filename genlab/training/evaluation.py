@@ -66,8 +66,10 @@ def evaluate(exp: Experiment, model: nn.Module, out: Any, name: str, seed: int, 
 
 
 def image_metrics(exp: Experiment, samples: Tensor, labels: Tensor | None) -> dict[str, float]:
-    """Classifier accuracy on the requested labels and the Frechet distance to held-out images in
-    the classifier's feature space, for datasets that have a library classifier (digits)."""
+    """Classifier accuracy on the requested labels, the Frechet distance to held-out images in the
+    classifier's feature space, and the fraction of samples the classifier assigns to some class
+    with probability above 0.9 (``confident_fraction``) next to that fraction for the held-out test
+    images (``confident_fraction_data``), for datasets that have a library classifier (digits)."""
     if not isinstance(exp.data, Digits):
         return {}
 
@@ -80,13 +82,20 @@ def image_metrics(exp: Experiment, samples: Tensor, labels: Tensor | None) -> di
     out["frechet_distance_data_vs_data"] = frechet_distance(clf.features(train[: len(samples)]), clf.features(held))
     if labels is not None:
         out["classifier_accuracy"] = clf.accuracy(samples, labels)
+    # samples that look like no digit (noise blobs) get an unsure prediction; real digits mostly do not
+    out["confident_fraction"] = clf.confident_fraction(samples)
+    out["confident_fraction_data"] = clf.confident_fraction(held)
     return out
 
 
 def _title(exp: Experiment, m: dict[str, Any]) -> str:
-    parts = [repr(exp.sampler)]
+    """The sampler, then the metrics on a second line (one line is too wide for a 10-column grid)."""
+    parts = []
     if "classifier_accuracy" in m:
         parts.append(f"accuracy on requested labels {m['classifier_accuracy']:.1%}")
     if "frechet_distance" in m:
         parts.append(f"FD {m['frechet_distance']:.2f} (training data {m['frechet_distance_data_vs_data']:.2f})")
-    return " | ".join(parts)
+    if "confident_fraction" in m:
+        parts.append(f"max class prob > 0.9: {m['confident_fraction']:.1%} "
+                     f"(test data {m['confident_fraction_data']:.1%})")
+    return repr(exp.sampler) + ("\n" + " | ".join(parts) if parts else "")
