@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from genlab.diffusion import (DDIM, DDPM, EDM, PREDICTIONS, VE, VP, DiscreteVP, DPMSolverPP, Euler, FlowEuler,
-                              Heun, Karras, RectifiedFlow, SubVP, UniformLogSNR, UniformTime)
+                              Heun, Karras, RectifiedFlow, SubVP, UniformTime)
 from genlab.metrics import sliced_wasserstein
 from genlab.testing import GaussianMixture, exact_denoiser
 from genlab.testing.convergence import observed_orders

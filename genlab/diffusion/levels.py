@@ -206,10 +206,6 @@ def minimum(a: Scalar, b: Scalar) -> Scalar:
     return torch.minimum(torch.as_tensor(a), torch.as_tensor(b))
 
 
-def exp(v: Scalar) -> Scalar:
-    return math.exp(v) if isinstance(v, float) else torch.exp(v)
-
-
 def expm1(v: Scalar) -> Scalar:
     """exp(v) - 1 of a float or a tensor, accurate for small v."""
     return math.expm1(v) if isinstance(v, float) else torch.expm1(v)

@@ -21,7 +21,7 @@ from torch import Tensor
 from ...core.registry import build, register
 from ..grids import GridSpec
 from ..levels import Level, Scalar, combine, sqrt, where
-from .base import Sampler, StepContext
+from .base import Sampler, SamplerState, StepContext
 from .ddim import DDPM, transition_std
 
 register("sampler", "ancestral")(DDPM)
