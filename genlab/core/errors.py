@@ -22,3 +22,21 @@ def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """Return "; did you mean 'x'?" for the closest of ``choices`` to ``name``, or "" if none is close."""
     close = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.6)
     return f"; did you mean '{close[0]}'?" if close else ""
+
+
+class NonFiniteError(GenlabError, FloatingPointError):
+    """A loss, a weight or a sample is NaN or infinite where genlab's policy stops: sampling that ends
+    with non-finite values, a run whose losses stay non-finite, weights that would be checkpointed."""
+
+
+class CheckpointError(GenlabError):
+    """A checkpoint is damaged (truncated, corrupt, failing its checksum) or does not fit the model."""
+
+
+class RunDirError(GenlabError):
+    """A run directory cannot be used: it holds another run, is locked by a live process, is a file
+    or is not writable, or has nothing to resume from."""
+
+
+class WriteError(GenlabError, OSError):
+    """Writing a file failed (a full disk, a read-only or missing directory); names the file."""

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar, get_args
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
+from genlab.core.bounds import Range, as_float, checked, ranges, unannotated
 from genlab.core.config import check_keys, join_path, show_value
 from genlab.core.errors import ConfigError, did_you_mean
 from genlab.core.typecheck import MAPPINGS, SEQUENCES, UNIONS, hints, is_dataclass_type, origin, type_name, vet
@@ -58,6 +60,8 @@ def register(namespace: str, name: str | None = None) -> Callable[[T], T]:
     """Decorator registering a class or factory as ``namespace/name`` (default: snake_case of its name).
 
     TypeError if an annotation of its parameters does not resolve or is not one the config checker reads.
+    A class's ``__init__`` is wrapped by :func:`genlab.core.bounds.checked`, so that the ranges its
+    annotations declare hold for direct construction too.
     """
 
     def deco(obj: T) -> T:
@@ -67,6 +71,8 @@ def register(namespace: str, name: str | None = None) -> Callable[[T], T]:
             raise ValueError(f"{namespace} '{key}' is already registered to {ns.entries[key]!r}")
         _check_base(namespace, ns.base, key, obj)
         vet(obj, f"{namespace} '{key}'")
+        if isinstance(obj, type):
+            checked(obj)
         ns.entries[key] = obj
         ns.names.setdefault(obj, key)
         return obj
@@ -185,9 +191,25 @@ def _base_namespace(hint: Any) -> str | None:
     return next((n for n, ns in _NAMESPACES.items() if ns.base is not None and ns.base is hint), None)
 
 
+_FINITE = Annotated[float, Range()]  # what a plain ``float`` hint accepts: "finite float"
+
+
 def _check(hint: Any, value: Any, path: str, source: str) -> Any:
-    """A namespace's base or a dataclass (also as a union member) is built from a mapping; its errors are final."""
+    """A namespace's base or a dataclass (also as a union member) is built from a mapping; its errors are final.
+    ``Annotated[X, Range(...)]``: ``X``'s check, then the ranges; a plain ``float`` must be finite."""
     org, args = origin(hint), get_args(hint)
+    if org is Annotated:
+        inner = unannotated(hint)
+        if inner is float:  # finiteness is the ranges' to decide (``finite=False``)
+            if not _matches(inner, None, (), value):
+                raise _Mismatch(path, hint, value)
+        else:
+            value = _check(inner, value, path, source)
+        if not all(r.holds(value) for r in ranges(hint)):
+            raise _Mismatch(path, hint, value)
+        return value
+    if hint is float and _matches(hint, org, args, value) and not math.isfinite(as_float(value)):
+        raise _Mismatch(path, _FINITE, value)
     members = args if org in UNIONS else (hint,)
     nested = next(filter(None, map(_base_namespace, members)), None)
     if nested is not None and isinstance(value, (str, Mapping)):

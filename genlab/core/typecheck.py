@@ -6,7 +6,8 @@ whose annotations it cannot read fails when it is registered instead of going un
 
 - checked: classes, ``None``, ``Literal[...]``, unions, ``list``, ``tuple``, ``Sequence``, ``dict``,
   ``Mapping`` of checked hints, and dataclasses (built from mappings; their fields are vetted too);
-- accepted unchecked: ``Any``, ``Callable[...]``, ``type[...]`` and type variables.
+- accepted unchecked: ``Any``, ``Callable[...]``, ``type[...]`` and type variables;
+- ``Annotated[X, Range(...)]`` (:mod:`.bounds`): ``X`` as above, and the value's range.
 
 Anything else (a generic such as ``Iterable[int]``, a ``NewType``, a Protocol that is not runtime-checkable,
 a name that does not resolve) is a TypeError naming the component, the parameter and the annotation.
@@ -19,7 +20,9 @@ import dataclasses
 import inspect
 import types
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, MutableSequence, Sequence
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+from .bounds import describe, unannotated
 
 SEQUENCES = (list, tuple, Sequence, MutableSequence)  # a YAML list is accepted for any of these
 MAPPINGS = (dict, Mapping, MutableMapping)
@@ -77,7 +80,7 @@ def _resolve(fn: Callable, who: str) -> dict[str, Any]:
     for name, annotation in _annotations(fn).items():
         holder = types.SimpleNamespace(__annotations__={name: annotation}, __globals__=env)
         try:
-            resolved[name] = get_type_hints(holder, localns=local)[name]
+            resolved[name] = get_type_hints(holder, localns=local, include_extras=True)[name]
         except Exception as e:  # NameError, SyntaxError, TypeError...: whatever evaluating the text raised
             raise TypeError(f"{who}: parameter '{name}': cannot resolve annotation '{_text(annotation)}' "
                             f"({type(e).__name__}: {e})") from None
@@ -118,7 +121,9 @@ def _leaves(hint: Any) -> Iterator[Any]:
     """The parts of ``hint`` below its unions and collections, less those accepted as they are
     (``Literal``, ``None``, ``Any``, ``Callable[...]``, ``type[...]``, type variables)."""
     org = origin(hint)
-    if org in UNIONS or org in SEQUENCES + MAPPINGS:
+    if org is Annotated:
+        yield from _leaves(unannotated(hint))
+    elif org in UNIONS or org in SEQUENCES + MAPPINGS:
         for arg in get_args(hint):
             if arg is not Ellipsis:
                 yield from _leaves(arg)
@@ -129,6 +134,8 @@ def _leaves(hint: Any) -> Iterator[Any]:
 def type_name(hint: Any) -> str:
     """Readable type: ``int``, ``list of int``, ``one of 'a', 'b'``, ``int or None``."""
     org, args = origin(hint), get_args(hint)
+    if org is Annotated:
+        return describe(hint, type_name(unannotated(hint)))
     if hint is None or hint is type(None):
         return "None"
     if org in UNIONS:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from ..core.bounds import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Range, checked
 from ..core.config import ConfigDict, check_keys
 from ..core.registry import build, construct, lookup
 from ..diffusion import Denoiser, DenoisingObjective, Process, Sampler
@@ -16,26 +17,27 @@ from ..diffusion import Denoiser, DenoisingObjective, Process, Sampler
 SECTIONS = ("name", "process", "model", "objective", "sampler", "data", "train")
 
 
+@checked
 @dataclass
 class TrainConfig:
-    """The ``train:`` section."""
+    """The ``train:`` section. Ranges are declared on the fields and checked when the config is read."""
 
-    steps: int = 4000
-    batch_size: int = 512
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 200
-    grad_clip: float | None = 1.0
-    ema_decay: float = 0.999
+    steps: PositiveInt = 4000
+    batch_size: PositiveInt = 512
+    lr: PositiveFloat = 1e-3
+    weight_decay: NonNegativeFloat = 0.0
+    warmup_steps: NonNegativeInt = 200
+    grad_clip: PositiveFloat | None = 1.0  # max gradient norm (None: no clipping)
+    ema_decay: Annotated[float, Range(ge=0, lt=1)] = 0.999
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    seed: int = 0
-    log_every: int = 100
-    checkpoint_every: int = 1000
-    max_bad_steps: int = 10  # consecutive non-finite losses before the run stops
-    eval_samples: int = 4000  # samples drawn for the final metrics (images: split over the classes)
-    grad_accum: int = 1  # micro-batches per optimizer step (batch_size is per micro-batch)
+    seed: Annotated[int, Range(ge=0, lt=2**31)] = 0
+    log_every: PositiveInt = 100
+    checkpoint_every: PositiveInt = 1000
+    max_bad_steps: PositiveInt = 10  # consecutive skipped steps (non-finite loss or gradient) before the run stops
+    eval_samples: PositiveInt = 4000  # samples drawn for the final metrics (images: split over the classes)
+    grad_accum: PositiveInt = 1  # micro-batches per optimizer step (batch_size is per micro-batch)
     compile: bool = False  # torch.compile the model
-    sample_every: int = 0  # also draw samples/step_N.png every N steps (0: only at the end)
+    sample_every: NonNegativeInt = 0  # also draw samples/step_N.png every N steps (0: only at the end)
     tensorboard: bool = False  # log losses to <run>/tensorboard (needs the tensorboard package)
 
 
