@@ -1,12 +1,19 @@
-"""``genlab train | sample | learn-grid | list``: the command line. Bad input prints one or two lines, exit 2."""
+"""``genlab train | sample | learn-grid | list``: the command line.
+
+Bad input (a config, an argument, a file, a run directory) and a run that must stop (non-finite
+losses, non-finite samples, a full disk) print one line ``genlab: error: ...`` on stderr and exit
+with 2, with no traceback and nothing written or changed in an existing run.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .core.errors import GenlabError
 
@@ -16,34 +23,35 @@ if TYPE_CHECKING:
 
 
 def _out_dir(config: Path, out: str | None, resume: bool) -> Path:
-    """``--out`` or ``runs/<config name>``; a fresh run never overwrites one that has checkpoints."""
-    from .core.checkpoint import latest_checkpoint
+    """``--out`` or ``runs/<config name>``; without ``--out``, a fresh run takes ``runs/<name>-2``, ``-3``...
+    rather than a directory that holds something."""
+    from .core.rundir import run_contents
 
     base = Path(out) if out else Path("runs") / config.stem
-    if resume or out or latest_checkpoint(base) is None:
+    if resume or out or not run_contents(base):
         return base
     i = 2
-    while latest_checkpoint(base.with_name(f"{base.name}-{i}")) is not None:
+    while run_contents(base.with_name(f"{base.name}-{i}")):
         i += 1
     return base.with_name(f"{base.name}-{i}")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .core.config import load_config, save_config
+    from .core.config import load_config
     from .training import Experiment, Trainer
 
     config = load_config(args.config, args.overrides)
     exp = Experiment.from_config(config)
     out = _out_dir(Path(args.config), args.out, args.resume)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(exp.resolved(), out / "config.yaml")
-    trainer = Trainer(exp, out, progress=not args.quiet)
-    if args.resume and trainer.resume():
-        print(f"resuming {out} at step {trainer.step}")
-    print(f"training {type(exp.model).__name__} ({sum(p.numel() for p in exp.model.parameters()):,} parameters) "
-          f"on {exp.process!r} for {exp.train.steps} steps -> {out}")
-    trainer.fit()
-    report(out, trainer.evaluate())
+    with Trainer(exp, out, progress=not args.quiet, resume=args.resume) as trainer:
+        if trainer.resumed_from is not None:
+            print(f"resuming {out} from {trainer.resumed_from.name} (step {trainer.step})")
+        print(f"training {type(exp.model).__name__} ({sum(p.numel() for p in exp.model.parameters()):,} parameters) "
+              f"on {exp.process!r} for {exp.train.steps} steps -> {out}")
+        trainer.fit()
+        if trainer.skipped:
+            print(f"skipped {trainer.skipped} steps with a non-finite loss or gradient")
+        report(out, trainer.evaluate())
 
 
 def report(out: Path, m: dict) -> None:
@@ -94,31 +102,49 @@ def checkpoint_experiment(path: str, overrides: Sequence[str], *, stored_grids: 
 
 def cmd_sample(args: argparse.Namespace) -> None:
     from .core.checkpoint import load_weights
-    from .training import Trainer
+    from .training.evaluation import evaluate
 
     ckpt, config, exp = checkpoint_experiment(args.path, args.overrides, stored_grids=True, eval_samples=args.n)
-    out = Path(args.out) if args.out else ckpt.parent.parent
-    out.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(exp, out, progress=False)
-    trainer.ema.model.load_state_dict(load_weights(ckpt / "ema.safetensors"))
-    trainer.step = exp.train.steps
+    model = exp.model
+    model.load_state_dict(load_weights(ckpt / "ema.safetensors", model))
+    model.eval()
+    run = ckpt.parent.parent
+    out = Path(args.out) if args.out else run
+    if out.exists() and not out.is_dir():
+        raise GenlabError(f"--out {out}: is a file; give a directory")
     sampler = config.get("sampler", {})
     kind = sampler if isinstance(sampler, str) else sampler.get("type", "sampler")
-    report(out, trainer.evaluate(seed=args.seed, name=f"samples-{kind}-{exp.sampler.steps}steps-seed{args.seed}"))
+    name = f"samples-{kind}-{exp.sampler.steps}steps-seed{args.seed}"
+    # the run's own directory is the run's: sampling into it waits for no one, it refuses while a run holds it
+    with _run_lock(run, "sampling") if out.resolve() == run.resolve() else contextlib.nullcontext():
+        report(out, evaluate(exp, model, out, name, args.seed, exp.train.steps))
+
+
+def _run_lock(run: Path, purpose: str) -> contextlib.AbstractContextManager:
+    """The lock of ``run`` if it is a run directory (holds ``checkpoints/``), else nothing to lock."""
+    from .core.rundir import RunLock
+
+    return RunLock(run, purpose=purpose) if (run / "checkpoints").is_dir() else contextlib.nullcontext()
 
 
 def cmd_learn_grid(args: argparse.Namespace) -> None:
     """Learn time grids for a trained model and its sampler; store them in the checkpoint's grids.json."""
+    from .core.checkpoint import load_weights
+
+    ckpt, _, exp = checkpoint_experiment(args.path, args.overrides)
+    exp.model.load_state_dict(load_weights(ckpt / "ema.safetensors", exp.model))
+    exp.model.eval()
+    with _run_lock(ckpt.parent.parent, "learn-grid"):  # grids.json goes into the checkpoint
+        _learn_grids(args, ckpt, exp)
+
+
+def _learn_grids(args: argparse.Namespace, ckpt: Path, exp: Experiment) -> None:
     import torch
 
-    from .core.checkpoint import load_weights
     from .diffusion.grid_store import save_grid
     from .diffusion.learned_grid import learn_grid, reference_solve, rms_error
     from .training.evaluation import requested_labels
 
-    ckpt, _, exp = checkpoint_experiment(args.path, args.overrides)
-    exp.model.load_state_dict(load_weights(ckpt / "ema.safetensors"))
-    exp.model.eval()
     denoiser, sampler = exp.denoiser(), exp.sampler
     g = torch.Generator().manual_seed(args.seed)
     sets = []
@@ -152,8 +178,35 @@ def cmd_list(args: argparse.Namespace) -> None:
             print(f"  {name:<20} {summary}")
 
 
+def _integer(low: int, high: int | None = None) -> Any:
+    """An argparse type: an int in [low, high)."""
+    wanted = f"an integer >= {low}" + (f" and < {high}" if high is not None else "")
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}") from None
+        if value < low or (high is not None and value >= high):
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {value}")
+        return value
+
+    return parse
+
+
+_positive, _seed = _integer(1), _integer(0, 2**63)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors in one line (no usage block), exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"genlab: error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="genlab", description="genlab: train and sample generative models.")
+    p = _Parser(prog="genlab", description="genlab: train and sample generative models.")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train from a YAML config; KEY=VALUE overrides any key")
     t.add_argument("config")
@@ -165,20 +218,20 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="sample from a run directory or checkpoint")
     s.add_argument("path")
     s.add_argument("overrides", nargs="*", help="e.g. sampler.type=heun sampler.steps=10")
-    s.add_argument("--n", type=int, help="number of samples")
-    s.add_argument("--seed", type=int, default=1234)
+    s.add_argument("--n", type=_positive, help="number of samples")
+    s.add_argument("--seed", type=_seed, default=1234)
     s.add_argument("--out", help="directory for the PNG (default: the run directory, which keeps the training samples.png)")
     s.set_defaults(func=cmd_sample)
     lg = sub.add_parser("learn-grid", help="learn sampler time grids for a trained run (stored in its checkpoint)")
     lg.add_argument("path", help="run directory or checkpoint directory")
     lg.add_argument("overrides", nargs="*", help="sampler to learn for, e.g. sampler.type=dpm_solver_pp sampler.order=3")
-    lg.add_argument("--nfe", type=int, nargs="+", help="model evaluations per sample (default: the sampler's)")
-    lg.add_argument("--samples", type=int, default=256, help="noise draws per training batch")
-    lg.add_argument("--pool", type=int, default=1024, help="noise draws solved by the reference; batches come from it")
-    lg.add_argument("--heldout", type=int, default=512, help="further noise draws, only to report the error")
-    lg.add_argument("--evaluations", type=int, default=300, help="forward-backward passes of the sampler (L-BFGS)")
-    lg.add_argument("--reference-steps", type=int, default=800, help="steps of the DPM-Solver++ 3M reference")
-    lg.add_argument("--seed", type=int, default=0)
+    lg.add_argument("--nfe", type=_positive, nargs="+", help="model evaluations per sample (default: the sampler's)")
+    lg.add_argument("--samples", type=_positive, default=256, help="noise draws per training batch")
+    lg.add_argument("--pool", type=_positive, default=1024, help="noise draws solved by the reference; batches come from it")
+    lg.add_argument("--heldout", type=_positive, default=512, help="further noise draws, only to report the error")
+    lg.add_argument("--evaluations", type=_positive, default=300, help="forward-backward passes of the sampler (L-BFGS)")
+    lg.add_argument("--reference-steps", type=_positive, default=800, help="steps of the DPM-Solver++ 3M reference")
+    lg.add_argument("--seed", type=_seed, default=0)
     lg.set_defaults(func=cmd_learn_grid)
     ls = sub.add_parser("list", help="list registered components")
     ls.add_argument("namespace", nargs="?")
@@ -186,14 +239,35 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      file: Any = None, line: str | None = None) -> None:
+    print(f"genlab: warning: {message}", file=sys.stderr if file is None else file)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    """Run the command line; 0 on success, 2 (one line on stderr) on bad input or a run that had to stop."""
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a bad argument (already printed)
+        return int(e.code or 0)
+    shown = warnings.showwarning
+    warnings.showwarning = _one_line_warning
     try:
         args.func(args)
     except GenlabError as e:
-        print(f"genlab: error: {e}", file=sys.stderr)
+        print(f"genlab: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except OSError as e:  # the file system said no where genlab did not expect it: still one line
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"genlab: error: {where}{e.strerror or _one_line(e)}", file=sys.stderr)
+        return 2
+    finally:
+        warnings.showwarning = shown
     return 0
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
 
 
 if __name__ == "__main__":

@@ -61,4 +61,7 @@ def test_checkpoint_files_round_trip(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["step_3"]  # no temp dir left
     assert torch.equal(load_weights(path / "ema.safetensors")["w"], model["w"])
     assert load_optimizer(path)["param_groups"] == optimizer["param_groups"]
-    assert load_state(path) == {"step": 3}
+    state = load_state(path)
+    assert state["step"] == 3 and sorted(state["files"]) == [
+        "config.yaml", "ema.safetensors", "model.safetensors", "optimizer.pt"]
+    assert state["files"]["model.safetensors"]["bytes"] == (path / "model.safetensors").stat().st_size

@@ -17,7 +17,7 @@ import torch
 
 from genlab.core.checkpoint import latest_checkpoint, load_weights
 from genlab.core.config import load_config
-from genlab.core.errors import GenlabError
+from genlab.core.errors import GenlabError, NonFiniteError
 from genlab.training import Experiment, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +46,7 @@ def test_non_finite_losses_are_skipped_then_abort(tmp_path):
     before = {k: v.clone() for k, v in exp.model.state_dict().items()}
     exp.objective.t_distribution.sample = lambda *a, **k: torch.full((64,), float("nan"), dtype=torch.float64)
     tr = Trainer(exp, tmp_path, progress=False)
-    with pytest.warns(UserWarning, match="non-finite loss"), pytest.raises(GenlabError, match="3 non-finite losses"):
+    with pytest.warns(UserWarning, match="non-finite loss"), pytest.raises(NonFiniteError, match="3 non-finite losses"):
         tr.fit()
     assert all(torch.equal(v, before[k]) for k, v in exp.model.state_dict().items())
 
@@ -178,8 +178,8 @@ def test_resume_under_compile_continues_the_run(tmp_path):
     whole.fit()
     half = Trainer(experiment(*args[1:], "train.steps=2"), tmp_path / "split", progress=False)
     half.fit()
-    resumed = Trainer(experiment(*args), tmp_path / "split", progress=False)
-    assert resumed.resume() and resumed.step == 2
+    resumed = Trainer(experiment(*args), tmp_path / "split", progress=False, resume=True)
+    assert resumed.resumed_from is not None and resumed.step == 2
     resumed.fit()
     for (name, a), b in zip(whole.unwrapped().state_dict().items(), resumed.unwrapped().state_dict().values()):
         assert torch.allclose(a, b, atol=1e-5), name

@@ -1,93 +1,237 @@
-"""Checkpoints: a directory written to a temporary name and renamed, so none is ever half-written.
+"""Checkpoints: directories that are never half-written, verified when they are read.
 
 Layout: ``model.safetensors``, ``ema.safetensors``, ``optimizer.pt`` (loaded with
-``weights_only=True``), the resolved ``config.yaml`` and ``state.json`` (step, seed, RNG states).
-Grids learned for the model later (``genlab learn-grid``) are kept beside them in ``grids.json``.
+``weights_only=True``), the resolved ``config.yaml`` and ``state.json`` (step, seed, RNG states, and
+``files``: the size and SHA-256 of every other file). Grids learned for the model later
+(``genlab learn-grid``) are kept beside them in ``grids.json``.
+
+Writing (:func:`save_checkpoint`): every tensor is checked to be finite first (a diverged model is
+never checkpointed); the files are written atomically into a temporary directory, which is renamed
+into place and its parent fsynced. Reading (:func:`verify_checkpoint`, :func:`intact_checkpoint`):
+sizes and checksums are compared; a damaged newest checkpoint of a run gives way to the newest intact
+one, with a warning; :func:`check_fits` compares the tensors' names and shapes with a module's.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
+from torch import nn
 
 from .config import save_config
-from .errors import GenlabError
-from .io import atomic_open, atomic_write, fsync_directory, write_json_atomic
+from .errors import CheckpointError, GenlabError, NonFiniteError, WriteError
+from .io import atomic_write, fsync_directory, new_file_mode, write_json_atomic
 
-__all__ = ["GRIDS_FILE", "latest_checkpoint", "load_optimizer", "load_state", "load_weights", "resolve_checkpoint",
-           "save_checkpoint", "write_json_atomic"]
+__all__ = ["GRIDS_FILE", "check_fits", "intact_checkpoint", "latest_checkpoint", "load_optimizer", "load_state",
+           "load_weights", "resolve_checkpoint", "save_checkpoint", "verify_checkpoint", "write_json_atomic"]
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 GRIDS_FILE = "grids.json"
+STATE_FILE = "state.json"
 
 
 def _contiguous(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
+def non_finite(tensors: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Names of the floating-point tensors in ``tensors`` (nested mappings and lists, as in an
+    optimizer's state dict) holding NaN or infinity."""
+    bad = []
+    for key, value in tensors.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, torch.Tensor):
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                bad.append(name)
+        elif isinstance(value, Mapping):
+            bad += non_finite(value, f"{name}.")
+        elif isinstance(value, (list, tuple)):
+            bad += non_finite(dict(enumerate(value)), f"{name}.")
+    return bad
+
+
+def _digest(data: bytes) -> dict[str, Any]:
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
 def save_checkpoint(directory: str | os.PathLike, *, model: Mapping[str, torch.Tensor],
                     ema: Mapping[str, torch.Tensor] | None = None, optimizer: Mapping[str, Any] | None = None,
                     config: Mapping[str, Any] | None = None, state: Mapping[str, Any] | None = None) -> Path:
     """Write a checkpoint directory atomically: every file written atomically (fsynced) into a temp dir
-    in the same parent, the temp dir renamed to ``directory``, then the parent fsynced."""
+    in the same parent, ``state.json`` (with the files' sizes and checksums) last, the temp dir renamed
+    to ``directory`` (an older one of that name replaced), then the parent fsynced.
+
+    NonFiniteError, with nothing written, if a tensor of ``model``, ``ema`` or ``optimizer`` is not finite.
+    """
+    parts = {"model": model, "ema": ema or {}, "optimizer": optimizer or {}}
+    bad = [f"{part}: {name}" for part, tensors in parts.items() for name in non_finite(tensors)]
+    if bad:
+        raise NonFiniteError(f"not checkpointed: non-finite values in {', '.join(bad[:3])}"
+                             f"{' and more' if len(bad) > 3 else ''}")
+    files: dict[str, bytes] = {"model.safetensors": save(_contiguous(model))}
+    if ema is not None:
+        files["ema.safetensors"] = save(_contiguous(ema))
+    if optimizer is not None:
+        buffer = io.BytesIO()
+        torch.save(optimizer, buffer)
+        files["optimizer.pt"] = buffer.getvalue()
     final = Path(directory)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
-        atomic_write(tmp / "model.safetensors", save(_contiguous(model)))
-        if ema is not None:
-            atomic_write(tmp / "ema.safetensors", save(_contiguous(ema)))
-        if optimizer is not None:
-            with atomic_open(tmp / "optimizer.pt") as f:
-                torch.save(optimizer, f)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        tmp.chmod(new_file_mode(final, directory=True))
+    except OSError as e:
+        raise WriteError(f"cannot write checkpoint {final}: {e.strerror}") from None
+    old = final.with_name(f".{final.name}.tmp-replaced")
+    try:
+        for name, data in files.items():
+            atomic_write(tmp / name, data)
         if config is not None:
             save_config(config, tmp / "config.yaml")
-        atomic_write(tmp / "state.json", json.dumps(dict(state or {}), indent=2))
-        if final.exists():
-            shutil.rmtree(final)
+            files["config.yaml"] = (tmp / "config.yaml").read_bytes()
+        digests = {name: _digest(data) for name, data in files.items()}
+        write_json_atomic(tmp / STATE_FILE, {**dict(state or {}), "files": digests})
+        if final.exists():  # rename aside first: a kill here leaves a temporary, never a missing checkpoint
+            os.replace(final, old)
         os.replace(tmp, final)
-    except BaseException:
+        fsync_directory(final.parent)
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and not isinstance(e, WriteError):
+            raise WriteError(f"cannot write checkpoint {final}: {e.strerror or e}") from e
         raise
-    fsync_directory(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Tensors of a ``.safetensors`` file."""
-    return load_file(str(path))
+def verify_checkpoint(directory: str | os.PathLike) -> None:
+    """CheckpointError naming the file and the fault if a checkpoint is damaged: ``state.json`` missing
+    or unreadable, a listed file missing, of another size or failing its SHA-256. A checkpoint written
+    before checksums were recorded is checked by reading its safetensors headers."""
+    d = Path(directory)
+    try:
+        state = json.loads((d / STATE_FILE).read_text())
+        if not isinstance(state, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{d / STATE_FILE}: unreadable ({e})") from None
+    files = state.get("files")
+    if not isinstance(files, dict):  # an older checkpoint: no checksums
+        for name in ("model.safetensors", "ema.safetensors"):
+            _read_header(d / name)
+        return
+    for name, expected in files.items():
+        path = d / name
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise CheckpointError(f"{path}: {e.strerror}") from None
+        if len(data) != expected.get("bytes"):
+            raise CheckpointError(f"{path}: {len(data)} bytes, {expected.get('bytes')} written (truncated?)")
+        if hashlib.sha256(data).hexdigest() != expected.get("sha256"):
+            raise CheckpointError(f"{path}: checksum mismatch (the file is corrupt)")
+
+
+def _read_header(path: Path) -> dict[str, list[int]]:
+    """Tensor names and shapes from a safetensors header; CheckpointError if it cannot be read."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - safe_open has no iter
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def check_fits(path: str | os.PathLike, module: nn.Module) -> None:
+    """CheckpointError if the tensors in safetensors file ``path`` are not, by name and shape, those of
+    ``module``'s state dict (read from the file's header; nothing is loaded)."""
+    stored = _read_header(Path(path))
+    wanted = {k: list(v.shape) for k, v in module.state_dict().items()}
+    missing, extra = sorted(wanted.keys() - stored.keys()), sorted(stored.keys() - wanted.keys())
+    why = "it was written for another model; build the model with the run's config"
+    if missing:
+        raise CheckpointError(f"{path}: no tensor '{missing[0]}' of the model ({len(missing)} missing); {why}")
+    if extra:
+        raise CheckpointError(f"{path}: tensor '{extra[0]}' is not in the model ({len(extra)} more); {why}")
+    for k, shape in wanted.items():
+        if stored[k] != shape:
+            raise CheckpointError(f"{path}: '{k}' has shape {stored[k]} in the file and {shape} in the model; {why}")
+
+
+def load_weights(path: str | os.PathLike, module: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` file; with ``module``, checked to fit it first (:func:`check_fits`).
+    CheckpointError if the file cannot be read or holds a non-finite tensor."""
+    if module is not None:
+        check_fits(path, module)
+    try:
+        tensors = load_file(str(path))
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    bad = non_finite(tensors)
+    if bad:
+        raise CheckpointError(f"{path}: non-finite values in '{bad[0]}'")
+    return tensors
 
 
 def load_state(directory: str | os.PathLike) -> dict[str, Any]:
-    return json.loads((Path(directory) / "state.json").read_text())
+    return json.loads((Path(directory) / STATE_FILE).read_text())
 
 
 def load_optimizer(directory: str | os.PathLike) -> dict[str, Any]:
     return torch.load(Path(directory) / "optimizer.pt", weights_only=True, map_location="cpu")
 
 
-def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The newest ``checkpoints/step_N`` directory of a run, or None."""
+def checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """The ``checkpoints/step_N`` directories of a run, newest first."""
     root = Path(run_dir) / "checkpoints"
     steps = [(int(m.group(1)), p) for p in root.glob("step_*") if (m := STEP_DIR.match(p.name)) and p.is_dir()]
-    return max(steps)[1] if steps else None
+    return [p for _, p in sorted(steps, reverse=True)]
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The newest ``checkpoints/step_N`` directory of a run (not verified), or None."""
+    found = checkpoints(run_dir)
+    return found[0] if found else None
+
+
+def intact_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The newest checkpoint of a run that passes :func:`verify_checkpoint` (a warning names each newer,
+    damaged one passed over); None if the run has none; CheckpointError if all are damaged."""
+    damaged = []
+    for ckpt in checkpoints(run_dir):
+        try:
+            verify_checkpoint(ckpt)
+        except CheckpointError as e:
+            damaged.append(str(e))
+            continue
+        for why in damaged:
+            warnings.warn(f"damaged checkpoint passed over: {why}; using {ckpt}", stacklevel=2)
+        return ckpt
+    if damaged:
+        raise CheckpointError(f"{run_dir}: every checkpoint is damaged; the newest: {damaged[0]}")
+    return None
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint directory from a run directory or a checkpoint directory; clear error otherwise."""
+    """The checkpoint directory ``path`` names, verified: a checkpoint directory itself (an error if
+    damaged), or a run directory's newest intact checkpoint (see :func:`intact_checkpoint`)."""
     p = Path(path)
-    if (p / "model.safetensors").is_file():
+    if (p / "model.safetensors").is_file() or (p / STATE_FILE).is_file():
+        verify_checkpoint(p)
         return p
-    found = latest_checkpoint(p) if p.is_dir() else None
+    found = intact_checkpoint(p) if p.is_dir() else None
     if found is None:
         raise GenlabError(f"{path}: not a run directory with checkpoints/step_N, nor a checkpoint directory "
                           "(expected model.safetensors inside)")

@@ -101,14 +101,54 @@ def _type_changed(base: Mapping, child: Mapping) -> bool:
     return "type" in base and "type" in child and base["type"] != child["type"]
 
 
+MAX_BYTES = 1 << 20  # a config is a page of text; anything this large is not one
+MAX_DEPTH = 64  # nesting of mappings and lists
+MAX_VALUES = 100_000  # values after aliases are expanded (a YAML "billion laughs" expands to 10^9)
+
+
 def _parse_yaml(text: str, name: str) -> Any:
+    """Parse YAML safely: tags are refused by the safe loader; absurd nesting, sizes and alias
+    expansions are refused before they cost time or memory."""
+    if len(text) > MAX_BYTES:
+        raise ConfigError(f"{name}: {len(text):,} characters; a config is at most {MAX_BYTES:,}")
     try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+        _check_depth(text, name)
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(f"{name}: invalid YAML{where}: {problem}") from None
+    _check_size(data, name)
+    return data
+
+
+def _check_depth(text: str, name: str) -> None:
+    """Refuse nesting deeper than MAX_DEPTH from the event stream (the composer would recurse)."""
+    depth = 0
+    for event in yaml.parse(text, Loader=_Loader):
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_DEPTH:
+                line = event.start_mark.line + 1
+                raise ConfigError(f"{name}: nested deeper than {MAX_DEPTH} levels at line {line}")
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+
+
+def _check_size(data: Any, name: str) -> None:
+    """Refuse data that expands (through aliases, or an alias of itself) to more than MAX_VALUES values."""
+    stack, seen = [data], 0
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > MAX_VALUES:
+            raise ConfigError(f"{name}: expands to more than {MAX_VALUES:,} values through YAML aliases "
+                              "(&anchor / *alias); refused")
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
 
 
 def _read(path: Path, shown: str, chain: tuple[Path, ...]) -> dict:
@@ -117,10 +157,15 @@ def _read(path: Path, shown: str, chain: tuple[Path, ...]) -> dict:
         cycle = " -> ".join(p.name for p in (*chain[chain.index(path) :], path))
         raise ConfigError(f"{shown}: base cycle: {cycle}")
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         named_by = f" (base of {chain[-1].name})" if chain else ""
         raise ConfigError(f"{shown}: no such config file{named_by}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{shown}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+                          "save the config as UTF-8") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{shown}: is a directory, not a config file") from None
     except OSError as exc:
         raise ConfigError(f"{shown}: cannot read config file: {exc.strerror}") from None
     data = _parse_yaml(text, shown)

@@ -7,12 +7,16 @@ samples on their requested labels and a Frechet distance in its feature space (H
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ..core.errors import WriteError
+from ..core.io import write_json_atomic
 from ..diffusion import Sampler
 from ..data import Digits
 from ..metrics import frechet_distance, sliced_wasserstein, train_digits_classifier
@@ -38,8 +42,21 @@ def requested_labels(exp: Experiment, per_class: int) -> Tensor | None:
     return None if k is None else torch.arange(k).repeat_interleave(per_class)
 
 
-def evaluate(exp: Experiment, model: nn.Module, out: Any, name: str, seed: int, step: int) -> dict[str, Any]:
-    """Sample, save ``{name}.png`` in ``out``, and return the metrics (also for the JSON file)."""
+def evaluate(exp: Experiment, model: nn.Module, out: str | os.PathLike, name: str, seed: int,
+             step: int) -> dict[str, Any]:
+    """Sample, write ``{name}.png`` and ``{name}.json`` (the metrics) in ``out``, each atomically, and
+    return the metrics. NonFiniteError, nothing written, if sampling ends with non-finite values."""
+    out = Path(out)
+    try:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WriteError(f"cannot create {(out / name).parent}: {e.strerror}") from None
+    metrics = _evaluate(exp, model, out, name, seed, step)
+    write_json_atomic(out / f"{name}.json", metrics)
+    return metrics
+
+
+def _evaluate(exp: Experiment, model: nn.Module, out: Path, name: str, seed: int, step: int) -> dict[str, Any]:
     g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     start = time.perf_counter()
     metrics: dict[str, Any] = {"step": step, "sampler": repr(exp.sampler), "image": f"{name}.png"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Annotated, Any, Literal
 
@@ -10,7 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from ..core.bounds import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Range, checked
-from ..core.config import ConfigDict, check_keys
+from ..core.config import ConfigDict, check_keys, show_value
+from ..core.errors import ConfigError
 from ..core.registry import build, construct, lookup
 from ..diffusion import Denoiser, DenoisingObjective, Process, Sampler
 
@@ -58,6 +60,8 @@ class Experiment:
         """Validate and build every section; the model is initialised from ``train.seed``."""
         source = getattr(config, "source", "config")
         check_keys(config, SECTIONS, path="", source=source)
+        for key, value in config.items():
+            _check_section(key, value, source)
         train = construct(TrainConfig, config.get("train") or {}, path="train", source=source)
         process = build("process", config.get("process", "vp"), path="process", source=source)
         data = build("dataset", config.get("data", "toy2d"), path="data", source=source)
@@ -98,6 +102,18 @@ class Experiment:
     def resolved(self) -> dict[str, Any]:
         """The config with the train section's defaults filled in (what a checkpoint stores)."""
         return {**self.config, "train": asdict(self.train)}
+
+
+def _check_section(key: str, value: Any, source: str) -> None:
+    """``name`` is a string; ``train`` a mapping; a component section a name or a mapping with ``type``."""
+    if key == "name":
+        ok, wanted = isinstance(value, str), "a string"
+    elif key == "train":
+        ok, wanted = value is None or isinstance(value, Mapping), "a mapping of training settings"
+    else:
+        ok, wanted = isinstance(value, (str, Mapping)), f"a {key} name or a mapping with 'type'"
+    if not ok:
+        raise ConfigError(f"{source}: {key}: expected {wanted}, got {show_value(value)}")
 
 
 def model_extra(config: dict, data: Any, source: str = "config") -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Pictures a person looks at: samples over data (2D), image grids, loss curves."""
+"""Pictures a person looks at: samples over data (2D), image grids, loss curves; every PNG is
+written atomically (:func:`genlab.core.io.atomic_open`)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,20 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 from torch import Tensor  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
+
+from ..core.io import atomic_open  # noqa: E402
+
+
+def save_figure(fig: Figure, path: str | os.PathLike, **kwargs: object) -> None:
+    """Save ``fig`` as a PNG at ``path`` atomically, then close it (also when saving fails)."""
+    try:
+        with atomic_open(path) as f:
+            fig.savefig(f, format="png", **kwargs)
+    finally:
+        plt.close(fig)
 
 
 def plot_samples_2d(samples: Tensor, data: Tensor, path: str | os.PathLike, title: str = "") -> None:
@@ -22,8 +35,7 @@ def plot_samples_2d(samples: Tensor, data: Tensor, path: str | os.PathLike, titl
         ax.set(title=label, xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def plot_image_grid(images: Tensor, path: str | os.PathLike, rows: int | None = None, per_row: int | None = None,
@@ -42,8 +54,7 @@ def plot_image_grid(images: Tensor, path: str | os.PathLike, rows: int | None = 
     plt.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
     plt.axis("off")
     plt.title(title, fontsize=8)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path, dpi=110, bbox_inches="tight")
 
 
 def plot_losses(losses: list[list[float]], path: str | os.PathLike) -> None:
@@ -56,5 +67,4 @@ def plot_losses(losses: list[list[float]], path: str | os.PathLike) -> None:
     ax.set(xlabel="step", ylabel="training loss", yscale="log")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)

@@ -3,12 +3,20 @@
 Every random draw of step k (batch indices, noise, times) comes from a generator seeded with
 (seed, k, micro-batch, rank), so a resumed run repeats exactly what an uninterrupted one would
 have done, and ranks see different data.
+
+The run directory belongs to the Trainer from its checks to its last file (:mod:`genlab.core.rundir`):
+a fresh run needs a new or empty directory, a resumed one its newest intact checkpoint, a config that
+differs from the run's only in :data:`RESUMABLE` keys, and weights that fit the model; all of that is
+checked before anything is written, then the directory is locked and cleaned of temporaries.
+
+Non-finite policy: a step whose loss (or, without fp16 loss scaling, gradient norm) is not finite is
+skipped and counted; ``train.max_bad_steps`` skipped steps in a row stop the run with a
+:class:`~genlab.core.errors.NonFiniteError`; a checkpoint never holds a non-finite tensor.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import warnings
 from pathlib import Path
@@ -19,8 +27,11 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from tqdm.auto import tqdm
 
-from ..core.checkpoint import latest_checkpoint, load_optimizer, load_state, load_weights, save_checkpoint
-from ..core.errors import GenlabError
+from ..core.checkpoint import (check_fits, intact_checkpoint, latest_checkpoint, load_optimizer, load_state,
+                               load_weights, save_checkpoint)
+from ..core.config import load_config, save_config
+from ..core.errors import ConfigError, GenlabError, NonFiniteError
+from ..core.rundir import RunLock, check_run_dir, clean_temporaries, is_main_rank
 from .ema import EMA
 from .evaluation import evaluate
 from .experiment import Experiment
@@ -40,14 +51,70 @@ def step_generator(seed: int, step: int, micro: int, rank: int, device: torch.de
     return torch.Generator(device=device).manual_seed(((seed * 1_000_003 + step) * 64 + micro) * 1024 + rank)
 
 
+# keys a resumed run may change: how long it runs and what it logs, samples and keeps, never what it learns
+RESUMABLE = ("name", "sampler", "train.steps", "train.log_every", "train.checkpoint_every", "train.sample_every",
+             "train.eval_samples", "train.tensorboard", "train.max_bad_steps", "train.compile")
+
+
+def _flat(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(cfg, dict):
+        return {prefix: cfg}
+    out: dict[str, Any] = {}
+    for key, value in cfg.items():
+        out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def check_resume_config(ckpt: Path, config: dict[str, Any]) -> None:
+    """ConfigError naming the first key where ``config`` differs from the checkpoint's ``config.yaml``,
+    except the :data:`RESUMABLE` keys: a resumed run learns exactly what the interrupted one did."""
+    saved, now = _flat(load_config(ckpt / "config.yaml")), _flat(config)
+    for key in sorted(saved.keys() | now.keys()):
+        resumable = any(key == r or key.startswith(r + ".") for r in RESUMABLE)
+        if resumable or (key in saved and key in now and saved[key] == now[key]):
+            continue
+        before = repr(saved[key]) if key in saved else "not set"
+        after = repr(now[key]) if key in now else "not set"
+        raise ConfigError(f"--resume: {key} is {before} in the run ({ckpt / 'config.yaml'}) and {after} now; a "
+                          f"resumed run keeps its config except {', '.join(RESUMABLE)} (start a new run to change it)")
+
+
 class Trainer:
     """Trains ``exp.model`` with ``exp.objective``; writes checkpoints, loss curve, samples and
-    metrics to ``out_dir``. :meth:`resume` continues from the newest checkpoint there."""
+    metrics to ``out_dir``, which it owns (locked) until :meth:`close`. ``resume=True`` continues from
+    the newest intact checkpoint there (``resumed_from``); otherwise the directory must be new or empty."""
 
-    def __init__(self, exp: Experiment, out_dir: str | Path, progress: bool = True) -> None:
+    def __init__(self, exp: Experiment, out_dir: str | Path, progress: bool = True, resume: bool = False) -> None:
         self.exp, self.out, self.progress = exp, Path(out_dir), progress
-        self.out.mkdir(parents=True, exist_ok=True)
-        tc = exp.train
+        self.resumed_from = self._checked_start(resume)  # nothing is written before this passes
+        self.lock = RunLock(self.out, purpose="training")
+        try:
+            if is_main_rank():
+                self._checked_start(resume)  # again, under the lock: no run slipped in since
+                clean_temporaries(self.out)
+            self._setup()
+            if self.resumed_from is not None:
+                self._load(self.resumed_from)
+        except BaseException:
+            self.close()
+            raise
+
+    def _checked_start(self, resume: bool) -> Path | None:
+        """The checkpoint to resume from (None for a fresh run), every check passed; writes nothing."""
+        if is_main_rank():
+            check_run_dir(self.out, resume=resume, has_checkpoint=latest_checkpoint(self.out) is not None)
+        if not resume:
+            return None
+        ckpt = intact_checkpoint(self.out)
+        if ckpt is None:
+            raise GenlabError(f"--out {self.out}: holds no checkpoint to resume from")
+        check_resume_config(ckpt, self.exp.resolved())
+        for name in ("model.safetensors", "ema.safetensors"):
+            check_fits(ckpt / name, self.exp.model)
+        return ckpt
+
+    def _setup(self) -> None:
+        exp, tc = self.exp, self.exp.train
         # accelerate keeps one precision per process: let a later Trainer in the same process (a
         # notebook, a test) choose its own; the distributed state is kept
         AcceleratorState._reset_state(reset_partial_state=False)
@@ -59,8 +126,22 @@ class Trainer:
         self.ema.model.to(self.acc.device)
         self.data = exp.data.data.to(self.acc.device)
         self.labels = exp.data.labels.to(self.acc.device) if exp.num_classes else None
-        self.step, self.losses = 0, []
+        self.step, self.losses, self.skipped = 0, [], 0
         self.writer = self._tensorboard() if tc.tensorboard and self.acc.is_main_process else None
+        if self.acc.is_main_process:
+            save_config(exp.resolved(), self.out / "config.yaml")
+
+    def close(self) -> None:
+        """Release the run directory (the process's end does it too)."""
+        if getattr(self, "writer", None) is not None:
+            self.writer.close()
+        self.lock.release() if hasattr(self, "lock") else None
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def _tensorboard(self) -> Any:
         try:
@@ -69,28 +150,32 @@ class Trainer:
             raise GenlabError("train.tensorboard: true needs the tensorboard package (pip install tensorboard)") from e
         return SummaryWriter(str(self.out / "tensorboard"))
 
-    def resume(self) -> bool:
-        ckpt = latest_checkpoint(self.out)
-        if ckpt is None:
-            return False
+    def _load(self, ckpt: Path) -> None:
         self.unwrapped().load_state_dict(load_weights(ckpt / "model.safetensors"))  # also under torch.compile
         self.ema.model.load_state_dict(load_weights(ckpt / "ema.safetensors"))
         self.opt.load_state_dict(load_optimizer(ckpt))
         state = load_state(ckpt)
         self.step, self.ema.updates, self.losses = state["step"], state["ema_updates"], state.get("losses", [])
-        return True
+        self.skipped = state.get("skipped_steps", 0)
 
     def unwrapped(self) -> torch.nn.Module:
         model = self.acc.unwrap_model(self.model)
         return getattr(model, "_orig_mod", model)  # torch.compile's wrapper
 
     def save(self) -> None:
+        """Checkpoint ``checkpoints/step_N``; NonFiniteError (nothing written) if a weight is not finite."""
         if not self.acc.is_main_process:
             return
-        state = {"step": self.step, "ema_updates": self.ema.updates, "losses": self.losses}
-        save_checkpoint(self.out / "checkpoints" / f"step_{self.step:07d}", model=self.unwrapped().state_dict(),
-                        ema=self.ema.model.state_dict(), optimizer=self.opt.state_dict(), config=self.exp.resolved(),
-                        state=state)
+        state = {"step": self.step, "ema_updates": self.ema.updates, "losses": self.losses,
+                 "skipped_steps": self.skipped}
+        try:
+            save_checkpoint(self.out / "checkpoints" / f"step_{self.step:07d}", model=self.unwrapped().state_dict(),
+                            ema=self.ema.model.state_dict(), optimizer=self.opt.state_dict(),
+                            config=self.exp.resolved(), state=state)
+        except NonFiniteError as e:
+            last = latest_checkpoint(self.out)
+            raise NonFiniteError(f"step {self.step}: the model diverged, {e}; the newest checkpoint is "
+                                 f"{last or 'none'}; lower train.lr or set train.grad_clip") from None
 
     def micro_loss(self, micro: int) -> torch.Tensor:
         tc = self.exp.train
@@ -101,7 +186,8 @@ class Trainer:
             return self.exp.objective(self.exp.denoiser(self.model), self.data[idx], generator=g, **cond)
 
     def train_step(self) -> float:
-        """One optimizer step over ``grad_accum`` micro-batches; NaN (and no update) if the loss is not finite."""
+        """One optimizer step over ``grad_accum`` micro-batches; NaN (and no update) if the loss, or the
+        gradient norm (without fp16 loss scaling, which skips such steps itself), is not finite."""
         tc, total = self.exp.train, 0.0
         for group in self.opt.param_groups:
             group["lr"] = lr_at(self.step, self.exp)
@@ -114,8 +200,10 @@ class Trainer:
                     return float("nan")
                 self.acc.backward(loss)
             total += loss.item()
-        if tc.grad_clip:
-            self.acc.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+        norm = self.acc.clip_grad_norm_(self.model.parameters(), tc.grad_clip or math.inf)
+        if self.acc.scaler is None and norm is not None and not torch.isfinite(norm):
+            self.opt.zero_grad(set_to_none=True)
+            return float("nan")
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.ema.update(self.unwrapped())
@@ -133,16 +221,22 @@ class Trainer:
             if math.isfinite(loss):
                 bad, running = 0, running + [loss]
             else:
-                bad += 1
-                warnings.warn(f"step {self.step}: non-finite loss, step skipped ({bad} in a row)", stacklevel=1)
+                bad, self.skipped = bad + 1, self.skipped + 1
+                warnings.warn(f"step {self.step}: non-finite loss or gradient, step skipped ({bad} in a row)",
+                              stacklevel=1)
                 if bad >= tc.max_bad_steps:
-                    raise GenlabError(f"{bad} non-finite losses in a row at step {self.step}: lower train.lr, "
-                                      "enable train.grad_clip or check the data")
+                    raise NonFiniteError(
+                        f"{bad} non-finite losses or gradients in a row at step {self.step} (train.max_bad_steps): "
+                        f"stopped; the newest checkpoint is {latest_checkpoint(self.out) or 'none'}; lower "
+                        "train.lr, set train.grad_clip or check the data")
             if self.step % tc.log_every == 0 or self.step == tc.steps:
                 self.log(sum(running) / max(1, len(running)), bar)
                 running = []
             if tc.sample_every and self.step % tc.sample_every == 0 and self.step < tc.steps:
-                self.evaluate(name=f"samples/step_{self.step:07d}")
+                try:
+                    self.evaluate(name=f"samples/step_{self.step:07d}")
+                except NonFiniteError as e:  # a picture along the way: say so, keep training
+                    warnings.warn(f"step {self.step}: {e}", stacklevel=1)
             if self.step % tc.checkpoint_every == 0 or self.step == tc.steps:
                 self.save()
         bar.close()
@@ -156,10 +250,8 @@ class Trainer:
                 self.writer.add_scalar("loss", loss, self.step)
 
     def evaluate(self, seed: int = 1234, name: str = "samples") -> dict[str, Any]:
-        """Sample with the EMA model, write ``{name}.png`` and ``{name}.json``; returns the metrics."""
+        """Sample with the EMA model, write ``{name}.png`` and ``{name}.json``; returns the metrics.
+        NonFiniteError if the samples are not finite (nothing written)."""
         if not self.acc.is_main_process:
             return {}
-        (self.out / name).parent.mkdir(parents=True, exist_ok=True)
-        metrics = evaluate(self.exp, self.ema.model, self.out, name, seed, self.step)
-        (self.out / f"{name}.json").write_text(json.dumps(metrics, indent=2))
-        return metrics
+        return evaluate(self.exp, self.ema.model, self.out, name, seed, self.step)
