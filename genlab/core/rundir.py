@@ -8,8 +8,8 @@
   ``.genlab.owner`` for the message the next process gets. Under ``accelerate launch`` the main
   process (``RANK`` 0) holds it for all ranks.
 - :func:`clean_temporaries` removes what killed writes left: ``.NAME.*.tmp`` files of
-  :func:`~genlab.core.io.atomic_open` and ``.step_N.tmp-*`` directories of checkpoint writes. It runs
-  once the lock is held, so it never touches a live run's files.
+  :func:`~genlab.core.io.atomic_open` and ``.step_N.tmp-*`` directories of checkpoint writes. The
+  lock runs it once held, so it never touches a live run's files.
 """
 
 from __future__ import annotations
@@ -82,11 +82,13 @@ def check_run_dir(path: str | os.PathLike, *, resume: bool, has_checkpoint: bool
 
 class RunLock:
     """An exclusive, non-blocking lock on a run directory (created if missing), released by
-    :meth:`release`, at the end of a ``with`` block, or by the kernel when the process ends."""
+    :meth:`release`, at the end of a ``with`` block, or by the kernel when the process ends. Once held,
+    the temporaries of killed writes in the directory are removed (``cleaned``)."""
 
     def __init__(self, path: str | os.PathLike, *, purpose: str = "run") -> None:
         self.path = Path(path)
         self._file: IO[bytes] | None = None
+        self.cleaned: list[Path] = []
         if not is_main_rank():
             return
         try:
@@ -102,6 +104,7 @@ class RunLock:
         write_json_atomic(self.path / OWNER_FILE, {"pid": os.getpid(), "host": socket.gethostname(),
                                                    "purpose": purpose, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                                                    "command": " ".join(sys.argv)})
+        self.cleaned = clean_temporaries(self.path)
 
     @property
     def held(self) -> bool:

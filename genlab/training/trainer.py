@@ -31,7 +31,7 @@ from ..core.checkpoint import (check_fits, intact_checkpoint, latest_checkpoint,
                                load_weights, save_checkpoint)
 from ..core.config import load_config, save_config
 from ..core.errors import ConfigError, GenlabError, NonFiniteError
-from ..core.rundir import RunLock, check_run_dir, clean_temporaries, is_main_rank
+from ..core.rundir import RunLock, check_run_dir, is_main_rank
 from .ema import EMA
 from .evaluation import evaluate
 from .experiment import Experiment
@@ -91,7 +91,6 @@ class Trainer:
         try:
             if is_main_rank():
                 self._checked_start(resume)  # again, under the lock: no run slipped in since
-                clean_temporaries(self.out)
             self._setup()
             if self.resumed_from is not None:
                 self._load(self.resumed_from)
