@@ -108,6 +108,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     model = exp.model
     model.load_state_dict(load_weights(ckpt / "ema.safetensors", model))
     model.eval()
+    exp.sampler.timesteps(exp.process)  # a grid that cannot be made (a damaged grids.json) fails before any write
     run = ckpt.parent.parent
     out = Path(args.out) if args.out else run
     if out.exists() and not out.is_dir():
@@ -246,8 +247,14 @@ def _one_line_warning(message: Warning | str, category: type[Warning], filename:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; 0 on success, 2 (one line on stderr) on bad input or a run that had to stop."""
+    p = parser()
     try:
-        args = parser().parse_args(argv)
+        args, rest = p.parse_known_args(argv)
+        # KEY=VALUE overrides may also follow the options (argparse stops collecting them at the first)
+        if rest and hasattr(args, "overrides") and not any(r.startswith("-") for r in rest):
+            args.overrides, rest = [*args.overrides, *rest], []
+        if rest:
+            p.error(f"unrecognized arguments: {' '.join(rest)}")
     except SystemExit as e:  # --help, or a bad argument (already printed)
         return int(e.code or 0)
     shown = warnings.showwarning

@@ -204,7 +204,12 @@ def _check(hint: Any, value: Any, path: str, source: str) -> Any:
             if not _matches(inner, None, (), value):
                 raise _Mismatch(path, hint, value)
         else:
-            value = _check(inner, value, path, source)
+            try:
+                value = _check(inner, value, path, source)
+            except _Mismatch as m:
+                if m.args[0] != path:
+                    raise  # an item inside the value: its own message
+                raise _Mismatch(path, hint, value) from None
         if not all(r.holds(value) for r in ranges(hint)):
             raise _Mismatch(path, hint, value)
         return value

@@ -111,7 +111,7 @@ def _check_section(key: str, value: Any, source: str) -> None:
     elif key == "train":
         ok, wanted = value is None or isinstance(value, Mapping), "a mapping of training settings"
     else:
-        ok, wanted = isinstance(value, (str, Mapping)), f"a {key} name or a mapping with 'type'"
+        ok, wanted = isinstance(value, (str, Mapping)), "a component name or a mapping with 'type'"
     if not ok:
         raise ConfigError(f"{source}: {key}: expected {wanted}, got {show_value(value)}")
 
