@@ -335,3 +335,14 @@ def test_a_full_disk_is_one_line_and_keeps_the_old_file(capsys, run, monkeypatch
     full.always = True
     code, _, err = train(capsys, run.parent / "fresh")
     one_line_error(code, err, "No space left on device")
+
+
+def test_resume_is_exact_with_dropout_drawn_from_the_global_generator(capsys, tmp_path):
+    """Dropout and class dropout draw from torch's global generator; the trainer seeds it per step."""
+    extra = ["model.dropout=0.3"]
+    assert train(capsys, tmp_path / "whole", *extra)[0] == 0
+    assert train(capsys, tmp_path / "split", *extra, "train.steps=2")[0] == 0
+    torch.manual_seed(12345)  # whatever state the process is in
+    code, _, err = train(capsys, tmp_path / "split", *extra, "--resume")
+    assert code == 0, err
+    assert same_weights(weights(tmp_path / "whole"), weights(tmp_path / "split"))

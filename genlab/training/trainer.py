@@ -47,8 +47,13 @@ def lr_at(step: int, exp: Experiment) -> float:
     return tc.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
+    """The seed of every random draw of micro-batch ``micro`` of step ``step`` on ``rank``."""
+    return ((seed * 1_000_003 + step) * 64 + micro) * 1024 + rank
+
+
 def step_generator(seed: int, step: int, micro: int, rank: int, device: torch.device) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(((seed * 1_000_003 + step) * 64 + micro) * 1024 + rank)
+    return torch.Generator(device=device).manual_seed(step_seed(seed, step, micro, rank))
 
 
 # keys a resumed run may change: how long it runs and what it logs, samples and keeps, never what it learns
@@ -179,6 +184,9 @@ class Trainer:
     def micro_loss(self, micro: int) -> torch.Tensor:
         tc = self.exp.train
         g = step_generator(tc.seed, self.step, micro, self.acc.process_index, self.data.device)
+        # draws that modules make from the global generators (dropout, class dropout) are then a
+        # function of the step too, so that a resumed run repeats them
+        torch.manual_seed(step_seed(tc.seed, self.step, micro, self.acc.process_index) ^ 0x5DEECE66D)
         idx = torch.randint(len(self.data), (tc.batch_size,), generator=g, device=self.data.device)
         cond = {} if self.labels is None else {"class_labels": self.labels[idx]}
         with self.acc.autocast():
