@@ -3,6 +3,7 @@ resumed, and two DDP ranks holding identical weights."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import signal
@@ -49,6 +50,17 @@ def test_non_finite_losses_are_skipped_then_abort(tmp_path):
     with pytest.warns(UserWarning, match="non-finite loss"), pytest.raises(NonFiniteError, match="3 non-finite losses"):
         tr.fit()
     assert all(torch.equal(v, before[k]) for k, v in exp.model.state_dict().items())
+
+
+@pytest.mark.parametrize("clip", ["1.0", "null"])
+def test_a_non_finite_gradient_with_a_finite_loss_is_skipped(tmp_path, clip):
+    tr = Trainer(experiment(f"train.grad_clip={clip}"), tmp_path, progress=False)
+    before = {k: v.clone() for k, v in tr.unwrapped().state_dict().items()}
+    first = next(tr.unwrapped().parameters())
+    first.register_hook(lambda g: g * float("inf"))
+    assert math.isnan(tr.train_step())
+    assert all(torch.equal(v, before[k]) for k, v in tr.unwrapped().state_dict().items())
+    assert all(p.grad is None for p in tr.unwrapped().parameters())
 
 
 def test_loss_curve_and_periodic_samples(tmp_path):
