@@ -43,6 +43,7 @@ import csv
 import functools
 import importlib.util
 import inspect
+import io
 import math
 import os
 import statistics
@@ -56,6 +57,7 @@ from torch import Tensor
 
 from genlab.diffusion import (DDIM, DEIS, Denoiser, DiscreteVP, DPMSolverPP, DPMSolverSingle, Euler, ExplicitGrid, Heun,
                               Sampler, UniPC)
+from genlab.core.io import atomic_write
 from genlab.diffusion.grids import FAST_GRID
 from genlab.diffusion.ode import ODESampler
 from genlab.testing import GaussianMixture, exact_denoiser, exact_ode_solution
@@ -538,10 +540,11 @@ def part_accuracy(n: int, csv_path: str | None) -> None:
         print(f"    {parity(problem)}; runs took {time.perf_counter() - start:.0f} s")
         everything += results
     if csv_path:
-        with open(csv_path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(Result.__dataclass_fields__))
-            writer.writeheader()
-            writer.writerows(r.__dict__ for r in everything)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=list(Result.__dataclass_fields__))
+        writer.writeheader()
+        writer.writerows(r.__dict__ for r in everything)
+        atomic_write(csv_path, text.getvalue())
         print(f"   every run written to {csv_path}")
 
 
