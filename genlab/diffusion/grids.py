@@ -16,7 +16,7 @@ from torch import Tensor
 from ..core.bounds import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from ..core.errors import ConfigError
 from ..core.registry import register, register_namespace
-from .processes import DiscreteVP, Process
+from .processes import DiscreteVP, Process, check_decreasing_values
 
 Final = Literal["zero", "min"]
 
@@ -25,18 +25,8 @@ def check_decreasing(who: str, times: Sequence[float] | Tensor, field: str = "ti
     """``times`` as a float64 tensor [N + 1], after a ValueError naming ``who``, ``field`` and the first
     bad entry unless it is a grid: N >= 1, finite, >= 0 and strictly decreasing (noise to data)."""
     t = torch.as_tensor(times, dtype=torch.float64).detach().cpu()
-    if t.ndim != 1 or len(t) < 2:
-        raise ValueError(f"{who}: {field} must be a list of at least 2 times (noise to data), got shape "
-                         f"{list(t.shape)}")
-    bad = ~(torch.isfinite(t) & (t >= 0))
-    if bad.any():
-        i = int(bad.nonzero()[0])
-        raise ValueError(f"{who}: {field}[{i}] = {float(t[i])!r} must be a finite time >= 0")
-    up = t[1:] >= t[:-1]
-    if up.any():
-        i = int(up.nonzero()[0]) + 1
-        raise ValueError(f"{who}: {field} must decrease strictly (from the noise to the data), but "
-                         f"{field}[{i}] = {float(t[i]):g} >= {field}[{i - 1}] = {float(t[i - 1]):g}")
+    valid = torch.isfinite(t) & (t >= 0)
+    check_decreasing_values(who, field, t, valid, "a finite time >= 0", "from the noise to the data")
     return t
 
 

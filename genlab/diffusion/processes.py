@@ -192,19 +192,27 @@ class SubVP(VP):
         return torch.log(2 * e) - torch.log(2 * e + 1 + torch.sqrt(4 * e + 1))
 
 
-def check_alphas_cumprod(who: str, ab: Tensor) -> None:
-    """ValueError unless ``ab`` [T] is a DDPM table: T >= 2 values in (0, 1), strictly decreasing."""
-    if ab.ndim != 1 or len(ab) < 2:
-        raise ValueError(f"{who}: alphas_cumprod must be a list of at least 2 numbers, got shape {list(ab.shape)}")
-    bad = ~((ab > 0) & (ab < 1))
+def check_decreasing_values(who: str, field: str, values: Tensor, valid: Tensor, rule: str, order: str) -> None:
+    """ValueError naming ``who``, ``field`` and the first bad entry unless ``values`` [N] has N >= 2 entries,
+    each where ``valid`` [N] holds (``rule`` says what that is), and decreases strictly (``order`` says
+    between what)."""
+    if values.ndim != 1 or len(values) < 2:
+        raise ValueError(f"{who}: {field} must be a list of at least 2 values ({order}), got shape "
+                         f"{list(values.shape)}")
+    bad = ~valid
     if bad.any():
         i = int(bad.nonzero()[0])
-        raise ValueError(f"{who}: alphas_cumprod[{i}] = {float(ab[i]):g} is not in (0, 1)")
-    up = ab[1:] >= ab[:-1]
+        raise ValueError(f"{who}: {field}[{i}] = {float(values[i])!r} must be {rule}")
+    up = values[1:] >= values[:-1]
     if up.any():
         i = int(up.nonzero()[0]) + 1
-        raise ValueError(f"{who}: alphas_cumprod must decrease strictly (data to noise), but alphas_cumprod[{i}] = "
-                         f"{float(ab[i]):g} >= alphas_cumprod[{i - 1}] = {float(ab[i - 1]):g}")
+        raise ValueError(f"{who}: {field} must decrease strictly ({order}), but {field}[{i}] = "
+                         f"{float(values[i]):g} >= {field}[{i - 1}] = {float(values[i - 1]):g}")
+
+
+def check_alphas_cumprod(who: str, ab: Tensor) -> None:
+    """ValueError unless ``ab`` [T] is a DDPM table: T >= 2 values in (0, 1), strictly decreasing."""
+    check_decreasing_values(who, "alphas_cumprod", ab, (ab > 0) & (ab < 1), "in (0, 1)", "from the data to the noise")
 
 
 @register("process", "ddpm")
