@@ -62,7 +62,8 @@ def test_check_finite_false_returns_the_non_finite_samples() -> None:
 
 
 class _RangedSampler(Sampler):
-    """A user's own sampler: its declared ranges are checked by the registry and on construction."""
+    """A user's own sampler: its declared ranges are checked by the registry and on construction. Registered
+    in a namespace of its own: in ``sampler`` it would join the tests that run every registered sampler."""
 
     def __init__(self, steps: Annotated[int, Range(ge=2, le=50)] = 10, grid: object = None,
                  strength: PositiveFloat = 1.0, decay: Annotated[float, Range(ge=0, lt=1)] | None = None) -> None:
@@ -70,7 +71,8 @@ class _RangedSampler(Sampler):
         self.strength, self.decay = strength, decay
 
 
-register("sampler", "_test_component_ranges_user_sampler")(_RangedSampler)
+USER_SAMPLERS = "_test_component_ranges_samplers"
+register(USER_SAMPLERS, "ranged")(_RangedSampler)
 
 
 class _Widget:
@@ -91,13 +93,12 @@ register("_test_component_ranges_widgets", "widget")(_Widget)
     ({"decay": 1.0}, "u.yaml: sampler.decay: expected float >= 0 and < 1 or None, got float 1.0"),
 ])
 def test_a_users_registered_sampler_gets_range_checks_from_a_config(cfg: dict, fragment: str) -> None:
-    spec = {"type": "_test_component_ranges_user_sampler", **cfg}
     with pytest.raises(ConfigError, match=re.escape(fragment)):
-        build("sampler", spec, path="sampler", source="u.yaml")
+        build(USER_SAMPLERS, {"type": "ranged", **cfg}, path="sampler", source="u.yaml")
 
 
 def test_a_users_registered_classes_get_range_checks_from_python() -> None:
-    ok = build("sampler", {"type": "_test_component_ranges_user_sampler", "steps": 3, "decay": 0.5})
+    ok = build(USER_SAMPLERS, {"type": "ranged", "steps": 3, "decay": 0.5})
     assert isinstance(ok, _RangedSampler) and ok.steps == 3 and ok.decay == 0.5
     with pytest.raises(ValueError, match=re.escape("_RangedSampler: steps must be >= 2 and <= 50, got 1")):
         _RangedSampler(steps=1)

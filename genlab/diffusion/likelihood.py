@@ -35,7 +35,7 @@ from torch import Tensor
 from ..metrics.likelihood import Likelihood, normal_log_prob
 from .levels import combine, log
 from .ode import Method, ProbabilityFlow, check_method, path_scale, reaches_data, solve_unit
-from .samplers.base import DenoiserLike, non_finite_error
+from .samplers.base import DenoiserLike, non_finite, non_finite_error
 
 
 @dataclass
@@ -124,7 +124,7 @@ class DiffusionLikelihood(Likelihood):
         else:
             stderr = per_probe.std(1) / math.sqrt(columns) if columns > 1 else torch.full_like(per_probe[:, 0], math.nan)
         log_prob = per_probe.mean(1)
-        if check_finite and not bool(torch.isfinite(log_prob).all()):
+        if check_finite and non_finite(log_prob):
             raise non_finite_error("DiffusionLikelihood: {} of {} log-probabilities are NaN or inf", log_prob, x)
         return LogProbEstimate(log_prob, stderr, flow.nfe, x_end)
 

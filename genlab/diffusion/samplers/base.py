@@ -122,9 +122,15 @@ class StepInfo:
     level_next: Level
 
 
+def non_finite(out: Tensor) -> bool:
+    """Whether ``out`` holds NaN or inf: one reduction and one read on the host (a sync on an accelerator).
+    False on the ``meta`` device, whose tensors have no values (device-generic code is run there)."""
+    return not out.is_meta and not bool(torch.isfinite(out).all())
+
+
 def non_finite_error(head: str, out: Tensor, start: Tensor | None) -> NonFiniteError:
-    """The error for a result ``out`` [B, ...] holding NaN or inf (call it after a cheap ``isfinite(out).all()``
-    failed): ``head`` formatted with (number of bad samples, B), then the likely cause: non-finite ``start``
+    """The error for a result ``out`` [B, ...] holding NaN or inf (call it after :func:`non_finite`
+    said so): ``head`` formatted with (number of bad samples, B), then the likely cause: non-finite ``start``
     (the input), else a diverged model."""
     bad = int((~torch.isfinite(out)).reshape(out.shape[0], -1).any(1).sum()) if out.ndim else 1
     head = head.format(bad, out.shape[0] if out.ndim else 1)
@@ -195,11 +201,12 @@ class Sampler:
 
         ``times`` overrides the grid: [N + 1] shared by the batch, or [N + 1, B] per sample.
         ``check_finite``: raise :class:`~genlab.core.errors.NonFiniteError` if the result holds NaN or
-        inf (one ``isfinite`` reduction at the end, no check per step); False returns it as it is.
+        inf (one ``isfinite`` reduction at the end, no check per step; see :func:`non_finite`); False
+        returns it as it is.
         """
         out = self.integrate(denoiser, x, shape=shape, steps=steps, times=times, generator=generator,
                              progress=progress, callback=callback, cond=cond, dtype=dtype, device=device)
-        if check_finite and not bool(torch.isfinite(out).all()):
+        if check_finite and non_finite(out):
             raise non_finite_error(f"{type(self).__name__}: {{}} of {{}} samples hold NaN or inf after sampling", out, x)
         return out
 
