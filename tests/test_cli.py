@@ -27,7 +27,7 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
 
 @pytest.mark.parametrize("override, message", [
     ("model.hiden=3", "toy2d.yaml: model.hiden: unknown key; did you mean 'hidden'?"),
-    ("train.lr=abc", "toy2d.yaml: train.lr: expected float, got str 'abc'"),
+    ("train.lr=abc", "toy2d.yaml: train.lr: expected float > 0, got str 'abc'"),
     ("model.type=mlpp", "toy2d.yaml: model.type: unknown model 'mlpp'; did you mean 'mlp'?"),
     ("sampler.type=dpm_solver", "toy2d.yaml: sampler.type: unknown sampler 'dpm_solver'; did you mean 'dpm_solver_pp'?"),
     ("trian.lr=1", "toy2d.yaml: trian: unknown key; did you mean 'train'?"),
