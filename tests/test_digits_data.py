@@ -61,7 +61,7 @@ def test_errors() -> None:
         Digits(image_size=28)
     with pytest.raises(ConfigError, match="unknown split 'tset'.*did you mean 'test'"):
         Digits(split="tset")  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match="test_fraction must be in"):
+    with pytest.raises(ValueError, match=r"Digits: test_fraction must be > 0 and < 1, got 1.5"):
         Digits(test_fraction=1.5)
     with pytest.raises(ConfigError, match="every class"):
         Digits(test_fraction=0.001)

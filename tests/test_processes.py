@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from genlab.core.errors import ConfigError
 from genlab.diffusion import EDM, VE, VP, DiscreteVP, Process, RectifiedFlow, SubVP
 from genlab.diffusion.grids import DDPMGrid, Karras, UniformLogSNR, UniformTime
 
@@ -133,5 +132,5 @@ def test_log_snr_grid_with_snr_shift():
         snr = process.level(UniformLogSNR(snr_shift=0.03)(process, n)[:2]).log_snr.exp()
         jumps.append(float(snr[1] - snr[0]))
     assert jumps[0] / jumps[1] > 7, jumps  # shrinks like 1 / n (8 for 8x the steps): no fixed first step
-    with pytest.raises(ConfigError, match="snr_shift must be a finite number >= 0, got -1"):
+    with pytest.raises(ValueError, match="UniformLogSNR: snr_shift must be >= 0, got -1"):
         UniformLogSNR(snr_shift=-1)

@@ -375,9 +375,13 @@ def test_save_config_round_trip(tmp_path: Path) -> None:
 
 
 def test_a_components_own_value_check_becomes_a_config_error_with_its_path() -> None:
-    """A ValueError from a constructor (here: steps < 1) reaches the command line as a ConfigError that
-    names where the value came from, so the CLI prints one line instead of a traceback."""
-    with pytest.raises(ConfigError, match=r"^c\.yaml: sampler: DDIM: steps must be an integer >= 1, got 0$"):
+    """A ValueError from a constructor (here: Euler's s_tmin > s_tmax, a check between two fields) reaches
+    the command line as a ConfigError that names where the value came from, so the CLI prints one line
+    instead of a traceback. (steps < 1 is a declared range, refused before the constructor runs.)"""
+    with pytest.raises(ConfigError, match=r"^c\.yaml: sampler: Euler: s_tmin \(2\) must be <= s_tmax \(1\)"):
+        build("sampler", {"type": "euler", "s_tmin": 2, "s_tmax": 1}, path="sampler", source="c.yaml")
+    with pytest.raises(ConfigError, match=r"^c\.yaml: sampler\.predictor: Euler: s_tmin \(2\) must be"):
+        build("sampler", {"type": "pc", "predictor": {"type": "euler", "s_tmin": 2, "s_tmax": 1}}, path="sampler",
+              source="c.yaml")
+    with pytest.raises(ConfigError, match=r"^c\.yaml: sampler\.steps: expected int >= 1, got int 0$"):
         build("sampler", {"type": "ddim", "steps": 0}, path="sampler", source="c.yaml")
-    with pytest.raises(ConfigError, match=r"^c\.yaml: sampler\.predictor: DDIM: steps must be"):
-        build("sampler", {"type": "pc", "predictor": {"type": "ddim", "steps": 0}}, path="sampler", source="c.yaml")

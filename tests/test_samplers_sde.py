@@ -209,7 +209,7 @@ def test_config_nfe_and_errors():
         build("sampler", {"type": "pc", "corrector": "ald"})
     with pytest.raises(ConfigError, match="unknown sampler 'reverse_difusion'.*did you mean 'reverse_diffusion'"):
         PredictorCorrector(predictor="reverse_difusion")
-    with pytest.raises(ValueError, match="need snr > 0"):
+    with pytest.raises(ValueError, match="PredictorCorrector: snr must be > 0, got 0.0"):
         PredictorCorrector(snr=0.0)
     process = RectifiedFlow()
     with pytest.raises(ValueError, match="euler_maruyama: the SDE drift .* infinite"):

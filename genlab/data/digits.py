@@ -7,13 +7,14 @@ Digits" data (Alpaydin and Kaynak 1998), loaded by ``sklearn.datasets.load_digit
 from __future__ import annotations
 
 import functools
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from genlab.core.bounds import PositiveInt, Range
 from genlab.core.errors import ConfigError, did_you_mean
 from genlab.core.registry import register
 from genlab.data.images import LabelledImages
@@ -63,20 +64,19 @@ class Digits(LabelledImages):
     resized to ``image_size`` (8, 16 or 32) with ``F.interpolate`` (bilinear, antialiased).
     ``n`` (optional) sets the length by tiling the split in its fixed order: item ``i`` is item
     ``i mod len(split)``, so a smaller ``n`` keeps the first ``n`` items and a larger one repeats the split.
+    Ranges: test_fraction in (0, 1), seed in [0, 2^32) (sklearn's random_state), n >= 1.
     """
 
     def __init__(
         self,
-        image_size: int = 16,
+        image_size: Literal[8, 16, 32] = 16,
         split: Literal["train", "test", "all"] = "train",
-        test_fraction: float = 0.2,
-        seed: int = 0,
-        n: int | None = None,
+        test_fraction: Annotated[float, Range(gt=0, lt=1)] = 0.2,
+        seed: Annotated[int, Range(ge=0, lt=2**32)] = 0,
+        n: PositiveInt | None = None,
     ) -> None:
         if image_size not in DIGITS_SIZES:
             raise ConfigError(f"digits: image_size must be one of 8, 16, 32, got {image_size!r}")
-        if n is not None and n < 0:
-            raise ConfigError(f"digits: n must be non-negative or None, got {n}")
         index = digits_split(split, test_fraction, seed)
         if n is not None:
             index = index[np.arange(n) % len(index)]

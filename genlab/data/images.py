@@ -20,6 +20,7 @@ from einops import rearrange
 from PIL import Image
 from torch import Tensor
 
+from genlab.core.bounds import PositiveInt
 from genlab.core.errors import ConfigError, GenlabError
 from genlab.core.registry import register
 
@@ -90,13 +91,10 @@ def images_to_tensor(arrays: Iterable[np.ndarray], size: int, channels: int) -> 
     return torch.cat(out) if out else torch.empty(0, channels, size, size)
 
 
-def _check(kind: str, image_size: int, channels: int | None, limit: int | None = None) -> None:
-    if image_size < 1:
-        raise ConfigError(f"{kind}: image_size must be a positive number of pixels, got {image_size}")
+def _check(kind: str, channels: int | None) -> None:
+    """``channels`` from Python (a config's is checked against its Literal; ranges by the registry)."""
     if channels not in (1, 3, None):
         raise ConfigError(f"{kind}: channels must be 1 or 3, got {channels!r}")
-    if limit is not None and limit < 0:
-        raise ConfigError(f"{kind}: limit must be non-negative or None, got {limit}")
 
 
 def _image_files(folder: Path, recursive: bool) -> list[Path]:
@@ -113,11 +111,11 @@ class ImageFolder(LabelledImages):
     Class ``i`` is the i-th subfolder (sorted) holding images at any depth; ``class_names`` are the
     folder names. With no such subfolder, the images at the top level of ``root`` form a single class
     named after ``root``; otherwise top-level images are ignored, as in torchvision's ImageFolder.
-    ``channels`` 1 converts to grey ("L"), 3 to RGB (dropping alpha).
+    ``channels`` 1 converts to grey ("L"), 3 to RGB (dropping alpha); ``image_size`` >= 1.
     """
 
-    def __init__(self, root: str, image_size: int = 32, channels: Literal[1, 3] = 3) -> None:
-        _check("image_folder", image_size, channels)
+    def __init__(self, root: str, image_size: PositiveInt = 32, channels: Literal[1, 3] = 3) -> None:
+        _check("image_folder", channels)
         path = Path(root).expanduser()
         if not path.is_dir():
             problem = "is not a directory" if path.exists() else "does not exist"
@@ -162,7 +160,8 @@ class TorchvisionDataset(LabelledImages):
 
     Constructs ``torchvision.datasets.<name>(root, train=train, download=download)`` and loads its
     first ``limit`` items (all if None) into memory. ``channels`` None keeps the native ones (1 for
-    grey sets such as MNIST, else 3). Nothing is downloaded unless ``download`` is true.
+    grey sets such as MNIST, else 3). Nothing is downloaded unless ``download`` is true. ``image_size`` and
+    ``limit`` are >= 1.
     """
 
     def __init__(
@@ -171,11 +170,11 @@ class TorchvisionDataset(LabelledImages):
         root: str,
         train: bool = True,
         download: bool = False,
-        image_size: int = 32,
+        image_size: PositiveInt = 32,
         channels: Literal[1, 3] | None = None,
-        limit: int | None = None,
+        limit: PositiveInt | None = None,
     ) -> None:
-        _check("torchvision", image_size, channels, limit)
+        _check("torchvision", channels)
         cls = _torchvision_class(name)
         try:
             ds = cls(str(Path(root).expanduser()), train=train, download=download)

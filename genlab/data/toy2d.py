@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Annotated, NamedTuple
 
 import torch
 from torch import Tensor
 
-from genlab.core.errors import ConfigError, did_you_mean
+from genlab.core.bounds import PositiveInt, Range
+from genlab.core.errors import did_you_mean
 from genlab.core.registry import register
 
 Generator = torch.Generator | None
+Seed = Annotated[int, Range(ge=0, lt=2**63)]  # a torch.Generator seed (Experiment.heldout adds to it)
 
 
 class _Toy(NamedTuple):
@@ -105,9 +107,9 @@ def toy2d(name: str, n: int, generator: torch.Generator | None = None) -> Tensor
 
     Names: ``eight_gaussians``, ``moons``, ``checkerboard``, ``swiss_roll``, ``rings``.
     """
-    if name not in _TOYS:
+    if name not in _TOYS:  # a ValueError: from a config, the registry adds the file and the path
         valid = ", ".join(TOY2D_NAMES)
-        raise ConfigError(f"unknown toy2d dataset {name!r}; valid: {valid}{did_you_mean(name, _TOYS)}")
+        raise ValueError(f"unknown toy2d dataset {name!r}; valid: {valid}{did_you_mean(name, _TOYS)}")
     if n < 0:
         raise ValueError(f"n must be non-negative, got {n}")
     toy = _TOYS[name]
@@ -118,11 +120,11 @@ def toy2d(name: str, n: int, generator: torch.Generator | None = None) -> Tensor
 
 @register("dataset", "toy2d")
 class Toy2D(torch.utils.data.Dataset):
-    """A fixed draw of ``n`` points of a toy set, ``self.data: [n, 2]``; items are rows ``[2]``."""
+    """A fixed draw of ``n`` (>= 1) points of a toy set, ``self.data: [n, 2]``; items are rows ``[2]``."""
 
     dim = 2
 
-    def __init__(self, name: str = "eight_gaussians", n: int = 50_000, seed: int = 0) -> None:
+    def __init__(self, name: str = "eight_gaussians", n: PositiveInt = 50_000, seed: Seed = 0) -> None:
         self.name = name
         self.data = toy2d(name, n, torch.Generator().manual_seed(seed))
 

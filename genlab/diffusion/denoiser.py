@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from ..core.errors import ShapeError
 from . import predictions as P
 from .levels import Level, Scalar, combine
 from .processes import Process, edm_c_noise
@@ -91,10 +92,17 @@ class Denoiser(nn.Module):
         return 1.0, level.values(("model_time", self.model_time), lambda lv: self.model_time(lv.t))
 
     def raw(self, x: Tensor, level: Level, **cond: Any) -> Tensor:
-        """The network's output at (x, level): the prediction, or F(c_in x, c_noise) under EDM."""
+        """The network's output [B, ...] at (x [B, ...], level): the prediction, or F(c_in x, c_noise)
+        under EDM. ShapeError unless it is a tensor of x's shape (a shape comparison: no device sync),
+        since a broadcastable wrong shape ([B, 1] for [B, 2]) would silently give wrong samples."""
         scale, t_in = self.network_input(level)
         x_in = x if isinstance(scale, float) and scale == 1.0 else combine((scale, x))
-        return self.model(x_in, time_input(t_in, x), **cond)
+        out = self.model(x_in, time_input(t_in, x), **cond)
+        if not torch.is_tensor(out) or out.shape != x.shape:
+            got = list(out.shape) if torch.is_tensor(out) else type(out).__name__
+            raise ShapeError(f"Denoiser: the model's output must have the shape of its input x {list(x.shape)}, "
+                             f"got {got} (a model with learn_sigma or a tuple output: return the prediction alone)")
+        return out
 
     def coefficients(self, level: Level) -> tuple[Scalar, Scalar, Scalar, Scalar]:
         """(a_x0, b_x0, a_eps, b_eps) with x0 = a_x0 x + b_x0 raw and eps = a_eps x + b_eps raw;

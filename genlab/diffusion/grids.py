@@ -7,18 +7,38 @@ diffusers do; ``final="min"`` instead ends at t_min (for ODE accuracy and likeli
 
 from __future__ import annotations
 
-import math
 from types import MappingProxyType
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
+from ..core.bounds import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from ..core.errors import ConfigError
 from ..core.registry import register, register_namespace
-from .processes import DiscreteVP, Process
+from .processes import DiscreteVP, Process, check_decreasing_values
 
 Final = Literal["zero", "min"]
+
+
+def check_decreasing(who: str, times: Sequence[float] | Tensor, field: str = "times") -> Tensor:
+    """``times`` as a float64 tensor [N + 1], after a ValueError naming ``who``, ``field`` and the first
+    bad entry unless it is a grid: N >= 1, finite, >= 0 and strictly decreasing (noise to data)."""
+    t = torch.as_tensor(times, dtype=torch.float64).detach().cpu()
+    valid = torch.isfinite(t) & (t >= 0)
+    check_decreasing_values(who, field, t, valid, "a finite time >= 0", "from the noise to the data")
+    return t
+
+
+def check_times(who: str, times: Tensor, process: Process) -> Tensor:
+    """``times`` [N + 1] unchanged after the checks of :func:`check_decreasing` and that they lie in
+    [0, t_max] of ``process`` (a grid starts at most at the noisiest time and ends at the data, t = 0,
+    or above it); ValueError naming ``who``, the bad value and the process's range otherwise."""
+    t = check_decreasing(who, times)
+    if float(t[0]) > process.t_max * (1 + 1e-12):
+        raise ValueError(f"{who}: times[0] = {float(t[0]):g} is above t_max = {process.t_max:g} of {process}; "
+                         f"times must lie in [0, {process.t_max:g}]")
+    return times
 
 
 class TimeGrid:
@@ -37,7 +57,10 @@ GridSpec = TimeGrid | str | Mapping[str, Any]
 class SpacedGrid(TimeGrid):
     """A grid given by a spacing between t_max and t_min; subclasses define ``spacing``."""
 
-    def __init__(self, t_min: float | None = None, t_max: float | None = None, final: Final = "zero") -> None:
+    def __init__(self, t_min: NonNegativeFloat | None = None, t_max: PositiveFloat | None = None,
+                 final: Final = "zero") -> None:
+        if t_min is not None and t_max is not None and not t_min < t_max:
+            raise ValueError(f"{type(self).__name__}: t_min ({t_min:g}) must be < t_max ({t_max:g})")
         self.t_min, self.t_max, self.final = t_min, t_max, final
 
     def spacing(self, process: Process, t_max: float, t_min: float, n: int) -> Tensor:
@@ -88,15 +111,12 @@ class UniformLogSNR(SpacedGrid):
     corrector), until the process's own t_min is reached.
     """
 
-    def __init__(self, t_min: float | None = None, t_max: float | None = None, final: Final = "zero",
-                 sigma_min: float | None = None, sigma_max: float | None = None, snr_shift: float = 0.0,
-                 sigma_min_steps: int | None = None, sigma_min_order: float = 3.0) -> None:
+    def __init__(self, t_min: NonNegativeFloat | None = None, t_max: PositiveFloat | None = None,
+                 final: Final = "zero", sigma_min: PositiveFloat | None = None, sigma_max: PositiveFloat | None = None,
+                 snr_shift: NonNegativeFloat = 0.0, sigma_min_steps: PositiveInt | None = None,
+                 sigma_min_order: PositiveFloat = 3.0) -> None:
         super().__init__(t_min, t_max, final)
-        if not (snr_shift >= 0 and math.isfinite(snr_shift)):
-            raise ConfigError(f"grid log_snr: snr_shift must be a finite number >= 0, got {snr_shift!r}")
-        if sigma_min_steps is not None and not (sigma_min_steps >= 1 and sigma_min_order > 0):
-            raise ConfigError(f"grid log_snr: need sigma_min_steps >= 1 and sigma_min_order > 0, got "
-                              f"{sigma_min_steps!r}, {sigma_min_order!r}")
+        check_sigma_range(type(self).__name__, sigma_min, sigma_max)
         self.sigma_min, self.sigma_max, self.snr_shift = sigma_min, sigma_max, snr_shift
         self.sigma_min_steps, self.sigma_min_order = sigma_min_steps, sigma_min_order
 
@@ -135,6 +155,12 @@ FAST_GRID: Mapping[str, Any] = MappingProxyType({"type": "log_snr", "snr_shift":
                                                  "sigma_min_steps": 20})
 
 
+def check_sigma_range(who: str, sigma_min: float | None, sigma_max: float | None) -> None:
+    """ValueError unless sigma_min < sigma_max where both are given."""
+    if sigma_min is not None and sigma_max is not None and not sigma_min < sigma_max:
+        raise ValueError(f"{who}: sigma_min ({sigma_min:g}) must be < sigma_max ({sigma_max:g})")
+
+
 def karras_sigmas(sigma_max: float, sigma_min: float, n: int, rho: float = 7.0) -> Tensor:
     """n Karras sigmas [n] (float64) from sigma_max down to sigma_min (Karras et al. 2022, Eq. 5):
     sigma_i = (s_max^(1/rho) + i/(n-1) (s_min^(1/rho) - s_max^(1/rho)))^rho."""
@@ -147,9 +173,10 @@ class Karras(SpacedGrid):
     """Karras sigmas (:func:`karras_sigmas`, Karras et al. 2022, Eq. 5) in sigma = sigma / alpha,
     mapped to the process's time."""
 
-    def __init__(self, rho: float = 7.0, sigma_min: float | None = None, sigma_max: float | None = None,
-                 final: Final = "zero") -> None:
+    def __init__(self, rho: PositiveFloat = 7.0, sigma_min: PositiveFloat | None = None,
+                 sigma_max: PositiveFloat | None = None, final: Final = "zero") -> None:
         super().__init__(final=final)
+        check_sigma_range(type(self).__name__, sigma_min, sigma_max)
         self.rho, self.sigma_min, self.sigma_max = rho, sigma_min, sigma_max
 
     def spacing(self, process: Process, t_max: float, t_min: float, n: int) -> Tensor:
@@ -171,8 +198,10 @@ class DDPMGrid(TimeGrid):
     (Lin et al. 2024, Table 2, compares these spacings.)
     """
 
-    def __init__(self, spacing: Literal["leading", "trailing", "linspace"] = "trailing", offset: int = 0,
-                 timesteps: list[float] | None = None) -> None:
+    def __init__(self, spacing: Literal["leading", "trailing", "linspace"] = "trailing", offset: NonNegativeInt = 0,
+                 timesteps: list[NonNegativeFloat] | None = None) -> None:
+        if timesteps is not None and len(timesteps) > 1:
+            check_decreasing(type(self).__name__, timesteps, "timesteps")
         self.spacing, self.offset, self.timesteps = spacing, offset, timesteps
 
     def indices(self, T: int, steps: int) -> Tensor:
@@ -187,16 +216,20 @@ class DDPMGrid(TimeGrid):
     def __call__(self, process: Process, steps: int) -> Tensor:
         if not isinstance(process, DiscreteVP):
             raise ConfigError(f"grid ddpm needs a discrete process (type: ddpm), got {process}")
+        if self.timesteps is None and steps > process.T:
+            raise ValueError(f"{type(self).__name__}: {steps} steps on the {process.T} steps of {process}: a DDPM grid "
+                             f"takes at most T = {process.T} steps")
         t = (self.indices(process.T, steps) + 1) / process.T
-        return torch.cat([t, torch.zeros(1, dtype=torch.float64)])
+        return check_times(type(self).__name__, torch.cat([t, torch.zeros(1, dtype=torch.float64)]), process)
 
 
 @register("grid", "explicit")
 class ExplicitGrid(TimeGrid):
-    """A given list of decreasing times (the number of steps is len(times) - 1)."""
+    """A given list of strictly decreasing times >= 0 (the number of steps is len(times) - 1); on a
+    process, they must lie in [0, t_max]."""
 
-    def __init__(self, times: list[float]) -> None:
-        self.times = torch.as_tensor(times, dtype=torch.float64)
+    def __init__(self, times: list[NonNegativeFloat]) -> None:
+        self.times = check_decreasing(type(self).__name__, times)
 
     def __call__(self, process: Process, steps: int | None = None) -> Tensor:
-        return self.times.clone()
+        return check_times(type(self).__name__, self.times.clone(), process)

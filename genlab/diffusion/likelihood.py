@@ -35,7 +35,7 @@ from torch import Tensor
 from ..metrics.likelihood import Likelihood, normal_log_prob
 from .levels import combine, log
 from .ode import Method, ProbabilityFlow, check_method, path_scale, reaches_data, solve_unit
-from .samplers.base import DenoiserLike
+from .samplers.base import DenoiserLike, non_finite, non_finite_error
 
 
 @dataclass
@@ -91,14 +91,15 @@ class DiffusionLikelihood(Likelihood):
         self.prior = prior or (lambda x: normal_log_prob(x, process.prior_std()))
 
     def log_prob(self, x: Tensor, generator: torch.Generator | None = None,
-                 cond: dict[str, Any] | None = None) -> Tensor:
+                 cond: dict[str, Any] | None = None, check_finite: bool = True) -> Tensor:
         """log p(x) [B] in nats for x [B, ...] at t_start (an estimate with Hutchinson)."""
-        return self.estimate(x, generator, cond).log_prob
+        return self.estimate(x, generator, cond, check_finite).log_prob
 
     @torch.no_grad()
     def estimate(self, x: Tensor, generator: torch.Generator | None = None,
-                 cond: dict[str, Any] | None = None) -> LogProbEstimate:
-        """log p(x) with its standard error, the NFE and the end point (see :class:`LogProbEstimate`)."""
+                 cond: dict[str, Any] | None = None, check_finite: bool = True) -> LogProbEstimate:
+        """log p(x) with its standard error, the NFE and the end point (see :class:`LogProbEstimate`).
+        ``check_finite``: NonFiniteError if a log p(x) is NaN or inf (one check at the end)."""
         process = self.denoiser.process
         start, end = process.level(self.t_start), process.level(self.t_end)
         flow = ProbabilityFlow(self.denoiser, start, end, cond)
@@ -122,7 +123,10 @@ class DiffusionLikelihood(Likelihood):
             stderr = torch.zeros_like(per_probe[:, 0])
         else:
             stderr = per_probe.std(1) / math.sqrt(columns) if columns > 1 else torch.full_like(per_probe[:, 0], math.nan)
-        return LogProbEstimate(per_probe.mean(1), stderr, flow.nfe, x_end)
+        log_prob = per_probe.mean(1)
+        if check_finite and non_finite(log_prob):
+            raise non_finite_error("DiffusionLikelihood: {} of {} log-probabilities are NaN or inf", log_prob, x)
+        return LogProbEstimate(log_prob, stderr, flow.nfe, x_end)
 
     def draw_probes(self, x: Tensor, generator: torch.Generator | None) -> Tensor | None:
         """Hutchinson probes [n_probes, B, ...] (E v v^T = I), or None for the exact divergence."""

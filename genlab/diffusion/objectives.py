@@ -13,6 +13,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from ..core.bounds import NonNegativeFloat, PositiveFloat
 from ..core.registry import build, register, register_namespace
 from .denoiser import Denoiser
 from .levels import Level, combine, level_dtype
@@ -52,9 +53,9 @@ class UniformT(TimeDistribution):
 @register("time_distribution", "log_normal")
 class LogNormalSigma(TimeDistribution):
     """ln(sigma / alpha) ~ N(p_mean, p_std^2) (Karras et al. 2022, Table 1, "training"), clipped
-    to the process's range."""
+    to the process's range (p_std >= 0; 0 is a single level)."""
 
-    def __init__(self, p_mean: float = -1.2, p_std: float = 1.2) -> None:
+    def __init__(self, p_mean: float = -1.2, p_std: NonNegativeFloat = 1.2) -> None:
         self.p_mean, self.p_std = p_mean, p_std
 
     def sample(self, process: Process, n: int, generator: torch.Generator | None = None,
@@ -65,9 +66,9 @@ class LogNormalSigma(TimeDistribution):
 
 @register("time_distribution", "logit_normal")
 class LogitNormalT(TimeDistribution):
-    """t = sigmoid(N(m, s^2)) scaled to [t_min, t_max] (Esser et al. 2024, SD3, Eq. 19)."""
+    """t = sigmoid(N(m, s^2)) scaled to [t_min, t_max] (Esser et al. 2024, SD3, Eq. 19); s >= 0."""
 
-    def __init__(self, mean: float = 0.0, std: float = 1.0) -> None:
+    def __init__(self, mean: float = 0.0, std: NonNegativeFloat = 1.0) -> None:
         self.mean, self.std = mean, std
 
     def sample(self, process: Process, n: int, generator: torch.Generator | None = None,
@@ -92,12 +93,12 @@ class DenoisingObjective:
         weighting: ``constant`` (plain MSE on the output), ``snr`` (x0 error weighted by SNR, the
             eps-MSE), ``min_snr`` (x0 error weighted by min(SNR, gamma), Hang et al. 2023, Eq. 8),
             ``edm`` (x0 error weighted by 1 / c_out^2, Karras et al. 2022, Eq. 8 and Table 1).
-        min_snr_gamma: gamma of min-SNR; sigma_data: EDM's data std.
+        min_snr_gamma: gamma of min-SNR (> 0); sigma_data: EDM's data std (> 0).
     """
 
     def __init__(self, prediction: PredictionType = "eps", preconditioning: Literal["edm"] | None = None,
                  t_distribution: TimeDistribution | str | dict = "uniform", weighting: Weighting = "constant",
-                 min_snr_gamma: float = 5.0, sigma_data: float = 0.5) -> None:
+                 min_snr_gamma: PositiveFloat = 5.0, sigma_data: PositiveFloat = 0.5) -> None:
         self.prediction, self.preconditioning, self.sigma_data = prediction, preconditioning, sigma_data
         self.t_distribution = build("time_distribution", t_distribution, path="objective.t_distribution")
         self.weighting, self.min_snr_gamma = weighting, min_snr_gamma
@@ -144,7 +145,7 @@ class FlowMatchingObjective(DenoisingObjective):
 
     def __init__(self, prediction: PredictionType = "velocity",
                  t_distribution: TimeDistribution | str | dict = "uniform", weighting: Weighting = "constant",
-                 min_snr_gamma: float = 5.0) -> None:
+                 min_snr_gamma: PositiveFloat = 5.0) -> None:
         super().__init__(prediction, None, t_distribution, weighting, min_snr_gamma)
 
 

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 from torchdiffeq import odeint
 
+from ..core.bounds import PositiveFloat, PositiveInt
 from ..core.registry import register
 from .grids import GridSpec
 from .levels import Level, Scalar, combine, where
@@ -147,8 +148,8 @@ class ODESampler(Sampler):
     and returns the denoiser's x0, as DDIM does. ``solve`` reports the number of model calls.
     """
 
-    def __init__(self, steps: int | None = None, grid: GridSpec | None = None,
-                 method: Method = "dopri5", rtol: float = 1e-5, atol: float = 1e-5) -> None:
+    def __init__(self, steps: PositiveInt | None = None, grid: GridSpec | None = None,
+                 method: Method = "dopri5", rtol: PositiveFloat = 1e-5, atol: PositiveFloat = 1e-5) -> None:
         check_method(method, rtol, atol)
         fixed = method in FIXED_STEP_NFE
         super().__init__(steps if steps is not None else (20 if fixed else 1), grid)

@@ -9,11 +9,12 @@ noisiest level at ``t_max``; samplers work on :class:`Level` values and never on
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from torch import Tensor
 
+from ..core.bounds import NonNegativeFloat, PositiveFloat, Range
 from ..core.registry import register, register_namespace
 from .levels import Level, level_dtype
 from .schedules import T_REF, discrete_alphas_cumprod, log_alpha_bar, rescale_zero_terminal_snr
@@ -103,6 +104,24 @@ class Process:
 
 register_namespace("process", Process, "Gaussian noise processes x_t = alpha(t) x0 + sigma(t) eps")
 
+#: a number strictly between 0 and 1: a per-step beta of DDPM's T = 1000 table, t_min of a process on [0, 1]
+OpenUnit = Annotated[float, Range(gt=0, lt=1)]
+Schedule = Literal["linear", "scaled_linear", "cosine", "sigmoid"]
+
+
+def check_betas(who: str, schedule: str, beta_start: float, beta_end: float) -> None:
+    """ValueError unless beta_start <= beta_end where the schedule uses them (linear, scaled_linear):
+    a decreasing beta makes alpha_bar's inverse (t of a log-SNR) undefined."""
+    if schedule in ("linear", "scaled_linear") and not beta_start <= beta_end:
+        raise ValueError(f"{who}: beta_start ({beta_start:g}) must be <= beta_end ({beta_end:g}) for the {schedule} "
+                         "schedule (betas grow from the data to the noise), e.g. 1e-4 and 0.02")
+
+
+def check_sigmas(who: str, sigma_min: float, sigma_max: float) -> None:
+    """ValueError unless sigma_min < sigma_max."""
+    if not sigma_min < sigma_max:
+        raise ValueError(f"{who}: sigma_min ({sigma_min:g}) must be < sigma_max ({sigma_max:g})")
+
 
 @register("process", "vp")
 class VP(Process):
@@ -113,9 +132,9 @@ class VP(Process):
     2024). :meth:`discrete` gives the T-step view that matches diffusers' tables.
     """
 
-    def __init__(self, schedule: Literal["linear", "scaled_linear", "cosine", "sigmoid"] = "linear",
-                 beta_start: float = 1e-4, beta_end: float = 0.02, zero_terminal_snr: bool = False,
-                 t_min: float = 1e-3, cosine_s: float = 0.008) -> None:
+    def __init__(self, schedule: Schedule = "linear", beta_start: OpenUnit = 1e-4, beta_end: OpenUnit = 0.02,
+                 zero_terminal_snr: bool = False, t_min: OpenUnit = 1e-3, cosine_s: NonNegativeFloat = 0.008) -> None:
+        check_betas(type(self).__name__, schedule, beta_start, beta_end)
         self.schedule, self.beta_start, self.beta_end = schedule, beta_start, beta_end
         self.zero_terminal_snr, self.cosine_s = zero_terminal_snr, cosine_s
         self.t_min, self.t_max = t_min, 1.0
@@ -173,6 +192,29 @@ class SubVP(VP):
         return torch.log(2 * e) - torch.log(2 * e + 1 + torch.sqrt(4 * e + 1))
 
 
+def check_decreasing_values(who: str, field: str, values: Tensor, valid: Tensor, rule: str, order: str) -> None:
+    """ValueError naming ``who``, ``field`` and the first bad entry unless ``values`` [N] has N >= 2 entries,
+    each where ``valid`` [N] holds (``rule`` says what that is), and decreases strictly (``order`` says
+    between what)."""
+    if values.ndim != 1 or len(values) < 2:
+        raise ValueError(f"{who}: {field} must be a list of at least 2 values ({order}), got shape "
+                         f"{list(values.shape)}")
+    bad = ~valid
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"{who}: {field}[{i}] = {float(values[i])!r} must be {rule}")
+    up = values[1:] >= values[:-1]
+    if up.any():
+        i = int(up.nonzero()[0]) + 1
+        raise ValueError(f"{who}: {field} must decrease strictly ({order}), but {field}[{i}] = "
+                         f"{float(values[i]):g} >= {field}[{i - 1}] = {float(values[i - 1]):g}")
+
+
+def check_alphas_cumprod(who: str, ab: Tensor) -> None:
+    """ValueError unless ``ab`` [T] is a DDPM table: T >= 2 values in (0, 1), strictly decreasing."""
+    check_decreasing_values(who, "alphas_cumprod", ab, (ab > 0) & (ab < 1), "in (0, 1)", "from the data to the noise")
+
+
 @register("process", "ddpm")
 class DiscreteVP(Process):
     """DDPM's T-step VP process: step i in 0..T-1 sits at t = (i + 1) / T, t = 0 is the data.
@@ -182,13 +224,15 @@ class DiscreteVP(Process):
     index, as diffusers' Euler and Heun schedulers interpolate. The network sees the step index.
     """
 
-    def __init__(self, schedule: Literal["linear", "scaled_linear", "cosine", "sigmoid"] = "linear",
-                 timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
-                 zero_terminal_snr: bool = False, alphas_cumprod: list[float] | None = None) -> None:
+    def __init__(self, schedule: Schedule = "linear", timesteps: Annotated[int, Range(ge=2)] = 1000,
+                 beta_start: OpenUnit = 1e-4, beta_end: OpenUnit = 0.02, zero_terminal_snr: bool = False,
+                 alphas_cumprod: list[OpenUnit] | None = None) -> None:
         if alphas_cumprod is None:
+            check_betas(type(self).__name__, schedule, beta_start, beta_end)
             ab = discrete_alphas_cumprod(schedule, timesteps, beta_start=beta_start, beta_end=beta_end)
         else:
             ab = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+            check_alphas_cumprod(type(self).__name__, ab)
         if zero_terminal_snr:
             ab = rescale_zero_terminal_snr(ab)
         self.alphas_cumprod = ab
@@ -234,7 +278,8 @@ class VE(Process):
     """Variance exploding (Song et al. 2021, Eq. 9): alpha = 1, sigma = s_min (s_max / s_min)^t on
     (0, 1], and sigma = 0 at t = 0 (the data)."""
 
-    def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, t_min: float = 1e-5) -> None:
+    def __init__(self, sigma_min: PositiveFloat = 0.01, sigma_max: PositiveFloat = 50.0, t_min: OpenUnit = 1e-5) -> None:
+        check_sigmas(type(self).__name__, sigma_min, sigma_max)
         self.sigma_min, self.sigma_max, self.t_min, self.t_max = sigma_min, sigma_max, t_min, 1.0
         self._log_ratio = math.log(sigma_max / sigma_min)
 
@@ -257,7 +302,8 @@ class EDM(Process):
     """Karras et al. 2022: alpha = 1, sigma = t, t in [sigma_min, sigma_max]; the network is given
     c_noise = log(sigma) / 4 (Table 1)."""
 
-    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0) -> None:
+    def __init__(self, sigma_min: PositiveFloat = 0.002, sigma_max: PositiveFloat = 80.0) -> None:
+        check_sigmas(type(self).__name__, sigma_min, sigma_max)
         self.t_min, self.t_max = sigma_min, sigma_max
 
     def alpha(self, t: Tensor) -> Tensor:
@@ -281,7 +327,7 @@ class RectifiedFlow(Process):
     """Rectified flow / flow matching with the linear path (Liu et al. 2023; Lipman et al. 2023):
     alpha = 1 - t, sigma = t, t in [0, 1]; the velocity is eps - x0."""
 
-    def __init__(self, t_min: float = 1e-3) -> None:
+    def __init__(self, t_min: OpenUnit = 1e-3) -> None:
         self.t_min, self.t_max = t_min, 1.0
 
     def alpha(self, t: Tensor) -> Tensor:

@@ -22,10 +22,12 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from genlab.core.bounds import PositiveFloat, PositiveInt, UnitInterval
 from genlab.core.errors import ShapeError, did_you_mean
 from genlab.core.registry import register
 from genlab.models.attention import Backend, MultiHeadAttention
-from genlab.models.layers import LabelEmbedding, TimeEmbeddingKind, TimestepEmbedding, condition_embedding, modulate
+from genlab.models.layers import (FreqShift, LabelEmbedding, TimeEmbeddingKind, TimestepEmbedding, condition_embedding,
+                                  modulate)
 
 Preset = Literal["S/2", "S/4", "S/8", "B/2", "B/4", "B/8", "L/2", "L/4", "L/8", "XL/2", "XL/4", "XL/8"]
 _SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}  # Table 1
@@ -106,28 +108,33 @@ class DiT(nn.Module):
     1e-6 in the paper's code). ``time_embedding="fourier"`` embeds ``t`` with 256 random Fourier features
     of scale ``fourier_scale`` instead of sinusoids (for times of order 1). ``config`` holds the resolved
     arguments: ``DiT(**model.config)``.
+
+    Ranges: sizes, channels, depth, heads, classes >= 1; mlp_ratio, fourier_scale, mlp_norm_eps > 0;
+    class_dropout (a probability) in [0, 1]; time_freq_shift in [0, 1]. patch_size must divide
+    input_size, num_heads must divide hidden, and hidden must be a multiple of 4 (the 2D sin-cos
+    position embedding).
     """
 
     def __init__(
         self,
         preset: Preset | None = None,
-        input_size: int = 32,
-        in_channels: int = 4,
-        out_channels: int | None = None,
+        input_size: PositiveInt = 32,
+        in_channels: PositiveInt = 4,
+        out_channels: PositiveInt | None = None,
         learn_sigma: bool = False,
-        patch_size: int | None = None,
-        hidden: int | None = None,
-        depth: int | None = None,
-        num_heads: int | None = None,
-        mlp_ratio: float = 4.0,
-        num_classes: int | None = None,
-        class_dropout: float = 0.1,
-        cross_attention_dim: int | None = None,
+        patch_size: PositiveInt | None = None,
+        hidden: PositiveInt | None = None,
+        depth: PositiveInt | None = None,
+        num_heads: PositiveInt | None = None,
+        mlp_ratio: PositiveFloat = 4.0,
+        num_classes: PositiveInt | None = None,
+        class_dropout: UnitInterval = 0.1,
+        cross_attention_dim: PositiveInt | None = None,
         qkv_bias: bool = True,
-        time_freq_shift: float = 0.0,
+        time_freq_shift: FreqShift = 0.0,
         time_embedding: TimeEmbeddingKind = "sinusoidal",
-        fourier_scale: float = 16.0,
-        mlp_norm_eps: float = 1e-6,
+        fourier_scale: PositiveFloat = 16.0,
+        mlp_norm_eps: PositiveFloat = 1e-6,
         attention_backend: Backend = "auto",
         gradient_checkpointing: bool | Literal["selective"] = False,
     ) -> None:
@@ -137,9 +144,7 @@ class DiT(nn.Module):
         given = {"patch_size": patch_size, "hidden": hidden, "depth": depth, "num_heads": num_heads}
         arch = PRESETS[preset or "S/2"] | {k: v for k, v in given.items() if v is not None}
         p, hidden, depth, num_heads = arch["patch_size"], arch["hidden"], arch["depth"], arch["num_heads"]
-        if input_size % p or hidden % num_heads:
-            raise ValueError(f"DiT: input_size ({input_size}) must be divisible by patch_size ({p}) and "
-                             f"hidden ({hidden}) by num_heads ({num_heads})")
+        self._validate(input_size, p, hidden, num_heads, mlp_ratio)
         pred_channels = out_channels or in_channels
         self.config: dict[str, Any] = dict(
             input_size=input_size, in_channels=in_channels, out_channels=pred_channels, learn_sigma=learn_sigma,
@@ -165,6 +170,20 @@ class DiT(nn.Module):
         self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
         self.proj_out = nn.Linear(hidden, p * p * self.out_channels)
         self.reset_parameters()
+
+    @staticmethod
+    def _validate(input_size: int, p: int, hidden: int, num_heads: int, mlp_ratio: float) -> None:
+        """ValueError naming the fields unless the resolved architecture fits together."""
+        if input_size % p:
+            fits = [d for d in range(1, input_size + 1) if input_size % d == 0]
+            raise ValueError(f"DiT: input_size ({input_size}) must be divisible by patch_size ({p}); divisors of "
+                             f"{input_size}: {', '.join(map(str, fits))}")
+        if hidden % num_heads:
+            raise ValueError(f"DiT: hidden ({hidden}) must be divisible by num_heads ({num_heads})")
+        if hidden % 4:
+            raise ValueError(f"DiT: hidden ({hidden}) must be a multiple of 4 (the 2D sin-cos position embedding)")
+        if int(hidden * mlp_ratio) < 1:
+            raise ValueError(f"DiT: the MLP width int(hidden * mlp_ratio) = int({hidden} * {mlp_ratio:g}) must be >= 1")
 
     def reset_parameters(self) -> None:
         """The paper's initialisation: Xavier-uniform linears (and patch conv), N(0, 0.02) embeddings,

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import math
-from typing import Literal, get_args
+from typing import Annotated, Literal, get_args
 
 import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from genlab.core.bounds import Range
 from genlab.core.errors import ShapeError
 from genlab.models.embeddings import timestep_embedding
 
 
 TimeEmbeddingKind = Literal["sinusoidal", "fourier"]
+Dropout = Annotated[float, Range(ge=0, lt=1)]  # a dropout probability: 1 would drop everything
+FreqShift = Annotated[float, Range(ge=0, le=1)]  # the sinusoids' frequency shift: 0 (ADM) or 1 (diffusers' DiT)
 
 
 class FourierFeatures(nn.Module):

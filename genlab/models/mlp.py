@@ -7,13 +7,14 @@ block. Class labels use one extra "null" index for classifier-free guidance (Ho 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from torch import Tensor, nn
 
+from genlab.core.bounds import PositiveFloat, PositiveInt, Range
 from genlab.core.errors import ShapeError
 from genlab.core.registry import register
-from genlab.models.layers import LabelEmbedding, TimeEmbeddingKind, TimestepEmbedding, condition_embedding
+from genlab.models.layers import Dropout, LabelEmbedding, TimeEmbeddingKind, TimestepEmbedding, condition_embedding
 
 
 class ResidualBlock(nn.Module):
@@ -44,21 +45,25 @@ class MLP(nn.Module):
     ``time_dim`` random Fourier features of scale ``fourier_scale`` (for times of order 1). With
     ``num_classes``, labels ``0..num_classes-1`` are classes and ``-1`` (or ``class_labels=None``) is
     the null class (index ``num_classes`` of :class:`~genlab.models.layers.LabelEmbedding`), added to
-    the time embedding.
+    the time embedding. Ranges: dim, hidden, depth, num_classes >= 1; time_dim >= 2 (even for
+    ``fourier``); dropout in [0, 1); fourier_scale > 0.
     """
 
     def __init__(
         self,
-        dim: int = 2,
-        hidden: int = 256,
-        depth: int = 4,
-        time_dim: int = 128,
-        num_classes: int | None = None,
-        dropout: float = 0.0,
+        dim: PositiveInt = 2,
+        hidden: PositiveInt = 256,
+        depth: PositiveInt = 4,
+        time_dim: Annotated[int, Range(ge=2)] = 128,
+        num_classes: PositiveInt | None = None,
+        dropout: Dropout = 0.0,
         time_embedding: TimeEmbeddingKind = "sinusoidal",
-        fourier_scale: float = 16.0,
+        fourier_scale: PositiveFloat = 16.0,
     ) -> None:
         super().__init__()
+        if time_embedding == "fourier" and time_dim % 2:
+            raise ValueError(f"MLP: time_dim must be even with time_embedding='fourier' (cos and sin pairs), "
+                             f"got {time_dim}")
         self.dim, self.time_dim, self.num_classes = dim, time_dim, num_classes
         self.time_embed = TimestepEmbedding(hidden, time_dim, kind=time_embedding, fourier_scale=fourier_scale)
         self.label_embed = LabelEmbedding(num_classes, hidden) if num_classes is not None else None

@@ -11,10 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from genlab.core.bounds import NonNegativeInt, PositiveFloat, PositiveInt, UnitInterval
 from genlab.core.errors import ShapeError, did_you_mean
 from genlab.core.registry import register
 from genlab.models.attention import BACKENDS, Backend
-from genlab.models.layers import LabelEmbedding, TimeEmbeddingKind, TimestepEmbedding, condition_embedding
+from genlab.models.layers import (Dropout, FreqShift, LabelEmbedding, TimeEmbeddingKind, TimestepEmbedding,
+                                  condition_embedding)
 from genlab.models.unet_blocks import AttentionBlock, GroupNorm32, ResBlock, SpatialTransformer, set_backend
 from genlab.models.unet_builder import UNetBuilder
 
@@ -96,34 +98,40 @@ class UNet(nn.Module):
     Conversion options (set by ``genlab.interop.unet_weights``): ``time_flip_sin_to_cos`` and
     ``time_freq_shift`` of the sinusoids, ``norm_eps``, ``mid_attention`` (attention in the middle
     block), ``mid_attention_norm`` (GroupNorm before the middle self-attention), ``linear_projection``.
+
+    Ranges: channels, widths, blocks, heads, depths, classes >= 1; channel_mult a non-empty list of
+    ints >= 1; attention_levels indices into it; dropout in [0, 1), class_dropout in [0, 1];
+    time_freq_shift in [0, 1]; fourier_scale, norm_eps > 0. Every level width must be divisible by
+    norm_groups, and every attention width by num_heads (or head_dim); ``fourier`` needs an even
+    ``channels``.
     """
 
     def __init__(
         self,
-        in_channels: int = 3,
-        out_channels: int | None = None,
+        in_channels: PositiveInt = 3,
+        out_channels: PositiveInt | None = None,
         preset: Preset | None = None,
-        channels: int | None = None,
-        channel_mult: tuple[int, ...] | None = None,
-        num_res_blocks: int | None = None,
-        attention_levels: tuple[int, ...] | None = None,
-        num_heads: int | None = None,
-        head_dim: int | None = None,
-        dropout: float | None = None,
+        channels: PositiveInt | None = None,
+        channel_mult: tuple[PositiveInt, ...] | None = None,
+        num_res_blocks: PositiveInt | None = None,
+        attention_levels: tuple[NonNegativeInt, ...] | None = None,
+        num_heads: PositiveInt | None = None,
+        head_dim: PositiveInt | None = None,
+        dropout: Dropout | None = None,
         scale_shift_norm: bool | None = None,
         resample: Literal["conv", "resblock"] | None = None,
-        num_classes: int | None = None,
-        class_dropout: float = 0.0,
-        cross_attention_dim: int | None = None,
-        transformer_depth: int = 1,
+        num_classes: PositiveInt | None = None,
+        class_dropout: UnitInterval = 0.0,
+        cross_attention_dim: PositiveInt | None = None,
+        transformer_depth: PositiveInt = 1,
         linear_projection: bool = False,
-        time_embed_dim: int | None = None,
+        time_embed_dim: PositiveInt | None = None,
         time_flip_sin_to_cos: bool = True,
-        time_freq_shift: float = 0.0,
+        time_freq_shift: FreqShift = 0.0,
         time_embedding: TimeEmbeddingKind = "sinusoidal",
-        fourier_scale: float = 16.0,
-        norm_groups: int = 32,
-        norm_eps: float = 1e-5,
+        fourier_scale: PositiveFloat = 16.0,
+        norm_groups: PositiveInt = 32,
+        norm_eps: PositiveFloat = 1e-5,
         mid_attention: bool = True,
         mid_attention_norm: bool = True,
         zero_init: bool = True,
@@ -149,6 +157,9 @@ class UNet(nn.Module):
             attention_backend=attention_backend)
         ch = [c * m for m in mult]
         self._validate(ch, levels, cfg["num_heads"], cfg["head_dim"], norm_groups)
+        if time_embedding == "fourier" and c % 2:
+            raise ValueError(f"UNet: channels ({c}) must be even with time_embedding='fourier' (the time features "
+                             "are cos and sin pairs)")
         self.in_channels, self.out_channels, self.num_classes = in_channels, out_channels, num_classes
         self.channels, self.channel_mult, self.num_res_blocks = c, mult, n
         self.cross_attention_dim = cross_attention_dim
@@ -180,14 +191,18 @@ class UNet(nn.Module):
 
     @staticmethod
     def _validate(ch: list[int], levels: tuple[int, ...], num_heads: int, head_dim: int | None, groups: int) -> None:
-        if not ch or any(co <= 0 for co in ch):
-            raise ValueError(f"UNet: channels and channel_mult must be positive and non-empty, got widths {ch}")
+        """ValueError naming the fields unless the level widths ``ch`` [levels] fit the other arguments."""
+        if not ch:
+            raise ValueError("UNet: channel_mult must be non-empty (one entry per resolution level), got []")
+        if any(co <= 0 for co in ch):
+            raise ValueError(f"UNet: channels and channel_mult must be positive, got widths {ch}")
         bad = [lv for lv in levels if not 0 <= lv < len(ch)]
         if bad:
             raise ValueError(f"UNet: attention_levels {bad} out of range for {len(ch)} levels "
-                             "(indices into channel_mult)")
+                             f"(indices into channel_mult: 0 to {len(ch) - 1})")
         if any(co % groups for co in ch):
-            raise ValueError(f"UNet: every level width {ch} must be divisible by norm_groups={groups}")
+            raise ValueError(f"UNet: every level width {ch} (channels * channel_mult) must be divisible by "
+                             f"norm_groups={groups}")
         for co in sorted({*(ch[lv] for lv in levels), ch[-1]}):
             div = head_dim or num_heads
             if co % div:

@@ -27,9 +27,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ...core.registry import build, register_namespace
+from ...core.bounds import PositiveInt
+from ...core.errors import NonFiniteError
+from ...core.registry import build, name_of, register_namespace
 from ..denoiser import linear_path
-from ..grids import GridSpec, TimeGrid
+from ..grids import GridSpec, TimeGrid, check_times
 from ..levels import Level, Scalar, combine
 from ..processes import Process
 
@@ -120,11 +122,30 @@ class StepInfo:
     level_next: Level
 
 
+def non_finite(out: Tensor) -> bool:
+    """Whether ``out`` holds NaN or inf: one reduction and one read on the host (a sync on an accelerator).
+    False on the ``meta`` device, whose tensors have no values (device-generic code is run there)."""
+    return not out.is_meta and not bool(torch.isfinite(out).all())
+
+
+def non_finite_error(head: str, out: Tensor, start: Tensor | None) -> NonFiniteError:
+    """The error for a result ``out`` [B, ...] holding NaN or inf (call it after :func:`non_finite`
+    said so): ``head`` formatted with (number of bad samples, B), then the likely cause: non-finite ``start``
+    (the input), else a diverged model."""
+    bad = int((~torch.isfinite(out)).reshape(out.shape[0], -1).any(1).sum()) if out.ndim else 1
+    head = head.format(bad, out.shape[0] if out.ndim else 1)
+    if start is not None and not bool(torch.isfinite(start).all()):
+        return NonFiniteError(f"{head}; the input x already held NaN or inf: pass finite values")
+    return NonFiniteError(f"{head}; the model's output is probably non-finite (a diverged model: check the "
+                          "checkpoint, and that the process and prediction type are those it was trained with). "
+                          "Pass check_finite=False to get the values anyway")
+
+
 class Sampler:
     """Base class of all samplers. Subclasses implement :meth:`step` (and may set ``default_grid``).
 
     Args:
-        steps: number of steps (the grid has steps + 1 times).
+        steps: number of steps (the grid has steps + 1 times), >= 1.
         grid: a :class:`TimeGrid` or its config (name or mapping); default: ``default_grid``.
     """
 
@@ -133,17 +154,27 @@ class Sampler:
     stochastic: bool = False  # draws fresh noise in its steps (then it has no inverse)
     multistep: bool = False  # a step reads earlier steps (history, stages, a corrector)
 
-    def __init__(self, steps: int = 20, grid: GridSpec | None = None) -> None:
-        if not (isinstance(steps, int) and steps >= 1):
-            raise ValueError(f"{type(self).__name__}: steps must be an integer >= 1, got {steps!r}")
-        self.steps = steps
+    def __init__(self, steps: PositiveInt = 20, grid: GridSpec | None = None) -> None:
+        self.steps = self.checked_steps(steps, "")
         self.grid: TimeGrid = build("grid", grid if grid is not None else self.default_grid, path="sampler.grid")
+
+    def checked_steps(self, steps: int | None, where: str = ".sample") -> int:
+        """``steps``, or this sampler's own for None; ValueError unless an integer >= 1."""
+        if steps is None and where:
+            return self.steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            own = f" (or None for the sampler's own {self.steps})" if where else ""
+            raise ValueError(f"{type(self).__name__}{where}: steps must be an integer >= 1{own}, got {steps!r}")
+        return steps
 
     def timesteps(self, process: Process, steps: int | None = None) -> Tensor:
         """The time grid [steps + 1] (float64, CPU) this sampler uses on ``process``. A grid with a
-        ``for_sampler(sampler)`` method (a learned grid, stored per sampler) is asked through it."""
+        ``for_sampler(sampler)`` method (a learned grid, stored per sampler) is asked through it.
+        ValueError naming the grid unless its times decrease strictly within [0, t_max] of ``process``."""
         select = getattr(self.grid, "for_sampler", None)
-        return (self.grid if select is None else select(self))(process, steps or self.steps)
+        times = (self.grid if select is None else select(self))(process, self.checked_steps(steps, ".timesteps"))
+        name = name_of("grid", type(self.grid)) or type(self.grid).__name__
+        return check_times(f"{type(self).__name__}: grid '{name}'", times, process)
 
     def step(self, ctx: StepContext, x: Tensor, level: Level, level_next: Level) -> Tensor:
         """One step of x [B, ...] from ``level`` to ``level_next`` (less noisy); returns x at level_next."""
@@ -163,15 +194,21 @@ class Sampler:
                steps: int | None = None, times: Tensor | None = None, generator: torch.Generator | None = None,
                progress: bool = True, callback: Callable[[StepInfo], None] | None = None,
                cond: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32,
-               device: torch.device | str | None = None) -> Tensor:
+               device: torch.device | str | None = None, check_finite: bool = True) -> Tensor:
         """Integrate from x at the first time of the grid (default: a prior draw of ``shape`` in
         ``dtype`` on ``device``, default the generator's) to the last one and return x there
         [B, ...]. :meth:`integrate` without autograd.
 
         ``times`` overrides the grid: [N + 1] shared by the batch, or [N + 1, B] per sample.
+        ``check_finite``: raise :class:`~genlab.core.errors.NonFiniteError` if the result holds NaN or
+        inf (one ``isfinite`` reduction at the end, no check per step; see :func:`non_finite`); False
+        returns it as it is.
         """
-        return self.integrate(denoiser, x, shape=shape, steps=steps, times=times, generator=generator,
-                              progress=progress, callback=callback, cond=cond, dtype=dtype, device=device)
+        out = self.integrate(denoiser, x, shape=shape, steps=steps, times=times, generator=generator,
+                             progress=progress, callback=callback, cond=cond, dtype=dtype, device=device)
+        if check_finite and non_finite(out):
+            raise non_finite_error(f"{type(self).__name__}: {{}} of {{}} samples hold NaN or inf after sampling", out, x)
+        return out
 
     def integrate(self, denoiser: DenoiserLike, x: Tensor | None = None, *, shape: tuple[int, ...] | None = None,
                   steps: int | None = None, times: Tensor | None = None, generator: torch.Generator | None = None,
@@ -182,6 +219,7 @@ class Sampler:
         ``times``. A shared grid [N + 1] that requires grad runs as per-sample times [N + 1, B]
         (a shared grid's coefficients are Python floats, which would cut the graph).
         """
+        steps = self.checked_steps(steps)
         if x is None:
             if shape is None:
                 raise ValueError("sample() needs x (the starting noise) or shape")

@@ -6,6 +6,7 @@ from typing import Literal
 
 from torch import Tensor
 
+from ...core.bounds import PositiveInt, UnitInterval
 from ...core.registry import register
 from ..grids import GridSpec
 from ..levels import Level, Scalar, combine, sqrt
@@ -32,12 +33,12 @@ class DDIM(Sampler):
     """x_s = alpha_s x0 + sqrt(sigma_s^2 - s^2) eps + s z, s = eta * posterior std (DDIM, Eq. 12).
 
     eta = 0 is the deterministic DDIM (first-order probability-flow ODE solver); eta = 1 is DDPM.
+    eta is in [0, 1]: above 1 the noise std s can exceed sigma_s and sqrt(sigma_s^2 - s^2) is NaN
+    (diffusers' DDIM allows it and returns NaN there).
     """
 
-    def __init__(self, steps: int = 50, grid: GridSpec | None = None, eta: float = 0.0) -> None:
+    def __init__(self, steps: PositiveInt = 50, grid: GridSpec | None = None, eta: UnitInterval = 0.0) -> None:
         super().__init__(steps, grid)
-        if not eta >= 0:
-            raise ValueError(f"ddim: eta must be >= 0 (0: deterministic DDIM, 1: DDPM), got {eta}")
         self.eta = eta
 
     @property
@@ -67,7 +68,7 @@ class DDPM(DDIM):
     (alpha_t / alpha_s)^2 sigma_s^2 (beta_t for consecutive DDPM steps). No noise at the last step.
     """
 
-    def __init__(self, steps: int = 1000, grid: GridSpec | None = None,
+    def __init__(self, steps: PositiveInt = 1000, grid: GridSpec | None = None,
                  variance: Literal["small", "large"] = "small") -> None:
         super().__init__(steps, grid, eta=1.0)
         if variance not in ("small", "large"):

@@ -21,6 +21,7 @@ from typing import Literal
 
 from torch import Tensor
 
+from ...core.bounds import NonNegativeFloat, PositiveInt
 from ...core.registry import register
 from ..grids import GridSpec
 from ..levels import Level, combine, expm1
@@ -99,12 +100,10 @@ class DPMSolverPP(MultistepSampler):
 
     default_grid = "log_snr"
 
-    def __init__(self, steps: int = 20, grid: GridSpec | None = None, order: Literal[1, 2, 3] = 2,
-                 lower_order_final: bool = True, third_order: ThirdOrder = "taylor", eta: float = 0.0,
+    def __init__(self, steps: PositiveInt = 20, grid: GridSpec | None = None, order: Literal[1, 2, 3] = 2,
+                 lower_order_final: bool = True, third_order: ThirdOrder = "taylor", eta: NonNegativeFloat = 0.0,
                  solver_type: SolverType = "midpoint") -> None:
         super().__init__(steps, grid, order, lower_order_final)
-        if not eta >= 0:
-            raise ValueError(f"DPM-Solver++ eta must be >= 0 (0: ODE, 1: SDE), got {eta}")
         self.third_order, self.eta, self.solver_type = third_order, eta, solver_type
 
     @property
@@ -124,7 +123,7 @@ class DPMSolverPP(MultistepSampler):
 class DPMSolverPPSDE(DPMSolverPP):
     """SDE-DPM-Solver++ (2M by default, 3M with order=3): :class:`DPMSolverPP` with eta = 1."""
 
-    def __init__(self, steps: int = 20, grid: GridSpec | None = None, order: Literal[1, 2, 3] = 2,
-                 lower_order_final: bool = True, third_order: ThirdOrder = "taylor", eta: float = 1.0,
+    def __init__(self, steps: PositiveInt = 20, grid: GridSpec | None = None, order: Literal[1, 2, 3] = 2,
+                 lower_order_final: bool = True, third_order: ThirdOrder = "taylor", eta: NonNegativeFloat = 1.0,
                  solver_type: SolverType = "midpoint") -> None:
         super().__init__(steps, grid, order, lower_order_final, third_order, eta, solver_type)

@@ -17,6 +17,7 @@ from typing import Literal
 
 from torch import Tensor
 
+from ...core.bounds import PositiveInt
 from ...core.registry import register
 from ..grids import GridSpec
 from ..levels import Level
@@ -54,7 +55,7 @@ class DPMSolverSingle(MultistepSampler):
 
     default_grid = "log_snr"
 
-    def __init__(self, steps: int = 20, grid: GridSpec | None = None, order: Literal[1, 2, 3] = 2,
+    def __init__(self, steps: PositiveInt = 20, grid: GridSpec | None = None, order: Literal[1, 2, 3] = 2,
                  lower_order_final: bool = True) -> None:
         super().__init__(steps, grid, order, lower_order_final)  # multistep: a stage reads earlier stages
 

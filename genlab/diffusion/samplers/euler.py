@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import math
 
+from typing import Annotated
+
 from torch import Tensor
 
+from ...core.bounds import NonNegativeFloat, PositiveInt, Range
 from ...core.registry import register
 from ..grids import GridSpec
 from ..levels import Level, Scalar, combine, minimum, sqrt, where
@@ -17,6 +20,7 @@ from .base import Sampler, SamplerState, StepContext
 from .ddim import posterior_std
 
 CHURN_CAP = math.sqrt(2) - 1  # the largest gamma of Algorithm 2: sigma_hat at most sqrt(2) sigma
+MaybeInfinite = Annotated[float, Range(ge=0, finite=False)]  # s_tmax: inf (the default) churns at every sigma
 
 
 @register("sampler", "euler")
@@ -25,15 +29,18 @@ class Euler(Sampler):
 
     Churn: for S_tmin <= sigma <= S_tmax, raise sigma to sigma (1 + gamma), gamma =
     min(S_churn / N, sqrt(2) - 1), by adding noise of std sqrt(sigma_hat^2 - sigma^2) S_noise.
+    Ranges: s_churn >= 0, 0 <= s_tmin <= s_tmax (s_tmax may be inf), s_noise >= 0 (0: churn without noise).
     """
 
     default_grid = "karras"
 
-    def __init__(self, steps: int = 20, grid: GridSpec | None = None, s_churn: float = 0.0,
-                 s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0) -> None:
+    def __init__(self, steps: PositiveInt = 20, grid: GridSpec | None = None, s_churn: NonNegativeFloat = 0.0,
+                 s_tmin: NonNegativeFloat = 0.0, s_tmax: MaybeInfinite = float("inf"),
+                 s_noise: NonNegativeFloat = 1.0) -> None:
         super().__init__(steps, grid)
-        if not s_churn >= 0:
-            raise ValueError(f"{type(self).__name__}: s_churn must be >= 0, got {s_churn}")
+        if not s_tmin <= s_tmax:
+            raise ValueError(f"{type(self).__name__}: s_tmin ({s_tmin:g}) must be <= s_tmax ({s_tmax:g}), the "
+                             "sigma window where churn applies")
         self.s_churn, self.s_tmin, self.s_tmax, self.s_noise = s_churn, s_tmin, s_tmax, s_noise
 
     @property
@@ -106,16 +113,15 @@ def ancestral_sigmas(level: Level, level_next: Level, eta: float = 1.0) -> tuple
 class EulerAncestral(Sampler):
     """Ancestral Euler (k-diffusion's ``sample_euler_ancestral``; diffusers' EulerAncestralDiscreteScheduler
     is eta = s_noise = 1): an Euler step of dx^/dsigma = eps down to sigma_down, then fresh noise of std
-    sigma_up (times S_noise) back up to sigma_next; see :func:`ancestral_sigmas`.
+    sigma_up (times S_noise) back up to sigma_next; see :func:`ancestral_sigmas`. eta >= 0 (0: Euler,
+    1: full ancestral noise; above 1 sigma_up is capped at sigma_next, as in k-diffusion), s_noise >= 0.
     """
 
     default_grid = "karras"
 
-    def __init__(self, steps: int = 20, grid: GridSpec | None = None, eta: float = 1.0,
-                 s_noise: float = 1.0) -> None:
+    def __init__(self, steps: PositiveInt = 20, grid: GridSpec | None = None, eta: NonNegativeFloat = 1.0,
+                 s_noise: NonNegativeFloat = 1.0) -> None:
         super().__init__(steps, grid)
-        if not eta >= 0:
-            raise ValueError(f"euler_ancestral: eta must be >= 0 (0: Euler, 1: full ancestral noise), got {eta}")
         self.eta, self.s_noise = eta, s_noise
 
     @property

@@ -13,6 +13,7 @@ from typing import Literal
 
 from torch import Tensor
 
+from ...core.bounds import PositiveInt
 from ..grids import GridSpec
 from ..levels import Level, Scalar, expm1
 from .base import Sampler, SamplerState
@@ -65,7 +66,7 @@ class MultistepSampler(Sampler):
 
     final_order: FinalOrder = "short_grids"
 
-    def __init__(self, steps: int = 20, grid: GridSpec | None = None, order: Literal[1, 2, 3] = 2,
+    def __init__(self, steps: PositiveInt = 20, grid: GridSpec | None = None, order: Literal[1, 2, 3] = 2,
                  lower_order_final: bool = True) -> None:
         super().__init__(steps, grid)
         if order not in (1, 2, 3):

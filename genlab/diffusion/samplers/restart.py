@@ -19,29 +19,32 @@ from torch import Tensor
 
 from ...core.config import show_value
 from ...core.errors import ConfigError
+from ...core.bounds import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, checked
 from ...core.registry import construct, register
 from ..grids import GridSpec, Karras
 from ..levels import Level, combine, sqrt, where
 from ..processes import Process
 from .base import SamplerState, StepContext
-from .euler import Heun
+from .euler import Heun, MaybeInfinite
 
 
+@checked
 @dataclass(frozen=True)
 class RestartInterval:
-    """[sigma_min, sigma_max] restarted ``repeats`` (K) times, each solved back in ``steps`` Heun steps."""
+    """[sigma_min, sigma_max] (0 < sigma_min < sigma_max) restarted ``repeats`` (K >= 0) times, each solved
+    back in ``steps`` (>= 1) Heun steps."""
 
-    sigma_min: float
-    sigma_max: float
-    steps: int = 2
-    repeats: int = 1
+    sigma_min: PositiveFloat
+    sigma_max: PositiveFloat
+    steps: PositiveInt = 2
+    repeats: NonNegativeInt = 1
 
     def __post_init__(self) -> None:
         if not 0 < self.sigma_min < self.sigma_max:
             raise ConfigError(f"restart interval: need 0 < sigma_min < sigma_max, got {self.sigma_min}, "
                               f"{self.sigma_max}")
-        if self.steps != int(self.steps) or self.steps < 1 or self.repeats != int(self.repeats) or self.repeats < 0:
-            raise ConfigError(f"restart interval: need integers steps >= 1 and repeats >= 0, got steps={self.steps}, "
+        if self.steps != int(self.steps) or self.repeats != int(self.repeats):
+            raise ConfigError(f"restart interval: steps and repeats must be integers, got steps={self.steps}, "
                               f"repeats={self.repeats}")
         object.__setattr__(self, "steps", int(self.steps))
         object.__setattr__(self, "repeats", int(self.repeats))
@@ -53,7 +56,7 @@ PAPER_CIFAR10 = (RestartInterval(sigma_min=0.06, sigma_max=0.30, steps=2, repeat
 
 
 def parse_restarts(restarts: Sequence[RestartInterval | Mapping[str, float]] | Mapping[str, Sequence[float]],
-                   path: str = "sampler.restarts") -> tuple[RestartInterval, ...]:
+                   path: str = "restarts") -> tuple[RestartInterval, ...]:
     """Restart intervals from a list of RestartInterval (or mappings of its fields, built and checked by
     the registry as in a config), or from the reference code's dict {"i": [N_restart, K, t_min, t_max]},
     whose N_restart counts the points of the restart grid, i.e. N_restart - 1 Heun steps (its NFE is
@@ -64,7 +67,13 @@ def parse_restarts(restarts: Sequence[RestartInterval | Mapping[str, float]] | M
             if not isinstance(value, Sequence) or len(value) != 4:
                 raise ConfigError(f"{path}.{key}: expected [N_restart, K, t_min, t_max], got {show_value(value)}")
             n_points, repeats, sigma_min, sigma_max = value
-            out.append(RestartInterval(sigma_min, sigma_max, n_points - 1, repeats))
+            if isinstance(n_points, (int, float)) and not n_points >= 2:
+                raise ConfigError(f"{path}.{key}: N_restart must be >= 2 (the restart grid's points, so that its "
+                                  f"steps >= 1), got {show_value(n_points)}")
+            try:
+                out.append(RestartInterval(sigma_min, sigma_max, n_points - 1, repeats))
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"{path}.{key}: [N_restart, K, t_min, t_max] = {show_value(value)}: {e}") from e
         return tuple(out)
     if isinstance(restarts, (str, bytes)) or not isinstance(restarts, Sequence):
         raise ConfigError(f"{path}: expected a list of {{sigma_min, sigma_max, steps, repeats}} or a dict "
@@ -92,10 +101,11 @@ class Restart(Heun):
     the paper's CIFAR-10 setting {"0": [3, 2, 0.06, 0.30]}.
     """
 
-    def __init__(self, steps: int = 18, grid: GridSpec | None = None,
+    def __init__(self, steps: PositiveInt = 18, grid: GridSpec | None = None,
                  restarts: list[RestartInterval] | dict[str, list[float]] | None = None,
-                 rho: float = 7.0, restart_churn: float = 0.0, s_churn: float = 0.0, s_tmin: float = 0.0,
-                 s_tmax: float = float("inf"), s_noise: float = 1.0) -> None:
+                 rho: PositiveFloat = 7.0, restart_churn: NonNegativeFloat = 0.0, s_churn: NonNegativeFloat = 0.0,
+                 s_tmin: NonNegativeFloat = 0.0, s_tmax: MaybeInfinite = float("inf"),
+                 s_noise: NonNegativeFloat = 1.0) -> None:
         super().__init__(steps, grid, s_churn, s_tmin, s_tmax, s_noise)
         self.restarts = PAPER_CIFAR10 if restarts is None else parse_restarts(restarts)
         self.rho, self.restart_churn = rho, restart_churn

@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from ...core.bounds import NonNegativeInt, PositiveFloat, PositiveInt
 from ...core.registry import build, register
 from ..grids import GridSpec
 from ..levels import Level, Scalar, combine, sqrt, where
@@ -36,7 +37,7 @@ class ReverseSDEPredictor(Sampler):
 
     stochastic = True
 
-    def __init__(self, steps: int = 1000, grid: GridSpec | None = None) -> None:
+    def __init__(self, steps: PositiveInt = 1000, grid: GridSpec | None = None) -> None:
         super().__init__(steps, grid)
 
     def coefficients(self, level: Level, level_next: Level) -> tuple[Scalar, Scalar, Scalar]:
@@ -112,15 +113,13 @@ class PredictorCorrector(Sampler):
 
     default_grid = "uniform"
 
-    def __init__(self, steps: int = 1000, grid: GridSpec | None = None,
+    def __init__(self, steps: PositiveInt = 1000, grid: GridSpec | None = None,
                  predictor: Sampler | str | dict = "reverse_diffusion",
-                 corrector: Literal["langevin", "none"] = "langevin", snr: float = 0.16,
-                 n_corrector_steps: int = 1) -> None:
+                 corrector: Literal["langevin", "none"] = "langevin", snr: PositiveFloat = 0.16,
+                 n_corrector_steps: NonNegativeInt = 1) -> None:
         super().__init__(steps, grid)
         if corrector not in ("langevin", "none"):
             raise ValueError(f"pc: unknown corrector {corrector!r}; expected 'langevin' or 'none'")
-        if snr <= 0 or n_corrector_steps < 0:
-            raise ValueError(f"pc: need snr > 0 and n_corrector_steps >= 0, got {snr}, {n_corrector_steps}")
         self.predictor: Sampler = build("sampler", predictor, path="sampler.predictor")
         self.corrector, self.snr = corrector, snr
         self.n_corrector_steps = n_corrector_steps if corrector == "langevin" else 0

@@ -24,6 +24,7 @@ from typing import Literal
 
 from torch import Tensor
 
+from ...core.bounds import PositiveInt
 from ...core.registry import register
 from ..grids import FAST_GRID, GridSpec
 from ..levels import Level, Scalar, combine, expm1
@@ -76,7 +77,7 @@ class UniPC(MultistepSampler):
     default_grid = FAST_GRID
     final_order = "remaining"
 
-    def __init__(self, steps: int = 20, grid: GridSpec | None = None, order: Literal[1, 2, 3] = 2,
+    def __init__(self, steps: PositiveInt = 20, grid: GridSpec | None = None, order: Literal[1, 2, 3] = 2,
                  variant: Literal["bh1", "bh2"] = "bh2", corrector: bool = True,
                  lower_order_final: bool = True) -> None:
         super().__init__(steps, grid, order, lower_order_final)
