@@ -45,7 +45,7 @@ CONFIG_CASES: list[tuple[str, str, str]] = [
     ("toy2d", "process.beta_start=0.02 process.beta_end=0.0001", "process: VP: beta_start (0.02) must be <= beta_end (0.0001)"),
     ("toy2d", "process.type=sub_vp process.beta_end=1", "process.beta_end: expected float > 0 and < 1, got int 1"),
     ("toy2d", "process.type=ddpm process.timesteps=1", "process.timesteps: expected int >= 2, got int 1"),
-    ("toy2d", "process.type=ddpm process.timesteps=10.5", "process.timesteps: expected int, got float 10.5"),
+    ("toy2d", "process.type=ddpm process.timesteps=10.5", "process.timesteps: expected int >= 2, got float 10.5"),
     ("toy2d", "process.type=ddpm process.alphas_cumprod=[0.9,1.5]", "process.alphas_cumprod: expected list of float > 0 and < 1 or None, got list [0.9, 1.5]"),
     ("toy2d", "process.type=ddpm process.alphas_cumprod=[0.9,0.95]", "process: DiscreteVP: alphas_cumprod must decrease strictly (from the data to the noise), but alphas_cumprod[1] = 0.95 >= alphas_cumprod[0] = 0.9"),
     ("toy2d", "process.type=ddpm process.alphas_cumprod=[0.9]", "process: DiscreteVP: alphas_cumprod must be a list of at least 2 values (from the data to the noise), got shape [1]"),
@@ -83,7 +83,7 @@ CONFIG_CASES: list[tuple[str, str, str]] = [
     # samplers
     ("toy2d", "sampler.steps=0", "sampler.steps: expected int >= 1, got int 0"),
     ("toy2d", "sampler.steps=-3", "sampler.steps: expected int >= 1, got int -3"),
-    ("toy2d", "sampler.steps=2.5", "sampler.steps: expected int, got float 2.5"),
+    ("toy2d", "sampler.steps=2.5", "sampler.steps: expected int >= 1, got float 2.5"),
     ("toy2d", "sampler.order=4", "sampler.order: expected one of 1, 2, 3, got int 4"),
     ("toy2d", "sampler.eta=-0.5", "sampler.eta: expected float >= 0, got float -0.5"),
     ("toy2d", "sampler.type=dpm_solver_pp_sde sampler.eta=-1", "sampler.eta: expected float >= 0, got int -1"),

@@ -177,10 +177,10 @@ CLI_CASES: list[tuple[str, ...]] = [
     ("sample {new}", "not a run directory with checkpoints/step_N"),
     ("sample {run}/checkpoints/step_0000002", "model.safetensors: 100 bytes", "truncated"),
     (S, "every checkpoint is damaged", "all damaged"),
-    (f"{S} sampler.grid=learned", "grids.json: not a learned-grids file", "grids not json"),
+    (f"{S} sampler.grid=learned", "grids.json: cannot read the learned grids (JSONDecodeError", "grids not json"),
     (f"{S} sampler.grid=learned", "grids.json: not a learned-grids file", "grids a list"),
-    (f"{S} sampler.grid=learned", "grids.json: not a learned-grids file", "grids wrong format"),
-    (f"{S} sampler.grid=learned", "grids.json: not a learned-grids file", "grids missing keys"),
+    (f"{S} sampler.grid=learned", "grids.json: not a learned-grids file (format 'other'", "grids wrong format"),
+    (f"{S} sampler.grid=learned", "grids.json: 'grids' must be a list of grid records", "grids missing keys"),
     # other commands and arguments
     ("learn-grid {run} --nfe 0", "argument --nfe: expected an integer >= 1, got 0"),
     ("learn-grid {run} --samples -1", "argument --samples: expected an integer >= 1, got -1"),
@@ -193,10 +193,12 @@ CLI_CASES: list[tuple[str, ...]] = [
 ]
 
 
-def _cases() -> list:
-    rows = [(argv, fragment, setup[0] if setup else None) for argv, fragment, *setup in CLI_CASES]
-    rows += [(f"train {{{cfg}}} {overrides} --out {{run}} --resume", fragment, None)
-             for cfg, overrides, fragment in COMPONENT_CASES]
+def _cases() -> list[tuple[tuple[str, ...], tuple[str, ...], str | None]]:
+    """(argv, fragments the message must hold, setup) for every command-line case. CLI_CASES are split
+    like a shell line; a component case's overrides at spaces (they hold YAML with quotes)."""
+    rows = [(tuple(shlex.split(argv)), (fragment,), setup[0] if setup else None) for argv, fragment, *setup in CLI_CASES]
+    rows += [(("train", f"{{{cfg}}}", *overrides.split(" "), "--out", "{run}", "--resume"), (f"{cfg}.yaml: ", fragment),
+              None) for cfg, overrides, fragment in COMPONENT_CASES]
     return rows
 
 
@@ -207,8 +209,8 @@ def finished(tmp_path_factory) -> Path:
     return run
 
 
-@pytest.mark.parametrize("argv, fragment, setup", _cases(), ids=lambda v: v if isinstance(v, str) else None)
-def test_cli_bad_input(capsys, finished, tmp_path, argv, fragment, setup):
+@pytest.mark.parametrize("argv, fragments, setup", _cases(), ids=[" ".join(c[0]) + " | " + c[1][-1] for c in _cases()])
+def test_cli_bad_input(capsys, finished, tmp_path, argv, fragments, setup):
     run, files = tmp_path / "run", tmp_path / "files"
     shutil.copytree(finished, run)
     files.mkdir()
@@ -217,14 +219,19 @@ def test_cli_bad_input(capsys, finished, tmp_path, argv, fragment, setup):
     if setup:
         SETUPS[setup](run)
     before = snapshot_files(run)
-    args = shlex.split(argv.format(run=run, toy=TOY, toy2d=TOY, digits=DIGITS, files=files, new=tmp_path / "new",
-                                   tmp=tmp_path))
+    places = {"run": run, "toy": TOY, "toy2d": TOY, "digits": DIGITS, "files": files, "new": tmp_path / "new",
+              "tmp": tmp_path}
+    args = []
+    for part in argv:
+        for key, value in places.items():
+            part = part.replace(f"{{{key}}}", str(value))
+        args.append(part)
     code = main(args)
     out, err = capsys.readouterr()
     lines = [line for line in err.strip().splitlines() if not line.startswith("genlab: warning:")]
     assert code == 2, (out, err)
     assert len(lines) == 1 and lines[0].startswith("genlab: error: ") and "Traceback" not in err, err
-    assert fragment in lines[0], err
+    assert all(fragment in lines[0] for fragment in fragments), err
     assert snapshot_files(run) == before
     assert not (tmp_path / "new").exists()
 

@@ -260,7 +260,7 @@ def test_restart_intervals_from_mappings() -> None:
     )
     assert _nested_error({"type": "restart", "restarts": [{"sigma_min": 1, "sigma_max": 2},
                                                           {"sigma_min": 1, "sigma_max": 2, "steps": "two"}]}) == (
-        "c.yaml: sampler.restarts[1].steps: expected int, got str 'two'"
+        "c.yaml: sampler.restarts[1].steps: expected int >= 1, got str 'two'"
     )
     assert _nested_error({"type": "restart", "restarts": [{"sigma_min": 0.3, "sigma_max": 0.06}]}) == (
         "c.yaml: sampler.restarts[0]: restart interval: need 0 < sigma_min < sigma_max, got 0.3, 0.06"

@@ -70,6 +70,10 @@ class Experiment:
         torch.manual_seed(train.seed)
         model = build("model", config.get("model", "mlp"), path="model", source=source,
                       **model_extra(config, data, source))
+        try:  # the grid against the process: only now are both known
+            sampler.timesteps(process)
+        except ValueError as e:
+            raise ConfigError(f"{source}: sampler: {e}") from None
         return cls(config, train, process, data, model, objective, sampler)
 
     @property
