@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -125,29 +126,29 @@ def test_resume_may_extend_a_run_and_change_what_it_logs(capsys, run):
     assert "resuming" in out and latest_checkpoint(run).name == "step_0000006"
 
 
-LOCK_HOLDER = textwrap.dedent("""
-    import sys, time
-    from genlab.core.rundir import RunLock
-    lock = RunLock(sys.argv[1], purpose="training")
-    print("locked", flush=True)
-    time.sleep(120)
-""")
-
-
-def test_a_second_run_is_refused_and_the_lock_of_a_killed_run_is_stale(capsys, run):
-    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(run)], stdout=subprocess.PIPE, text=True)
+def test_a_second_run_is_refused_and_the_lock_of_a_killed_run_is_stale(capsys, tmp_path):
+    """A real run holds its directory: a second run (fresh or --resume) and sampling into it are refused;
+    once the first is killed with SIGKILL, --resume takes the directory over."""
+    run = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "genlab.cli", "train", str(CONFIG), *TINY, "train.steps=100000",
+                              "train.checkpoint_every=5", "--out", str(run), "--quiet"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        assert holder.stdout.readline().strip() == "locked"
-        before = snapshot_files(run)
+        deadline = time.time() + 120
+        while latest_checkpoint(run) is None:
+            assert first.poll() is None and time.time() < deadline, "the first run ended or never checkpointed"
+            time.sleep(0.05)
+        code, _, err = train(capsys, run)
+        one_line_error(code, err, "holds a run with checkpoints")  # a fresh run: refused before the lock
         code, _, err = train(capsys, run, "--resume")
-        one_line_error(code, err, f"in use by another genlab process (pid {holder.pid}")
+        one_line_error(code, err, f"in use by another genlab process (pid {first.pid}")
         code, _, err = cli(capsys, "sample", run)  # sampling into the run's directory waits its turn too
-        one_line_error(code, err, "in use by another genlab process")
-        assert snapshot_files(run) == before
+        one_line_error(code, err, f"in use by another genlab process (pid {first.pid}")
     finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
-    code, out, err = train(capsys, run, "train.steps=6", "--resume")
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    # the killed run's lock is stale: --resume takes the directory over (and, at its step count, only evaluates)
+    code, out, err = train(capsys, run, "train.steps=5", "train.checkpoint_every=5", "--resume")
     assert code == 0 and "resuming" in out, err
 
 

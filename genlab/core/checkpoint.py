@@ -47,7 +47,7 @@ def _contiguous(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
-def non_finite(tensors: Mapping[str, Any], prefix: str = "") -> list[str]:
+def non_finite_names(tensors: Mapping[str, Any], prefix: str = "") -> list[str]:
     """Names of the floating-point tensors in ``tensors`` (nested mappings and lists, as in an
     optimizer's state dict) holding NaN or infinity."""
     bad = []
@@ -57,9 +57,9 @@ def non_finite(tensors: Mapping[str, Any], prefix: str = "") -> list[str]:
             if value.is_floating_point() and not bool(torch.isfinite(value).all()):
                 bad.append(name)
         elif isinstance(value, Mapping):
-            bad += non_finite(value, f"{name}.")
+            bad += non_finite_names(value, f"{name}.")
         elif isinstance(value, (list, tuple)):
-            bad += non_finite(dict(enumerate(value)), f"{name}.")
+            bad += non_finite_names(dict(enumerate(value)), f"{name}.")
     return bad
 
 
@@ -77,7 +77,7 @@ def save_checkpoint(directory: str | os.PathLike, *, model: Mapping[str, torch.T
     NonFiniteError, with nothing written, if a tensor of ``model``, ``ema`` or ``optimizer`` is not finite.
     """
     parts = {"model": model, "ema": ema or {}, "optimizer": optimizer or {}}
-    bad = [f"{part}: {name}" for part, tensors in parts.items() for name in non_finite(tensors)]
+    bad = [f"{part}: {name}" for part, tensors in parts.items() for name in non_finite_names(tensors)]
     if bad:
         raise NonFiniteError(f"not checkpointed: non-finite values in {', '.join(bad[:3])}"
                              f"{' and more' if len(bad) > 3 else ''}")
@@ -179,7 +179,7 @@ def load_weights(path: str | os.PathLike, module: nn.Module | None = None) -> di
         tensors = load_file(str(path))
     except (OSError, SafetensorError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-    bad = non_finite(tensors)
+    bad = non_finite_names(tensors)
     if bad:
         raise CheckpointError(f"{path}: non-finite values in '{bad[0]}'")
     return tensors
