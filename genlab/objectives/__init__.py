@@ -1,0 +1,6 @@
+"""Training objectives, one module per family: what a batch's loss is, which modules train, which are
+frozen or kept as an EMA target, which optimizers update them and when, and how the family samples.
+
+The layer sits above ``genlab.models`` and ``genlab.diffusion``; the Trainer (``genlab.training``)
+runs any objective and knows nothing of diffusion.
+"""
