@@ -118,7 +118,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     name = f"samples-{kind}-{exp.sampler.steps}steps-seed{args.seed}"
     # the run's own directory is the run's: sampling into it waits for no one, it refuses while a run holds it
     with _run_lock(run, "sampling") if out.resolve() == run.resolve() else contextlib.nullcontext():
-        report(out, evaluate(exp, model, out, name, args.seed, exp.train.steps))
+        report(out, evaluate(exp, exp.objective.modules(), out, name, args.seed, exp.train.steps))
 
 
 def _run_lock(run: Path, purpose: str) -> contextlib.AbstractContextManager:

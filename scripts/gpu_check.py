@@ -82,7 +82,8 @@ def samplers(device: torch.device) -> None:
 
 
 def objectives(device: torch.device) -> None:
-    from genlab.diffusion import EDM, VP, DenoisingObjective
+    from genlab.diffusion import EDM, VP
+    from genlab.objectives import DenoisingObjective
 
     net = torch.nn.Sequential(torch.nn.Linear(2, 64), torch.nn.SiLU(), torch.nn.Linear(64, 2)).to(device)
     x0 = torch.randn(128, 2, device=device)

@@ -20,14 +20,15 @@ import torch
 from genlab.core.errors import ConfigError, GenlabError, NonFiniteError, ShapeError
 from genlab.data import Digits, Toy2D
 from genlab.data.images import ImageFolder
-from genlab.diffusion import (DDIM, DDPM, DEIS, EDM, VE, VP, Denoiser, DenoisingObjective, DiscreteVP, DPMSolverPP,
+from genlab.diffusion import (DDIM, DDPM, DEIS, EDM, VE, VP, Denoiser, DiscreteVP, DPMSolverPP,
                               DPMSolverSingle, Euler, EulerAncestral, EulerMaruyama, ExplicitGrid, FlowEuler, Heun,
                               Karras, PredictorCorrector, RectifiedFlow, Restart, TimeGrid, UniformLogSNR, UniformTime,
                               UniPC, invert, sdedit)
 from genlab.diffusion.grid_store import LearnedGrid, load_grids
 from genlab.diffusion.grids import DDPMGrid
 from genlab.diffusion.likelihood import DiffusionLikelihood
-from genlab.diffusion.objectives import LogitNormalT, LogNormalSigma
+from genlab.diffusion.time_distributions import LogitNormalT, LogNormalSigma
+from genlab.objectives import DenoisingObjective
 from genlab.diffusion.ode import ODESampler
 from genlab.diffusion.samplers.restart import RestartInterval
 from genlab.models import DiT, UNet

@@ -12,7 +12,8 @@ import torch
 
 from genlab.core.config import load_config
 from genlab.core.registry import build, registered
-from genlab.diffusion import EDM, VE, VP, Denoiser, DenoisingObjective, DiscreteVP, RectifiedFlow, SubVP
+from genlab.diffusion import EDM, VE, VP, Denoiser, DiscreteVP, RectifiedFlow, SubVP
+from genlab.objectives import DenoisingObjective
 from genlab.testing import GaussianMixture, exact_denoiser
 from genlab.testing.devices import DeviceAudit, generator_on
 from genlab.training import Experiment, Trainer
@@ -57,17 +58,17 @@ def test_objectives_run_on_the_meta_device(pname, t_distribution):
 
 
 def test_a_trainer_step_runs_on_the_meta_device(tmp_path, monkeypatch):
-    """The batch indices, the noise and the times of a step are drawn where the data and the step's
-    generator live (the accelerator's device), and the loss stays there."""
+    """The noise and the times of a step are drawn where the batch and the step's generator live
+    (the accelerator's device), and the loss stays there."""
     config = load_config(Path(__file__).resolve().parents[1] / "configs" / "toy2d.yaml",
                          ["model.hidden=16", "model.depth=1", "data.n=100", "train.batch_size=8"])
     trainer = Trainer(Experiment.from_config(config), tmp_path, progress=False)
     trainer.model.to("meta")
-    trainer.data = trainer.data.to("meta")
+    batch = {"x": next(trainer.batches)["x"].to("meta")}
     monkeypatch.setattr(trainer_module, "step_generator", lambda *args: generator_on(args[-1]))
     with DeviceAudit() as audit:
-        loss = trainer.micro_loss(0)
-    assert loss.device.type == "meta" and audit.draws == 3
+        loss = trainer.micro_loss(0, batch)
+    assert loss.device.type == "meta" and audit.draws == 2
 
 
 @pytest.mark.parametrize("name", sorted(set(registered("sampler")["sampler"]) - {"ode"}))

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from genlab.core.registry import build
-from genlab.diffusion import (EDM, PREDICTIONS, VP, Denoiser, DenoisingObjective, DiscreteVP, FlowMatchingObjective,
-                              RectifiedFlow)
+from genlab.diffusion import EDM, PREDICTIONS, VP, Denoiser, DiscreteVP, RectifiedFlow
+from genlab.objectives import DenoisingObjective, FlowMatchingObjective
 from genlab.diffusion.predictions import from_x0_eps
 from genlab.testing import GaussianMixture
 

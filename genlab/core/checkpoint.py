@@ -69,14 +69,16 @@ def _digest(data: bytes) -> dict[str, Any]:
 
 def save_checkpoint(directory: str | os.PathLike, *, model: Mapping[str, torch.Tensor],
                     ema: Mapping[str, torch.Tensor] | None = None, optimizer: Mapping[str, Any] | None = None,
-                    config: Mapping[str, Any] | None = None, state: Mapping[str, Any] | None = None) -> Path:
+                    config: Mapping[str, Any] | None = None, state: Mapping[str, Any] | None = None,
+                    extra: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> Path:
     """Write a checkpoint directory atomically: every file written atomically (fsynced) into a temp dir
     in the same parent, ``state.json`` (with the files' sizes and checksums) last, the temp dir renamed
-    to ``directory`` (an older one of that name replaced), then the parent fsynced.
+    to ``directory`` (an older one of that name replaced), then the parent fsynced. ``extra`` maps the
+    names of further ``.safetensors`` files (other trained modules, their EMA) to their tensors.
 
     NonFiniteError, with nothing written, if a tensor of ``model``, ``ema`` or ``optimizer`` is not finite.
     """
-    parts = {"model": model, "ema": ema or {}, "optimizer": optimizer or {}}
+    parts = {"model": model, "ema": ema or {}, "optimizer": optimizer or {}, **dict(extra or {})}
     bad = [f"{part}: {name}" for part, tensors in parts.items() for name in non_finite_names(tensors)]
     if bad:
         raise NonFiniteError(f"not checkpointed: non-finite values in {', '.join(bad[:3])}"
@@ -84,6 +86,8 @@ def save_checkpoint(directory: str | os.PathLike, *, model: Mapping[str, torch.T
     files: dict[str, bytes] = {"model.safetensors": save(_contiguous(model))}
     if ema is not None:
         files["ema.safetensors"] = save(_contiguous(ema))
+    for name, tensors in (extra or {}).items():
+        files[name] = save(_contiguous(tensors))
     if optimizer is not None:
         buffer = io.BytesIO()
         torch.save(optimizer, buffer)

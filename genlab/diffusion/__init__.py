@@ -1,5 +1,6 @@
-"""The continuous-time diffusion core: processes, predictions, grids, Denoiser, objectives, samplers,
-the probability-flow ODE and likelihood, inversion and editing.
+"""The continuous-time diffusion core: processes, predictions, grids, Denoiser, training-time
+distributions, samplers, the probability-flow ODE and likelihood, inversion and editing (the training
+objectives built on it are in :mod:`genlab.objectives`).
 
 It does not import ``genlab.models``: samplers work on any callable.
 """
@@ -10,18 +11,19 @@ from .grids import DDPMGrid, ExplicitGrid, Karras, TimeGrid, UniformLogSNR, Unif
 from .grid_store import LearnedGrid
 from .learned_grid import learn_grid
 from .likelihood import DiffusionLikelihood, LogProbEstimate
-from .objectives import DenoisingObjective, FlowMatchingObjective
 from .ode import ODESampler, ODESolution, ProbabilityFlow
 from .predictions import PREDICTIONS, convert, from_x0_eps, to_x0_eps
 from .levels import Level
 from .processes import EDM, VE, VP, DiscreteVP, Process, RectifiedFlow, SubVP
+from .time_distributions import LogitNormalT, LogNormalSigma, TimeDistribution, UniformT
 from .samplers import (DDIM, DDPM, DEIS, DPMSolverPP, DPMSolverPPSDE, DPMSolverSingle, Euler, EulerAncestral, EulerMaruyama,
                        FlowEuler, Heun, PredictorCorrector, Restart, ReverseDiffusion, Sampler, SamplerState,
                        StepContext, StepInfo, UniPC)
 
 __all__ = [
     "Denoiser", "edit_times", "invert", "sdedit", "DDPMGrid", "ExplicitGrid", "Karras", "TimeGrid", "UniformLogSNR",
-    "UniformTime", "DiffusionLikelihood", "LogProbEstimate", "DenoisingObjective", "FlowMatchingObjective",
+    "UniformTime", "DiffusionLikelihood", "LogProbEstimate", "TimeDistribution", "UniformT", "LogNormalSigma",
+    "LogitNormalT",
     "ODESampler", "ODESolution", "ProbabilityFlow", "PREDICTIONS", "convert", "from_x0_eps", "to_x0_eps",
     "EDM", "VE", "VP", "DiscreteVP", "Level", "Process", "RectifiedFlow", "SubVP",
     "DDIM", "DDPM", "DEIS", "DPMSolverPP", "DPMSolverPPSDE", "DPMSolverSingle", "Euler", "EulerAncestral", "EulerMaruyama",

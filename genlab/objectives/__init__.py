@@ -4,3 +4,8 @@ frozen or kept as an EMA target, which optimizers update them and when, and how 
 The layer sits above ``genlab.models`` and ``genlab.diffusion``; the Trainer (``genlab.training``)
 runs any objective and knows nothing of diffusion.
 """
+
+from .base import Batch, BuildContext, Objective
+from .denoising import DenoisingObjective, FlowMatchingObjective
+
+__all__ = ["Batch", "BuildContext", "Objective", "DenoisingObjective", "FlowMatchingObjective"]

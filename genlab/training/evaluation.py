@@ -17,7 +17,6 @@ from torch import Tensor, nn
 
 from ..core.errors import WriteError
 from ..core.io import write_json_atomic
-from ..diffusion import Sampler
 from ..data import Digits
 from ..metrics import frechet_distance, sliced_wasserstein, train_digits_classifier
 from .experiment import Experiment
@@ -25,15 +24,12 @@ from .plots import plot_image_grid, plot_samples_2d
 
 
 @torch.no_grad()
-def draw(exp: Experiment, model: nn.Module, n: int, generator: torch.Generator, sampler: Sampler | None = None,
+def draw(exp: Experiment, modules: dict[str, nn.Module], n: int, generator: torch.Generator,
          labels: Tensor | None = None) -> Tensor:
-    """``n`` samples [n, *data shape] (float32, CPU) from ``model`` with the experiment's sampler."""
-    sampler = sampler or exp.sampler
-    device = next(model.parameters()).device
+    """``n`` samples [n, *data shape] (float32, CPU) from ``modules`` as the experiment's objective samples."""
+    device = next(modules["model"].parameters()).device
     cond = None if labels is None else {"class_labels": labels.to(device)}
-    x = sampler.sample(exp.denoiser(model), shape=(n, *exp.data_shape), generator=generator, progress=False,
-                       cond=cond)
-    return x.float().cpu()
+    return exp.objective.sample(modules, n, generator, cond).float().cpu()
 
 
 def requested_labels(exp: Experiment, per_class: int) -> Tensor | None:
@@ -42,7 +38,7 @@ def requested_labels(exp: Experiment, per_class: int) -> Tensor | None:
     return None if k is None else torch.arange(k).repeat_interleave(per_class)
 
 
-def evaluate(exp: Experiment, model: nn.Module, out: str | os.PathLike, name: str, seed: int,
+def evaluate(exp: Experiment, modules: dict[str, nn.Module], out: str | os.PathLike, name: str, seed: int,
              step: int) -> dict[str, Any]:
     """Sample, write ``{name}.png`` and ``{name}.json`` (the metrics) in ``out``, each atomically, and
     return the metrics. NonFiniteError, nothing written, if sampling ends with non-finite values."""
@@ -51,18 +47,19 @@ def evaluate(exp: Experiment, model: nn.Module, out: str | os.PathLike, name: st
         (out / name).parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise WriteError(f"cannot create {(out / name).parent}: {e.strerror}") from None
-    metrics = _evaluate(exp, model, out, name, seed, step)
+    metrics = _evaluate(exp, modules, out, name, seed, step)
     write_json_atomic(out / f"{name}.json", metrics)
     return metrics
 
 
-def _evaluate(exp: Experiment, model: nn.Module, out: Path, name: str, seed: int, step: int) -> dict[str, Any]:
-    g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+def _evaluate(exp: Experiment, modules: dict[str, nn.Module], out: Path, name: str, seed: int,
+              step: int) -> dict[str, Any]:
+    g = torch.Generator(device=next(modules["model"].parameters()).device).manual_seed(seed)
     start = time.perf_counter()
     metrics: dict[str, Any] = {"step": step, "sampler": repr(exp.sampler), "image": f"{name}.png"}
     if len(exp.data_shape) == 1:
         n = exp.train.eval_samples
-        samples = draw(exp, model, n, g)
+        samples = draw(exp, modules, n, g)
         metrics["sampling_seconds"] = time.perf_counter() - start
         held, held2 = exp.heldout(n), exp.heldout(n, draw=1)
         gen = torch.Generator().manual_seed(0)
@@ -73,7 +70,7 @@ def _evaluate(exp: Experiment, model: nn.Module, out: Path, name: str, seed: int
         return metrics
     per_class = max(1, exp.train.eval_samples // (exp.num_classes or 1))
     labels = requested_labels(exp, per_class)
-    samples = draw(exp, model, per_class * (exp.num_classes or 1), g, labels=labels)
+    samples = draw(exp, modules, per_class * (exp.num_classes or 1), g, labels=labels)
     metrics["sampling_seconds"] = time.perf_counter() - start
     metrics.update(image_metrics(exp, samples, labels))
     rows = exp.num_classes or 10

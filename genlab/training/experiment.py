@@ -14,7 +14,10 @@ from ..core.bounds import NonNegativeFloat, NonNegativeInt, PositiveFloat, Posit
 from ..core.config import ConfigDict, check_keys, show_value
 from ..core.errors import ConfigError
 from ..core.registry import build, construct, lookup
-from ..diffusion import Denoiser, DenoisingObjective, Process, Sampler
+from ..core.checkpoint import check_fits, load_weights, resolve_checkpoint
+from ..core.config import load_config
+from ..diffusion import Denoiser, Process, Sampler
+from ..objectives import BuildContext, Objective
 
 SECTIONS = ("name", "process", "model", "objective", "sampler", "data", "train")
 
@@ -38,6 +41,7 @@ class TrainConfig:
     max_bad_steps: PositiveInt = 10  # consecutive skipped steps (non-finite loss or gradient) before the run stops
     eval_samples: PositiveInt = 4000  # samples drawn for the final metrics (images: split over the classes)
     grad_accum: PositiveInt = 1  # micro-batches per optimizer step (batch_size is per micro-batch)
+    num_workers: NonNegativeInt = 0  # DataLoader worker processes (0: batches are read in the training process)
     compile: bool = False  # torch.compile the model
     sample_every: NonNegativeInt = 0  # also draw samples/step_N.png every N steps (0: only at the end)
     tensorboard: bool = False  # log losses to <run>/tensorboard (needs the tensorboard package)
@@ -52,7 +56,7 @@ class Experiment:
     process: Process
     data: Any
     model: nn.Module
-    objective: DenoisingObjective
+    objective: Objective
     sampler: Sampler
 
     @classmethod
@@ -74,7 +78,14 @@ class Experiment:
             sampler.timesteps(process)
         except ValueError as e:
             raise ConfigError(f"{source}: sampler: {e}") from None
-        return cls(config, train, process, data, model, objective, sampler)
+        exp = cls(config, train, process, data, model, objective, sampler)
+        context = BuildContext(model=model, process=process, sampler=sampler, data_shape=exp.data_shape,
+                               num_classes=exp.num_classes, pretrained=load_pretrained)
+        try:
+            objective.build(context)
+        except ValueError as e:
+            raise ConfigError(f"{source}: objective: {e}") from None
+        return exp
 
     @property
     def data_shape(self) -> tuple[int, ...]:
@@ -94,7 +105,11 @@ class Experiment:
         return build("dataset", {**cfg, "split": "test"}, path="data").data
 
     def denoiser(self, model: nn.Module | None = None) -> Denoiser:
-        return self.objective.denoiser(self.model if model is None else model, self.process)
+        """The objective's Denoiser of ``model`` (default: the experiment's), for diffusion families."""
+        make = getattr(self.objective, "denoiser", None)
+        if make is None:
+            raise ConfigError(f"objective {type(self.objective).__name__} trains no denoiser")
+        return make(self.model if model is None else model, self.process)
 
     def heldout(self, n: int, draw: int = 0) -> Tensor:
         """``n`` fresh data points the model never saw (draw ``draw`` of the data with another seed)."""
@@ -106,6 +121,19 @@ class Experiment:
     def resolved(self) -> dict[str, Any]:
         """The config with the train section's defaults filled in (what a checkpoint stores)."""
         return {**self.config, "train": asdict(self.train)}
+
+
+def load_pretrained(path: str) -> Experiment:
+    """The Experiment of a trained run (a run directory or a checkpoint directory, verified), its model
+    holding the EMA weights (loaded through safetensors), in eval mode and frozen: a teacher, or any
+    pretrained component an objective names in its config."""
+    ckpt = resolve_checkpoint(path)
+    exp = Experiment.from_config(ConfigDict(load_config(ckpt / "config.yaml"), source=str(ckpt / "config.yaml")))
+    weights = ckpt / "ema.safetensors"
+    check_fits(weights, exp.model)
+    exp.model.load_state_dict(load_weights(weights))
+    exp.model.eval().requires_grad_(False)
+    return exp
 
 
 def _check_section(key: str, value: Any, source: str) -> None:

@@ -1,8 +1,13 @@
-"""The training loop on accelerate: one CPU process or many GPUs with the same code.
+"""The training loop on accelerate: one CPU process or many GPUs with the same code, for any
+objective (:class:`genlab.objectives.Objective`): the Trainer knows nothing of diffusion. It trains
+the modules the objective trains, with one AdamW per optimizer the objective declares, stepped in the
+order of its schedule, keeps EMA copies of the modules it names, and moves frozen ones to the device.
 
-Every random draw of step k (batch indices, noise, times) comes from a generator seeded with
-(seed, k, micro-batch, rank), so a resumed run repeats exactly what an uninterrupted one would
-have done, and ranks see different data.
+Data comes through ``torch.utils.data`` (:func:`genlab.data.loading.training_batches`): batch k of a
+rank is a function of (seed, k, rank), and step s reads batches s * grad_accum ... onwards, so a
+resumed run, mid-epoch included, reads what an uninterrupted one would have. Every other random draw
+of step s (noise, times; dropout through the global generator) comes from a generator seeded with
+(seed, s, micro-batch, rank).
 
 The run directory belongs to the Trainer from its checks to its last file (:mod:`genlab.core.rundir`):
 a fresh run needs a new or empty directory, a resumed one its newest intact checkpoint, a config that
@@ -32,6 +37,7 @@ from ..core.checkpoint import (check_fits, intact_checkpoint, latest_checkpoint,
 from ..core.config import load_config, save_config
 from ..core.errors import ConfigError, GenlabError, NonFiniteError
 from ..core.rundir import RunLock, check_run_dir, is_main_rank
+from ..data.loading import training_batches
 from .ema import EMA
 from .evaluation import evaluate
 from .experiment import Experiment
@@ -58,7 +64,7 @@ def step_generator(seed: int, step: int, micro: int, rank: int, device: torch.de
 
 # keys a resumed run may change: how long it runs and what it logs, samples and keeps, never what it learns
 RESUMABLE = ("name", "sampler", "train.steps", "train.log_every", "train.checkpoint_every", "train.sample_every",
-             "train.eval_samples", "train.tensorboard", "train.max_bad_steps", "train.compile")
+             "train.eval_samples", "train.tensorboard", "train.max_bad_steps", "train.compile", "train.num_workers")
 
 
 def _flat(cfg: Any, prefix: str = "") -> dict[str, Any]:
@@ -84,13 +90,27 @@ def check_resume_config(ckpt: Path, config: dict[str, Any]) -> None:
                           f"resumed run keeps its config except {', '.join(RESUMABLE)} (start a new run to change it)")
 
 
+def weights_file(name: str, ema: bool = False) -> str:
+    """The checkpoint file of trained module ``name`` (``model.safetensors`` / ``ema.safetensors`` for
+    the sampled model, ``NAME.safetensors`` / ``ema_NAME.safetensors`` for others)."""
+    if name == "model":
+        return "ema.safetensors" if ema else "model.safetensors"
+    return f"ema_{name}.safetensors" if ema else f"{name}.safetensors"
+
+
 class Trainer:
-    """Trains ``exp.model`` with ``exp.objective``; writes checkpoints, loss curve, samples and
-    metrics to ``out_dir``, which it owns (locked) until :meth:`close`. ``resume=True`` continues from
-    the newest intact checkpoint there (``resumed_from``); otherwise the directory must be new or empty."""
+    """Trains the modules of ``exp.objective``; writes checkpoints, loss curve, samples and metrics to
+    ``out_dir``, which it owns (locked) until :meth:`close`. ``resume=True`` continues from the newest
+    intact checkpoint there (``resumed_from``); otherwise the directory must be new or empty.
+
+    ``modules`` are the objective's modules as trained (trained ones wrapped by accelerate), ``opts``
+    its optimizers by name, ``emas`` the EMA copies by module name; ``model``, ``opt`` and ``ema`` are
+    those of the ``"model"`` module and its optimizer.
+    """
 
     def __init__(self, exp: Experiment, out_dir: str | Path, progress: bool = True, resume: bool = False) -> None:
         self.exp, self.out, self.progress = exp, Path(out_dir), progress
+        self._declared()
         self.resumed_from = self._checked_start(resume)  # nothing is written before this passes
         self.lock = RunLock(self.out, purpose="training")
         try:
@@ -99,9 +119,29 @@ class Trainer:
             self._setup()
             if self.resumed_from is not None:
                 self._load(self.resumed_from)
+            self.batches = self._batches()
         except BaseException:
             self.close()
             raise
+
+    def _declared(self) -> None:
+        """The objective's modules, frozen ones, optimizers and EMA, checked against each other."""
+        obj, who = self.exp.objective, type(self.exp.objective).__name__
+        self.raw = obj.modules()
+        self.trained = [n for n in self.raw if n not in obj.frozen]
+        self.opt_modules = obj.optimizers()
+        for opt, names in self.opt_modules.items():
+            wrong = [n for n in names if n not in self.trained]
+            if wrong or not names:
+                raise GenlabError(f"{who}: optimizer '{opt}' updates {names!r}; it must name trained modules "
+                                  f"({', '.join(self.trained)})")
+        unused = set(self.trained) - {n for names in self.opt_modules.values() for n in names}
+        if unused:
+            raise GenlabError(f"{who}: trained module(s) {sorted(unused)} belong to no optimizer; freeze them or "
+                              "give them one")
+        bad_ema = [n for n in obj.ema_modules() if n not in self.trained]
+        if bad_ema:
+            raise GenlabError(f"{who}: EMA of {bad_ema}, which are not trained modules")
 
     def _checked_start(self, resume: bool) -> Path | None:
         """The checkpoint to resume from (None for a fresh run), every check passed; writes nothing."""
@@ -113,27 +153,44 @@ class Trainer:
         if ckpt is None:
             raise GenlabError(f"--out {self.out}: holds no checkpoint to resume from")
         check_resume_config(ckpt, self.exp.resolved())
-        for name in ("model.safetensors", "ema.safetensors"):
-            check_fits(ckpt / name, self.exp.model)
+        for name in self.trained:
+            check_fits(ckpt / weights_file(name), self.raw[name])
+        for name in self.exp.objective.ema_modules():
+            check_fits(ckpt / weights_file(name, ema=True), self.raw[name])
         return ckpt
 
     def _setup(self) -> None:
-        exp, tc = self.exp, self.exp.train
+        exp, tc, obj = self.exp, self.exp.train, self.exp.objective
         # accelerate keeps one precision per process: let a later Trainer in the same process (a
         # notebook, a test) choose its own; the distributed state is kept
         AcceleratorState._reset_state(reset_partial_state=False)
         self.acc = Accelerator(mixed_precision=tc.mixed_precision, cpu=not torch.cuda.is_available())
-        self.ema = EMA(exp.model, tc.ema_decay)
-        opt = torch.optim.AdamW(exp.model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-        model = torch.compile(exp.model) if tc.compile else exp.model
-        self.model, self.opt = self.acc.prepare(model, opt)
-        self.ema.model.to(self.acc.device)
-        self.data = exp.data.data.to(self.acc.device)
-        self.labels = exp.data.labels.to(self.acc.device) if exp.num_classes else None
+        self.emas = {n: EMA(self.raw[n], tc.ema_decay) for n in obj.ema_modules()}
+        opts = {name: torch.optim.AdamW([p for n in names for p in self.raw[n].parameters()], lr=tc.lr,
+                                        weight_decay=tc.weight_decay) for name, names in self.opt_modules.items()}
+        trained = [torch.compile(self.raw[n]) if tc.compile else self.raw[n] for n in self.trained]
+        prepared = self.acc.prepare(*trained, *opts.values())
+        prepared = prepared if isinstance(prepared, (list, tuple)) else [prepared]
+        self.modules = dict(zip(self.trained, prepared[: len(trained)]))
+        for name in obj.frozen:
+            self.modules[name] = self.raw[name].to(self.acc.device).eval().requires_grad_(False)
+        self.opts = dict(zip(opts, prepared[len(trained):]))
+        for ema in self.emas.values():
+            ema.model.to(self.acc.device)
+        self.model, self.opt, self.ema = self.modules.get("model"), self.opts.get("model"), self.emas.get("model")
         self.step, self.losses, self.skipped = 0, [], 0
         self.writer = self._tensorboard() if tc.tensorboard and self.acc.is_main_process else None
         if self.acc.is_main_process:
             save_config(exp.resolved(), self.out / "config.yaml")
+
+    def _batches(self) -> Any:
+        """Training batches from the one this step reads first (see the module's docstring)."""
+        tc = self.exp.train
+        loader = training_batches(self.exp.data, tc.batch_size, seed=tc.seed, rank=self.acc.process_index,
+                                  world=self.acc.num_processes, start=self.step * tc.grad_accum,
+                                  num_workers=tc.num_workers, labels=self.exp.num_classes is not None,
+                                  device=self.acc.device)
+        return iter(loader)
 
     def close(self) -> None:
         """Release the run directory (the process's end does it too)."""
@@ -155,72 +212,101 @@ class Trainer:
         return SummaryWriter(str(self.out / "tensorboard"))
 
     def _load(self, ckpt: Path) -> None:
-        self.unwrapped().load_state_dict(load_weights(ckpt / "model.safetensors"))  # also under torch.compile
-        self.ema.model.load_state_dict(load_weights(ckpt / "ema.safetensors"))
-        self.opt.load_state_dict(load_optimizer(ckpt))
+        for name in self.trained:  # into the module itself: also under torch.compile
+            self.unwrapped(name).load_state_dict(load_weights(ckpt / weights_file(name)))
+        for name, ema in self.emas.items():
+            ema.model.load_state_dict(load_weights(ckpt / weights_file(name, ema=True)))
+        saved = load_optimizer(ckpt)
+        if "param_groups" in saved:  # written when a run had one optimizer and no names
+            saved = {"model": saved}
+        for name, opt in self.opts.items():
+            opt.load_state_dict(saved[name])
         state = load_state(ckpt)
-        self.step, self.ema.updates, self.losses = state["step"], state["ema_updates"], state.get("losses", [])
+        updates = state["ema_updates"]
+        for name, ema in self.emas.items():
+            ema.updates = updates[name] if isinstance(updates, dict) else updates
+        self.step, self.losses = state["step"], state.get("losses", [])
         self.skipped = state.get("skipped_steps", 0)
 
-    def unwrapped(self) -> torch.nn.Module:
-        model = self.acc.unwrap_model(self.model)
-        return getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+    def unwrapped(self, name: str = "model") -> torch.nn.Module:
+        """Trained module ``name`` without accelerate's and torch.compile's wrappers."""
+        module = self.acc.unwrap_model(self.modules[name])
+        return getattr(module, "_orig_mod", module)  # torch.compile's wrapper
 
     def save(self) -> None:
         """Checkpoint ``checkpoints/step_N``; NonFiniteError (nothing written) if a weight is not finite."""
         if not self.acc.is_main_process:
             return
-        state = {"step": self.step, "ema_updates": self.ema.updates, "losses": self.losses,
-                 "skipped_steps": self.skipped}
+        state = {"step": self.step, "ema_updates": {n: e.updates for n, e in self.emas.items()},
+                 "losses": self.losses, "skipped_steps": self.skipped}
+        weights = {weights_file(n): self.unwrapped(n).state_dict() for n in self.trained}
+        weights.update({weights_file(n, ema=True): e.model.state_dict() for n, e in self.emas.items()})
+        model = weights.pop("model.safetensors", {})
+        ema = weights.pop("ema.safetensors", None)
         try:
-            save_checkpoint(self.out / "checkpoints" / f"step_{self.step:07d}", model=self.unwrapped().state_dict(),
-                            ema=self.ema.model.state_dict(), optimizer=self.opt.state_dict(),
-                            config=self.exp.resolved(), state=state)
+            save_checkpoint(self.out / "checkpoints" / f"step_{self.step:07d}", model=model, ema=ema,
+                            optimizer={n: o.state_dict() for n, o in self.opts.items()},
+                            config=self.exp.resolved(), state=state, extra=weights)
         except NonFiniteError as e:
             last = latest_checkpoint(self.out)
             raise NonFiniteError(f"step {self.step}: the model diverged, {e}; the newest checkpoint is "
                                  f"{last or 'none'}; lower train.lr or set train.grad_clip") from None
 
-    def micro_loss(self, micro: int) -> torch.Tensor:
+    def micro_loss(self, micro: int, batch: dict[str, torch.Tensor] | None = None,
+                   optimizer: str = "model") -> torch.Tensor:
+        """The loss of micro-batch ``micro`` of this step for ``optimizer`` (``batch``: the next one read)."""
         tc = self.exp.train
-        g = step_generator(tc.seed, self.step, micro, self.acc.process_index, self.data.device)
+        batch = next(self.batches) if batch is None else batch
+        g = step_generator(tc.seed, self.step, micro, self.acc.process_index, batch["x"].device)
         # draws that modules make from the global generators (dropout, class dropout) are then a
         # function of the step too, so that a resumed run repeats them
         torch.manual_seed(step_seed(tc.seed, self.step, micro, self.acc.process_index) ^ 0x5DEECE66D)
-        idx = torch.randint(len(self.data), (tc.batch_size,), generator=g, device=self.data.device)
-        cond = {} if self.labels is None else {"class_labels": self.labels[idx]}
         with self.acc.autocast():
-            return self.exp.objective(self.exp.denoiser(self.model), self.data[idx], generator=g, **cond)
+            out = self.exp.objective.loss(self.modules, batch, g, optimizer)
+        return out[0] if isinstance(out, tuple) else out
 
     def train_step(self) -> float:
-        """One optimizer step over ``grad_accum`` micro-batches; NaN (and no update) if the loss, or the
-        gradient norm (without fp16 loss scaling, which skips such steps itself), is not finite."""
+        """One step of every optimizer the schedule names, each over ``grad_accum`` micro-batches (the
+        same batches for each); NaN, and no update of any, if a loss or a gradient norm (without fp16
+        loss scaling, which skips such steps itself) is not finite. Returns the summed loss."""
         tc, total = self.exp.train, 0.0
-        for group in self.opt.param_groups:
-            group["lr"] = lr_at(self.step, self.exp)
-        for micro in range(tc.grad_accum):
-            last = micro == tc.grad_accum - 1
-            with contextlib.nullcontext() if last else self.acc.no_sync(self.model):
-                loss = self.micro_loss(micro) / tc.grad_accum
-                if not torch.isfinite(loss):
-                    self.opt.zero_grad(set_to_none=True)
-                    return float("nan")
-                self.acc.backward(loss)
-            total += loss.item()
-        norm = self.acc.clip_grad_norm_(self.model.parameters(), tc.grad_clip or math.inf)
-        if self.acc.scaler is None and norm is not None and not torch.isfinite(norm):
-            self.opt.zero_grad(set_to_none=True)
-            return float("nan")
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        self.ema.update(self.unwrapped())
+        batches = [next(self.batches) for _ in range(tc.grad_accum)]
+        for name in self.exp.objective.schedule(self.step):
+            opt, params = self.opts[name], [p for n in self.opt_modules[name] for p in self.modules[n].parameters()]
+            for group in opt.param_groups:
+                group["lr"] = lr_at(self.step, self.exp)
+            for micro, batch in enumerate(batches):
+                last = micro == tc.grad_accum - 1
+                with contextlib.ExitStack() as stack:
+                    if not last:  # gradients are all-reduced once, after the last micro-batch
+                        for n in self.opt_modules[name]:
+                            stack.enter_context(self.acc.no_sync(self.modules[n]))
+                    loss = self.micro_loss(micro, batch, name) / tc.grad_accum
+                    if not torch.isfinite(loss):
+                        self._zero_grad()
+                        return float("nan")
+                    self.acc.backward(loss)
+                total += loss.item()
+            norm = self.acc.clip_grad_norm_(params, tc.grad_clip or math.inf)
+            if self.acc.scaler is None and norm is not None and not torch.isfinite(norm):
+                self._zero_grad()
+                return float("nan")
+            opt.step()
+            self._zero_grad()
+        for name, ema in self.emas.items():
+            ema.update(self.unwrapped(name))
         return total
+
+    def _zero_grad(self) -> None:
+        for opt in self.opts.values():
+            opt.zero_grad(set_to_none=True)
 
     def fit(self) -> None:
         tc, bad, running = self.exp.train, 0, []
         bar = tqdm(total=tc.steps, initial=self.step, disable=not self.progress or not self.acc.is_main_process,
                    desc="train", dynamic_ncols=True, mininterval=1.0)
-        self.model.train()
+        for name in self.trained:
+            self.modules[name].train()
         while self.step < tc.steps:
             loss = self.train_step()
             self.step += 1
@@ -256,9 +342,14 @@ class Trainer:
             if self.writer is not None:
                 self.writer.add_scalar("loss", loss, self.step)
 
+    def sampling_modules(self) -> dict[str, torch.nn.Module]:
+        """The modules samples are drawn with: EMA copies where there are, the others as trained."""
+        return {n: self.emas[n].model if n in self.emas else self.unwrapped(n) if n in self.trained else m
+                for n, m in self.modules.items()}
+
     def evaluate(self, seed: int = 1234, name: str = "samples") -> dict[str, Any]:
-        """Sample with the EMA model, write ``{name}.png`` and ``{name}.json``; returns the metrics.
+        """Sample with the EMA modules, write ``{name}.png`` and ``{name}.json``; returns the metrics.
         NonFiniteError if the samples are not finite (nothing written)."""
         if not self.acc.is_main_process:
             return {}
-        return evaluate(self.exp, self.ema.model, self.out, name, seed, self.step)
+        return evaluate(self.exp, self.sampling_modules(), self.out, name, seed, self.step)

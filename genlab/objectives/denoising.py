@@ -1,4 +1,4 @@
-"""Training objectives: denoising regression with any target, and flow matching.
+"""Denoising objectives: regression with any target (denoising score matching), and flow matching.
 
 The loss is w(t) |raw - target|^2 with raw the network output. Weightings are defined on the
 x0-space error (Kingma & Gao 2023, "Understanding diffusion objectives"): a weight w_x0 on
@@ -11,79 +11,22 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from ..core.bounds import NonNegativeFloat, PositiveFloat
-from ..core.registry import build, register, register_namespace
-from .denoiser import Denoiser
-from .levels import Level, combine, level_dtype
-from .predictions import PredictionType
-from .processes import Process
-
-
-class TimeDistribution:
-    """Base: ``sample(process, n, generator, device) -> t [n]`` (float64) on ``device`` (default: the
-    generator's device, else the CPU); draws come from ``generator``, which must live there."""
-
-    def sample(self, process: Process, n: int, generator: torch.Generator | None = None,
-               device: torch.device | str | None = None) -> Tensor:
-        raise NotImplementedError
-
-
-def _draw(draw: str, n: int, generator: torch.Generator | None, device: torch.device | str | None) -> Tensor:
-    """n uniform (``"rand"``) or standard normal (``"randn"``) draws [n] from ``generator`` on
-    ``device`` (default: the generator's device), in the dtype of levels."""
-    if device is None:
-        device = generator.device if generator is not None else "cpu"
-    return getattr(torch, draw)(n, generator=generator, dtype=level_dtype(device), device=device)
-
-
-register_namespace("time_distribution", TimeDistribution, "training-time distributions")
-
-
-@register("time_distribution", "uniform")
-class UniformT(TimeDistribution):
-    """t ~ U[t_min, t_max] of the process (Ho et al. 2020; Song et al. 2021)."""
-
-    def sample(self, process: Process, n: int, generator: torch.Generator | None = None,
-               device: torch.device | str | None = None) -> Tensor:
-        return process.t_min + (process.t_max - process.t_min) * _draw("rand", n, generator, device)
-
-
-@register("time_distribution", "log_normal")
-class LogNormalSigma(TimeDistribution):
-    """ln(sigma / alpha) ~ N(p_mean, p_std^2) (Karras et al. 2022, Table 1, "training"), clipped
-    to the process's range (p_std >= 0; 0 is a single level)."""
-
-    def __init__(self, p_mean: float = -1.2, p_std: NonNegativeFloat = 1.2) -> None:
-        self.p_mean, self.p_std = p_mean, p_std
-
-    def sample(self, process: Process, n: int, generator: torch.Generator | None = None,
-               device: torch.device | str | None = None) -> Tensor:
-        log_sigma = self.p_mean + self.p_std * _draw("randn", n, generator, device)
-        return process.t_of_log_snr(-2 * log_sigma).clamp(process.t_min, process.t_max)
-
-
-@register("time_distribution", "logit_normal")
-class LogitNormalT(TimeDistribution):
-    """t = sigmoid(N(m, s^2)) scaled to [t_min, t_max] (Esser et al. 2024, SD3, Eq. 19); s >= 0."""
-
-    def __init__(self, mean: float = 0.0, std: NonNegativeFloat = 1.0) -> None:
-        self.mean, self.std = mean, std
-
-    def sample(self, process: Process, n: int, generator: torch.Generator | None = None,
-               device: torch.device | str | None = None) -> Tensor:
-        u = torch.sigmoid(self.mean + self.std * _draw("randn", n, generator, device))
-        return process.t_min + (process.t_max - process.t_min) * u
-
-
-register_namespace("objective", None, "training objectives")
+from ..core.bounds import PositiveFloat
+from ..core.registry import build, register
+from ..diffusion.denoiser import Denoiser
+from ..diffusion.levels import Level, combine
+from ..diffusion.predictions import PredictionType
+from ..diffusion.processes import Process
+from ..diffusion.time_distributions import TimeDistribution
+from .base import Batch, Objective
 
 Weighting = Literal["constant", "snr", "min_snr", "edm"]
 
 
 @register("objective", "denoising")
-class DenoisingObjective:
+class DenoisingObjective(Objective):
     """Denoising score matching: regress the network output on its target at x_t.
 
     Args:
@@ -103,9 +46,22 @@ class DenoisingObjective:
         self.t_distribution = build("time_distribution", t_distribution, path="objective.t_distribution")
         self.weighting, self.min_snr_gamma = weighting, min_snr_gamma
 
-    def denoiser(self, model: Any, process: Process) -> Denoiser:
-        """The :class:`Denoiser` this objective trains ``model`` as."""
+    def denoiser(self, model: Any, process: Process | None = None) -> Denoiser:
+        """The :class:`Denoiser` this objective trains ``model`` as (on the experiment's process by default)."""
+        process = self.context.process if process is None else process
         return Denoiser(model, process, self.prediction, self.preconditioning, self.sigma_data)
+
+    def loss(self, modules: dict[str, nn.Module], batch: Batch, generator: torch.Generator,
+             optimizer: str = "model") -> Tensor:
+        """:meth:`__call__` on the batch, the model as the objective's Denoiser."""
+        cond = {"class_labels": batch["class_labels"]} if "class_labels" in batch else {}
+        return self(self.denoiser(modules["model"]), batch["x"], generator=generator, **cond)
+
+    def sample(self, modules: dict[str, nn.Module], n: int, generator: torch.Generator,
+               cond: dict[str, Tensor] | None = None) -> Tensor:
+        """``n`` samples with the experiment's sampler from the model as a Denoiser."""
+        return self.context.sampler.sample(self.denoiser(modules["model"]), shape=(n, *self.context.data_shape),
+                                           generator=generator, progress=False, cond=cond)
 
     def x0_weight(self, level: Level) -> Tensor:
         """w_x0(t), the weight of |x0_hat - x0|^2."""

@@ -1,0 +1,95 @@
+"""The objective interface: what the Trainer runs, for every model family.
+
+An objective is built from the config's ``objective:`` section and then handed the rest of the
+experiment (:meth:`Objective.build`: the model built from ``model:``, the process, the sampler, the
+data's shape and classes, and a loader of pretrained runs). From then on it answers, for the Trainer:
+
+- :meth:`~Objective.modules`: every module by name (``"model"`` first), :attr:`~Objective.frozen`
+  those kept fixed (a teacher, an autoencoder) and :meth:`~Objective.ema_modules` those with an
+  exponential moving average (the EMA copy is what is sampled and checkpointed as ``ema``);
+- :meth:`~Objective.optimizers`: one AdamW per name, over the parameters of the modules listed, and
+  :meth:`~Objective.schedule`: which optimizers step at step k (a GAN alternates, or steps both);
+- :meth:`~Objective.loss`: the loss of a batch for one optimizer, every random draw from the
+  generator it is handed (the Trainer seeds it with (seed, step, micro-batch, rank): exact resume);
+- :meth:`~Objective.sample`: how the family draws samples (from the EMA modules).
+
+A new family is a subclass::
+
+    @register("objective", "my_loss")
+    class MyLoss(Objective):
+        def loss(self, modules, batch, generator, optimizer="model"):
+            x = batch["x"]
+            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+            return (modules["model"](x + noise, torch.zeros(len(x), device=x.device)) - x).square().mean()
+
+        def sample(self, modules, n, generator, cond=None):
+            z = torch.randn((n, *self.context.data_shape), generator=generator, device=generator.device)
+            return modules["model"](z, torch.zeros(n, device=z.device))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..core.registry import register_namespace
+
+Batch = dict[str, Tensor]  # "x" [B, ...] and, for labelled data, "class_labels" [B]
+
+
+@dataclass
+class BuildContext:
+    """What an objective is built with, besides its own config section."""
+
+    model: nn.Module  # built from the config's ``model:`` section
+    process: Any = None  # the config's ``process:`` (diffusion families)
+    sampler: Any = None  # the config's ``sampler:``
+    data_shape: tuple[int, ...] = ()  # one item, [D] or [C, H, W]
+    num_classes: int | None = None  # classes the model is conditioned on
+    pretrained: Callable[[str], Any] | None = None  # a run or checkpoint directory -> its Experiment, EMA weights loaded
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Objective:
+    """Base class of training objectives (see the module's docstring); one trained ``model`` with an
+    EMA copy and one optimizer by default: a family overrides what differs."""
+
+    frozen: tuple[str, ...] = ()  # names of modules that are not trained
+
+    def build(self, context: BuildContext) -> None:
+        """Take the experiment's parts; called once, before training, by ``Experiment``."""
+        self.context = context
+
+    def modules(self) -> dict[str, nn.Module]:
+        """Every module of the family by name, trained and frozen; ``"model"`` is the one sampled."""
+        return {"model": self.context.model}
+
+    def ema_modules(self) -> tuple[str, ...]:
+        """Trained modules with an EMA copy (sampled and checkpointed as ``ema``)."""
+        return ("model",)
+
+    def optimizers(self) -> dict[str, tuple[str, ...]]:
+        """Optimizer name -> the trained modules whose parameters it updates."""
+        return {"model": ("model",)}
+
+    def schedule(self, step: int) -> tuple[str, ...]:
+        """The optimizers that step at ``step`` (0-based), in order; default: all of them, every step."""
+        return tuple(self.optimizers())
+
+    def loss(self, modules: dict[str, nn.Module], batch: Batch, generator: torch.Generator,
+             optimizer: str = "model") -> Tensor | tuple[Tensor, dict[str, float]]:
+        """The scalar loss of ``batch`` for ``optimizer`` (and optionally logs), with ``modules`` as the
+        Trainer holds them (distributed wrappers on the trained ones) and every draw from ``generator``."""
+        raise NotImplementedError
+
+    def sample(self, modules: dict[str, nn.Module], n: int, generator: torch.Generator,
+               cond: dict[str, Tensor] | None = None) -> Tensor:
+        """``n`` samples [n, *data shape] from ``modules`` (the EMA copies where there are any)."""
+        raise NotImplementedError
+
+
+register_namespace("objective", Objective, "training objectives")
