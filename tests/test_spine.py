@@ -154,3 +154,19 @@ def test_an_objective_that_names_an_untrained_module_in_an_optimizer_is_refused(
     with pytest.raises(Exception, match="optimizer 'model' updates"):
         Trainer(exp, tmp_path, progress=False)
     assert not any(tmp_path.iterdir())
+
+
+def test_a_pretrained_run_loads_as_a_frozen_experiment(tmp_path):
+    """What ``teacher: runs/NAME`` gives an objective: the run's own config, validated and built, its
+    EMA weights loaded through safetensors, frozen; a path that is no run is a clear error."""
+    from genlab.core.errors import GenlabError
+    from genlab.training.experiment import load_pretrained
+
+    run(tmp_path / "teacher", "train.steps=2", "train.checkpoint_every=2")
+    teacher = load_pretrained(str(tmp_path / "teacher"))
+    ema = load_weights(latest_checkpoint(tmp_path / "teacher") / "ema.safetensors")
+    assert all(torch.equal(v, ema[k]) for k, v in teacher.model.state_dict().items())
+    assert not teacher.model.training and not any(p.requires_grad for p in teacher.model.parameters())
+    assert teacher.config["model"]["hidden"] == 16
+    with pytest.raises(GenlabError, match="not a run directory"):
+        load_pretrained(str(tmp_path / "nothing"))
