@@ -89,8 +89,16 @@ class Experiment:
 
     @property
     def data_shape(self) -> tuple[int, ...]:
-        """The shape of one data item (``[D]`` or ``[C, H, W]``)."""
-        return tuple(self.data.data.shape[1:])
+        """The shape of one data item (``[D]`` or ``[C, H, W]``): from a data set's ``data`` tensor, its
+        ``shape`` (data sets that read items lazily), or its first item."""
+        data = getattr(self.data, "data", None)
+        if isinstance(data, Tensor):
+            return tuple(data.shape[1:])
+        shape = getattr(self.data, "shape", None)
+        if shape is not None:
+            return tuple(shape)
+        item = self.data[0]
+        return tuple((item[0] if isinstance(item, (tuple, list)) else item).shape)
 
     @property
     def num_classes(self) -> int | None:
