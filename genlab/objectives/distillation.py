@@ -1,0 +1,139 @@
+"""Progressive distillation (Salimans & Ho 2022): a student learns in one step what its teacher does
+in two, halving the number of sampling steps each round.
+
+A round trains a student for ``student_steps`` = N steps on a time grid: the teacher's grid has 2N
+steps t_0 > t_1 > ... > t_2N, the student's every other time. For a batch, a student step i ~ U{0..N-1}
+is drawn, x0 is noised to z_t at t = t_2i, the teacher runs two steps of its solver (DDIM by
+default) from t to t' = t_2i+1 to t'' = t_2i+2, and the student's x0 estimate at (z_t, t) regresses
+
+    x~ = (z_t'' - (sigma_t'' / sigma_t) z_t) / (alpha_t'' - (sigma_t'' / sigma_t) alpha_t)
+
+(Salimans & Ho 2022, Algorithm 2): the x0 with which one DDIM step from z_t lands on z_t''; at the
+last step (sigma_t'' = 0) x~ = z_t''. The loss weighs |x0_hat - x~|^2 by max(SNR(t), 1) ("truncated
+SNR", Eq. 10). The student is initialised from the teacher's EMA weights and keeps the teacher's
+parameterisation (prediction type, preconditioning); a round's student is the next round's teacher.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from ..core.bounds import PositiveInt
+from ..core.registry import build, register
+from ..diffusion.denoiser import Denoiser
+from ..diffusion.grids import GridSpec, TimeGrid
+from ..diffusion.samplers.base import Sampler
+from ..diffusion.samplers.ddim import DDIM
+from .base import Batch, BuildContext, Objective
+
+DistillWeighting = Literal["truncated_snr", "snr", "constant"]
+
+
+def distillation_target(z_t: Tensor, z_next: Tensor, coef_t: tuple[Tensor, Tensor],
+                        coef_next: tuple[Tensor, Tensor]) -> Tensor:
+    """x~ such that one DDIM step from z_t [B, ...] at (alpha_t, sigma_t) lands on z_next at (alpha'',
+    sigma'') (Salimans & Ho 2022, Algorithm 2); coefficients are [B] tensors. Where sigma'' = 0, z_next."""
+    (a_t, s_t), (a_n, s_n) = coef_t, coef_next
+    ratio = s_n / s_t
+    shape = (-1,) + (1,) * (z_t.ndim - 1)
+    num = z_next - (ratio.reshape(shape) * z_t.double()).to(z_t.dtype)
+    target = num / (a_n - ratio * a_t).reshape(shape).to(z_t.dtype)
+    return torch.where((s_n == 0).reshape(shape), z_next, target)
+
+
+@register("objective", "progressive_distillation")
+class ProgressiveDistillation(Objective):
+    """One round of progressive distillation (see the module's docstring).
+
+    Args:
+        teacher: the teacher: a run or checkpoint directory (its config and EMA weights), or a
+            :class:`~genlab.diffusion.Denoiser` (from Python).
+        student_steps: N, the student's number of steps (the teacher takes 2N on the same grid).
+        grid: the time grid (default: the teacher's sampler's grid when the teacher is a run,
+            else uniform time).
+        solver: the teacher's sampler for its two steps (default DDIM, eta = 0).
+        weighting: of |x0_hat - x~|^2: ``truncated_snr`` max(SNR, 1) (the paper's), ``snr``, ``constant``.
+    """
+
+    frozen = ("teacher",)
+
+    def __init__(self, teacher: str | Denoiser, student_steps: PositiveInt, grid: GridSpec | None = None,
+                 solver: Sampler | str | dict = "ddim", weighting: DistillWeighting = "truncated_snr") -> None:
+        self.teacher_source, self.student_steps, self.weighting = teacher, student_steps, weighting
+        self.grid: TimeGrid | None = None if grid is None else build("grid", grid, path="objective.grid")
+        self.solver: Sampler = build("sampler", solver, path="objective.solver")
+
+    def build(self, context: BuildContext) -> None:
+        super().build(context)
+        source = self.teacher_source
+        if isinstance(source, Denoiser):
+            self.teacher_module, self.parameterisation = source, None
+            grid = None
+        else:
+            if context.pretrained is None:
+                raise ValueError("teacher: a run directory needs an experiment to load it from")
+            teacher = context.pretrained(str(source))
+            if repr(teacher.process) != repr(context.process):
+                raise ValueError(f"teacher: the teacher was trained on {teacher.process!r}, the config names "
+                                 f"{context.process!r}; use the teacher's process")
+            own = context.model.state_dict()
+            for key, value in teacher.model.state_dict().items():
+                if key not in own or own[key].shape != value.shape:
+                    raise ValueError(f"teacher: the student's model must have the teacher's architecture ('{key}' "
+                                     "differs); use the teacher's model section")
+            context.model.load_state_dict(teacher.model.state_dict())
+            self.teacher_module, self.parameterisation = teacher.model, teacher.objective
+            grid = teacher.sampler.grid
+        self.grid = self.grid or grid or build("grid", "uniform")
+        times = self.grid(context.process, 2 * self.student_steps)
+        self.times = times.to(torch.float64)  # [2N + 1], the teacher's grid
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"model": self.context.model, "teacher": self.teacher_module}
+
+    def denoiser(self, model: nn.Module, process: Any = None) -> Denoiser:
+        """The student ``model`` as a Denoiser, in the teacher's parameterisation."""
+        process = self.context.process if process is None else process
+        if self.parameterisation is not None:
+            return self.parameterisation.denoiser(model, process)
+        d = self.teacher_module
+        return Denoiser(model, process, d.prediction, d.preconditioning, d.sigma_data)
+
+    def teacher(self, module: nn.Module) -> Denoiser:
+        """The teacher's Denoiser of ``module`` (the frozen module as the Trainer holds it)."""
+        return module if isinstance(module, Denoiser) else self.parameterisation.denoiser(module, self.context.process)
+
+    def weight(self, alpha: Tensor, sigma: Tensor) -> Tensor:
+        snr = (alpha / sigma) ** 2
+        if self.weighting == "truncated_snr":
+            return snr.clamp(min=1.0)
+        return snr if self.weighting == "snr" else torch.ones_like(snr)
+
+    def loss(self, modules: dict[str, nn.Module], batch: Batch, generator: torch.Generator,
+             optimizer: str = "model") -> Tensor:
+        x0 = batch["x"]
+        cond = {"class_labels": batch["class_labels"]} if "class_labels" in batch else {}
+        n, process = x0.shape[0], self.context.process
+        i = torch.randint(self.student_steps, (n,), generator=generator, device=x0.device)
+        grid = self.times.to(x0.device)
+        times = torch.stack([grid[2 * i], grid[2 * i + 1], grid[2 * i + 2]])  # [3, B]
+        eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+        level = process.level(times[0])
+        shape = (-1,) + (1,) * (x0.ndim - 1)
+        z_t = (level.alpha.reshape(shape) * x0.double() + level.sigma.reshape(shape) * eps.double()).to(x0.dtype)
+        with torch.no_grad():
+            z_next = self.solver.integrate(self.teacher(modules["teacher"]), z_t, times=times, cond=cond)
+        end = process.level(times[2])
+        target = distillation_target(z_t, z_next, (level.alpha, level.sigma), (end.alpha, end.sigma))
+        x0_hat, _ = self.denoiser(modules["model"])(z_t, times[0], **cond)
+        err = (x0_hat - target).square().flatten(1).mean(1)
+        return (err * self.weight(level.alpha, level.sigma).to(err.dtype)).mean()
+
+    def sample(self, modules: dict[str, nn.Module], n: int, generator: torch.Generator,
+               cond: dict[str, Tensor] | None = None) -> Tensor:
+        """N DDIM steps of the student on its grid (every other time of the teacher's)."""
+        return DDIM(self.student_steps).sample(self.denoiser(modules["model"]), shape=(n, *self.context.data_shape),
+                                               times=self.times[::2], generator=generator, progress=False, cond=cond)
