@@ -4,6 +4,7 @@ the probability-flow ODE and likelihood, inversion and editing.
 It does not import ``genlab.models``: samplers work on any callable.
 """
 
+from .consistency import ConsistencyDenoiser, consistency_scalings
 from .denoiser import Denoiser
 from .editing import edit_times, invert, sdedit
 from .grids import DDPMGrid, ExplicitGrid, Karras, TimeGrid, UniformLogSNR, UniformTime
@@ -15,8 +16,9 @@ from .ode import ODESampler, ODESolution, ProbabilityFlow
 from .predictions import PREDICTIONS, convert, from_x0_eps, to_x0_eps
 from .levels import Level
 from .processes import EDM, VE, VP, DiscreteVP, Process, RectifiedFlow, SubVP
-from .samplers import (DDIM, DDPM, DEIS, DPMSolverPP, DPMSolverPPSDE, DPMSolverSingle, Euler, EulerAncestral, EulerMaruyama,
-                       FlowEuler, Heun, PredictorCorrector, Restart, ReverseDiffusion, Sampler, SamplerState,
+from .samplers import (DDIM, DDPM, DEIS, ConsistencySampler, DPMSolverPP, DPMSolverPPSDE, DPMSolverSingle, Euler,
+                       EulerAncestral, EulerMaruyama, FlowEuler, Heun, PredictorCorrector, Restart, ReverseDiffusion,
+                       Sampler, SamplerState,
                        StepContext, StepInfo, UniPC)
 
 __all__ = [
@@ -27,4 +29,5 @@ __all__ = [
     "DDIM", "DDPM", "DEIS", "DPMSolverPP", "DPMSolverPPSDE", "DPMSolverSingle", "Euler", "EulerAncestral", "EulerMaruyama",
     "FlowEuler", "Heun", "PredictorCorrector", "Restart", "ReverseDiffusion", "Sampler", "SamplerState",
     "StepContext", "StepInfo", "UniPC", "LearnedGrid", "learn_grid",
+    "ConsistencyDenoiser", "consistency_scalings", "ConsistencySampler",
 ]
