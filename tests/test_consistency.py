@@ -87,7 +87,7 @@ def test_scalings_and_outputs_match_song_et_al(process):
     t_top = 0.9 if isinstance(process, RectifiedFlow) else process.t_max
     for t in (process.t_min * 1.5, process.t_min * 10, (process.t_min + t_top) / 3, t_top):
         level = process_level(process, t)
-        alpha, sigma = float(process.alpha(torch.tensor(t, dtype=F64))), float(process.sigma(torch.tensor(t, dtype=F64)))
+        alpha, sigma = (float(fn(torch.tensor(t, dtype=F64))) for fn in (process.alpha, process.sigma))
         s = sigma / alpha
         c_skip, c_out, c_in, c_noise = den.scalings(level)
         assert c_skip == pytest.approx(song_c_skip(s, sd, s_min), rel=1e-12, abs=1e-15)
@@ -237,22 +237,38 @@ def test_runs_on_the_meta_device_with_shared_and_per_sample_times(pname):
         assert (x.device.type, x.dtype, x.shape) == ("meta", torch.float32, (3, 2))
 
 
-def test_per_sample_times_and_the_fast_path_agree():
+class Forwarding:
+    """A wrapper that forwards attribute access to its denoiser (as a guidance wrapper might): no fast path,
+    the boundary sigma_min read through it."""
+
+    def __init__(self, denoiser):
+        self.inner = denoiser
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, x, t, **cond):
+        return self.inner(x, t, **cond)
+
+
+def test_per_sample_times_the_fast_path_and_a_wrapper_agree():
     """Per-sample times [N + 1, B] with equal columns give the shared grid's samples, noise included; a run
-    with a callback (no fast path: x0 from forward) gives those of a run without (x0 from linear)."""
+    with a callback (no fast path: x0 from forward) and one through a forwarding wrapper give those of a
+    run without (x0 from linear)."""
     process = SubVP()
-    den = ConsistencyDenoiser(random_backbone(4), process)
+    den = ConsistencyDenoiser(random_backbone(4), process, sigma_min=0.05)  # a boundary the re-noising must see
     sampler = ConsistencySampler(5)
     x_T = process.prior((6, 2), generator=torch.Generator().manual_seed(18), dtype=F64)
     times = sampler.timesteps(process)
 
-    def run(grid, callback=None):
-        return sampler.sample(den, x_T.clone(), times=grid, generator=torch.Generator().manual_seed(19),
+    def run(grid, callback=None, denoiser=den):
+        return sampler.sample(denoiser, x_T.clone(), times=grid, generator=torch.Generator().manual_seed(19),
                               progress=False, callback=callback)
 
     shared = run(times)
     assert torch.allclose(run(times[:, None].expand(-1, 6)), shared, rtol=0, atol=1e-12)
     assert torch.allclose(run(times, callback=lambda info: None), shared, rtol=0, atol=1e-12)
+    assert torch.allclose(run(times, denoiser=Forwarding(den)), shared, rtol=0, atol=1e-12)
 
 
 def test_any_denoiser_and_the_registry():
