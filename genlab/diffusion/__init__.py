@@ -5,6 +5,7 @@ objectives built on it are in :mod:`genlab.objectives`).
 It does not import ``genlab.models``: samplers work on any callable.
 """
 
+from .consistency import ConsistencyDenoiser, consistency_scalings
 from .denoiser import Denoiser
 from .editing import edit_times, invert, sdedit
 from .grids import DDPMGrid, ExplicitGrid, Karras, TimeGrid, UniformLogSNR, UniformTime
@@ -16,8 +17,9 @@ from .predictions import PREDICTIONS, convert, from_x0_eps, to_x0_eps
 from .levels import Level
 from .processes import EDM, VE, VP, DiscreteVP, Process, RectifiedFlow, SubVP
 from .time_distributions import LogitNormalT, LogNormalSigma, TimeDistribution, UniformT
-from .samplers import (DDIM, DDPM, DEIS, DPMSolverPP, DPMSolverPPSDE, DPMSolverSingle, Euler, EulerAncestral, EulerMaruyama,
-                       FlowEuler, Heun, PredictorCorrector, Restart, ReverseDiffusion, Sampler, SamplerState,
+from .samplers import (DDIM, DDPM, DEIS, ConsistencySampler, DPMSolverPP, DPMSolverPPSDE, DPMSolverSingle, Euler,
+                       EulerAncestral, EulerMaruyama, FlowEuler, Heun, PredictorCorrector, Restart, ReverseDiffusion,
+                       Sampler, SamplerState,
                        StepContext, StepInfo, UniPC)
 
 __all__ = [
@@ -29,4 +31,5 @@ __all__ = [
     "DDIM", "DDPM", "DEIS", "DPMSolverPP", "DPMSolverPPSDE", "DPMSolverSingle", "Euler", "EulerAncestral", "EulerMaruyama",
     "FlowEuler", "Heun", "PredictorCorrector", "Restart", "ReverseDiffusion", "Sampler", "SamplerState",
     "StepContext", "StepInfo", "UniPC", "LearnedGrid", "learn_grid",
+    "ConsistencyDenoiser", "consistency_scalings", "ConsistencySampler",
 ]

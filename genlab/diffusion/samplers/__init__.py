@@ -1,6 +1,7 @@
 """Samplers: one base class owning the loop; each method is a small subclass."""
 
 from .base import Sampler, SamplerState, StepContext, StepInfo
+from .consistency import ConsistencySampler
 from .ddim import DDIM, DDPM, posterior_std
 from .deis import DEIS
 from .dpm_solver import DPMSolverPP, DPMSolverPPSDE, dpm_solver_pp_update
@@ -14,6 +15,6 @@ from .unipc import UniPC, UniPCState
 __all__ = [
     "Sampler", "SamplerState", "StepContext", "StepInfo", "DDIM", "DDPM", "DEIS", "posterior_std", "DPMSolverPP",
     "DPMSolverPPSDE", "dpm_solver_pp_update", "DPMSolverSingle", "Euler", "EulerAncestral", "Heun", "ancestral_sigmas",
-    "FlowEuler",
+    "FlowEuler", "ConsistencySampler",
     "Restart", "RestartInterval", "EulerMaruyama", "PredictorCorrector", "ReverseDiffusion", "UniPC", "UniPCState",
 ]
