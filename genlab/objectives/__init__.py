@@ -7,5 +7,7 @@ runs any objective and knows nothing of diffusion.
 
 from .base import Batch, BuildContext, Objective
 from .denoising import DenoisingObjective, FlowMatchingObjective
+from .distillation import ProgressiveDistillation
 
-__all__ = ["Batch", "BuildContext", "Objective", "DenoisingObjective", "FlowMatchingObjective"]
+__all__ = ["Batch", "BuildContext", "Objective", "DenoisingObjective", "FlowMatchingObjective",
+           "ProgressiveDistillation"]
