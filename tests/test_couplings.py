@@ -14,6 +14,7 @@ import torch
 
 from genlab.core.errors import ConfigError
 from genlab.core.registry import build, registered
+from genlab.objectives import couplings
 from genlab.objectives.couplings import (Coupling, ExactOT, Independent, LabelOT, Sinkhorn, draw_from_plan, plan,
                                          sinkhorn_plan)
 from genlab.testing.devices import DeviceAudit, generator_on
@@ -116,6 +117,22 @@ def test_draws_from_a_plan_follow_it():
     i, j = draw_from_plan(p, n, torch.Generator().manual_seed(1))
     freq = torch.zeros(36, dtype=torch.float64).index_add_(0, i * 6 + j, torch.ones(n, dtype=torch.float64)) / n
     assert bool(((freq - p.reshape(-1)).abs() <= 5 * (p.reshape(-1) / n).sqrt() + 1e-9).all())
+
+
+def test_draws_from_a_plan_too_large_for_one_multinomial_follow_it(monkeypatch):
+    """Above torch.multinomial's 2^24 categories a row is drawn, then a column given the row."""
+    monkeypatch.setattr(couplings, "MULTINOMIAL_LIMIT", 0)
+    test_draws_from_a_plan_follow_it()
+
+
+def test_empty_batches_and_one_value_rows():
+    empty, labels = torch.zeros(0, 2), torch.zeros(0, dtype=torch.long)
+    for name in ("independent", "exact_ot", "sinkhorn", "label_ot"):
+        coupling = build("coupling", name)
+        assert coupling.pair(empty, empty, None, labels, labels).x0.shape == (0, 2)
+        assert coupling.plan(empty, empty, None, labels, labels).shape == (0, 0)
+    x0, x1 = torch.tensor([3.0, 1.0, 2.0]), torch.tensor([10.0, 30.0, 20.0])  # rows of one value: sorted order
+    assert ExactOT().pair(x0, x1).x0.tolist() == [1.0, 3.0, 2.0]
 
 
 def test_sinkhorn_pairs_are_drawn_from_its_plan_with_the_generator():

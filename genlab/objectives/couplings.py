@@ -16,14 +16,18 @@ Registered in namespace ``coupling``:
 - ``label_ot``: exact OT within each class, no pair crosses classes (class-conditional OT-CFM).
 
 **Solver.** With equal batch sizes and uniform weights the OT polytope's vertices are the
-permutation matrices / B (Birkhoff-von Neumann), so the linear program <P, M> has an optimal
+permutation matrices / B (Birkhoff-von Neumann), so the linear program min <P, M> has an optimal
 permutation: the problem *is* the linear assignment problem. We solve it with
-``scipy.optimize.linear_sum_assignment`` (Crouse 2016's shortest-augmenting-path variant of
-Jonker-Volgenant, O(B^3) worst case, exact), which on random batches is several times faster than
-the general network simplex POT's ``ot.emd`` runs (what torchcfm's ``OTPlanSampler("exact")`` calls)
-and needs no POT at run time; ``scripts/bench_couplings.py`` measures both. The cost matrix is
-computed with torch on the inputs' device in float64 (``torch.cdist(...) ** 2`` on the flattened
-rows; float32 on devices without float64); only that [B, B] matrix moves to the CPU.
+``scipy.optimize.linear_sum_assignment`` (Crouse 2016's shortest-augmenting-path form of
+Jonker-Volgenant; exact, O(B^3) worst case) on the row- and column-reduced cost (:func:`assignment`),
+rather than with the general network simplex of POT's ``ot.emd`` (what torchcfm's
+``OTPlanSampler("exact")`` calls): it needs no POT at run time (SciPy comes with scikit-learn, a
+genlab dependency), and with the reduction it is faster than ``ot.emd`` on high-dimensional batches
+(784-D, B = 1024: about 3x for the solver). It is *not* faster everywhere: on low-dimensional
+clustered data at B = 1024 (2-D) ``ot.emd`` is about 3x faster, and at B = 256 the two are within a
+few milliseconds; ``scripts/bench_couplings.py`` measures both. The cost matrix is computed with
+torch on the inputs' device in float64 (``torch.cdist(...) ** 2`` on the flattened rows; float32 on
+devices without float64); only that [B, B] matrix moves to the CPU.
 
 Draws (sampling from a plan, surplus partners) come from ``generator``, on the inputs' device;
 outputs keep the inputs' device and dtype.
@@ -66,8 +70,9 @@ def _rows(who: str, x0: Tensor, x1: Tensor, labels0: Tensor | None = None,
     if x1.shape[0] != b:
         raise ShapeError(f"{who}: x0 has {b} rows and x1 has {x1.shape[0]}; a coupling pairs batches of one size "
                          f"B (shapes {list(x0.shape)} and {list(x1.shape)})")
-    if features and x0[0].numel() != x1[0].numel():
-        raise ShapeError(f"{who}: a row of x0 has {x0[0].numel()} values and a row of x1 {x1[0].numel()}; the cost "
+    if features and math.prod(x0.shape[1:]) != math.prod(x1.shape[1:]):
+        raise ShapeError(f"{who}: a row of x0 has {math.prod(x0.shape[1:])} values and a row of x1 "
+                         f"{math.prod(x1.shape[1:])}; the cost "
                          f"|x0_i - x1_j|^2 needs rows of one size (shapes {list(x0.shape)} and {list(x1.shape)})")
     for name, labels in (("labels0", labels0), ("labels1", labels1)):
         if labels is not None and tuple(labels.shape) != (b,):
@@ -79,7 +84,8 @@ def squared_distances(x0: Tensor, x1: Tensor) -> Tensor:
     """The cost M [B0, B1], M_ij = |x0_i - x1_j|^2 over the flattened rows, on the inputs' device in
     float64 (float32 where the device has no float64)."""
     dtype = level_dtype(x0.device)
-    return torch.cdist(x0.reshape(x0.shape[0], -1).to(dtype), x1.reshape(x1.shape[0], -1).to(dtype)) ** 2
+    rows0, rows1 = (x.reshape(x.shape[0], math.prod(x.shape[1:])).to(dtype) for x in (x0, x1))
+    return torch.cdist(rows0, rows1) ** 2
 
 
 def _host_cost(who: str, cost: Tensor) -> np.ndarray:
@@ -94,20 +100,36 @@ def _host_cost(who: str, cost: Tensor) -> np.ndarray:
 def assignment(cost: np.ndarray) -> np.ndarray:
     """For a cost [n1, n0] with n1 <= n0 (rows: x1, columns: x0 candidates), the column given to each row
     [n1] by the exact minimum-cost assignment (``scipy.optimize.linear_sum_assignment``; each column at
-    most once)."""
+    most once).
+
+    The cost is reduced first: each row's minimum subtracted, and (square costs only, where every column
+    is used) then each column's. Every assignment's total changes by the same constant, so the optimum is
+    the same; the solver, which starts from zero potentials, runs 1.3-4x faster on it (squared distances,
+    B = 1024)."""
     from scipy.optimize import linear_sum_assignment
 
+    if cost.size == 0:
+        return np.zeros(cost.shape[0], dtype=np.int64)
+    cost = cost - cost.min(axis=1, keepdims=True)
+    if cost.shape[0] == cost.shape[1]:
+        cost -= cost.min(axis=0, keepdims=True)
     rows, cols = linear_sum_assignment(cost)
     out = np.empty(cost.shape[0], dtype=np.int64)
     out[rows] = cols
     return out
 
 
+MULTINOMIAL_LIMIT = 2**24  # torch.multinomial's most categories: larger plans are drawn from in two steps
+
+
 def draw_from_plan(plan: Tensor, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """n index pairs (i [n], j [n]) drawn with replacement with probability plan[i, j] / sum(plan), as
     torchcfm's ``OTPlanSampler.sample_map`` (which uses numpy's global RNG; here ``generator``, on the
     plan's device)."""
-    if plan.numel() <= 2**24:  # torch.multinomial's limit on the number of categories
+    if n == 0:
+        empty = torch.zeros(0, dtype=torch.int64, device=plan.device)
+        return empty, empty
+    if plan.numel() <= MULTINOMIAL_LIMIT:
         flat = torch.multinomial(plan.reshape(-1), n, replacement=True, generator=generator)
         return torch.div(flat, plan.shape[1], rounding_mode="floor"), flat % plan.shape[1]
     i = torch.multinomial(plan.sum(1), n, replacement=True, generator=generator)  # the same law in two steps:
@@ -139,7 +161,7 @@ class Coupling:
         b = _rows(type(self).__name__, x0, x1, labels0, labels1, features=False)
         i, j = self.indices(x0, x1, generator, labels0, labels1)
         p = torch.zeros(b * b, dtype=level_dtype(x0.device), device=x0.device)
-        p.index_add_(0, i * b + j, torch.full((len(i),), 1.0 / b, dtype=p.dtype, device=p.device))
+        p.index_add_(0, i * b + j, torch.full((len(i),), 1.0 / max(b, 1), dtype=p.dtype, device=p.device))
         return p.reshape(b, b)
 
     def __repr__(self) -> str:
@@ -165,7 +187,7 @@ class Independent(Coupling):
              labels0: Tensor | None = None, labels1: Tensor | None = None) -> Tensor:
         """The product plan 1 / B^2 everywhere (of which the given pairs are a draw)."""
         b = _rows("independent", x0, x1, labels0, labels1, features=False)
-        return torch.full((b, b), 1.0 / b**2, dtype=level_dtype(x0.device), device=x0.device)
+        return torch.full((b, b), 1.0 / max(b, 1) ** 2, dtype=level_dtype(x0.device), device=x0.device)
 
 
 @register("coupling", "exact_ot")
@@ -194,7 +216,7 @@ class ExactOT(Coupling):
         b = _rows("exact_ot", x0, x1, labels0, labels1)
         sigma = self.permutation(x0, x1)
         j = torch.arange(b, device=x1.device)
-        if self.replace:  # the plan is uniform on its B entries (sigma(j), j): draw B of them
+        if self.replace and b:  # the plan is uniform on its B entries (sigma(j), j): draw B of them
             j = torch.randint(b, (b,), generator=generator, device=x1.device)
         return sigma[j], j
 
@@ -203,7 +225,7 @@ class ExactOT(Coupling):
         """The OT plan [B, B]: 1 / B at (sigma(j), j), 0 elsewhere."""
         b = _rows("exact_ot", x0, x1, labels0, labels1)
         p = torch.zeros(b, b, dtype=level_dtype(x0.device), device=x0.device)
-        p[self.permutation(x0, x1), torch.arange(b, device=x0.device)] = 1.0 / b
+        p[self.permutation(x0, x1), torch.arange(b, device=x0.device)] = 1.0 / max(b, 1)
         return p
 
 
@@ -220,6 +242,8 @@ def sinkhorn_plan(cost: Tensor, reg: float, iterations: int = 1000, tolerance: f
     once it is <= ``tolerance`` (0: never measured, all ``iterations`` run, no host synchronisation).
     """
     n0, n1 = cost.shape
+    if cost.numel() == 0:
+        return torch.zeros_like(cost), 0.0
     scaled = -cost / reg
     log_a = torch.full((n0,), -math.log(n0), dtype=cost.dtype, device=cost.device)
     log_b = torch.full((n1,), -math.log(n1), dtype=cost.dtype, device=cost.device)
