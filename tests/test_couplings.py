@@ -15,8 +15,8 @@ import torch
 from genlab.core.errors import ConfigError
 from genlab.core.registry import build, registered
 from genlab.objectives import couplings
-from genlab.objectives.couplings import (Coupling, ExactOT, Independent, LabelOT, Sinkhorn, draw_from_plan, plan,
-                                         sinkhorn_plan)
+from genlab.objectives.couplings import (Coupling, ExactOT, Independent, LabelOT, Sinkhorn, assignment, draw_from_plan,
+                                         plan, sinkhorn_plan)
 from genlab.testing.devices import DeviceAudit, generator_on
 
 
@@ -215,6 +215,27 @@ def test_label_ot_cheapest_has_the_cost_of_pot_partial_emd_on_each_class():
         reference = ot.emd2(ot.unif(n0), b, block) * n0
         assert abs(cost - reference) <= 1e-9 * max(1.0, reference), (c, cost, reference)
         assert len(set(i[rows1].tolist())) == n1  # distinct sources
+
+
+@pytest.mark.parametrize("n1,n0", [(1, 2), (3, 7), (20, 21), (16, 16)])
+def test_the_assignment_equals_pot_emd_with_a_dummy_row_for_the_unused_columns(n1, n0):
+    """assignment(cost [n1, n0]) gives each row its own column at the least total cost: POT's emd with the
+    n0 - n1 unused columns' mass sent to a dummy row at zero cost (its reduction of the cost must not
+    change the optimum: column minima may only be subtracted when every column is used)."""
+    cost = torch.rand(n1, n0, generator=torch.Generator().manual_seed(n0), dtype=torch.float64).numpy() ** 2
+    cols = assignment(cost)
+    assert len(set(cols.tolist())) == n1
+    padded = np.concatenate([cost, np.zeros((1, n0))])
+    reference = ot.emd2(np.concatenate([np.ones(n1), [n0 - n1]]) / n0, ot.unif(n0), padded) * n0
+    assert abs(cost[np.arange(n1), cols].sum() - reference) <= 1e-12 * max(1.0, reference)
+
+
+def test_label_ot_cheapest_takes_the_nearer_source():
+    """Class 0: one data row at 0, sources at 2 and 1; class 1: two data rows, one source (used twice)."""
+    x0, x1 = torch.tensor([[2.0], [1.0], [5.0]]), torch.tensor([[0.0], [5.1], [4.9]])
+    labels0, labels1 = torch.tensor([0, 0, 1]), torch.tensor([0, 1, 1])
+    i, _ = LabelOT("cheapest").indices(x0, x1, None, labels0, labels1)
+    assert i.tolist() == [1, 2, 2]
 
 
 def test_label_ot_unlabelled_source_takes_the_data_labels():
