@@ -1,0 +1,175 @@
+"""Conditional probability paths of flow matching, in genlab's time convention.
+
+**Convention.** t = 0 is the data, t = 1 the source, as in ``genlab.diffusion``'s processes (sampling
+integrates from t = 1 down to t = 0). Names follow torchcfm and :mod:`.couplings`: ``x0`` [B, ...] is
+the source (noise), ``x1`` [B, ...] the data (``genlab.diffusion`` calls the data x0; here it is x1).
+Every path is linear in (x1, x0, eps), eps ~ N(0, I) [B, ...]:
+
+    x_t = a(t) x1 + b(t) x0 + s(t) eps,        a(0) = 1, b(0) = 0;  a(1) = 0, b(1) = 1,
+    u_t = d x_t / dt = a'(t) x1 + b'(t) x0 + s'(t) eps,
+
+the conditional velocity in genlab's time: a network trained on it is integrated from t = 1 to 0.
+torchcfm (and the papers) run time the other way, tau = 0 at the source and tau = 1 at the data, so
+
+    tau = 1 - t,    x_t (genlab) = x_tau (torchcfm),    u_t (genlab) = -u_tau (torchcfm),
+
+and the score of p_t(x | x0, x1) = N(a x1 + b x0, s^2 I) is -eps / s(t) in both. With sigma = 0,
+``cond_ot`` is :class:`genlab.diffusion.RectifiedFlow` (alpha = 1 - t on the data, sigma = t on the
+noise, velocity = noise - data).
+
+Registered in namespace ``path``: ``cond_ot``, ``variance_preserving``, ``schrodinger_bridge``.
+Coefficients are computed from t in float64 (float32 on devices without float64) and cast to the
+samples' dtype, so float32 data stays float32; every tensor stays on the inputs' device.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ..core.bounds import NonNegativeFloat, PositiveFloat
+from ..core.errors import ShapeError
+from ..core.registry import register, register_namespace
+from ..diffusion.levels import broadcast, combine, level_dtype
+
+
+class PathCoefficients(NamedTuple):
+    """a, b, s of x_t = a x1 + b x0 + s eps and their t-derivatives, each shaped like t ([B] or [])."""
+
+    data: Tensor
+    source: Tensor
+    noise: Tensor
+    d_data: Tensor
+    d_source: Tensor
+    d_noise: Tensor
+
+
+class PathPoint(NamedTuple):
+    """x_t [B, ...], the target velocity u_t = d x_t / dt [B, ...] and the noise eps [B, ...] used."""
+
+    x_t: Tensor
+    velocity: Tensor
+    eps: Tensor
+
+
+class Path:
+    """Base class: subclasses define :meth:`coefficients` (a, b, s and their derivatives at t)."""
+
+    def coefficients(self, t: Tensor) -> PathCoefficients:
+        raise NotImplementedError
+
+    def _coefficients(self, t: Tensor) -> PathCoefficients:
+        return self.coefficients(t.to(level_dtype(t.device)))
+
+    def sample(self, x0: Tensor, x1: Tensor, t: Tensor, eps: Tensor | None = None,
+               generator: torch.Generator | None = None) -> PathPoint:
+        """x_t and u_t for source x0 [B, ...], data x1 [B, ...] (one shape), times t [B] (or []) and noise
+        eps [B, ...] (None: drawn from ``generator`` on x1's device, in x1's dtype)."""
+        who = type(self).__name__
+        if x0.shape != x1.shape:
+            raise ShapeError(f"{who}: x0 (source) and x1 (data) must have one shape, got {list(x0.shape)} and "
+                             f"{list(x1.shape)}")
+        if not (t.ndim == 0 or (t.ndim == 1 and x1.ndim >= 1 and len(t) == x1.shape[0])):
+            raise ShapeError(f"{who}: t must have shape [{x1.shape[0] if x1.ndim else 'B'}] (one time per row) or [], "
+                             f"got {list(t.shape)}")
+        if eps is None:
+            eps = torch.randn(x1.shape, generator=generator, dtype=x1.dtype, device=x1.device)
+        elif eps.shape != x1.shape:
+            raise ShapeError(f"{who}: eps must have the shape of x1, {list(x1.shape)}, got {list(eps.shape)}")
+        c = self._coefficients(t)
+        x_t = combine((c.data, x1), (c.source, x0), (c.noise, eps))
+        u_t = combine((c.d_data, x1), (c.d_source, x0), (c.d_noise, eps))
+        return PathPoint(x_t, u_t, eps)
+
+    def mean_std(self, x0: Tensor, x1: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """The mean mu_t = a x1 + b x0 [B, ...] and std s(t) (shaped like t, float64) of p_t(x | x0, x1)."""
+        c = self._coefficients(t)
+        return combine((c.data, x1), (c.source, x0)), c.noise
+
+    def score(self, t: Tensor, eps: Tensor) -> Tensor:
+        """The score target grad_x log p_t(x_t | x0, x1) = -(x_t - mu_t) / s^2 = -eps / s(t) [B, ...] for the
+        eps of :meth:`sample` (defined where s(t) > 0)."""
+        s = self._coefficients(t).noise
+        return -eps / broadcast(s, eps).to(dtype=eps.dtype, device=eps.device)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({fields})"
+
+
+register_namespace("path", Path, "conditional probability paths of flow matching")
+
+
+@register("path", "cond_ot")
+class CondOT(Path):
+    """The straight path of (OT-)CFM / rectified flow with a constant std (Tong et al. 2023, Eqs. 14-15;
+    Lipman et al. 2023; Liu et al. 2023; torchcfm's ``ConditionalFlowMatcher(sigma)``), in genlab time:
+
+        x_t = (1 - t) x1 + t x0 + sigma eps,    u_t = x0 - x1.
+
+    Args:
+        sigma: the path's constant std (>= 0; 0: the deterministic interpolation of rectified flow).
+    """
+
+    def __init__(self, sigma: NonNegativeFloat = 0.0) -> None:
+        self.sigma = sigma
+
+    def coefficients(self, t: Tensor) -> PathCoefficients:
+        one, zero = torch.ones_like(t), torch.zeros_like(t)
+        return PathCoefficients(1 - t, t, self.sigma * one, -one, one, zero)
+
+
+@register("path", "variance_preserving")
+class VariancePreserving(Path):
+    """The trigonometric (variance-preserving) interpolant (Albergo & Vanden-Eijnden 2023, Eq. 5; Albergo
+    et al. 2023, "Stochastic interpolants"; torchcfm's ``VariancePreservingConditionalFlowMatcher``), in
+    genlab time (torchcfm's cos(pi tau / 2) x0 + sin(pi tau / 2) x1 at tau = 1 - t):
+
+        x_t = cos(pi t / 2) x1 + sin(pi t / 2) x0 + sigma eps,
+        u_t = pi / 2 (cos(pi t / 2) x0 - sin(pi t / 2) x1).
+
+    Args:
+        sigma: the constant std (>= 0; torchcfm's default 0).
+    """
+
+    def __init__(self, sigma: NonNegativeFloat = 0.0) -> None:
+        self.sigma = sigma
+
+    def coefficients(self, t: Tensor) -> PathCoefficients:
+        c, s = torch.cos(math.pi / 2 * t), torch.sin(math.pi / 2 * t)
+        zero = torch.zeros_like(t)
+        return PathCoefficients(c, s, self.sigma * torch.ones_like(t), -math.pi / 2 * s, math.pi / 2 * c, zero)
+
+
+@register("path", "schrodinger_bridge")
+class SchrodingerBridge(Path):
+    """The Brownian-bridge path of Schrödinger-bridge CFM (Tong et al. 2023, Eqs. 20-21; SF2M, Tong et al.
+    2024; torchcfm's ``SchrodingerBridgeConditionalFlowMatcher(sigma)``), symmetric in t <-> 1 - t:
+
+        x_t = (1 - t) x1 + t x0 + sigma sqrt(t (1 - t)) eps,
+        u_t = x0 - x1 + (1 - 2 t) / (2 t (1 - t)) (x_t - mu_t) = x0 - x1 + sigma (1 - 2t) / (2 sqrt(t (1 - t))) eps,
+
+    (torchcfm's target at tau = 1 - t, negated; torchcfm adds 1e-8 to the denominator, genlab does not:
+    t must lie in (0, 1)). Pair it with ``coupling: {type: sinkhorn, reg: 2 sigma^2}``.
+
+    :meth:`score` is -eps / (sigma sqrt(t (1 - t))); :meth:`score_weight` is SF2M's lambda(t).
+
+    Args:
+        sigma: the bridge's noise scale g (> 0).
+    """
+
+    def __init__(self, sigma: PositiveFloat = 1.0) -> None:
+        self.sigma = sigma
+
+    def coefficients(self, t: Tensor) -> PathCoefficients:
+        one, root = torch.ones_like(t), torch.sqrt(t * (1 - t))
+        return PathCoefficients(1 - t, t, self.sigma * root, -one, one, self.sigma * (1 - 2 * t) / (2 * root))
+
+    def score_weight(self, t: Tensor) -> Tensor:
+        """lambda(t) = 2 s(t) / sigma^2 (SF2M, Tong et al. 2024, Eq. 23; torchcfm's ``compute_lambda``, less its
+        1e-8), shaped like t. torchcfm's SF2M loss |lambda(t) s_theta + eps|^2 trains s_theta towards
+        -eps / lambda = (sigma^2 / 2) * :meth:`score`, the score term g^2 / 2 grad log p_t of the bridge's SDE drift."""
+        return 2 * self._coefficients(t).noise / self.sigma**2
