@@ -89,3 +89,12 @@ def test_a_round_from_a_trained_run(tmp_path, capsys):
     code = main(["train", str(ROOT / "configs" / "toy2d.yaml"), *distill, "process.schedule=cosine",
                  "--out", str(tmp_path / "wrong")])
     assert code == 2 and "the teacher was trained on VP" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("weighting, expected", [("truncated_snr", [4.0, 1.0, 1.0]), ("snr", [4.0, 1.0, 0.25]),
+                                                 ("constant", [1.0, 1.0, 1.0])])
+def test_the_weightings(weighting, expected):
+    """Truncated SNR (Salimans & Ho 2022, Eq. 10) is max(SNR, 1)."""
+    objective = ProgressiveDistillation(exact_denoiser(GaussianMixture.ring(), VP()), 2, weighting=weighting)
+    alpha, sigma = torch.tensor([2.0, 1.0, 1.0]), torch.tensor([1.0, 1.0, 2.0])
+    assert objective.weight(alpha, sigma).tolist() == expected
