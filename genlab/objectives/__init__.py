@@ -7,7 +7,8 @@ runs any objective and knows nothing of diffusion.
 
 from .base import Batch, BuildContext, Objective
 from .denoising import DenoisingObjective, FlowMatchingObjective
+from .consistency import ConsistencyDistillation
 from .distillation import ProgressiveDistillation
 
-__all__ = ["Batch", "BuildContext", "Objective", "DenoisingObjective", "FlowMatchingObjective",
-           "ProgressiveDistillation"]
+__all__ = ["Batch", "BuildContext", "Objective", "ConsistencyDistillation", "DenoisingObjective",
+           "FlowMatchingObjective", "ProgressiveDistillation"]

@@ -72,6 +72,12 @@ class Objective:
         """Trained modules with an EMA copy (sampled and checkpointed as ``ema``)."""
         return ("model",)
 
+    def targets(self) -> dict[str, tuple[str, float]]:
+        """Target networks: name -> (trained module, decay). The Trainer keeps each as an EMA of that
+        module with a constant decay (no warm-up), hands it to :meth:`loss` under its name, updates it
+        after every step and checkpoints it (a consistency model's f_theta^-)."""
+        return {}
+
     def optimizers(self) -> dict[str, tuple[str, ...]]:
         """Optimizer name -> the trained modules whose parameters it updates."""
         return {"model": ("model",)}

@@ -30,6 +30,7 @@ from ..diffusion.grids import GridSpec, TimeGrid
 from ..diffusion.samplers.base import Sampler
 from ..diffusion.samplers.ddim import DDIM
 from .base import Batch, BuildContext, Objective
+from .teachers import load_teacher
 
 DistillWeighting = Literal["truncated_snr", "snr", "constant"]
 
@@ -44,15 +45,6 @@ def distillation_target(z_t: Tensor, z_next: Tensor, coef_t: tuple[Tensor, Tenso
     shape = (-1,) + (1,) * (z_t.ndim - 1)
     num = z_next - (ratio.reshape(shape) * z_t.double()).to(z_t.dtype)
     return num / (a_n - ratio * a_t).reshape(shape).to(z_t.dtype)
-
-
-def same_process(a: Any, b: Any) -> bool:
-    """Whether two processes have the same time range and the same alpha(t), sigma(t) (at 9 times, 1e-9)."""
-    if (a.t_min, a.t_max) != (b.t_min, b.t_max):
-        return False
-    t = torch.linspace(a.t_min, a.t_max, 9, dtype=torch.float64)
-    la, lb = a.level(t), b.level(t)
-    return bool(torch.allclose(la.alpha, lb.alpha, atol=1e-9) and torch.allclose(la.sigma, lb.sigma, atol=1e-9))
 
 
 @register("objective", "progressive_distillation")
@@ -79,43 +71,20 @@ class ProgressiveDistillation(Objective):
 
     def build(self, context: BuildContext) -> None:
         super().build(context)
-        source = self.teacher_source
-        if isinstance(source, Denoiser):
-            self.teacher_module, self.parameterisation = source, None
-            grid = None
-        else:
-            if context.pretrained is None:
-                raise ValueError("teacher: a run directory needs an experiment to load it from")
-            teacher = context.pretrained(str(source))
-            if not same_process(teacher.process, context.process):
-                raise ValueError(f"teacher: the teacher was trained on {teacher.process!r}, the config names "
-                                 f"{context.process!r}; use the teacher's process")
-            own = context.model.state_dict()
-            for key, value in teacher.model.state_dict().items():
-                if key not in own or own[key].shape != value.shape:
-                    raise ValueError(f"teacher: the student's model must have the teacher's architecture ('{key}' "
-                                     "differs); use the teacher's model section")
-            context.model.load_state_dict(teacher.model.state_dict())
-            self.teacher_module, self.parameterisation = teacher.model, teacher.objective
-            grid = teacher.sampler.grid
-        self.grid = self.grid or grid or build("grid", "uniform")
-        times = self.grid(context.process, 2 * self.student_steps)
-        self.times = times.to(torch.float64)  # [2N + 1], the teacher's grid
+        self.teacher_ = load_teacher(context, self.teacher_source, student_from_teacher=True)
+        self.grid = self.grid or self.teacher_.grid or build("grid", "uniform")
+        self.times = self.grid(context.process, 2 * self.student_steps).to(torch.float64)  # [2N + 1], the teacher's
 
     def modules(self) -> dict[str, nn.Module]:
-        return {"model": self.context.model, "teacher": self.teacher_module}
+        return {"model": self.context.model, "teacher": self.teacher_.module}
 
     def denoiser(self, model: nn.Module, process: Any = None) -> Denoiser:
         """The student ``model`` as a Denoiser, in the teacher's parameterisation."""
         process = self.context.process if process is None else process
-        if self.parameterisation is not None:
-            return self.parameterisation.denoiser(model, process)
-        d = self.teacher_module
+        if self.teacher_.objective is not None:
+            return self.teacher_.objective.denoiser(model, process)
+        d = self.teacher_.module
         return Denoiser(model, process, d.prediction, d.preconditioning, d.sigma_data)
-
-    def teacher(self, module: nn.Module) -> Denoiser:
-        """The teacher's Denoiser of ``module`` (the frozen module as the Trainer holds it)."""
-        return module if isinstance(module, Denoiser) else self.parameterisation.denoiser(module, self.context.process)
 
     def weight(self, alpha: Tensor, sigma: Tensor) -> Tensor:
         snr = (alpha / sigma) ** 2
@@ -136,7 +105,8 @@ class ProgressiveDistillation(Objective):
         shape = (-1,) + (1,) * (x0.ndim - 1)
         z_t = (level.alpha.reshape(shape) * x0.double() + level.sigma.reshape(shape) * eps.double()).to(x0.dtype)
         with torch.no_grad():
-            z_next = self.solver.integrate(self.teacher(modules["teacher"]), z_t, times=times, cond=cond)
+            teacher = self.teacher_.denoiser(modules["teacher"], process)
+            z_next = self.solver.integrate(teacher, z_t, times=times, cond=cond)
         end = process.level(times[2])
         target = distillation_target(z_t, z_next, (level.alpha, level.sigma), (end.alpha, end.sigma))
         x0_hat, _ = self.denoiser(modules["model"])(z_t, times[0], **cond)

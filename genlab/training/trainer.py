@@ -142,6 +142,10 @@ class Trainer:
         bad_ema = [n for n in obj.ema_modules() if n not in self.trained]
         if bad_ema:
             raise GenlabError(f"{who}: EMA of {bad_ema}, which are not trained modules")
+        for name, (source, _) in obj.targets().items():
+            if source not in self.trained or name in self.raw:
+                raise GenlabError(f"{who}: target '{name}' of '{source}': the source must be a trained module and "
+                                  "the name a new one")
 
     def _checked_start(self, resume: bool) -> Path | None:
         """The checkpoint to resume from (None for a fresh run), every check passed; writes nothing."""
@@ -157,6 +161,8 @@ class Trainer:
             check_fits(ckpt / weights_file(name), self.raw[name])
         for name in self.exp.objective.ema_modules():
             check_fits(ckpt / weights_file(name, ema=True), self.raw[name])
+        for name, (source, _) in self.exp.objective.targets().items():
+            check_fits(ckpt / f"target_{name}.safetensors", self.raw[source])
         return ckpt
 
     def _setup(self) -> None:
@@ -166,6 +172,7 @@ class Trainer:
         AcceleratorState._reset_state(reset_partial_state=False)
         self.acc = Accelerator(mixed_precision=tc.mixed_precision, cpu=not torch.cuda.is_available())
         self.emas = {n: EMA(self.raw[n], tc.ema_decay) for n in obj.ema_modules()}
+        self.targets = {n: EMA(self.raw[src], decay, warmup=False) for n, (src, decay) in obj.targets().items()}
         opts = {name: torch.optim.AdamW([p for n in names for p in self.raw[n].parameters()], lr=tc.lr,
                                         weight_decay=tc.weight_decay) for name, names in self.opt_modules.items()}
         trained = [torch.compile(self.raw[n]) if tc.compile else self.raw[n] for n in self.trained]
@@ -177,6 +184,8 @@ class Trainer:
         self.opts = dict(zip(opts, prepared[len(trained):]))
         for ema in self.emas.values():
             ema.model.to(self.acc.device)
+        for name, target in self.targets.items():
+            self.modules[name] = target.model.to(self.acc.device)
         self.model, self.opt, self.ema = self.modules.get("model"), self.opts.get("model"), self.emas.get("model")
         self.step, self.losses, self.skipped = 0, [], 0
         self.writer = self._tensorboard() if tc.tensorboard and self.acc.is_main_process else None
@@ -225,6 +234,9 @@ class Trainer:
         updates = state["ema_updates"]
         for name, ema in self.emas.items():
             ema.updates = updates[name] if isinstance(updates, dict) else updates
+        for name, target in self.targets.items():
+            target.model.load_state_dict(load_weights(ckpt / f"target_{name}.safetensors"))
+            target.updates = state["target_updates"][name]
         self.step, self.losses = state["step"], state.get("losses", [])
         self.skipped = state.get("skipped_steps", 0)
 
@@ -238,9 +250,11 @@ class Trainer:
         if not self.acc.is_main_process:
             return
         state = {"step": self.step, "ema_updates": {n: e.updates for n, e in self.emas.items()},
+                 "target_updates": {n: t.updates for n, t in self.targets.items()},
                  "losses": self.losses, "skipped_steps": self.skipped}
         weights = {weights_file(n): self.unwrapped(n).state_dict() for n in self.trained}
         weights.update({weights_file(n, ema=True): e.model.state_dict() for n, e in self.emas.items()})
+        weights.update({f"target_{n}.safetensors": t.model.state_dict() for n, t in self.targets.items()})
         model = weights.pop("model.safetensors", {})
         ema = weights.pop("ema.safetensors", None)
         try:
@@ -295,6 +309,8 @@ class Trainer:
             self._zero_grad()
         for name, ema in self.emas.items():
             ema.update(self.unwrapped(name))
+        for name, (source, _) in self.exp.objective.targets().items():
+            self.targets[name].update(self.unwrapped(source))
         return total
 
     def _zero_grad(self) -> None:

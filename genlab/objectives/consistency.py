@@ -1,0 +1,118 @@
+"""Consistency distillation (Song et al. 2023, "Consistency Models", Algorithm 2): a consistency
+function f_theta learns to map any point of the teacher's probability-flow ODE trajectory to its end.
+
+On a discretisation sigma_min = s_1 < ... < s_N = sigma_max (Karras et al.'s, rho = 7; in the
+process's time), a batch draws n ~ U{1..N-1}, noises x0 to x at t_(n+1), lets the teacher take one
+step of an ODE solver (any genlab sampler: Heun as in the paper, DPM-Solver++, UniPC, ...) down to
+t_n, and minimises d(f_theta(x, t_(n+1)), f_theta^-(x^_n, t_n)), where f_theta^- is a target network,
+an exponential moving average of f_theta with constant decay mu (no gradient through it). f is
+:class:`~genlab.diffusion.ConsistencyDenoiser`'s consistency function: the identity at sigma_min by
+construction. Distances: squared L2, L1, and the pseudo-Huber sqrt(|a - b|^2 + c^2) - c of improved
+consistency training (Song & Dhariwal 2023, Sec. 3.3; c = 0.00054 sqrt(d) by default). Samples are
+drawn with the config's sampler (``consistency``: Algorithm 1, 1 to a few steps).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from ..core.bounds import PositiveFloat, PositiveInt, Range
+from ..core.registry import build, register
+from ..diffusion.consistency import ConsistencyDenoiser
+from ..diffusion.denoiser import Denoiser
+from ..diffusion.samplers.base import Sampler
+from .base import Batch, BuildContext, Objective
+from .teachers import load_teacher
+
+Distance = Literal["l2", "l1", "pseudo_huber"]
+
+
+def consistency_distance(a: Tensor, b: Tensor, kind: Distance, c: float | None = None) -> Tensor:
+    """d(a, b) per sample [B] for a, b [B, ...]: squared L2 (mean over dimensions), L1 (mean of
+    |a - b|), or pseudo-Huber sqrt(|a - b|^2 + c^2) - c (|.| the Euclidean norm; c default 0.00054 sqrt(d))."""
+    diff = (a - b).flatten(1)
+    if kind == "l2":
+        return diff.square().mean(1)
+    if kind == "l1":
+        return diff.abs().mean(1)
+    c = 0.00054 * math.sqrt(diff.shape[1]) if c is None else c
+    return torch.sqrt(diff.square().sum(1) + c**2) - c
+
+
+@register("objective", "consistency_distillation")
+class ConsistencyDistillation(Objective):
+    """Consistency distillation from a teacher (see the module's docstring).
+
+    Args:
+        teacher: a run or checkpoint directory (its config and EMA weights), or a Denoiser from Python.
+        solver: the teacher's one-step ODE solver (a sampler spec; default Heun).
+        steps: N, the number of discretisation levels (>= 2; 18 in the paper for CIFAR-10).
+        rho: Karras et al.'s rho of the discretisation.
+        target_decay: mu of the target network f_theta^- (0.95 in the paper for CIFAR-10 CD).
+        distance: ``l2``, ``l1`` or ``pseudo_huber`` (with ``huber_c``).
+        sigma_data, sigma_min: of the consistency parameterisation (default sigma_min: the process's
+            level at t_min).
+        init_from_teacher: start the student's backbone from the teacher's weights (needs the teacher's
+            architecture; the paper does so).
+    """
+
+    frozen = ("teacher",)
+
+    def __init__(self, teacher: str | Denoiser, solver: Sampler | str | dict = "heun", steps: PositiveInt = 18,
+                 rho: PositiveFloat = 7.0, target_decay: Annotated[float, Range(ge=0, lt=1)] = 0.95,
+                 distance: Distance = "l2", huber_c: PositiveFloat | None = None, sigma_data: PositiveFloat = 0.5,
+                 sigma_min: PositiveFloat | None = None, init_from_teacher: bool = True) -> None:
+        if steps < 2:
+            raise ValueError(f"steps must be >= 2 (the discretisation has N levels), got {steps}")
+        self.teacher_source, self.steps, self.rho, self.target_decay = teacher, steps, rho, target_decay
+        self.distance, self.huber_c, self.sigma_data, self.sigma_min = distance, huber_c, sigma_data, sigma_min
+        self.init_from_teacher = init_from_teacher
+        self.solver: Sampler = build("sampler", solver, path="objective.solver")
+
+    def build(self, context: BuildContext) -> None:
+        super().build(context)
+        self.teacher_ = load_teacher(context, self.teacher_source,
+                                     student_from_teacher=self.init_from_teacher and not isinstance(
+                                         self.teacher_source, Denoiser))
+        boundary = self.denoiser(context.model).sigma_min
+        grid = build("grid", {"type": "karras", "rho": self.rho, "sigma_min": boundary, "final": "min"})
+        self.times = grid(context.process, self.steps - 1).to(torch.float64)  # [N], t_N (noisiest) first
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"model": self.context.model, "teacher": self.teacher_.module}
+
+    def targets(self) -> dict[str, tuple[str, float]]:
+        return {"target": ("model", self.target_decay)}
+
+    def denoiser(self, model: nn.Module, process: Any = None) -> ConsistencyDenoiser:
+        """``model`` as the consistency function f (a :class:`ConsistencyDenoiser`)."""
+        process = self.context.process if process is None else process
+        return ConsistencyDenoiser(model, process, self.sigma_data, self.sigma_min)
+
+    def loss(self, modules: dict[str, nn.Module], batch: Batch, generator: torch.Generator,
+             optimizer: str = "model") -> Tensor:
+        x0 = batch["x"]
+        cond = {"class_labels": batch["class_labels"]} if "class_labels" in batch else {}
+        process, grid = self.context.process, self.times.to(x0.device)
+        n = torch.randint(len(grid) - 1, (x0.shape[0],), generator=generator, device=x0.device)
+        times = torch.stack([grid[n], grid[n + 1]])  # [2, B]: t_(n+1) -> t_n (noisy to less noisy)
+        eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+        level = process.level(times[0])
+        shape = (-1,) + (1,) * (x0.ndim - 1)
+        x = (level.alpha.reshape(shape) * x0.double() + level.sigma.reshape(shape) * eps.double()).to(x0.dtype)
+        with torch.no_grad():
+            teacher = self.teacher_.denoiser(modules["teacher"], process)
+            x_next = self.solver.integrate(teacher, x, times=times, cond=cond)
+            target = self.denoiser(modules["target"])(x_next, times[1], **cond)[0]
+        f = self.denoiser(modules["model"])(x, times[0], **cond)[0]
+        return consistency_distance(f, target, self.distance, self.huber_c).mean()
+
+    def sample(self, modules: dict[str, nn.Module], n: int, generator: torch.Generator,
+               cond: dict[str, Tensor] | None = None) -> Tensor:
+        """``n`` samples with the config's sampler (``consistency`` for Algorithm 1) from f."""
+        return self.context.sampler.sample(self.denoiser(modules["model"]), shape=(n, *self.context.data_shape),
+                                           generator=generator, progress=False, cond=cond)

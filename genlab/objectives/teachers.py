@@ -1,0 +1,59 @@
+"""Teachers: a frozen, trained model that an objective learns from (distillation), named in the
+config by a run or checkpoint directory, or handed over from Python as a Denoiser."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..diffusion.denoiser import Denoiser
+from .base import BuildContext
+
+
+def same_process(a: Any, b: Any) -> bool:
+    """Whether two processes have the same time range and the same alpha(t), sigma(t) (at 9 times, 1e-9)."""
+    if (a.t_min, a.t_max) != (b.t_min, b.t_max):
+        return False
+    t = torch.linspace(a.t_min, a.t_max, 9, dtype=torch.float64)
+    la, lb = a.level(t), b.level(t)
+    return bool(torch.allclose(la.alpha, lb.alpha, atol=1e-9) and torch.allclose(la.sigma, lb.sigma, atol=1e-9))
+
+
+@dataclass
+class Teacher:
+    """``module``: what the Trainer holds frozen (the teacher's model, or a Denoiser given as it is);
+    ``objective``: the teacher run's objective (its parameterisation), None for a Denoiser;
+    ``grid``: the teacher run's sampler grid, if any."""
+
+    module: nn.Module
+    objective: Any = None
+    grid: Any = None
+
+    def denoiser(self, module: nn.Module, process: Any) -> Denoiser:
+        """The teacher's Denoiser of ``module`` (the frozen module as the Trainer holds it)."""
+        return module if isinstance(module, Denoiser) else self.objective.denoiser(module, process)
+
+
+def load_teacher(context: BuildContext, source: str | Denoiser, *, student_from_teacher: bool) -> Teacher:
+    """The teacher ``source`` names, checked against the experiment: a run's process must be the config's
+    (same alpha and sigma); with ``student_from_teacher`` the config's model takes the teacher's EMA
+    weights (it must have the teacher's architecture). ValueError naming the mismatch otherwise."""
+    if isinstance(source, Denoiser):
+        return Teacher(source)
+    if context.pretrained is None:
+        raise ValueError("teacher: a run directory needs an experiment to load it from")
+    run = context.pretrained(str(source))
+    if not same_process(run.process, context.process):
+        raise ValueError(f"teacher: the teacher was trained on {run.process!r}, the config names {context.process!r}; "
+                         "use the teacher's process")
+    if student_from_teacher:
+        own = context.model.state_dict()
+        for key, value in run.model.state_dict().items():
+            if key not in own or own[key].shape != value.shape:
+                raise ValueError(f"teacher: the student's model must have the teacher's architecture ('{key}' differs); "
+                                 "use the teacher's model section")
+        context.model.load_state_dict(run.model.state_dict())
+    return Teacher(run.model, run.objective, run.sampler.grid)
