@@ -51,7 +51,9 @@ def cmd_train(args: argparse.Namespace) -> None:
         trainer.fit()
         if trainer.skipped:
             print(f"skipped {trainer.skipped} steps with a non-finite loss or gradient")
-        report(out, trainer.evaluate())
+        metrics = trainer.evaluate()
+        if metrics:  # the main process's; under DDP the other ranks sample nothing and report nothing
+            report(out, metrics)
 
 
 def report(out: Path, m: dict) -> None:

@@ -1,9 +1,12 @@
-"""What only an accelerator can show: genlab's device-generic paths on a real GPU, and bf16 speed.
+"""What only an accelerator can show: genlab's device-generic paths on a real GPU, mixed precision,
+attention kernels, torch.compile, DDP, and bf16 speed.
 
-Run on a machine with a GPU (``python scripts/gpu_check.py``, about 3-5 minutes on one H100/H200);
-on a CPU-only machine ``--device cpu`` runs the same checks there (the speed part is skipped).
-Each check prints one line, ``ok`` or ``FAIL`` with the error; the exit code is the number of
-failures. Checks:
+Run on a machine with a GPU (``python scripts/gpu_check.py``, about 4-6 minutes on one H100/H200).
+Without a CUDA device it says so and exits 0, checking nothing; ``--device cpu`` runs the checks on
+the CPU instead (the trainer, DDP and speed parts are skipped there). Each check prints one line as
+it ends, ``ok`` or ``FAIL`` with the error (``skip`` with the reason for one that cannot run here),
+and a table of every check (name, ok/FAIL/skip, detail) ends the output; the exit code is the number
+of failures. Checks:
 
 1. every registered sampler samples from the prior with a generator on the device (shared grid in
    float32 and bf16, per-sample times in float32); the adaptive ``ode`` sampler and the likelihood;
@@ -11,8 +14,15 @@ failures. Checks:
    backward pass on the device with a generator there;
 3. the trainer: the toy 2-D job and a small digits job (bf16 autocast) train, checkpoint, resume and
    evaluate on the device (samples drawn there);
-4. attention backends (flash_attn where installed, SDPA, math) agree in bf16;
-5. speed (GPU only): a UNet and a DiT training step in bf16 autocast, genlab vs the identical
+4. attention: each backend (flash_attn where installed, sdpa) equals ``math`` in the same dtype
+   (float32, bf16, fp16; forward and gradients, with and without a mask), and every backend in bf16
+   is close to float32 ``math``;
+5. mixed precision: a small UNet and a small DiT train 8 steps under bf16 and fp16 autocast (fp16
+   with a GradScaler) on a fixed batch: finite losses and gradients, the loss going down
+   (:mod:`genlab.testing.accelerator`, which ``tests/test_cuda.py`` runs too);
+6. ``torch.compile`` of a small UNet gives the eager forward and parameter gradients (float32);
+7. DDP (more than one GPU): ``accelerate launch --multi_gpu`` trains the toy 2-D job on every GPU;
+8. speed (GPU only): a UNet and a DiT training step in bf16 autocast, genlab vs the identical
    diffusers model (exported with the converters), median of 20 after warm-up; the ratio genlab /
    diffusers steps per second is what the backbones' throughput targets are about (>= 1.1 UNet,
    >= 1.0 DiT).
@@ -21,7 +31,10 @@ failures. Checks:
 from __future__ import annotations
 
 import argparse
+import os
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,19 +45,40 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-FAILURES: list[str] = []
+RESULTS: list[tuple[str, str, str]] = []  # (name, "ok" | "FAIL" | "skip", detail), in order
+PARTS = ("samplers", "objectives", "trainer", "attention", "precision", "compile", "ddp", "speed")
+
+
+def failures() -> list[str]:
+    return [name for name, status, _ in RESULTS if status == "FAIL"]
 
 
 def check(name: str, fn: Callable[[], str | None]) -> None:
-    """Run one check; print ``ok`` (with what it returned) or ``FAIL`` with the error's last line."""
+    """Run one check; print ``ok`` (with what it returned) or ``FAIL`` with the error's first line."""
     start = time.perf_counter()
     try:
         note = fn() or ""
+        RESULTS.append((name, "ok", note))
         print(f"ok    {name:58} {time.perf_counter() - start:6.1f} s  {note}", flush=True)
     except Exception as e:  # noqa: BLE001 - every failure is reported, none stops the others
-        FAILURES.append(name)
-        print(f"FAIL  {name:58} {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", flush=True)
+        detail = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        RESULTS.append((name, "FAIL", detail))
+        print(f"FAIL  {name:58} {detail}", flush=True)
         traceback.print_exc(limit=3, file=sys.stdout)
+
+
+def skip(name: str, why: str) -> None:
+    """A check that cannot run here: listed, not counted as a failure."""
+    RESULTS.append((name, "skip", why))
+    print(f"skip  {name:58} {why}", flush=True)
+
+
+def table() -> str:
+    """Every check's name, status and detail, one line each."""
+    width = max([len(name) for name, _, _ in RESULTS] + [5])
+    lines = [f"{'check':{width}}  status  detail", f"{'-' * width}  ------  ------"]
+    lines += [f"{name:{width}}  {status:6}  {detail}" for name, status, detail in RESULTS]
+    return "\n".join(lines)
 
 
 def samplers(device: torch.device) -> None:
@@ -114,7 +148,7 @@ def trainer(device: torch.device) -> None:
         return run
 
     if device.type == "cpu":
-        print("      (trainer checks run on the accelerator only: accelerate picks the device)")
+        skip("trainer", "runs on the accelerator only: accelerate picks the device")
         return
     check("train toy2d (fp32), resume, evaluate", job("toy2d.yaml", "train.steps=20", "train.eval_samples=500"))
     check("train digits (bf16), resume, evaluate", job("digits.yaml", "train.steps=20", "train.mixed_precision=bf16",
@@ -124,16 +158,120 @@ def trainer(device: torch.device) -> None:
 def attention(device: torch.device) -> None:
     from genlab.models.attention import attention as attend
     from genlab.models.attention import available_backends
+    from genlab.testing.accelerator import attention_backend_errors
+
+    # flash runs on CUDA only (on a GPU machine checked with --device cpu it is listed, not usable)
+    backends = [b for b in available_backends() if b != "flash" or device.type == "cuda"]
+    for backend in [b for b in backends if b != "math"]:
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            label = str(dtype).removeprefix("torch.")
+            if backend == "flash" and dtype == torch.float32:
+                continue  # flash_attn runs in fp16/bf16 only
+
+            def run(backend: str = backend, dtype: torch.dtype = dtype) -> str:
+                errors = attention_backend_errors(device, dtype, backends=(backend,))
+                assert errors, f"{backend} did not run"
+                bad = [str(e) for e in errors if not e.ok]
+                assert not bad, "; ".join(bad)
+                return "; ".join(f"{'masked' if e.masked else 'no mask'}: forward {e.forward:.1e}, grad {e.grad:.1e}"
+                                 for e in errors)
+
+            check(f"attention {backend} == math, {label}", run)
+    if "flash" not in backends:
+        skip("attention flash == math", "flash needs CUDA" if device.type != "cuda" else "flash_attn not installed")
 
     q, k, v = (torch.randn(2, 4, 256, 64, device=device, dtype=torch.bfloat16) for _ in range(3))
     reference = attend(q.float(), k.float(), v.float(), backend="math")
-    for backend in available_backends():
-        def run(backend: str = backend) -> str:
+    for backend in backends:
+        def close(backend: str = backend) -> str:
             err = (attend(q, k, v, backend=backend).float() - reference).abs().max().item()
             assert err < 3e-2, err
             return f"max |bf16 - fp32 math| {err:.1e}"
 
-        check(f"attention {backend}", run)
+        check(f"attention {backend} bf16 vs float32 math", close)
+
+
+def precision(device: torch.device) -> None:
+    from genlab.testing.accelerator import autocast_train_steps, small_dit, small_unet
+
+    x = torch.randn(16, 3, 16, 16, device=device, generator=torch.Generator(device=device).manual_seed(0))
+    for name, make in (("UNet", small_unet), ("DiT", small_dit)):
+        for dtype in ("bf16", "fp16"):
+            def run(make: Callable = make, dtype: str = dtype) -> str:
+                torch.manual_seed(0)
+                report = autocast_train_steps(make().to(device), x, dtype, steps=8)
+                problems = report.problems()
+                assert not problems, "; ".join(problems) + f" ({report.summary()})"
+                return report.summary()
+
+            check(f"autocast {dtype} train steps, small {name}", run)
+
+
+def compiled(device: torch.device) -> None:
+    from genlab.testing.accelerator import small_unet
+
+    def run() -> str:
+        torch.manual_seed(0)
+        model = small_unet().to(device)
+        g = torch.Generator(device=device).manual_seed(0)
+        x, w = (torch.randn(4, 3, 16, 16, device=device, generator=g) for _ in range(2))
+        t = torch.rand(4, device=device, generator=g)
+
+        def forward_backward(fn: Callable) -> tuple[torch.Tensor, list[torch.Tensor]]:
+            model.zero_grad(set_to_none=True)
+            out = fn(x, t)
+            (out * w).sum().backward()
+            return out.detach(), [p.grad.detach().clone() for p in model.parameters()]
+
+        # TF32 off for the comparison (cuDNN allows it for convolutions by default): its 10-bit rounding,
+        # met by inputs that differ in the last float32 bits, would hide the difference this measures
+        flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            eager_out, eager_grads = forward_backward(model)
+            start = time.perf_counter()
+            out, grads = forward_backward(torch.compile(model))
+            seconds = time.perf_counter() - start
+        finally:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+        scale = eager_out.abs().max().clamp(min=1)
+        out_err = ((out - eager_out).abs().max() / scale).item()
+        grad_err = max(((a - b).abs().max() / b.abs().max().clamp(min=1)).item() for a, b in zip(grads, eager_grads))
+        assert out_err < 1e-4 and grad_err < 1e-3, f"forward {out_err:.1e}, gradients {grad_err:.1e}"
+        return f"vs eager: forward {out_err:.1e}, gradients {grad_err:.1e} (relative); first call {seconds:.0f} s"
+
+    check("torch.compile small UNet == eager (forward, backward)", run)
+
+
+def ddp(device: torch.device) -> None:
+    name = "DDP: accelerate launch --multi_gpu, toy2d, 20 steps"
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if count < 2:
+        skip(name, f"needs 2 or more GPUs, {count} here")
+        return
+    launcher = Path(sys.executable).with_name("accelerate")
+    launch = [str(launcher)] if launcher.exists() else [sys.executable, "-m", "accelerate.commands.launch"]
+
+    def run() -> str:
+        with socket.socket() as s:  # a free port for the rendezvous
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        import genlab  # the processes import the genlab this one does
+
+        where = str(Path(genlab.__file__).resolve().parents[1])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [where, os.environ.get("PYTHONPATH")]))}
+        with tempfile.TemporaryDirectory() as out:
+            cmd = [*launch, "launch", "--multi_gpu", "--num_processes", str(count), "--num_machines", "1",
+                   "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "-m", "genlab.cli", "train", str(ROOT / "configs" / "toy2d.yaml"), "train.steps=20",
+                   "train.eval_samples=500", "--out", out, "--quiet"]
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+            tail = (res.stdout + res.stderr).strip().splitlines()[-3:]
+            assert res.returncode == 0, f"exit {res.returncode}: {' | '.join(tail)}"
+            assert (Path(out) / "checkpoints" / "step_0000020").is_dir(), f"no step-20 checkpoint: {' | '.join(tail)}"
+        return f"{count} processes, checkpoint step_0000020 written"
+
+    check(name, run)
 
 
 def speed(device: torch.device) -> None:
@@ -165,23 +303,36 @@ def speed(device: torch.device) -> None:
         check(f"speed {make.__name__} bf16 train step", run)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--skip", nargs="*", default=[], choices=("samplers", "objectives", "trainer", "attention",
-                                                                  "speed"))
-    args = parser.parse_args()
-    device = torch.device(args.device)
+    parser.add_argument("--device", default=None,
+                        help="cuda (default, when there is a CUDA device) or cpu (the checks on the CPU)")
+    parser.add_argument("--skip", nargs="*", default=[], choices=PARTS)
+    args = parser.parse_args(argv)
+    if args.device is None or torch.device(args.device).type == "cuda":
+        if not torch.cuda.is_available():
+            print(f"genlab gpu_check: no CUDA device (torch {torch.__version__}, torch.cuda.is_available() is "
+                  "False): nothing checked. Run it on a machine with a GPU, or with --device cpu to run the "
+                  "checks on the CPU.", flush=True)
+            return 0
+    device = torch.device(args.device or "cuda")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"genlab gpu_check: torch {torch.__version__}, device {device} ({name})", flush=True)
     start = time.perf_counter()
-    for part in (samplers, objectives, trainer, attention, speed):
-        if part.__name__ in args.skip or (part is speed and device.type != "cuda"):
+    parts = {"samplers": samplers, "objectives": objectives, "trainer": trainer, "attention": attention,
+             "precision": precision, "compile": compiled, "ddp": ddp, "speed": speed}
+    for part, run in parts.items():
+        if part in args.skip:
             continue
-        print(f"== {part.__name__}", flush=True)
-        part(device)
-    print(f"{len(FAILURES)} failed: {', '.join(FAILURES) or 'none'}; {time.perf_counter() - start:.0f} s")
-    return len(FAILURES)
+        if part == "speed" and device.type != "cuda":
+            skip("speed", "GPU only")
+            continue
+        print(f"== {part}", flush=True)
+        run(device)
+    failed = failures()
+    print(f"\n== summary ({device}, {name})\n{table()}")
+    print(f"{len(failed)} failed: {', '.join(failed) or 'none'}; {time.perf_counter() - start:.0f} s")
+    return len(failed)
 
 
 if __name__ == "__main__":

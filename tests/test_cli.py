@@ -76,6 +76,18 @@ def test_train_sample_and_exact_resume(capsys, tmp_path):
     assert code == 0 and (tmp_path / "s" / "samples-heun-4steps-seed1234.png").is_file(), err
 
 
+def test_train_on_a_rank_that_is_not_the_main_one_reports_nothing(capsys, tmp_path, monkeypatch):
+    """Under DDP only the main process samples: ``evaluate`` returns {} on the others, and ``genlab
+    train`` there ends with exit code 0 and no report (it failed with KeyError 'image')."""
+    from genlab.training import Trainer
+
+    monkeypatch.setattr(Trainer, "evaluate", lambda self, *a, **k: {})
+    code, out, err = run_cli(capsys, "train", str(CONFIG), *TINY, "train.steps=2", "--out", str(tmp_path),
+                             "--quiet")
+    assert code == 0, err
+    assert "samples:" not in out and latest_checkpoint(tmp_path).name == "step_0000002"
+
+
 def test_console_script_reports_errors_without_traceback(tmp_path):
     exe = Path(sys.executable).with_name("genlab")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "genlab.cli"]

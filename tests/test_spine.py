@@ -15,7 +15,7 @@ import torch
 import genlab.testing.toy_objectives  # noqa: F401  (registers toy_gan)
 from genlab.core.checkpoint import latest_checkpoint, load_optimizer, load_weights
 from genlab.core.config import load_config
-from genlab.data.loading import BatchStream, training_batches
+from genlab.data.loading import BatchStream, ItemKey, item_seed, training_batches
 from genlab.training import Experiment, Trainer
 from genlab.training import trainer as trainer_module
 
@@ -72,6 +72,17 @@ def test_a_stream_started_at_batch_k_continues_the_whole_stream(n, batch, start)
     """Mid-epoch and across epochs (batches larger than the data set included)."""
     whole = stream(n, batch, seed=1, count=start + 6)
     assert stream(n, batch, seed=1, start=start, count=6) == whole[start:]
+
+
+def test_a_keyed_stream_names_each_items_epoch_and_seed():
+    """For data sets that draw per item (``wants_item_keys``): the same order, each index keyed with
+    its epoch and the stream's seed, so that a draw keyed on it repeats on resume."""
+    keyed, plain = stream(10, 4, seed=2, keys=True, start=2), stream(10, 4, seed=2, start=2)
+    assert [[k.index for k in b] for b in keyed] == plain
+    assert keyed[0] == [ItemKey(i, 0, 2) for i in plain[0][:2]] + [ItemKey(i, 1, 2) for i in plain[0][2:]]
+    assert {k.epoch for k in keyed[-1]} == {5} and {k.seed for b in keyed for k in b} == {2}
+    assert item_seed(ItemKey(1, 0, 2)) != item_seed(ItemKey(1, 1, 2)) != item_seed(ItemKey(1, 0, 3))
+    assert item_seed(ItemKey(1, 0, 2), salt=1) != item_seed(ItemKey(1, 0, 2))
 
 
 def test_tensor_data_sets_are_read_a_batch_at_a_time_with_labels():

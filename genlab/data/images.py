@@ -1,7 +1,10 @@
-"""Labelled image sets held in memory: a folder of images, and torchvision's datasets.
+"""Labelled image sets: a folder of images (read lazily, file by file) and torchvision's datasets
+(held in memory).
 
-Every set stores ``data: [N, C, S, S]`` float32 in [-1, 1] and ``labels: [N]`` long, loaded eagerly;
-items are ``(image: [C, S, S], label: [])``. Images are resized so that the shorter side is ``S``
+Every set has ``labels: [N]`` long, ``class_names`` and ``shape`` ``(C, S, S)``; items are
+``(image: [C, S, S] float32 in [-1, 1], label: [])``. In-memory sets also store ``data: [N, C, S, S]``
+(the trainer then indexes it a batch at a time); a lazy set has no ``data`` and is read through a
+DataLoader with ``train.num_workers`` workers. Images are resized so that the shorter side is ``S``
 (bilinear, antialiased) and center-cropped to ``S x S``.
 """
 
@@ -9,7 +12,8 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Iterable, Iterator
+import operator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -23,13 +27,18 @@ from torch import Tensor
 from genlab.core.bounds import PositiveInt
 from genlab.core.errors import ConfigError, GenlabError
 from genlab.core.registry import register
+from genlab.data.loading import ItemKey, item_seed
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 _CHUNK_VALUES = 2**24  # uint8 values resized per call: bounds the float copy at 64 MB
 
 
 class LabelledImages(torch.utils.data.Dataset):
-    """``data: [N, C, S, S]`` float32 in [-1, 1], ``labels: [N]`` long, ``class_names``; items ``(image, label)``."""
+    """``labels: [N]`` long, ``class_names``; items ``(image [C, S, S] float32 in [-1, 1], label)``.
+
+    This base holds its images in memory, ``data: [N, C, S, S]``; a lazy subclass (:class:`ImageFolder`)
+    has no ``data`` and overrides ``shape``, ``__getitem__`` and ``images``.
+    """
 
     data: Tensor
     labels: Tensor
@@ -50,10 +59,15 @@ class LabelledImages(torch.utils.data.Dataset):
         return math.prod(self.shape)
 
     def __len__(self) -> int:
-        return self.data.shape[0]
+        return self.labels.shape[0]
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         return self.data[index], self.labels[index]
+
+    def images(self, indices: Sequence[int] | Tensor) -> Tensor:
+        """The images ``indices`` as one tensor ``[len(indices), C, S, S]``, without augmentation: what
+        needs many images at once (metrics) asks for the ones it uses, and a lazy set reads only those."""
+        return self.data[torch.as_tensor(indices, dtype=torch.long)]
 
 
 def resize_center_crop(x: Tensor, size: int) -> Tensor:
@@ -106,15 +120,25 @@ def _image_files(folder: Path, recursive: bool) -> list[Path]:
 
 @register("dataset", "image_folder")
 class ImageFolder(LabelledImages):
-    """Every image under ``root`` (png, jpg, jpeg, bmp, webp), one class per subfolder, loaded into memory.
+    """Every image under ``root`` (png, jpg, jpeg, bmp, webp), one class per subfolder, read lazily.
 
     Class ``i`` is the i-th subfolder (sorted) holding images at any depth; ``class_names`` are the
     folder names. With no such subfolder, the images at the top level of ``root`` form a single class
     named after ``root``; otherwise top-level images are ignored, as in torchvision's ImageFolder.
     ``channels`` 1 converts to grey ("L"), 3 to RGB (dropping alpha); ``image_size`` >= 1.
+
+    Construction only lists the files (``files``, ``labels``); ``ds[i]`` reads, converts and resizes
+    file ``i``, so a folder larger than memory trains (through a DataLoader with ``train.num_workers``
+    workers: there is no ``data`` tensor). A file that cannot be read raises GenlabError when it is read.
+
+    ``flip``: a random horizontal flip, with probability 1/2, of items indexed by an
+    :class:`~genlab.data.loading.ItemKey` (as the trainer indexes them): the coin is a function of
+    (seed, epoch, index), so a resumed run sees the flips an uninterrupted one saw, whichever worker
+    reads the item. ``ds[i]`` with a plain index is never flipped (nor are ``images(...)``).
     """
 
-    def __init__(self, root: str, image_size: PositiveInt = 32, channels: Literal[1, 3] = 3) -> None:
+    def __init__(self, root: str, image_size: PositiveInt = 32, channels: Literal[1, 3] = 3,
+                 flip: bool = False) -> None:
         _check("image_folder", channels)
         path = Path(root).expanduser()
         if not path.is_dir():
@@ -129,9 +153,42 @@ class ImageFolder(LabelledImages):
             where = "at the top level and in class subfolders"
             raise GenlabError(f"image_folder: no images found in {str(path)!r} (searched for {searched} {where})")
         self.root, self.class_names = path, tuple(name for name, _ in classes)
-        files = [f for _, fs in classes for f in fs]
+        self.files: list[Path] = [f for _, fs in classes for f in fs]
         self.labels = torch.tensor([i for i, (_, fs) in enumerate(classes) for _ in fs], dtype=torch.long)
-        self.data = images_to_tensor(map(lambda f: _read(f, channels), files), image_size, channels)
+        self.image_size, self.channels, self.flip = image_size, channels, flip
+
+    @property
+    def wants_item_keys(self) -> bool:
+        """Whether items draw a random flip (then the trainer indexes them with ItemKeys)."""
+        return self.flip
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.image_size, self.image_size)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def flipped(self, key: ItemKey) -> bool:
+        """Whether the item read under ``key`` is flipped: a fair coin of (seed, epoch, index)."""
+        return self.flip and item_seed(key) & 1 == 1
+
+    def __getitem__(self, index: int | ItemKey) -> tuple[Tensor, Tensor]:
+        i = operator.index(index.index if isinstance(index, ItemKey) else index)
+        image = self._load(self.files[i])  # IndexError past the end, as a sequence
+        if isinstance(index, ItemKey) and self.flipped(index):
+            image = image.flip(-1)
+        return image, self.labels[i]
+
+    def images(self, indices: Sequence[int] | Tensor) -> Tensor:
+        """The images ``indices`` (read now, not flipped) as one tensor ``[len(indices), C, S, S]``."""
+        indices = torch.as_tensor(indices, dtype=torch.long).tolist()
+        return images_to_tensor((_read(self.files[i], self.channels) for i in indices), self.image_size,
+                                self.channels)
+
+    def _load(self, file: Path) -> Tensor:
+        """File ``file`` as ``[C, S, S]`` float32 in [-1, 1]: the conversion of :func:`images_to_tensor`."""
+        return images_to_tensor([_read(file, self.channels)], self.image_size, self.channels)[0]
 
 
 def _read(path: Path, channels: int) -> np.ndarray:
@@ -159,9 +216,10 @@ class TorchvisionDataset(LabelledImages):
     """A torchvision dataset taking ``(root, train=, download=)`` (MNIST, FashionMNIST, KMNIST, CIFAR10, ...).
 
     Constructs ``torchvision.datasets.<name>(root, train=train, download=download)`` and loads its
-    first ``limit`` items (all if None) into memory. ``channels`` None keeps the native ones (1 for
-    grey sets such as MNIST, else 3). Nothing is downloaded unless ``download`` is true. ``image_size`` and
-    ``limit`` are >= 1.
+    first ``limit`` items (all if None) into memory, as ``data``: these sets fit in memory, and the
+    trainer then indexes them a batch at a time (a folder of images larger than memory is read lazily
+    by :class:`ImageFolder`). ``channels`` None keeps the native ones (1 for grey sets such as MNIST,
+    else 3). Nothing is downloaded unless ``download`` is true. ``image_size`` and ``limit`` are >= 1.
     """
 
     def __init__(

@@ -9,12 +9,19 @@ k of a rank is therefore fixed, and a loader started at batch k (:class:`BatchSt
 continues exactly. Data sets that hold their items as tensors (``data`` [N, ...] and optionally
 ``labels`` [N]) are indexed a batch at a time (``__getitems__``), other map-style data sets item by
 item and collated.
+
+Random augmentation (a flip, a crop) must repeat on resume too, and a worker process's global
+generator cannot give that: a data set that draws per item declares ``wants_item_keys = True`` and is
+then indexed with :class:`ItemKey` ``(index, epoch, seed)`` instead of ``index``; its draws for the
+item are a function of the key (:func:`item_seed`, :func:`item_generator`), so an item read in a
+resumed run, by any worker, is the one an uninterrupted run read. Indexed with a plain ``int``, such
+a data set returns the item without augmentation.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -26,17 +33,53 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch) * 7919 + 17
 
 
-class BatchStream(Sampler[list[int]]):
+class ItemKey(NamedTuple):
+    """Which item to read and in which pass: item ``index`` in epoch ``epoch`` of the stream seeded by
+    ``seed``. The index a data set that ``wants_item_keys`` receives; its random draws for the item
+    are a function of this key (see :func:`item_seed`)."""
+
+    index: int
+    epoch: int
+    seed: int
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(z: int) -> int:
+    """SplitMix64's finaliser (Steele et al. 2014): a bijection of 64-bit integers that spreads every
+    input bit over every output bit."""
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def item_seed(key: ItemKey, salt: int = 0) -> int:
+    """A 64-bit seed that is a function of ``key`` (and ``salt``, to draw independent decisions for
+    one item); every bit of it is a fair coin over keys."""
+    z = 0
+    for part in (key.seed, key.epoch, key.index, salt):
+        z = _mix64((z + (part & _MASK64) + 0x9E3779B97F4A7C15) & _MASK64)
+    return z
+
+
+def item_generator(key: ItemKey, salt: int = 0) -> torch.Generator:
+    """A CPU generator seeded from ``key``: for data sets that draw more than coin flips per item."""
+    return torch.Generator().manual_seed(item_seed(key, salt) >> 1)  # manual_seed takes < 2**63
+
+
+class BatchStream(Sampler[list[Any]]):
     """An endless stream of batches of ``batch_size`` indices into a data set of ``n`` items, for ``rank``
     of ``world``, starting at batch ``start`` (see the module's docstring); ``shuffle=False`` keeps the
-    data set's order in every epoch."""
+    data set's order in every epoch. With ``keys``, a batch holds :class:`ItemKey` s ``(index, epoch,
+    seed)`` instead of indices, for data sets that draw random augmentations per item."""
 
     def __init__(self, n: int, batch_size: int, seed: int = 0, rank: int = 0, world: int = 1, start: int = 0,
-                 shuffle: bool = True) -> None:
+                 shuffle: bool = True, keys: bool = False) -> None:
         if n < world:
             raise ValueError(f"a data set of {n} items cannot be shared by {world} processes")
         self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
-        self.start, self.shuffle = start, shuffle
+        self.start, self.shuffle, self.keys = start, shuffle, keys
         self.per_rank = n // world
 
     def epoch_order(self, epoch: int) -> list[int]:
@@ -51,12 +94,12 @@ class BatchStream(Sampler[list[int]]):
         """(epoch, offset in it) where batch ``batch`` of this rank begins."""
         return divmod(batch * self.batch_size, self.per_rank)
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[Any]]:
         epoch, offset = self.position(self.start)
-        batch: list[int] = []
+        batch: list[Any] = []
         while True:
             for index in self.epoch_order(epoch)[offset:]:
-                batch.append(index)
+                batch.append(ItemKey(index, epoch, self.seed) if self.keys else index)
                 if len(batch) == self.batch_size:
                     yield batch
                     batch = []
@@ -84,17 +127,26 @@ class TensorItems(Dataset):
         return batch
 
 
-def _as_batch(items: Any) -> dict[str, Tensor]:
+class Collate:
     """Collate items of a map-style data set into ``{"x", "class_labels"}``: an item is a tensor, an
-    ``(x, label)`` pair or a mapping with ``x``."""
-    if isinstance(items, dict):
-        return items  # a whole batch from __getitems__
-    batch = default_collate(items)
-    if isinstance(batch, Tensor):
-        return {"x": batch}
-    if isinstance(batch, dict):
-        return batch
-    return {"x": batch[0], "class_labels": batch[1]}
+    ``(x, label)`` pair or a mapping with ``x``; ``labels=False`` leaves ``class_labels`` out (for a
+    model without classes). A class, not a closure, so that worker processes can receive it."""
+
+    def __init__(self, labels: bool = True) -> None:
+        self.labels = labels
+
+    def __call__(self, items: Any) -> dict[str, Tensor]:
+        if isinstance(items, dict):
+            batch = items  # a whole batch from __getitems__
+        else:
+            collated = default_collate(items)
+            if isinstance(collated, Tensor):
+                batch = {"x": collated}
+            elif isinstance(collated, dict):
+                batch = collated
+            else:
+                batch = {"x": collated[0], "class_labels": collated[1]}
+        return batch if self.labels else {k: v for k, v in batch.items() if k != "class_labels"}
 
 
 def training_batches(dataset: Any, batch_size: int, *, seed: int = 0, rank: int = 0, world: int = 1,
@@ -103,13 +155,15 @@ def training_batches(dataset: Any, batch_size: int, *, seed: int = 0, rank: int 
     """A DataLoader of training batches ``{"x": [B, ...], "class_labels": [B]}`` in the order of
     :class:`BatchStream` from batch ``start``. A data set with a ``data`` tensor (and ``labels``, used
     when ``labels``) is read by tensor indexing, on ``device`` when there are no workers; any other
-    map-style data set through its items, with ``num_workers`` worker processes."""
+    map-style data set through its items, with ``num_workers`` worker processes; one that
+    ``wants_item_keys`` is indexed with :class:`ItemKey` s (see the module's docstring)."""
     data = getattr(dataset, "data", None)
     if isinstance(data, Tensor):
         targets = getattr(dataset, "labels", None) if labels else None
         if num_workers == 0 and device is not None:
             data, targets = data.to(device), None if targets is None else targets.to(device)
         dataset = TensorItems(data, targets)
-    stream = BatchStream(len(dataset), batch_size, seed=seed, rank=rank, world=world, start=start)
-    return DataLoader(dataset, batch_sampler=stream, num_workers=num_workers, collate_fn=_as_batch,
+    stream = BatchStream(len(dataset), batch_size, seed=seed, rank=rank, world=world, start=start,
+                         keys=bool(getattr(dataset, "wants_item_keys", False)))
+    return DataLoader(dataset, batch_sampler=stream, num_workers=num_workers, collate_fn=Collate(labels),
                       persistent_workers=num_workers > 0)

@@ -92,8 +92,9 @@ def image_metrics(exp: Experiment, samples: Tensor, labels: Tensor | None) -> di
     held = exp.heldout_images()
     out = {"frechet_distance": frechet_distance(clf.features(samples), clf.features(held))}
     # the same distance for as many training images as samples: what a perfect model would score
-    train = exp.data.data[torch.randperm(len(exp.data.data), generator=torch.Generator().manual_seed(0))]
-    out["frechet_distance_data_vs_data"] = frechet_distance(clf.features(train[: len(samples)]), clf.features(held))
+    pick = torch.randperm(len(exp.data), generator=torch.Generator().manual_seed(0))[: len(samples)]
+    train = exp.data.images(pick)  # only the images used: a lazy data set reads just these
+    out["frechet_distance_data_vs_data"] = frechet_distance(clf.features(train), clf.features(held))
     if labels is not None:
         out["classifier_accuracy"] = clf.accuracy(samples, labels)
     # samples that look like no digit (noise blobs) get an unsure prediction; real digits mostly do not

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ..core.bounds import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Range, checked
 from ..core.config import ConfigDict, check_keys, show_value
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, GenlabError
 from ..core.registry import build, construct, lookup
 from ..core.checkpoint import check_fits, load_weights, resolve_checkpoint
 from ..core.config import load_config
@@ -89,16 +89,8 @@ class Experiment:
 
     @property
     def data_shape(self) -> tuple[int, ...]:
-        """The shape of one data item (``[D]`` or ``[C, H, W]``): from a data set's ``data`` tensor, its
-        ``shape`` (data sets that read items lazily), or its first item."""
-        data = getattr(self.data, "data", None)
-        if isinstance(data, Tensor):
-            return tuple(data.shape[1:])
-        shape = getattr(self.data, "shape", None)
-        if shape is not None:
-            return tuple(shape)
-        item = self.data[0]
-        return tuple((item[0] if isinstance(item, (tuple, list)) else item).shape)
+        """The shape of one data item (``[D]`` or ``[C, H, W]``); see :func:`item_shape`."""
+        return item_shape(self.data)
 
     @property
     def num_classes(self) -> int | None:
@@ -107,10 +99,18 @@ class Experiment:
         return k if k is not None and getattr(self.data, "labels", None) is not None else None
 
     def heldout_images(self) -> Tensor:
-        """The data set's test split (images the model never saw)."""
-        cfg = self.config.get("data")
+        """The data set's test split (images the model never saw), all of it at once: for data sets
+        with a ``split`` and an in-memory ``data`` tensor (digits); GenlabError for a lazy one."""
+        cfg = self.config.get("data", "toy2d")
         cfg = {"type": cfg} if isinstance(cfg, str) else {k: v for k, v in dict(cfg).items() if k != "n"}
-        return build("dataset", {**cfg, "split": "test"}, path="data").data
+        if "split" not in inspect.signature(lookup("dataset", cfg.get("type"), path="data.type")).parameters:
+            raise ConfigError(f"heldout_images: data set {cfg.get('type')!r} has no test split (it takes no `split`); "
+                              "held-out images come from data sets such as digits")
+        held = build("dataset", {**cfg, "split": "test"}, path="data")
+        if not isinstance(getattr(held, "data", None), Tensor):
+            raise GenlabError(f"heldout_images: data set {type(held).__name__} reads its items lazily and has no "
+                              "`data` tensor holding them all; read the images needed with its images(indices)")
+        return held.data
 
     def denoiser(self, model: nn.Module | None = None) -> Denoiser:
         """The objective's Denoiser of ``model`` (default: the experiment's), for diffusion families."""
@@ -156,12 +156,25 @@ def _check_section(key: str, value: Any, source: str) -> None:
         raise ConfigError(f"{source}: {key}: expected {wanted}, got {show_value(value)}")
 
 
+def item_shape(data: Any) -> tuple[int, ...]:
+    """The shape of one item of data set ``data`` (``[D]`` or ``[C, H, W]``): from its ``data`` tensor
+    (in-memory sets), its ``shape`` (sets that read items lazily), or its first item."""
+    tensor = getattr(data, "data", None)
+    if isinstance(tensor, Tensor):
+        return tuple(tensor.shape[1:])
+    shape = getattr(data, "shape", None)
+    if shape is not None:
+        return tuple(shape)
+    item = data[0]
+    return tuple((item[0] if isinstance(item, (tuple, list)) else item).shape)
+
+
 def model_extra(config: dict, data: Any, source: str = "config") -> dict[str, Any]:
     """Arguments the data decides unless the config sets them: ``dim`` for vector data,
     ``in_channels`` (and ``input_size``) for images."""
     cfg = config.get("model", "mlp")
     cfg = {"type": cfg} if isinstance(cfg, str) else cfg
     params = inspect.signature(lookup("model", cfg.get("type", "mlp"), path="model.type", source=source)).parameters
-    shape = tuple(data.data.shape[1:])
+    shape = item_shape(data)
     known = {"dim": shape[0]} if len(shape) == 1 else {"in_channels": shape[0], "input_size": shape[-1]}
     return {k: v for k, v in known.items() if k in params and k not in cfg}
