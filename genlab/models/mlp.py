@@ -3,6 +3,7 @@
 A pre-norm residual MLP (He et al. 2016, "Identity mappings") conditioned like ADM's ResBlock
 (Dhariwal and Nichol 2021): the time (+ class) embedding is projected and added inside every
 block. Class labels use one extra "null" index for classifier-free guidance (Ho and Salimans 2022).
+``concat_mlp`` is torchcfm's plain example MLP (the time appended to x), for like-for-like comparisons.
 """
 
 from __future__ import annotations

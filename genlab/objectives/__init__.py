@@ -8,6 +8,7 @@ runs any objective and knows nothing of diffusion.
 from .base import Batch, BuildContext, Objective
 from .denoising import DenoisingObjective, FlowMatchingObjective
 from .distillation import ProgressiveDistillation
+from .flow_matching import CFMDraw, ConditionalFlowMatching, check_path_process
 
 __all__ = ["Batch", "BuildContext", "Objective", "DenoisingObjective", "FlowMatchingObjective",
-           "ProgressiveDistillation"]
+           "ProgressiveDistillation", "CFMDraw", "ConditionalFlowMatching", "check_path_process"]
