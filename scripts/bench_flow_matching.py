@@ -23,6 +23,13 @@ pairs from the plan with replacement.
    by torchcfm, and with dopri5 (near the flow's exact end point).
 
 Usage: ``python scripts/bench_flow_matching.py [--steps 5000] [--points 1000] [--plot samples.png]``
+
+Measured with the defaults (2-core machine shared with other jobs, 162 s in all): step time genlab /
+torchcfm 1.22 (I-CFM) and 1.02 (OT-CFM) for the objective's step, 1.92 and 1.10 for a whole
+``Trainer.train_step``; exact_ot against OTPlanSampler 0.98x at B = 256 and 1.91x at B = 1024 (2-D; see
+``scripts/bench_couplings.py``); genlab's flow_euler equal to torchdyn's Euler at every NFE on the same
+weights (I-CFM W2 0.971, 0.704, 0.365, 0.312 at NFE 1, 2, 5, 10; dopri5 0.318 at 44 NFE); at NFE 1,
+I-CFM / OT-CFM = 3.33x trained by genlab (0.971 / 0.291), 3.28x trained by torchcfm (0.896 / 0.273).
 """
 
 from __future__ import annotations
