@@ -62,6 +62,9 @@ def report(out: Path, m: dict) -> None:
     if "sliced_wasserstein" in m:
         print(f"sliced Wasserstein-2 to held-out data: {m['sliced_wasserstein']:.4f} "
               f"(two held-out draws: {m['sliced_wasserstein_data_vs_data']:.4f})")
+    if "wasserstein2" in m:
+        print(f"exact Wasserstein-2 to held-out data ({m['wasserstein2_points']} points): {m['wasserstein2']:.4f} "
+              f"(two held-out draws: {m['wasserstein2_data_vs_data']:.4f})")
     if "classifier_accuracy" in m:
         print(f"digits classifier accuracy on the requested labels: {m['classifier_accuracy']:.1%}")
     if "frechet_distance" in m:

@@ -15,7 +15,7 @@ from .likelihood import DiffusionLikelihood, LogProbEstimate
 from .ode import ODESampler, ODESolution, ProbabilityFlow
 from .predictions import PREDICTIONS, convert, from_x0_eps, to_x0_eps
 from .levels import Level
-from .processes import EDM, VE, VP, DiscreteVP, Process, RectifiedFlow, SubVP
+from .processes import EDM, VE, VP, DiscreteVP, Process, RectifiedFlow, SubVP, Trigonometric
 from .time_distributions import LogitNormalT, LogNormalSigma, TimeDistribution, UniformT
 from .samplers import (DDIM, DDPM, DEIS, ConsistencySampler, DPMSolverPP, DPMSolverPPSDE, DPMSolverSingle, Euler,
                        EulerAncestral, EulerMaruyama, FlowEuler, Heun, PredictorCorrector, Restart, ReverseDiffusion,
@@ -27,7 +27,7 @@ __all__ = [
     "UniformTime", "DiffusionLikelihood", "LogProbEstimate", "TimeDistribution", "UniformT", "LogNormalSigma",
     "LogitNormalT",
     "ODESampler", "ODESolution", "ProbabilityFlow", "PREDICTIONS", "convert", "from_x0_eps", "to_x0_eps",
-    "EDM", "VE", "VP", "DiscreteVP", "Level", "Process", "RectifiedFlow", "SubVP",
+    "EDM", "VE", "VP", "DiscreteVP", "Level", "Process", "RectifiedFlow", "SubVP", "Trigonometric",
     "DDIM", "DDPM", "DEIS", "DPMSolverPP", "DPMSolverPPSDE", "DPMSolverSingle", "Euler", "EulerAncestral", "EulerMaruyama",
     "FlowEuler", "Heun", "PredictorCorrector", "Restart", "ReverseDiffusion", "Sampler", "SamplerState",
     "StepContext", "StepInfo", "UniPC", "LearnedGrid", "learn_grid",

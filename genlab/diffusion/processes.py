@@ -341,3 +341,35 @@ class RectifiedFlow(Process):
 
     def t_of_log_snr(self, log_snr: Tensor) -> Tensor:
         return torch.sigmoid(-0.5 * torch.as_tensor(log_snr, dtype=torch.float64))
+
+
+@register("process", "trigonometric")
+class Trigonometric(Process):
+    """The trigonometric interpolant (Albergo & Vanden-Eijnden 2023, Eq. 5; the variance-preserving path of
+    flow matching, :class:`genlab.objectives.paths.VariancePreserving`): alpha = cos(pi t / 2), sigma =
+    sin(pi t / 2), t in [0, 1], alpha^2 + sigma^2 = 1.
+
+    It is the cosine schedule of Nichol & Dhariwal 2021 (Eq. 17) with offset s = 0 in continuous time, but
+    ``VP(schedule="cosine", cosine_s=0)`` floors alpha_bar at log-SNR -20 for t > 1 - 2.9e-5 (alpha(1) =
+    4.5e-5, not 0) and there, as at t = 0 for sigma, its autograd derivatives are 0: a velocity-predicting
+    model is singular at t = 1 (alpha sigma' - sigma alpha' = 0), where sampling starts. Here alpha =
+    sin(pi (1 - t) / 2), so alpha(1) = 0 and sigma(0) = 0 exactly, with the derivatives in closed form
+    (alpha' = -pi / 2 sigma, sigma' = pi / 2 alpha) and log-SNR = 2 log cot(pi t / 2), inverted as
+    t = (2 / pi) arctan(exp(-log-SNR / 2)).
+    """
+
+    def __init__(self, t_min: OpenUnit = 1e-3) -> None:
+        self.t_min, self.t_max = t_min, 1.0
+
+    def alpha(self, t: Tensor) -> Tensor:
+        return torch.sin(math.pi / 2 * (1 - t))
+
+    def sigma(self, t: Tensor) -> Tensor:
+        return torch.sin(math.pi / 2 * t)
+
+    def derivatives(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        return -math.pi / 2 * self.sigma(t), math.pi / 2 * self.alpha(t)
+
+    def t_of_log_snr(self, log_snr: Tensor) -> Tensor:
+        log_snr = torch.as_tensor(log_snr, dtype=torch.float64)
+        return (2 / math.pi * torch.atan(torch.exp(-0.5 * log_snr))).clamp(0, self.t_max)

@@ -3,12 +3,14 @@
 A pre-norm residual MLP (He et al. 2016, "Identity mappings") conditioned like ADM's ResBlock
 (Dhariwal and Nichol 2021): the time (+ class) embedding is projected and added inside every
 block. Class labels use one extra "null" index for classifier-free guidance (Ho and Salimans 2022).
+``concat_mlp`` is torchcfm's plain example MLP (the time appended to x), for like-for-like comparisons.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
+import torch
 from torch import Tensor, nn
 
 from genlab.core.bounds import PositiveFloat, PositiveInt, Range
@@ -91,3 +93,32 @@ class MLP(nn.Module):
                     state_dict[prefix + new + key[len(prefix + old):]] = state_dict.pop(key)
         super()._load_from_state_dict(state_dict, prefix, *args)
 
+
+
+@register("model", "concat_mlp")
+class ConcatMLP(nn.Module):
+    """torchcfm's example MLP (``torchcfm.models.MLP(dim, w=width, time_varying=True)``): the time appended
+    to x as one more input, ``(x: [B, dim], t: [B] or scalar) -> [B, dim]``:
+
+        Linear(dim + 1, width) -> (SELU -> Linear(width, width)) x (depth - 1) -> SELU -> Linear(width, dim)
+
+    on ``[x, time_scale * t]``. The default depth 3 and ``time_scale`` 1e-3 give torchcfm's network (its
+    state dict has the same keys, ``net.0.weight`` ...) with the time in [0, 1] for a process on [0, 1],
+    whose model time is 1000 t. No class labels. Ranges: dim, width, depth >= 1; time_scale > 0.
+    """
+
+    def __init__(self, dim: PositiveInt = 2, width: PositiveInt = 64, depth: PositiveInt = 3,
+                 time_scale: PositiveFloat = 1e-3) -> None:
+        super().__init__()
+        self.dim, self.time_scale = dim, time_scale
+        layers: list[nn.Module] = [nn.Linear(dim + 1, width)]
+        for _ in range(depth - 1):
+            layers += [nn.SELU(), nn.Linear(width, width)]
+        self.net = nn.Sequential(*layers, nn.SELU(), nn.Linear(width, dim))
+
+    def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
+        """``x: [B, dim]``, ``t: [B]`` or scalar (the model time) -> ``[B, dim]``."""
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ShapeError(f"ConcatMLP: expected x: [B, dim] = [B, {self.dim}], got {list(x.shape)}")
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(x.shape[0])
+        return self.net(torch.cat([x, self.time_scale * t[:, None]], dim=1))

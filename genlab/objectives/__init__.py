@@ -9,6 +9,7 @@ from .base import Batch, BuildContext, Objective
 from .denoising import DenoisingObjective, FlowMatchingObjective
 from .consistency import ConsistencyDistillation
 from .distillation import ProgressiveDistillation
+from .flow_matching import CFMDraw, ConditionalFlowMatching, check_path_process
 
-__all__ = ["Batch", "BuildContext", "Objective", "ConsistencyDistillation", "DenoisingObjective",
-           "FlowMatchingObjective", "ProgressiveDistillation"]
+__all__ = ["Batch", "BuildContext", "Objective", "CFMDraw", "ConditionalFlowMatching", "ConsistencyDistillation",
+           "DenoisingObjective", "FlowMatchingObjective", "ProgressiveDistillation", "check_path_process"]

@@ -97,7 +97,10 @@ class DenoisingObjective(Objective):
 @register("objective", "flow_matching")
 class FlowMatchingObjective(DenoisingObjective):
     """Conditional flow matching (Lipman et al. 2023, Eq. 23; Liu et al. 2023): regress the
-    velocity alpha' x0 + sigma' eps of the path, t ~ U[t_min, t_max], independent coupling."""
+    velocity alpha' x0 + sigma' eps of the path, t ~ U[t_min, t_max], independent coupling, on the
+    experiment's process and its Gaussian prior. Couplings (OT-CFM), the paths of
+    :mod:`genlab.objectives.paths` and other sources (a data set): objective ``cfm``
+    (:class:`genlab.objectives.flow_matching.ConditionalFlowMatching`)."""
 
     def __init__(self, prediction: PredictionType = "velocity",
                  t_distribution: TimeDistribution | str | dict = "uniform", weighting: Weighting = "constant",

@@ -15,13 +15,22 @@ phi_(i+1)(z) = (phi_i(z) - 1/i!) / z). UniP-p uses the p - 1 earlier outputs as 
 re-does the previous step with its p - 1 earlier outputs plus the output at the new point (r = 1),
 which raises the order to p + 1 at no extra model evaluation. With one node (UniP-2, UniC-1),
 rho = 1/2, as in the authors' code and diffusers.
+
+A grid that starts where alpha = 0 (lambda = -inf: rectified flow's and the trigonometric process's
+t = 1, where a flow-matching sampler starts) gives the limits as lambda_t or lambda_k -> -inf: a step
+from there has h = inf and r_k = inf / inf -> 1 for a finite lambda_k (:func:`node_ratio`), and a node at
+lambda_k = -inf is infinitely far, its weight rho_k / r_k -> 0: it is left out (the order drops by one,
+as DPM-Solver++'s D_1 = 0 there). Without this, UniC's first correction and the next Vandermonde solve
+were NaN.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
 from torch import Tensor
 
 from ...core.bounds import PositiveInt
@@ -30,6 +39,20 @@ from ..grids import FAST_GRID, GridSpec
 from ..levels import Level, Scalar, combine, expm1
 from .base import SamplerState, StepContext
 from .multistep import MultistepSampler, lam_step, phis
+
+
+def node_ratio(lam_k: Scalar, lam_t: Scalar, h: Scalar) -> Scalar:
+    """r_k = (lambda_k - lambda_t) / h, h = lambda_s - lambda_t; for lambda_t = -inf and finite lambda_k,
+    lambda_s its limit (lambda_k - lambda_t) / (lambda_s - lambda_t) -> 1 instead of inf / inf."""
+    r = (lam_k - lam_t) / h
+    if isinstance(r, float):
+        return 1.0 if math.isnan(r) and lam_t == -math.inf else r
+    return torch.where(r.isnan() & torch.isneginf(torch.as_tensor(lam_t)), torch.ones_like(r), r)
+
+
+def _at_minus_infinity(lam: Scalar) -> bool:
+    """Whether lambda is -inf (alpha = 0) for the whole batch."""
+    return lam == -math.inf if isinstance(lam, float) else bool(torch.isneginf(lam).all())
 
 
 @dataclass
@@ -110,8 +133,9 @@ class UniPC(MultistepSampler):
         (a_s, s_s), (s_t,) = level_next.coef("alpha", "sigma"), level.coef("sigma")
         phi = expm1(-h)
         weights = [-a_s * phi]  # on m0, then on each m_k
+        nodes = [(lv, m) for lv, m in nodes if not _at_minus_infinity(lv.coef("lam")[0])]
         if nodes:
-            r = [(lv.coef("lam")[0] - lam_t) / h for lv, _ in nodes]
+            r = [node_ratio(lv.coef("lam")[0], lam_t, h) for lv, _ in nodes]
             b_h = -h if self.variant == "bh1" else phi
             c = [-a_s * b_h * rho_k / r_k for rho_k, r_k in zip(self.rho(r, h, b_h), r)]
             weights = [weights[0] - sum(c), *c]
