@@ -54,6 +54,14 @@ class BuildContext:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+class ShowsFields:
+    """``repr`` as ``Name(field=value, ...)`` from the instance's attributes (couplings, paths)."""
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({fields})"
+
+
 class Objective:
     """Base class of training objectives (see the module's docstring); one trained ``model`` with an
     EMA copy and one optimizer by default: a family overrides what differs."""

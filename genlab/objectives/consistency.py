@@ -24,6 +24,7 @@ from ..core.bounds import PositiveFloat, PositiveInt, Range
 from ..core.registry import build, register
 from ..diffusion.consistency import ConsistencyDenoiser
 from ..diffusion.denoiser import Denoiser
+from ..diffusion.levels import combine
 from ..diffusion.samplers.base import Sampler
 from .base import Batch, BuildContext, Objective
 from .teachers import load_teacher
@@ -101,12 +102,9 @@ class ConsistencyDistillation(Objective):
         n = torch.randint(len(grid) - 1, (x0.shape[0],), generator=generator, device=x0.device)
         times = torch.stack([grid[n], grid[n + 1]])  # [2, B]: t_(n+1) -> t_n (noisy to less noisy)
         eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
-        level = process.level(times[0])
-        shape = (-1,) + (1,) * (x0.ndim - 1)
-        x = (level.alpha.reshape(shape) * x0.double() + level.sigma.reshape(shape) * eps.double()).to(x0.dtype)
+        x = combine(*zip(process.level(times[0]).coef("alpha", "sigma"), (x0, eps)))
+        x_next = self.teacher_.solve(modules["teacher"], self.solver, process, x, times, cond)
         with torch.no_grad():
-            teacher = self.teacher_.denoiser(modules["teacher"], process)
-            x_next = self.solver.integrate(teacher, x, times=times, cond=cond)
             target = self.denoiser(modules["target"])(x_next, times[1], **cond)[0]
         f = self.denoiser(modules["model"])(x, times[0], **cond)[0]
         return consistency_distance(f, target, self.distance, self.huber_c).mean()

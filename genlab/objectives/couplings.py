@@ -48,6 +48,7 @@ from ..core.bounds import NonNegativeFloat, PositiveFloat, PositiveInt
 from ..core.errors import ShapeError
 from ..core.registry import build, register, register_namespace
 from ..diffusion.levels import level_dtype
+from .base import ShowsFields
 
 
 class Pairs(NamedTuple):
@@ -136,7 +137,7 @@ def draw_from_plan(plan: Tensor, n: int, generator: torch.Generator | None = Non
     return i, torch.multinomial(plan[i], 1, generator=generator)[:, 0]  # a row i, then j given i
 
 
-class Coupling:
+class Coupling(ShowsFields):
     """Base class: a pairing of source rows x0 [B, ...] with data rows x1 [B, ...].
 
     Subclasses define :meth:`indices`; :meth:`pair` applies them, :meth:`plan` is the [B, B] transport
@@ -163,10 +164,6 @@ class Coupling:
         p = torch.zeros(b * b, dtype=level_dtype(x0.device), device=x0.device)
         p.index_add_(0, i * b + j, torch.full((len(i),), 1.0 / max(b, 1), dtype=p.dtype, device=p.device))
         return p.reshape(b, b)
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
-        return f"{type(self).__name__}({fields})"
 
 
 register_namespace("coupling", Coupling, "pairings of source and target samples")

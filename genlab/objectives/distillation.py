@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from ..core.bounds import PositiveInt
 from ..core.registry import build, register
 from ..diffusion.denoiser import Denoiser
+from ..diffusion.levels import combine
 from ..diffusion.grids import GridSpec, TimeGrid
 from ..diffusion.samplers.base import Sampler
 from ..diffusion.samplers.ddim import DDIM
@@ -102,11 +103,8 @@ class ProgressiveDistillation(Objective):
         times = torch.stack([grid[2 * i], grid[2 * i + 1], grid[2 * i + 2]])  # [3, B]
         eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
         level = process.level(times[0])
-        shape = (-1,) + (1,) * (x0.ndim - 1)
-        z_t = (level.alpha.reshape(shape) * x0.double() + level.sigma.reshape(shape) * eps.double()).to(x0.dtype)
-        with torch.no_grad():
-            teacher = self.teacher_.denoiser(modules["teacher"], process)
-            z_next = self.solver.integrate(teacher, z_t, times=times, cond=cond)
+        z_t = combine(*zip(level.coef("alpha", "sigma"), (x0, eps)))
+        z_next = self.teacher_.solve(modules["teacher"], self.solver, process, z_t, times, cond)
         end = process.level(times[2])
         target = distillation_target(z_t, z_next, (level.alpha, level.sigma), (end.alpha, end.sigma))
         x0_hat, _ = self.denoiser(modules["model"])(z_t, times[0], **cond)

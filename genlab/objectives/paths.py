@@ -34,6 +34,7 @@ from ..core.bounds import NonNegativeFloat, PositiveFloat
 from ..core.errors import ShapeError
 from ..core.registry import register, register_namespace
 from ..diffusion.levels import broadcast, combine, level_dtype
+from .base import ShowsFields
 
 
 class PathCoefficients(NamedTuple):
@@ -55,7 +56,7 @@ class PathPoint(NamedTuple):
     eps: Tensor
 
 
-class Path:
+class Path(ShowsFields):
     """Base class: subclasses define :meth:`coefficients` (a, b, s and their derivatives at t)."""
 
     def coefficients(self, t: Tensor) -> PathCoefficients:
@@ -94,10 +95,6 @@ class Path:
         eps of :meth:`sample` (defined where s(t) > 0)."""
         s = self._coefficients(t).noise
         return -eps / broadcast(s, eps).to(dtype=eps.dtype, device=eps.device)
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
-        return f"{type(self).__name__}({fields})"
 
 
 register_namespace("path", Path, "conditional probability paths of flow matching")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..diffusion.denoiser import Denoiser
 from .base import BuildContext
@@ -35,6 +35,12 @@ class Teacher:
     def denoiser(self, module: nn.Module, process: Any) -> Denoiser:
         """The teacher's Denoiser of ``module`` (the frozen module as the Trainer holds it)."""
         return module if isinstance(module, Denoiser) else self.objective.denoiser(module, process)
+
+    @torch.no_grad()
+    def solve(self, module: nn.Module, solver: Any, process: Any, x: Tensor, times: Tensor,
+              cond: dict[str, Tensor]) -> Tensor:
+        """x [B, ...] carried by ``solver`` over per-sample ``times`` [K, B] with the teacher (no gradient)."""
+        return solver.integrate(self.denoiser(module, process), x, times=times, cond=cond)
 
 
 def load_teacher(context: BuildContext, source: str | Denoiser, *, student_from_teacher: bool) -> Teacher:
