@@ -1,4 +1,4 @@
-"""``genlab train | sample | learn-grid | list``: the command line.
+"""``genlab train | sample | learn-grid | reflow | list``: the command line.
 
 Bad input (a config, an argument, a file, a run directory) and a run that must stop (non-finite
 losses, non-finite samples, a full disk) print one line ``genlab: error: ...`` on stderr and exit
@@ -174,6 +174,35 @@ def _learn_grids(args: argparse.Namespace, ckpt: Path, exp: Experiment) -> None:
           f"sampler.steps=N [the same sampler overrides]")
 
 
+def cmd_reflow(args: argparse.Namespace) -> None:
+    """Draw (source, sample) pairs with a trained flow-matching run and its sampler; store them in the run."""
+    import torch
+
+    from .core.checkpoint import load_weights
+    from .data.pairs import PAIRS_FILE, save_pairs
+    from .objectives.flow_matching import ConditionalFlowMatching, straightness
+
+    ckpt, _, exp = checkpoint_experiment(args.path, args.overrides)
+    if not isinstance(exp.objective, ConditionalFlowMatching):
+        raise GenlabError(f"reflow: {args.path} was trained with objective {type(exp.objective).__name__}; reflow "
+                          "needs a flow-matching run (objective: cfm)")
+    exp.model.load_state_dict(load_weights(ckpt / "ema.safetensors", exp.model))
+    exp.model.eval()
+    denoiser, g = exp.objective.denoiser(exp.model), torch.Generator().manual_seed(args.seed)
+    sources, samples = [], []
+    for start in range(0, args.pairs, args.batch):
+        x0, _ = exp.objective.draw_source(min(args.batch, args.pairs - start), g)
+        sources.append(x0)
+        samples.append(exp.sampler.sample(denoiser, x=x0, generator=g, progress=False))
+    run = ckpt.parent.parent
+    out = Path(args.out) if args.out else run / PAIRS_FILE
+    with _run_lock(run, "reflow") if out.parent.resolve() == run.resolve() else contextlib.nullcontext():
+        save_pairs(out, torch.cat(sources), torch.cat(samples))
+    s = straightness(denoiser, sources[0][:1000])
+    print(f"{args.pairs} pairs ({exp.sampler!r}) -> {out}; straightness of this flow (Liu et al. 2023, Eq. 3): {s:.4f}")
+    print(f"train the next rectified flow on them: genlab train CONFIG data.type=pairs data.path={out}")
+
+
 def cmd_list(args: argparse.Namespace) -> None:
     from .core.registry import describe, registered
 
@@ -239,6 +268,14 @@ def parser() -> argparse.ArgumentParser:
     lg.add_argument("--reference-steps", type=_positive, default=800, help="steps of the DPM-Solver++ 3M reference")
     lg.add_argument("--seed", type=_seed, default=0)
     lg.set_defaults(func=cmd_learn_grid)
+    rf = sub.add_parser("reflow", help="draw (source, sample) pairs with a flow-matching run (rectified-flow reflow)")
+    rf.add_argument("path", help="run directory or checkpoint directory")
+    rf.add_argument("overrides", nargs="*", help="e.g. sampler.type=heun sampler.steps=20")
+    rf.add_argument("--pairs", type=_positive, default=10_000, help="number of pairs")
+    rf.add_argument("--batch", type=_positive, default=2_000, help="pairs sampled at once")
+    rf.add_argument("--seed", type=_seed, default=0)
+    rf.add_argument("--out", help="pairs file (default: RUN/pairs.safetensors)")
+    rf.set_defaults(func=cmd_reflow)
     ls = sub.add_parser("list", help="list registered components")
     ls.add_argument("namespace", nargs="?")
     ls.set_defaults(func=cmd_list)

@@ -110,8 +110,8 @@ class TensorItems(Dataset):
     """A data set holding its items as tensors, ``data`` [N, ...] and optionally ``labels`` [N], read a
     batch at a time: ``__getitems__(indices)`` -> ``{"x": [B, ...], "class_labels": [B]}``."""
 
-    def __init__(self, data: Tensor, labels: Tensor | None = None) -> None:
-        self.data, self.labels = data, labels
+    def __init__(self, data: Tensor, labels: Tensor | None = None, source: Tensor | None = None) -> None:
+        self.data, self.labels, self.source = data, labels, source
 
     def __len__(self) -> int:
         return self.data.shape[0]
@@ -124,6 +124,8 @@ class TensorItems(Dataset):
         batch = {"x": self.data[idx]}
         if self.labels is not None:
             batch["class_labels"] = self.labels[idx]
+        if self.source is not None:  # paired start points (reflow)
+            batch["source"] = self.source[idx]
         return batch
 
 
@@ -160,9 +162,11 @@ def training_batches(dataset: Any, batch_size: int, *, seed: int = 0, rank: int 
     data = getattr(dataset, "data", None)
     if isinstance(data, Tensor):
         targets = getattr(dataset, "labels", None) if labels else None
+        source = getattr(dataset, "source", None)
+        source = source if isinstance(source, Tensor) else None
         if num_workers == 0 and device is not None:
-            data, targets = data.to(device), None if targets is None else targets.to(device)
-        dataset = TensorItems(data, targets)
+            data, targets, source = (None if v is None else v.to(device) for v in (data, targets, source))
+        dataset = TensorItems(data, targets, source)
     stream = BatchStream(len(dataset), batch_size, seed=seed, rank=rank, world=world, start=start,
                          keys=bool(getattr(dataset, "wants_item_keys", False)))
     return DataLoader(dataset, batch_sampler=stream, num_workers=num_workers, collate_fn=Collate(labels),

@@ -47,7 +47,7 @@ from ..diffusion.denoiser import Denoiser
 from ..diffusion.processes import Process
 from ..diffusion.time_distributions import TimeDistribution
 from .base import Batch, BuildContext, Objective
-from .couplings import Coupling, LabelOT
+from .couplings import Coupling, LabelOT, Pairs
 from .paths import Path, SchrodingerBridge
 
 #: the registered process each built-in path is sampled on
@@ -195,13 +195,17 @@ class ConditionalFlowMatching(Objective):
         return isinstance(self.coupling, LabelOT) and self.source_labels is not None
 
     def draw(self, batch: Batch, generator: torch.Generator) -> CFMDraw:
-        """Steps 1-3 of the module docstring for the data batch ``batch["x"]`` [B, ...] (labels
+        """Steps 1-3 of the module docstring for the data batch ``batch["x"]`` [B, ...] (a batch with
+        ``source`` rows [B, ...], from the ``pairs`` data set of reflow, is paired as given; labels
         ``batch["class_labels"]`` [B] when the model is conditional), in this order from ``generator``:
         the source, the coupling's own draws, t, eps."""
         x1, labels1 = batch["x"], batch.get("class_labels")
-        x0, labels0 = self.draw_source(len(x1), generator, x1.dtype, x1.device,
-                                       labels1 if self._class_matched() else None)
-        pairs = self.coupling.pair(x0, x1, generator, labels0, labels1)
+        if "source" in batch:  # pairs given by the data (reflow): the coupling they were drawn with
+            pairs = Pairs(batch["source"].to(x1.dtype), x1, None, labels1)
+        else:
+            x0, labels0 = self.draw_source(len(x1), generator, x1.dtype, x1.device,
+                                           labels1 if self._class_matched() else None)
+            pairs = self.coupling.pair(x0, x1, generator, labels0, labels1)
         t = self.t_distribution.sample(self.context.process, len(x1), generator, device=x1.device)
         eps = torch.randn(x1.shape, generator=generator, dtype=x1.dtype, device=x1.device)
         cond = {} if pairs.labels1 is None else {"class_labels": pairs.labels1}
@@ -229,3 +233,19 @@ class ConditionalFlowMatching(Objective):
         x0, _ = self.draw_source(n, generator, labels=labels)
         return self.context.sampler.sample(self.denoiser(modules["model"]), x=x0, generator=generator,
                                            progress=False, cond=cond)
+
+
+@torch.no_grad()
+def straightness(denoiser: Denoiser, x: Tensor, steps: int = 100, cond: dict[str, Tensor] | None = None) -> float:
+    """The straightness of a flow's trajectories from x [B, ...] at t = 1 (Liu et al. 2023, "Flow
+    straight and fast", Eq. 3): S = int_0^1 E |(Z_1 - Z_0) - v(Z_t, t)|^2 dt, 0 for straight paths,
+    estimated with ``steps`` Euler steps of the velocity Denoiser (genlab time: dx/dt = v from t = 1 to
+    0, so a straight path has v = x(1) - x(0)); |.|^2 sums over coordinates, E averages over the batch."""
+    times = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    start, velocities = x, []
+    for t, t_next in zip(times[:-1], times[1:]):
+        v = denoiser.raw(x, denoiser.level(t.expand(x.shape[0]).to(x.device), x), **(cond or {}))
+        velocities.append(v)
+        x = x + float(t_next - t) * v
+    chord = start - x
+    return float(torch.stack([(chord - v).square().flatten(1).sum(1).mean() for v in velocities]).mean())

@@ -120,9 +120,15 @@ class Experiment:
         return make(self.model if model is None else model, self.process)
 
     def heldout(self, n: int, draw: int = 0) -> Tensor:
-        """``n`` fresh data points the model never saw (draw ``draw`` of the data with another seed)."""
+        """``n`` fresh data points the model never saw (draw ``draw`` of the data with another seed); for a
+        data set that cannot draw more (fixed rows such as reflow's pairs), ``n`` of its rows drawn at
+        random (with replacement), a different draw each time."""
         cfg = self.config.get("data", "toy2d")
         cfg = {"type": cfg} if isinstance(cfg, str) else dict(cfg)
+        params = inspect.signature(lookup("dataset", cfg.get("type"), path="data.type")).parameters
+        if not {"n", "seed"} <= params.keys():
+            g = torch.Generator().manual_seed(7919 * (draw + 1))
+            return self.data.data[torch.randint(len(self.data.data), (n,), generator=g)]
         cfg.update(n=n, seed=int(cfg.get("seed", 0)) + 7919 * (draw + 1))
         return build("dataset", cfg, path="data").data
 
