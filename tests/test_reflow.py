@@ -34,7 +34,8 @@ def test_straightness_is_zero_for_a_constant_field_and_positive_for_a_curved_one
 
 def test_reflow_pairs_train_a_straighter_flow(tmp_path, capsys):
     """I-CFM from 8 gaussians to moons (1-RF), 4,000 pairs drawn with its Euler sampler, 2-RF trained on
-    them with the same budget: 2-RF's straightness on held-out starts is below 0.7x 1-RF's."""
+    them with the same budget: 2-RF's straightness on held-out starts is below 0.1x 1-RF's (measured: 1.12
+    against 0.0016)."""
     first, second = tmp_path / "rf1", tmp_path / "rf2"
     assert main(["train", str(CONFIG), *SMALL, "--out", str(first), "--quiet"]) == 0
     assert main(["reflow", str(first), "--pairs", "4000"]) == 0
@@ -52,4 +53,4 @@ def test_reflow_pairs_train_a_straighter_flow(tmp_path, capsys):
 
     s1, s2 = measured(first), measured(second)
     print(f"straightness 1-RF {s1:.4f}, 2-RF {s2:.4f}")
-    assert s2 < 0.7 * s1, (s1, s2)
+    assert s2 < 0.1 * s1, (s1, s2)
