@@ -58,6 +58,17 @@ def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
     return ((seed * 1_000_003 + step) * 64 + micro) * 1024 + rank
 
 
+def seed_global_generators(seed: int, device: torch.device) -> None:
+    """Seed torch's CPU generator and, for an accelerator, that device's: what dropout draws from.
+    (``torch.manual_seed`` would also queue a lazy seeding of every CUDA device, with a stack trace,
+    which costs about as much as a small model's training step.)"""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed(seed)
+    elif device.type not in ("cpu", "meta") and hasattr(getattr(torch, device.type, None), "manual_seed"):
+        getattr(torch, device.type).manual_seed(seed)
+
+
 def step_generator(seed: int, step: int, micro: int, rank: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(step_seed(seed, step, micro, rank))
 
@@ -274,7 +285,8 @@ class Trainer:
         g = step_generator(tc.seed, self.step, micro, self.acc.process_index, batch["x"].device)
         # draws that modules make from the global generators (dropout, class dropout) are then a
         # function of the step too, so that a resumed run repeats them
-        torch.manual_seed(step_seed(tc.seed, self.step, micro, self.acc.process_index) ^ 0x5DEECE66D)
+        seed_global_generators(step_seed(tc.seed, self.step, micro, self.acc.process_index) ^ 0x5DEECE66D,
+                               batch["x"].device)
         with self.acc.autocast():
             out = self.exp.objective.loss(self.modules, batch, g, optimizer)
         return out[0] if isinstance(out, tuple) else out
