@@ -8,7 +8,7 @@ import math
 import re
 import sys
 from pathlib import Path
-from typing import Annotated, Callable
+from typing import Annotated
 
 import pytest
 import torch

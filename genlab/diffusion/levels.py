@@ -26,12 +26,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..core.dtypes import wide_dtype
+
 Scalar = float | Tensor  # a coefficient: a float (level shared by the batch) or a float64 tensor [B]
 
 
 def level_dtype(device: torch.device | str | None) -> torch.dtype:
     """float64, the dtype of levels; float32 on devices without float64 (Apple's MPS)."""
-    return torch.float32 if device is not None and torch.device(device).type == "mps" else torch.float64
+    return wide_dtype(device)
 
 
 class Level:

@@ -14,18 +14,16 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from genlab.core.errors import ShapeError
+from genlab.metrics.transport import assignment, host_cost, squared_distances
 
 
 def wasserstein2(x: Tensor, y: Tensor, method: str = "auto") -> float:
     """W2 between the empirical measures of x [n, ...] and y [n, ...] (rows flattened), in float64 on the
     CPU. ``method``: ``"pot"`` (``ot.emd2``, POT needed), ``"assignment"`` (SciPy's
     ``linear_sum_assignment``) or ``"auto"`` (POT if importable)."""
-    from genlab.objectives.couplings import _host_cost, assignment, squared_distances
-
     if x.ndim < 1 or y.ndim < 1 or x.shape[0] != y.shape[0] or math.prod(x.shape[1:]) != math.prod(y.shape[1:]):
         raise ShapeError(f"wasserstein2: x and y must be batches of equally many rows of one size, got shapes "
                          f"{list(x.shape)} and {list(y.shape)}")
@@ -34,16 +32,16 @@ def wasserstein2(x: Tensor, y: Tensor, method: str = "auto") -> float:
     n = x.shape[0]
     if n == 0:
         return 0.0
-    cost = _host_cost("wasserstein2", squared_distances(x.detach().cpu(), y.detach().cpu()))
+    cost = host_cost("wasserstein2", squared_distances(x.detach().cpu(), y.detach().cpu()))
     if method == "auto":
         try:
-            import ot  # noqa: F401
+            import ot
             method = "pot"
         except ImportError:
             method = "assignment"
-    if method == "pot":
+    elif method == "pot":
         import ot
-
+    if method == "pot":
         weights = np.full(n, 1.0 / n)
         return math.sqrt(max(float(ot.emd2(weights, weights, cost, numItermax=10**7)), 0.0))
     partner = assignment(cost)  # row i of x -> column partner[i] of y
