@@ -216,7 +216,8 @@ class Trainer:
         """Release the run directory (the process's end does it too)."""
         if getattr(self, "writer", None) is not None:
             self.writer.close()
-        self.lock.release() if hasattr(self, "lock") else None
+        if hasattr(self, "lock"):
+            self.lock.release()
 
     def __enter__(self) -> Trainer:
         return self
