@@ -51,6 +51,7 @@ class BuildContext:
     data_shape: tuple[int, ...] = ()  # one item, [D] or [C, H, W]
     num_classes: int | None = None  # classes the model is conditioned on
     pretrained: Callable[[str], Any] | None = None  # a run or checkpoint directory -> its Experiment, EMA weights loaded
+    new_model: Callable[[], nn.Module] | None = None  # another network from ``model:``, freshly initialised
     extra: dict[str, Any] = field(default_factory=dict)
 
 

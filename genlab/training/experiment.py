@@ -71,16 +71,20 @@ class Experiment:
         data = build("dataset", config.get("data", "toy2d"), path="data", source=source)
         objective = build("objective", config.get("objective", "denoising"), path="objective", source=source)
         sampler = build("sampler", config.get("sampler", "unipc"), path="sampler", source=source)
+
+        def new_model() -> nn.Module:  # initialised from the global generator
+            return build("model", config.get("model", "mlp"), path="model", source=source,
+                         **model_extra(config, data, source))
+
         torch.manual_seed(train.seed)
-        model = build("model", config.get("model", "mlp"), path="model", source=source,
-                      **model_extra(config, data, source))
+        model = new_model()  # an objective's further networks (new_model) are drawn after it, from the same seed
         try:  # the grid against the process: only now are both known
             sampler.timesteps(process)
         except ValueError as e:
             raise ConfigError(f"{source}: sampler: {e}") from None
         exp = cls(config, train, process, data, model, objective, sampler)
         context = BuildContext(model=model, process=process, sampler=sampler, data_shape=exp.data_shape,
-                               num_classes=exp.num_classes, pretrained=load_pretrained)
+                               num_classes=exp.num_classes, pretrained=load_pretrained, new_model=new_model)
         try:
             objective.build(context)
         except ValueError as e:
