@@ -106,13 +106,11 @@ def checkpoint_experiment(path: str, overrides: Sequence[str], *, stored_grids: 
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from .core.checkpoint import load_weights
     from .training.evaluation import evaluate
+    from .training.trainer import load_sampling_weights
 
     ckpt, config, exp = checkpoint_experiment(args.path, args.overrides, stored_grids=True, eval_samples=args.n)
-    model = exp.model
-    model.load_state_dict(load_weights(ckpt / "ema.safetensors", model))
-    model.eval()
+    modules = load_sampling_weights(exp, ckpt)
     exp.sampler.timesteps(exp.process)  # a grid that cannot be made (a damaged grids.json) fails before any write
     run = ckpt.parent.parent
     out = Path(args.out) if args.out else run
@@ -123,7 +121,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     name = f"samples-{kind}-{exp.sampler.steps}steps-seed{args.seed}"
     # the run's own directory is the run's: sampling into it waits for no one, it refuses while a run holds it
     with _run_lock(run, "sampling") if out.resolve() == run.resolve() else contextlib.nullcontext():
-        report(out, evaluate(exp, exp.objective.modules(), out, name, args.seed, exp.train.steps))
+        report(out, evaluate(exp, modules, out, name, args.seed, exp.train.steps))
 
 
 def _run_lock(run: Path, purpose: str) -> contextlib.AbstractContextManager:
@@ -135,11 +133,10 @@ def _run_lock(run: Path, purpose: str) -> contextlib.AbstractContextManager:
 
 def cmd_learn_grid(args: argparse.Namespace) -> None:
     """Learn time grids for a trained model and its sampler; store them in the checkpoint's grids.json."""
-    from .core.checkpoint import load_weights
+    from .training.trainer import load_sampling_weights
 
     ckpt, _, exp = checkpoint_experiment(args.path, args.overrides)
-    exp.model.load_state_dict(load_weights(ckpt / "ema.safetensors", exp.model))
-    exp.model.eval()
+    load_sampling_weights(exp, ckpt)
     with _run_lock(ckpt.parent.parent, "learn-grid"):  # grids.json goes into the checkpoint
         _learn_grids(args, ckpt, exp)
 
@@ -178,17 +175,17 @@ def cmd_reflow(args: argparse.Namespace) -> None:
     """Draw (source, sample) pairs with a trained flow-matching run and its sampler; store them in the run."""
     import torch
 
-    from .core.checkpoint import load_weights
     from .data.pairs import PAIRS_FILE, save_pairs
     from .objectives.flow_matching import ConditionalFlowMatching, straightness
+    from .training.trainer import load_sampling_weights
 
     ckpt, _, exp = checkpoint_experiment(args.path, args.overrides)
     if not isinstance(exp.objective, ConditionalFlowMatching):
         raise GenlabError(f"reflow: {args.path} was trained with objective {type(exp.objective).__name__}; reflow "
                           "needs a flow-matching run (objective: cfm)")
-    exp.model.load_state_dict(load_weights(ckpt / "ema.safetensors", exp.model))
-    exp.model.eval()
-    denoiser, g = exp.objective.denoiser(exp.model), torch.Generator().manual_seed(args.seed)
+    modules = load_sampling_weights(exp, ckpt)
+    denoiser = exp.objective.denoiser(modules["model"], score=modules.get("score"))
+    g = torch.Generator().manual_seed(args.seed)
     sources, samples = [], []
     for start in range(0, args.pairs, args.batch):
         x0, _ = exp.objective.draw_source(min(args.batch, args.pairs - start), g)

@@ -109,6 +109,19 @@ def weights_file(name: str, ema: bool = False) -> str:
     return f"ema_{name}.safetensors" if ema else f"{name}.safetensors"
 
 
+def load_sampling_weights(exp: Experiment, ckpt: Path) -> dict[str, torch.nn.Module]:
+    """The objective's modules with the weights a checkpoint ``ckpt`` samples with, each file checked to fit
+    its module first: the EMA copy of every module that has one, the trained weights of the other trained
+    modules, frozen ones as built; all in eval mode. What :meth:`Trainer.sampling_modules` holds in a run."""
+    obj = exp.objective
+    modules, ema = obj.modules(), obj.ema_modules()
+    for name, module in modules.items():
+        if name not in obj.frozen:
+            module.load_state_dict(load_weights(ckpt / weights_file(name, ema=name in ema), module))
+        module.eval()
+    return modules
+
+
 class Trainer:
     """Trains the modules of ``exp.objective``; writes checkpoints, loss curve, samples and metrics to
     ``out_dir``, which it owns (locked) until :meth:`close`. ``resume=True`` continues from the newest
