@@ -46,14 +46,20 @@ def cmd_train(args: argparse.Namespace) -> None:
     with Trainer(exp, out, progress=not args.quiet, resume=args.resume) as trainer:
         if trainer.resumed_from is not None:
             print(f"resuming {out} from {trainer.resumed_from.name} (step {trainer.step})")
-        print(f"training {type(exp.model).__name__} ({sum(p.numel() for p in exp.model.parameters()):,} parameters) "
-              f"on {exp.process!r} for {exp.train.steps} steps -> {out}")
+        obj = exp.objective
+        others = "".join(f" and {name}: {_described(module)}" for name, module in obj.modules().items()
+                         if name != "model" and name not in obj.frozen)
+        print(f"training {_described(exp.model)}{others} on {exp.process!r} for {exp.train.steps} steps -> {out}")
         trainer.fit()
         if trainer.skipped:
             print(f"skipped {trainer.skipped} steps with a non-finite loss or gradient")
         metrics = trainer.evaluate()
         if metrics:  # the main process's; under DDP the other ranks sample nothing and report nothing
             report(out, metrics)
+
+
+def _described(module: Any) -> str:
+    return f"{type(module).__name__} ({sum(p.numel() for p in module.parameters()):,} parameters)"
 
 
 def report(out: Path, m: dict) -> None:
