@@ -80,6 +80,28 @@ def test_the_exact_average_velocity_satisfies_the_identity_through_the_jvp():
     torch.testing.assert_close(u, v - (t - r)[:, None] * du_dt, atol=1e-9, rtol=0)
 
 
+def test_the_loss_target_is_v_minus_t_minus_r_times_a_finite_difference_derivative():
+    """Eq. 9 with p = 0 on a random float64 network (ConcatMLP: no float32 time features): u_tgt = v_t -
+    (t - r) du/dt, du/dt by central differences along (v_t, 1) with r fixed."""
+    torch.manual_seed(0)
+    model = ConcatMLP(dim=2, width=16, time_scale=1e-2, interval_embedding=True).double()
+    mf = built(MeanFlow(adaptive_p=0.0), model)
+    draw = mf.draw({"x": torch.randn(16, 2, dtype=F64)}, torch.Generator().manual_seed(5))
+    t, r = mean_flow_times(draw.t, draw.t.flip(0), torch.Generator().manual_seed(6), 1.0)
+    draw = draw._replace(t=t)
+    point = mf.path.sample(draw.x0, draw.x1, t, draw.eps)
+
+    def u(z: Tensor, t: Tensor) -> Tensor:
+        return mf.average_velocity(model, z, t, r, {})[0]
+
+    d = 1e-6
+    du_dt = (u(point.x_t + d * point.velocity, t + d) - u(point.x_t - d * point.velocity, t - d)) / (2 * d)
+    target = point.velocity - (t - r)[:, None] * du_dt
+    want = (u(point.x_t, t) - target).square().sum(1).mean()
+    assert (t - r).abs().max() > 0.1
+    torch.testing.assert_close(mf.loss_at(model, draw, r), want, atol=1e-7, rtol=1e-7)
+
+
 @pytest.mark.parametrize("steps", [1, 2, 5])
 def test_the_sampler_carries_the_source_exactly_with_the_exact_average_velocity(steps):
     """One step (Algorithm 2) lands on the flow map's image m + s z_1; so do several."""
