@@ -111,6 +111,17 @@ def test_the_sampler_carries_the_source_exactly_with_the_exact_average_velocity(
     torch.testing.assert_close(out, M + S * z1, atol=1e-10, rtol=0)
 
 
+def test_the_sampler_is_deterministic_one_step_with_one_evaluation_per_step():
+    sampler, calls = MeanFlowSampler(3, grid=GRID), []
+    model = ExactAverageVelocity()
+    model.register_forward_hook(lambda *args: calls.append(1))
+    assert not sampler.stochastic and not sampler.multistep and sampler.nfe_per_step == 1
+    denoiser = built(MeanFlow(), model, 3).denoiser(model)
+    z1 = torch.randn(8, 2, dtype=F64)
+    a, b = (sampler.sample(denoiser, x=z1, generator=torch.Generator().manual_seed(s), progress=False) for s in (1, 2))
+    assert torch.equal(a, b) and len(calls) == 6
+
+
 def test_the_times_pair_the_larger_draw_as_t_and_set_r_to_t_at_the_ratio():
     g = torch.Generator().manual_seed(2)
     a, b = torch.rand(20000, generator=g, dtype=F64), torch.rand(20000, generator=g, dtype=F64)

@@ -33,7 +33,7 @@ class MeanFlowSampler(FlowEuler):
     then the average over the step: exact for a perfect u at any step count."""
 
     def step(self, ctx: StepContext, x: Tensor, level: Level, level_next: Level) -> Tensor:
-        model_time = ctx.denoiser.model_time
+        model_time = getattr(ctx.denoiser, "model_time", ctx.process.model_time)  # a Denoiser's, else the process's
         (t,), (t_next,) = level.coef("t"), level_next.coef("t")
         interval = model_time(torch.as_tensor(t)) - model_time(torch.as_tensor(t_next))
         return super().step(dataclasses.replace(ctx, cond={**ctx.cond, "interval": interval}), x, level, level_next)
