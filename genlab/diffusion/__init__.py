@@ -18,8 +18,8 @@ from .levels import Level
 from .processes import EDM, VE, VP, DiscreteVP, Process, RectifiedFlow, SubVP, Trigonometric
 from .time_distributions import LogitNormalT, LogNormalSigma, TimeDistribution, UniformT
 from .samplers import (DDIM, DDPM, DEIS, BridgeSDE, ConsistencySampler, DPMSolverPP, DPMSolverPPSDE, DPMSolverSingle,
-                       Euler, EulerAncestral, EulerMaruyama, FlowEuler, Heun, PredictorCorrector, Restart,
-                       ReverseDiffusion, Sampler, SamplerState, StepContext, StepInfo, UniPC)
+                       Euler, EulerAncestral, EulerMaruyama, FlowEuler, Heun, MeanFlowSampler, PredictorCorrector,
+                       Restart, ReverseDiffusion, Sampler, SamplerState, StepContext, StepInfo, UniPC)
 
 __all__ = [
     "BridgeDenoiser", "BridgeSDE", "Denoiser", "edit_times", "invert", "sdedit", "DDPMGrid", "ExplicitGrid", "Karras",
@@ -29,7 +29,7 @@ __all__ = [
     "ODESampler", "ODESolution", "ProbabilityFlow", "PREDICTIONS", "convert", "from_x0_eps", "to_x0_eps",
     "EDM", "VE", "VP", "DiscreteVP", "Level", "Process", "RectifiedFlow", "SubVP", "Trigonometric",
     "DDIM", "DDPM", "DEIS", "DPMSolverPP", "DPMSolverPPSDE", "DPMSolverSingle", "Euler", "EulerAncestral", "EulerMaruyama",
-    "FlowEuler", "Heun", "PredictorCorrector", "Restart", "ReverseDiffusion", "Sampler", "SamplerState",
+    "FlowEuler", "Heun", "MeanFlowSampler", "PredictorCorrector", "Restart", "ReverseDiffusion", "Sampler", "SamplerState",
     "StepContext", "StepInfo", "UniPC", "LearnedGrid", "learn_grid",
     "ConsistencyDenoiser", "consistency_scalings", "ConsistencySampler",
 ]

@@ -10,6 +10,7 @@ from .denoising import DenoisingObjective, FlowMatchingObjective
 from .consistency import ConsistencyDistillation
 from .distillation import ProgressiveDistillation
 from .flow_matching import CFMDraw, ConditionalFlowMatching, check_path_process
+from .meanflow import MeanFlow
 
 __all__ = ["Batch", "BuildContext", "Objective", "CFMDraw", "ConditionalFlowMatching", "ConsistencyDistillation",
-           "DenoisingObjective", "FlowMatchingObjective", "ProgressiveDistillation", "check_path_process"]
+           "DenoisingObjective", "FlowMatchingObjective", "MeanFlow", "ProgressiveDistillation", "check_path_process"]

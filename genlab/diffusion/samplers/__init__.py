@@ -8,7 +8,7 @@ from .deis import DEIS
 from .dpm_solver import DPMSolverPP, DPMSolverPPSDE, dpm_solver_pp_update
 from .dpm_solver_single import DPMSolverSingle
 from .euler import Euler, EulerAncestral, Heun, ancestral_sigmas
-from .flow_euler import FlowEuler
+from .flow_euler import FlowEuler, MeanFlowSampler
 from .restart import Restart, RestartInterval
 from .sde import EulerMaruyama, PredictorCorrector, ReverseDiffusion
 from .unipc import UniPC, UniPCState
@@ -16,6 +16,6 @@ from .unipc import UniPC, UniPCState
 __all__ = [
     "Sampler", "SamplerState", "StepContext", "StepInfo", "DDIM", "DDPM", "DEIS", "posterior_std", "DPMSolverPP",
     "DPMSolverPPSDE", "dpm_solver_pp_update", "DPMSolverSingle", "Euler", "EulerAncestral", "Heun", "ancestral_sigmas",
-    "FlowEuler", "ConsistencySampler", "BridgeSDE",
+    "FlowEuler", "MeanFlowSampler", "ConsistencySampler", "BridgeSDE",
     "Restart", "RestartInterval", "EulerMaruyama", "PredictorCorrector", "ReverseDiffusion", "UniPC", "UniPCState",
 ]
