@@ -5,11 +5,12 @@ The layer sits above ``genlab.models`` and ``genlab.diffusion``; the Trainer (``
 runs any objective and knows nothing of diffusion.
 """
 
-from .base import Batch, BuildContext, Objective
+from .base import Batch, BuildContext, Objective, Reference
 from .denoising import DenoisingObjective, FlowMatchingObjective
 from .consistency import ConsistencyDistillation
 from .distillation import ProgressiveDistillation
 from .flow_matching import CFMDraw, ConditionalFlowMatching, check_path_process
 
 __all__ = ["Batch", "BuildContext", "Objective", "CFMDraw", "ConditionalFlowMatching", "ConsistencyDistillation",
-           "DenoisingObjective", "FlowMatchingObjective", "ProgressiveDistillation", "check_path_process"]
+           "DenoisingObjective", "FlowMatchingObjective", "ProgressiveDistillation", "Reference",
+           "check_path_process"]

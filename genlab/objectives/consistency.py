@@ -26,7 +26,7 @@ from ..diffusion.consistency import ConsistencyDenoiser
 from ..diffusion.denoiser import Denoiser
 from ..diffusion.levels import combine
 from ..diffusion.samplers.base import Sampler
-from .base import Batch, BuildContext, Objective
+from .base import Batch, BuildContext, Objective, Reference
 from .teachers import load_teacher
 
 Distance = Literal["l2", "l1", "pseudo_huber"]
@@ -110,7 +110,11 @@ class ConsistencyDistillation(Objective):
         return consistency_distance(f, target, self.distance, self.huber_c).mean()
 
     def sample(self, modules: dict[str, nn.Module], n: int, generator: torch.Generator,
-               cond: dict[str, Tensor] | None = None) -> Tensor:
-        """``n`` samples with the config's sampler (``consistency`` for Algorithm 1) from f."""
+               cond: dict[str, Tensor] | None = None, steps: int | None = None) -> Tensor:
+        """``n`` samples with the config's sampler (``consistency`` for Algorithm 1; in ``steps`` steps) from f."""
         return self.context.sampler.sample(self.denoiser(modules["model"]), shape=(n, *self.context.data_shape),
-                                           generator=generator, progress=False, cond=cond)
+                                           steps=steps, generator=generator, progress=False, cond=cond)
+
+    def references(self) -> dict[str, Reference]:
+        """The teacher, drawn as its run draws."""
+        return self.teacher_.references()

@@ -30,7 +30,7 @@ from ..diffusion.levels import combine
 from ..diffusion.grids import GridSpec, TimeGrid
 from ..diffusion.samplers.base import Sampler
 from ..diffusion.samplers.ddim import DDIM
-from .base import Batch, BuildContext, Objective
+from .base import Batch, BuildContext, Objective, Reference
 from .teachers import load_teacher
 
 DistillWeighting = Literal["truncated_snr", "snr", "constant"]
@@ -112,7 +112,17 @@ class ProgressiveDistillation(Objective):
         return (err * self.weight(level.alpha, level.sigma).to(err.dtype)).mean()
 
     def sample(self, modules: dict[str, nn.Module], n: int, generator: torch.Generator,
-               cond: dict[str, Tensor] | None = None) -> Tensor:
-        """N DDIM steps of the student on its grid (every other time of the teacher's)."""
-        return DDIM(self.student_steps).sample(self.denoiser(modules["model"]), shape=(n, *self.context.data_shape),
-                                               times=self.times[::2], generator=generator, progress=False, cond=cond)
+               cond: dict[str, Tensor] | None = None, steps: int | None = None) -> Tensor:
+        """N DDIM steps of the student on its grid (every other time of the teacher's); ``steps`` other
+        than N: DDIM in that many steps on the grid."""
+        steps = self.student_steps if steps is None else steps
+        times = self.times[::2] if steps == self.student_steps else self.grid(self.context.process, steps)
+        return DDIM(steps).sample(self.denoiser(modules["model"]), shape=(n, *self.context.data_shape),
+                                  times=times, generator=generator, progress=False, cond=cond)
+
+    def sampling_steps(self) -> int:
+        return self.student_steps
+
+    def references(self) -> dict[str, Reference]:
+        """The teacher, drawn as its run draws (a previous round's student: in its own steps)."""
+        return self.teacher_.references()

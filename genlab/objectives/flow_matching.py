@@ -225,13 +225,13 @@ class ConditionalFlowMatching(Objective):
         return self.loss_at(modules["model"], self.draw(batch, generator))
 
     def sample(self, modules: dict[str, nn.Module], n: int, generator: torch.Generator,
-               cond: dict[str, Tensor] | None = None) -> Tensor:
+               cond: dict[str, Tensor] | None = None, steps: int | None = None) -> Tensor:
         """``n`` samples [n, *data shape]: source points drawn with ``generator`` (within the requested
         classes ``cond["class_labels"]`` for ``label_ot`` with a labelled source), carried to t = 0 by the
-        experiment's sampler on the model as a velocity Denoiser."""
+        experiment's sampler (in ``steps`` steps) on the model as a velocity Denoiser."""
         labels = None if cond is None or not self._class_matched() else cond.get("class_labels")
         x0, _ = self.draw_source(n, generator, labels=labels)
-        return self.context.sampler.sample(self.denoiser(modules["model"]), x=x0, generator=generator,
+        return self.context.sampler.sample(self.denoiser(modules["model"]), x=x0, steps=steps, generator=generator,
                                            progress=False, cond=cond)
 
 
