@@ -212,9 +212,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
     or from a trained run (``--rounds``), each round a run in OUT/round_r; per round and at the end, the
     students' numbers next to the teacher's."""
     from .core.config import load_config
-    from .core.registry import construct
-    from .training.distill import distill, run_config, summary
-    from .training.experiment import DistillConfig
+    from .training.distill import config_rounds, distill, run_config, summary
 
     source = Path(args.source)
     if source.is_dir():
@@ -223,9 +221,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
         config = load_config(source, args.overrides)
     else:
         raise GenlabError(f"distill: {source}: no such config file or run directory")
-    section = config.get("distill") or {}
-    rounds = args.rounds or construct(DistillConfig, section if isinstance(section, dict) else {"rounds": section},
-                                      path="distill", source=getattr(config, "source", "config")).rounds
+    rounds = args.rounds or config_rounds(config)
     out = _out_dir(Path(f"{source.stem}-distill") if source.is_dir() else source, args.out, args.resume)
     results = distill(config, out, rounds, resume=args.resume, progress=not args.quiet)
     print(f"{len(results)} rounds in {out}; the students next to the first teacher:")

@@ -81,11 +81,7 @@ class ProgressiveDistillation(Objective):
 
     def denoiser(self, model: nn.Module, process: Any = None) -> Denoiser:
         """The student ``model`` as a Denoiser, in the teacher's parameterisation."""
-        process = self.context.process if process is None else process
-        if self.teacher_.objective is not None:
-            return self.teacher_.objective.denoiser(model, process)
-        d = self.teacher_.module
-        return Denoiser(model, process, d.prediction, d.preconditioning, d.sigma_data)
+        return self.teacher_.parameterisation(model, self.context.process if process is None else process)
 
     def weight(self, alpha: Tensor, sigma: Tensor) -> Tensor:
         snr = (alpha / sigma) ** 2

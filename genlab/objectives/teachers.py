@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..core.errors import GenlabError
 from ..diffusion.denoiser import Denoiser
 from .base import BuildContext, Reference
 
@@ -53,6 +54,14 @@ class Teacher:
         """The teacher's Denoiser of ``module`` (the frozen module as the Trainer holds it)."""
         return module if isinstance(module, Denoiser) else self.objective.denoiser(module, process)
 
+    def parameterisation(self, model: nn.Module, process: Any) -> Denoiser:
+        """``model`` (a student) as a Denoiser in the teacher's parameterisation: the teacher run's
+        objective's, or the prediction type and preconditioning of a teacher given as a Denoiser."""
+        if self.objective is not None:
+            return self.objective.denoiser(model, process)
+        d = self.module
+        return Denoiser(model, process, d.prediction, d.preconditioning, d.sigma_data)
+
     @torch.no_grad()
     def solve(self, module: nn.Module, solver: Any, process: Any, x: Tensor, times: Tensor,
               cond: dict[str, Tensor]) -> Tensor:
@@ -68,7 +77,10 @@ def load_teacher(context: BuildContext, source: str | Denoiser, *, student_from_
         return Teacher(source)
     if context.pretrained is None:
         raise ValueError("teacher: a run directory needs an experiment to load it from")
-    run = context.pretrained(str(source))
+    try:
+        run = context.pretrained(str(source))
+    except GenlabError as e:
+        raise ValueError(f"teacher: {e}; train the teacher first, or name its run directory") from None
     if not callable(getattr(run.objective, "denoiser", None)):
         raise ValueError(f"teacher: {source} was trained with objective {type(run.objective).__name__}, which trains "
                          "no denoiser; a teacher is a diffusion or flow-matching run")

@@ -23,10 +23,10 @@ from typing import Any
 from ..core.checkpoint import latest_checkpoint, resolve_checkpoint
 from ..core.config import ConfigDict, apply_overrides, load_config
 from ..core.errors import ConfigError, GenlabError
-from ..core.registry import lookup
+from ..core.registry import construct, lookup
 from ..core.rundir import RunLock, check_run_dir, run_contents
 from .evaluation import table
-from .experiment import Experiment
+from .experiment import DistillConfig, Experiment, check_section
 from .trainer import Trainer
 
 OBJECTIVE = "progressive_distillation"
@@ -79,6 +79,14 @@ def plan_rounds(config: ConfigDict, out: Path, rounds: int) -> list[Round]:
         cfg["name"] = f"{config.get('name', 'distill')}-round{r}"
         plan.append(Round(r, steps, out / f"round_{r}", cfg))
     return plan
+
+
+def config_rounds(config: ConfigDict) -> int:
+    """``distill.rounds`` of ``config`` (1 without a ``distill`` section); ConfigError naming a bad value."""
+    source = getattr(config, "source", "config")
+    section = config.get("distill")
+    check_section("distill", section, source)
+    return construct(DistillConfig, section or {}, path="distill", source=source).rounds
 
 
 def run_config(run: str, overrides: list[str], rounds: int) -> ConfigDict:

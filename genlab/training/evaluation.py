@@ -70,10 +70,10 @@ def evaluate(exp: Experiment, modules: dict[str, nn.Module], out: str | os.PathL
 
     metrics = {"step": step, "sampler": repr(exp.sampler), "steps": obj.sampling_steps(), "image": f"{name}.png",
                **_evaluate(exp, model(None), device, out / f"{name}.png", seed, repr(exp.sampler))}
-    if rows:
-        wanted = [(label, ref.sampler, ref.steps, functools.partial(ref.sample, modules))
-                  for label, ref in obj.references().items()]
-        wanted += [("model", repr(with_steps(exp.sampler, k)), k, model(k)) for k in exp.train.eval_steps]
+    wanted = [] if not rows else [(label, ref.sampler, ref.steps, functools.partial(ref.sample, modules))
+                                  for label, ref in obj.references().items()]
+    wanted += [("model", repr(with_steps(exp.sampler, k)), k, model(k)) for k in exp.train.eval_steps if rows]
+    if wanted:
         metrics["rows"] = []
         for label, kind, steps, sample in wanted:
             image = f"{name}-{label}-{steps}steps.png"

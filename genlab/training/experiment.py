@@ -74,7 +74,7 @@ class Experiment:
         source = getattr(config, "source", "config")
         check_keys(config, SECTIONS, path="", source=source)
         for key, value in config.items():
-            _check_section(key, value, source)
+            check_section(key, value, source)
         train = construct(TrainConfig, config.get("train") or {}, path="train", source=source)
         construct(DistillConfig, config.get("distill") or {}, path="distill", source=source)
         process = build("process", config.get("process", "vp"), path="process", source=source)
@@ -160,7 +160,7 @@ def load_pretrained(path: str) -> Experiment:
     return exp
 
 
-def _check_section(key: str, value: Any, source: str) -> None:
+def check_section(key: str, value: Any, source: str) -> None:
     """``name`` is a string; ``train`` a mapping; a component section a name or a mapping with ``type``."""
     if key == "name":
         ok, wanted = isinstance(value, str), "a string"
