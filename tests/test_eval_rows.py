@@ -60,6 +60,15 @@ def test_without_eval_steps_or_a_teacher_there_are_no_rows(teacher):
     assert "rows" not in json.loads((teacher / "samples.json").read_text())
 
 
+def test_eval_steps_need_a_family_that_samples_in_steps(tmp_path, capsys):
+    import genlab.testing.toy_objectives  # noqa: F401  (registers toy_gan, whose sample takes no steps)
+
+    code = main(["train", CONFIG, *TINY, "objective.type=toy_gan", "train.eval_steps=[1]", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and "train.eval_steps: objective ToyGAN samples in no number of steps" in err, err
+    assert not (tmp_path / "r").exists()
+
+
 def test_the_table():
     rows = [{"label": "teacher", "steps": 25, "sampler": "DDPM(steps=25)", "classifier_accuracy": 0.98,
              "frechet_distance": 9.834, "confident_fraction": 0.955},

@@ -65,14 +65,16 @@ def evaluate(exp: Experiment, modules: dict[str, nn.Module], out: str | os.PathL
     device = next(modules["model"].parameters()).device
     obj = exp.objective
 
-    def model(steps: int | None) -> SampleFn:
+    def model(steps: int | None) -> SampleFn:  # steps only when asked: a family may sample without any
         return lambda n, g, cond: obj.sample(modules, n, g, cond, **({} if steps is None else {"steps": steps}))
 
     metrics = {"step": step, "sampler": repr(exp.sampler), "steps": obj.sampling_steps(), "image": f"{name}.png",
                **_evaluate(exp, model(None), device, out / f"{name}.png", seed, repr(exp.sampler))}
-    wanted = [] if not rows else [(label, ref.sampler, ref.steps, functools.partial(ref.sample, modules))
-                                  for label, ref in obj.references().items()]
-    wanted += [("model", repr(with_steps(exp.sampler, k)), k, model(k)) for k in exp.train.eval_steps if rows]
+    wanted = []  # (label, sampler, steps, how to draw)
+    if rows:
+        wanted += [(label, ref.sampler, ref.steps, functools.partial(ref.sample, modules))
+                   for label, ref in obj.references().items()]
+        wanted += [("model", repr(with_steps(exp.sampler, k)), k, model(k)) for k in exp.train.eval_steps]
     if wanted:
         metrics["rows"] = []
         for label, kind, steps, sample in wanted:

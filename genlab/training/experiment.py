@@ -95,6 +95,9 @@ class Experiment:
             objective.build(context)
         except ValueError as e:
             raise ConfigError(f"{source}: objective: {e}") from None
+        if train.eval_steps and "steps" not in inspect.signature(objective.sample).parameters:
+            raise ConfigError(f"{source}: train.eval_steps: objective {type(objective).__name__} samples in no "
+                              "number of steps; leave train.eval_steps empty")
         return exp
 
     @property
