@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 
 from genlab.cli import main
+from genlab.core.config import load_config
+from genlab.training import Experiment
+from genlab.training.distill import plan_rounds
 from genlab.training.evaluation import table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,3 +84,25 @@ def test_the_table():
     ]
     assert table([{"label": "a", "steps": 2, "sampler": "s", "sliced_wasserstein": 0.5}])[1] == (
         "a          2      0.5000  s")
+
+
+def test_the_few_step_digits_configs_run_from_a_digits_teacher(tmp_path, capsys):
+    """``configs/consistency/cd_digits.yaml`` and ``configs/distill/progressive_digits.yaml`` with a tiny
+    teacher (the main job's architecture, 8 channels) and one training step: the table has the teacher
+    at its 25 DDPM steps and the student at 1, 2 and 4 steps; the rounds halve 8 steps down to 1."""
+    small = ["model.channels=8", "model.channel_mult=[1]", "model.attention_levels=[]", "train.eval_samples=20"]
+    teacher = tmp_path / "teacher"
+    assert main(["train", str(ROOT / "configs" / "digits.yaml"), *small, "train.steps=1", "--out", str(teacher),
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["train", str(ROOT / "configs" / "consistency" / "cd_digits.yaml"), *small, "train.steps=1",
+                 f"objective.teacher={teacher}", "--out", str(tmp_path / "cd"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    lines = out[out.index("next to the references"):].splitlines()[1:6]
+    assert lines[0].split() == ["steps", "accuracy", "FD", "confident", "sampler"]
+    assert [line.split()[:2] for line in lines[1:]] == [["teacher", "25"], ["model", "1"], ["model", "2"], ["model", "4"]]
+    config = load_config(ROOT / "configs" / "distill" / "progressive_digits.yaml", [f"objective.teacher={teacher}"])
+    plan = plan_rounds(config, tmp_path / "pd", config["distill"]["rounds"])
+    assert [r.steps for r in plan] == [8, 4, 2, 1]
+    assert Experiment.from_config(load_config(ROOT / "configs" / "distill" / "progressive_digits.yaml",
+                                              [*small, f"objective.teacher={teacher}"])).objective.times.numel() == 17

@@ -118,10 +118,7 @@ def distill(config: ConfigDict, out: str | Path, rounds: int, *, resume: bool = 
     out = Path(out)
     plan = plan_rounds(config, out, rounds)
     first = Experiment.from_config(plan[0].config if plan else config)  # names any bad key of the config
-    if resume:
-        check_run_dir(out, resume=True, has_checkpoint=True, flag="--out")
-    else:
-        check_run_dir(out, resume=False, has_checkpoint=False, flag="--out")
+    check_run_dir(out, resume=resume, has_checkpoint=resume, flag="--out")  # resumed: it exists; fresh: it is empty
     results = []
     with RunLock(out, purpose="distill"):
         for r in plan:
