@@ -1,4 +1,4 @@
-"""``genlab train | sample | learn-grid | reflow | list``: the command line.
+"""``genlab train | sample | learn-grid | reflow | distill | list``: the command line.
 
 Bad input (a config, an argument, a file, a run directory) and a run that must stop (non-finite
 losses, non-finite samples, a full disk) print one line ``genlab: error: ...`` on stderr and exit
@@ -53,7 +53,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         trainer.fit()
         if trainer.skipped:
             print(f"skipped {trainer.skipped} steps with a non-finite loss or gradient")
-        metrics = trainer.evaluate()
+        metrics = trainer.evaluate(rows=True)
         if metrics:  # the main process's; under DDP the other ranks sample nothing and report nothing
             report(out, metrics)
 
@@ -79,6 +79,10 @@ def report(out: Path, m: dict) -> None:
     if "confident_fraction" in m:
         print(f"classified as some digit with probability > 0.9: {m['confident_fraction']:.1%} of the samples "
               f"(held-out test digits: {m['confident_fraction_data']:.1%})")
+    if m.get("rows"):
+        from .training.evaluation import table
+
+        print("\n".join(["next to the references and in train.eval_steps:", *table(m["rows"])]))
 
 
 def use_stored_grids(config: dict, ckpt: Path) -> None:
@@ -206,6 +210,27 @@ def cmd_reflow(args: argparse.Namespace) -> None:
     print(f"train the next rectified flow on them: genlab train CONFIG data.type=pairs data.path={out}")
 
 
+def cmd_distill(args: argparse.Namespace) -> None:
+    """Progressive-distillation rounds from a config (objective progressive_distillation, ``distill.rounds``)
+    or from a trained run (``--rounds``), each round a run in OUT/round_r; per round and at the end, the
+    students' numbers next to the teacher's."""
+    from .core.config import load_config
+    from .training.distill import config_rounds, distill, run_config, summary
+
+    source = Path(args.source)
+    if source.is_dir():
+        config = run_config(args.source, args.overrides, args.rounds or 1)
+    elif source.exists() or source.suffix in (".yaml", ".yml"):
+        config = load_config(source, args.overrides)
+    else:
+        raise GenlabError(f"distill: {source}: no such config file or run directory")
+    rounds = args.rounds or config_rounds(config)
+    out = _out_dir(Path(f"{source.stem}-distill") if source.is_dir() else source, args.out, args.resume)
+    results = distill(config, out, rounds, resume=args.resume, progress=not args.quiet)
+    print(f"{len(results)} rounds in {out}; the students next to the first teacher:")
+    print("\n".join(summary(results)))
+
+
 def cmd_list(args: argparse.Namespace) -> None:
     from .core.registry import describe, registered
 
@@ -279,6 +304,15 @@ def parser() -> argparse.ArgumentParser:
     rf.add_argument("--seed", type=_seed, default=0)
     rf.add_argument("--out", help="pairs file (default: RUN/pairs.safetensors)")
     rf.set_defaults(func=cmd_reflow)
+    d = sub.add_parser("distill", help="progressive-distillation rounds from a config or a trained run")
+    d.add_argument("source", help="a config (objective: progressive_distillation) or a trained diffusion run")
+    d.add_argument("overrides", nargs="*", help="e.g. train.steps=500 objective.student_steps=8")
+    d.add_argument("--rounds", type=_positive, help="rounds, each halving the steps (default: the config's "
+                   "distill.rounds; from a run: 1)")
+    d.add_argument("--out", help="directory of the rounds, OUT/round_1 ... (default: runs/<config or run name>)")
+    d.add_argument("--resume", action="store_true", help="continue: skip finished rounds, resume the unfinished one")
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
+    d.set_defaults(func=cmd_distill)
     ls = sub.add_parser("list", help="list registered components")
     ls.add_argument("namespace", nargs="?")
     ls.set_defaults(func=cmd_list)

@@ -5,7 +5,7 @@ objectives built on it are in :mod:`genlab.objectives`).
 It does not import ``genlab.models``: samplers work on any callable.
 """
 
-from .consistency import ConsistencyDenoiser, consistency_scalings
+from .consistency import ConsistencyDenoiser, ConsistencyOnDenoiser, consistency_scalings
 from .denoiser import BridgeDenoiser, Denoiser
 from .editing import edit_times, invert, sdedit
 from .grids import DDPMGrid, ExplicitGrid, Karras, TimeGrid, UniformLogSNR, UniformTime
@@ -31,5 +31,5 @@ __all__ = [
     "DDIM", "DDPM", "DEIS", "DPMSolverPP", "DPMSolverPPSDE", "DPMSolverSingle", "Euler", "EulerAncestral", "EulerMaruyama",
     "FlowEuler", "Heun", "MeanFlowSampler", "PredictorCorrector", "Restart", "ReverseDiffusion", "Sampler", "SamplerState",
     "StepContext", "StepInfo", "UniPC", "LearnedGrid", "learn_grid",
-    "ConsistencyDenoiser", "consistency_scalings", "ConsistencySampler",
+    "ConsistencyDenoiser", "ConsistencyOnDenoiser", "consistency_scalings", "ConsistencySampler",
 ]

@@ -5,7 +5,7 @@ The layer sits above ``genlab.models`` and ``genlab.diffusion``; the Trainer (``
 runs any objective and knows nothing of diffusion.
 """
 
-from .base import Batch, BuildContext, Objective
+from .base import Batch, BuildContext, Objective, Reference
 from .denoising import DenoisingObjective, FlowMatchingObjective
 from .consistency import ConsistencyDistillation
 from .distillation import ProgressiveDistillation
@@ -13,4 +13,5 @@ from .flow_matching import CFMDraw, ConditionalFlowMatching, check_path_process
 from .meanflow import MeanFlow
 
 __all__ = ["Batch", "BuildContext", "Objective", "CFMDraw", "ConditionalFlowMatching", "ConsistencyDistillation",
-           "DenoisingObjective", "FlowMatchingObjective", "MeanFlow", "ProgressiveDistillation", "check_path_process"]
+           "DenoisingObjective", "FlowMatchingObjective", "MeanFlow", "ProgressiveDistillation", "Reference",
+           "check_path_process"]

@@ -22,11 +22,11 @@ from torch import Tensor, nn
 
 from ..core.bounds import PositiveFloat, PositiveInt, Range
 from ..core.registry import build, register
-from ..diffusion.consistency import ConsistencyDenoiser
+from ..diffusion.consistency import ConsistencyDenoiser, ConsistencyOnDenoiser
 from ..diffusion.denoiser import Denoiser
 from ..diffusion.levels import combine
 from ..diffusion.samplers.base import Sampler
-from .base import Batch, BuildContext, Objective
+from .base import Batch, BuildContext, Objective, Reference
 from .teachers import load_teacher
 
 Distance = Literal["l2", "l1", "pseudo_huber"]
@@ -59,6 +59,11 @@ class ConsistencyDistillation(Objective):
             level at t_min).
         init_from_teacher: start the student's backbone from the teacher's weights (needs the teacher's
             architecture; the paper does so).
+        parameterisation: of f: ``consistency``, Song et al.'s c_skip, c_out, c_in, c_noise
+            (:class:`ConsistencyDenoiser`); ``teacher``, f = c_skip x^ + (1 - c_skip) x0 with x0 the
+            estimate of the network in the teacher's parameterisation (:class:`ConsistencyOnDenoiser`),
+            so that a student initialised from a teacher that is not EDM-preconditioned starts at the
+            teacher's one-step estimate.
     """
 
     frozen = ("teacher",)
@@ -66,12 +71,13 @@ class ConsistencyDistillation(Objective):
     def __init__(self, teacher: str | Denoiser, solver: Sampler | str | dict = "heun", steps: PositiveInt = 18,
                  rho: PositiveFloat = 7.0, target_decay: Annotated[float, Range(ge=0, lt=1)] = 0.95,
                  distance: Distance = "l2", huber_c: PositiveFloat | None = None, sigma_data: PositiveFloat = 0.5,
-                 sigma_min: PositiveFloat | None = None, init_from_teacher: bool = True) -> None:
+                 sigma_min: PositiveFloat | None = None, init_from_teacher: bool = True,
+                 parameterisation: Literal["consistency", "teacher"] = "consistency") -> None:
         if steps < 2:
             raise ValueError(f"steps must be >= 2 (the discretisation has N levels), got {steps}")
         self.teacher_source, self.steps, self.rho, self.target_decay = teacher, steps, rho, target_decay
         self.distance, self.huber_c, self.sigma_data, self.sigma_min = distance, huber_c, sigma_data, sigma_min
-        self.init_from_teacher = init_from_teacher
+        self.init_from_teacher, self.parameterisation = init_from_teacher, parameterisation
         self.solver: Sampler = build("sampler", solver, path="objective.solver")
 
     def build(self, context: BuildContext) -> None:
@@ -90,8 +96,10 @@ class ConsistencyDistillation(Objective):
         return {"target": ("model", self.target_decay)}
 
     def denoiser(self, model: nn.Module, process: Any = None) -> ConsistencyDenoiser:
-        """``model`` as the consistency function f (a :class:`ConsistencyDenoiser`)."""
+        """``model`` as the consistency function f (see ``parameterisation``)."""
         process = self.context.process if process is None else process
+        if self.parameterisation == "teacher":
+            return ConsistencyOnDenoiser(self.teacher_.parameterisation(model, process), self.sigma_data, self.sigma_min)
         return ConsistencyDenoiser(model, process, self.sigma_data, self.sigma_min)
 
     def loss(self, modules: dict[str, nn.Module], batch: Batch, generator: torch.Generator,
@@ -110,7 +118,11 @@ class ConsistencyDistillation(Objective):
         return consistency_distance(f, target, self.distance, self.huber_c).mean()
 
     def sample(self, modules: dict[str, nn.Module], n: int, generator: torch.Generator,
-               cond: dict[str, Tensor] | None = None) -> Tensor:
-        """``n`` samples with the config's sampler (``consistency`` for Algorithm 1) from f."""
+               cond: dict[str, Tensor] | None = None, steps: int | None = None) -> Tensor:
+        """``n`` samples with the config's sampler (``consistency`` for Algorithm 1; in ``steps`` steps) from f."""
         return self.context.sampler.sample(self.denoiser(modules["model"]), shape=(n, *self.context.data_shape),
-                                           generator=generator, progress=False, cond=cond)
+                                           steps=steps, generator=generator, progress=False, cond=cond)
+
+    def references(self) -> dict[str, Reference]:
+        """The teacher, drawn as its run draws."""
+        return self.teacher_.references()

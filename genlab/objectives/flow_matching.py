@@ -294,14 +294,14 @@ class ConditionalFlowMatching(Objective):
         return self.loss_at(modules["model"], self.draw(batch, generator), modules.get("score"))
 
     def sample(self, modules: dict[str, nn.Module], n: int, generator: torch.Generator,
-               cond: dict[str, Tensor] | None = None) -> Tensor:
+               cond: dict[str, Tensor] | None = None, steps: int | None = None) -> Tensor:
         """``n`` samples [n, *data shape]: source points drawn with ``generator`` (within the requested
         classes ``cond["class_labels"]`` for ``label_ot`` with a labelled source), carried to t = 0 by the
-        experiment's sampler on :meth:`denoiser` of the model (and the score network)."""
+        experiment's sampler (in ``steps`` steps) on :meth:`denoiser` of the model (and the score network)."""
         labels = None if cond is None or not self._class_matched() else cond.get("class_labels")
         x0, _ = self.draw_source(n, generator, labels=labels)
         denoiser = self.denoiser(modules["model"], score=modules.get("score"))
-        return self.context.sampler.sample(denoiser, x=x0, generator=generator, progress=False, cond=cond)
+        return self.context.sampler.sample(denoiser, x=x0, steps=steps, generator=generator, progress=False, cond=cond)
 
 
 @torch.no_grad()

@@ -75,7 +75,8 @@ def step_generator(seed: int, step: int, micro: int, rank: int, device: torch.de
 
 # keys a resumed run may change: how long it runs and what it logs, samples and keeps, never what it learns
 RESUMABLE = ("name", "sampler", "train.steps", "train.log_every", "train.checkpoint_every", "train.sample_every",
-             "train.eval_samples", "train.tensorboard", "train.max_bad_steps", "train.compile", "train.num_workers")
+             "train.eval_samples", "train.eval_steps", "train.tensorboard", "train.max_bad_steps", "train.compile",
+             "train.num_workers")
 
 
 def _flat(cfg: Any, prefix: str = "") -> dict[str, Any]:
@@ -389,9 +390,10 @@ class Trainer:
         return {n: self.emas[n].model if n in self.emas else self.unwrapped(n) if n in self.trained else m
                 for n, m in self.modules.items()}
 
-    def evaluate(self, seed: int = 1234, name: str = "samples") -> dict[str, Any]:
-        """Sample with the EMA modules, write ``{name}.png`` and ``{name}.json``; returns the metrics.
+    def evaluate(self, seed: int = 1234, name: str = "samples", rows: bool = False) -> dict[str, Any]:
+        """Sample with the EMA modules, write ``{name}.png`` and ``{name}.json``; returns the metrics
+        (``rows``: also the objective's references and ``train.eval_steps``, see :func:`evaluate`).
         NonFiniteError if the samples are not finite (nothing written)."""
         if not self.acc.is_main_process:
             return {}
-        return evaluate(self.exp, self.sampling_modules(), self.out, name, seed, self.step)
+        return evaluate(self.exp, self.sampling_modules(), self.out, name, seed, self.step, rows=rows)
