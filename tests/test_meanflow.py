@@ -205,6 +205,11 @@ def test_one_time_models_refuse_an_interval_and_meanflow_refuses_them(model):
     built(MeanFlow(ratio=0.0), model)  # r = t always: flow matching, any model
 
 
+def test_the_schrodinger_bridge_path_is_refused():
+    with pytest.raises(ValueError, match="schrodinger_bridge"):
+        built(MeanFlow(path="schrodinger_bridge"), MLP(dim=2, hidden=8, depth=1, interval_embedding=True))
+
+
 @pytest.mark.parametrize("kwargs, fragment", [({"ratio": 1.5}, "ratio"), ({"adaptive_c": 0.0}, "adaptive_c"),
                                               ({"adaptive_p": -1.0}, "adaptive_p")])
 def test_bad_values_are_refused_at_construction(kwargs, fragment):

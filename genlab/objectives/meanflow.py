@@ -44,7 +44,7 @@ from ..diffusion.time_distributions import TimeDistribution
 from .base import Batch, BuildContext
 from .couplings import Coupling
 from .flow_matching import CFMDraw, ConditionalFlowMatching
-from .paths import Path
+from .paths import Path, SchrodingerBridge
 
 
 def mean_flow_times(t: Tensor, s: Tensor, generator: torch.Generator, ratio: float) -> tuple[Tensor, Tensor]:
@@ -79,8 +79,13 @@ class MeanFlow(ConditionalFlowMatching):
         self.ratio, self.adaptive_p, self.adaptive_c = ratio, adaptive_p, adaptive_c
 
     def build(self, context: BuildContext) -> None:
-        """As flow matching's, and ValueError unless the model takes an interval (a two-time backbone)."""
+        """As flow matching's; ValueError for the Schrödinger-bridge path and unless the model takes an
+        interval (a two-time backbone)."""
         super().build(context)
+        if isinstance(self.path, SchrodingerBridge):
+            raise ValueError("meanflow: path schrodinger_bridge is a stochastic bridge (its sampling needs a score "
+                             "network and an SDE); MeanFlow's average velocity is of a deterministic flow: use "
+                             "path cond_ot or variance_preserving")
         if self.ratio > 0 and not getattr(context.model, "takes_interval", False):
             raise ValueError(f"meanflow: the model ({type(context.model).__name__}) must be a two-time network "
                              "u(z, r, t): set model.interval_embedding: true (mlp, concat_mlp, unet, dit)")
