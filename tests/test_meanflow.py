@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from genlab.cli import main
 from genlab.core.checkpoint import latest_checkpoint, load_weights
 from genlab.core.config import load_config
-from genlab.diffusion import MeanFlowSampler, RectifiedFlow
+from genlab.diffusion import FlowEuler, MeanFlowSampler, RectifiedFlow
 from genlab.metrics import wasserstein2
 from genlab.models import DiT, MLP, ConcatMLP, UNet
 from genlab.objectives import BuildContext, ConditionalFlowMatching, MeanFlow
@@ -109,6 +109,16 @@ def test_the_sampler_carries_the_source_exactly_with_the_exact_average_velocity(
     z1 = torch.randn(100, 2, generator=torch.Generator().manual_seed(1), dtype=F64)
     out = objective.context.sampler.sample(objective.denoiser(ExactAverageVelocity()), x=z1, progress=False)
     torch.testing.assert_close(out, M + S * z1, atol=1e-10, rtol=0)
+
+
+def test_on_a_one_time_network_the_sampler_is_flow_euler():
+    model = MLP(dim=2, hidden=8, depth=1)
+    denoiser = built(MeanFlow(ratio=0.0), model).denoiser(model)
+    z1 = torch.randn(8, 2)
+    with torch.no_grad():
+        got = MeanFlowSampler(3, grid=GRID).sample(denoiser, x=z1, progress=False)
+        want = FlowEuler(3, grid=GRID).sample(denoiser, x=z1, progress=False)
+    assert torch.equal(got, want)
 
 
 def test_the_sampler_is_deterministic_one_step_with_one_evaluation_per_step():
