@@ -8,8 +8,10 @@ runs any objective and knows nothing of diffusion.
 from .base import Batch, BuildContext, Objective
 from .denoising import DenoisingObjective, FlowMatchingObjective
 from .consistency import ConsistencyDistillation
+from .consistency_training import ConsistencyTraining, EasyConsistencyTuning, ImprovedConsistencyTraining
 from .distillation import ProgressiveDistillation
 from .flow_matching import CFMDraw, ConditionalFlowMatching, check_path_process
 
 __all__ = ["Batch", "BuildContext", "Objective", "CFMDraw", "ConditionalFlowMatching", "ConsistencyDistillation",
-           "DenoisingObjective", "FlowMatchingObjective", "ProgressiveDistillation", "check_path_process"]
+           "ConsistencyTraining", "DenoisingObjective", "EasyConsistencyTuning", "FlowMatchingObjective",
+           "ImprovedConsistencyTraining", "ProgressiveDistillation", "check_path_process"]

@@ -10,6 +10,9 @@ an exponential moving average of f_theta with constant decay mu (no gradient thr
 construction. Distances: squared L2, L1, and the pseudo-Huber sqrt(|a - b|^2 + c^2) - c of improved
 consistency training (Song & Dhariwal 2023, Sec. 3.3; c = 0.00054 sqrt(d) by default). Samples are
 drawn with the config's sampler (``consistency``: Algorithm 1, 1 to a few steps).
+
+:class:`ConsistencyObjective` holds what distillation shares with consistency training
+(:mod:`genlab.objectives.consistency_training`): f, the distance, the discretisation and sampling.
 """
 
 from __future__ import annotations
