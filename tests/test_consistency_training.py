@@ -104,6 +104,51 @@ def test_ect_stages_and_r_follow_their_code_and_r_tends_to_t():
     assert r.tolist()[:2] == [0.002, 0.002] and r[2].item() == pytest.approx(2.366142981514303, rel=1e-13)
 
 
+# ----- the losses, written out by hand on EDM (x = x0 + sigma z, t = sigma) -------------------------------------
+def by_hand(name: str, f, x0: torch.Tensor, g: torch.Generator, k: int, total: int) -> torch.Tensor:
+    """The paper's loss of one batch with the draws in the objective's order: CT, iCT on Karras' sigmas (0.002
+    to 80, rho 7), ECT with t = exp(P_mean + P_std n) in [0.002, 80]."""
+    if name == "ect":
+        t = (-1.1 + 2.0 * torch.randn(len(x0), generator=g, dtype=F64)).exp().clamp(0.002, 80.0)
+        a = math.ceil((k + 1) / (total / 8))
+        r = (t * (1 - (1 + 8 * torch.sigmoid(-t)) / 2**a)).clamp_min(0.002)
+    else:
+        n = ct_levels(k, total, 2, 150) if name == "ct" else min(10 * 2 ** (k // (total // 8)), 1280) + 1
+        i = torch.arange(n, dtype=F64)
+        sigma = (80 ** (1 / 7) + i / (n - 1) * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
+        if name == "ct":
+            j = torch.randint(n - 1, (len(x0),), generator=g)
+        else:
+            cdf = torch.special.erf((sigma.log() + 1.1) / (2 * math.sqrt(2)))
+            j = torch.multinomial(cdf[:-1] - cdf[1:], len(x0), replacement=True, generator=g)
+        t, r = sigma[j], sigma[j + 1]
+    z = torch.randn(x0.shape, generator=g, dtype=F64)
+    diff = f(x0 + t[:, None] * z, t) - f(x0 + r[:, None] * z, r)
+    if name == "ct":
+        return diff.square().mean(1).mean()
+    c = 0.00054 * math.sqrt(2)
+    weight = torch.where(t > r, 1 / (t - r), 0.0)  # at the boundary t = r = sigma_min: f is the identity at both
+    return (((diff.square().sum(1) + c**2).sqrt() - c) * weight).mean()
+
+
+@pytest.mark.parametrize("name", ["ct", "ict", "ect"])
+def test_the_losses_are_the_papers_formulas(name):
+    """CT: mean |f(x0 + t_(n+1) z) - f^-(x0 + t_n z)|^2 over dimensions, n uniform; iCT: the pseudo-Huber distance
+    times 1 / (sigma_(i+1) - sigma_i), i log-normal; ECT: pseudo-Huber / (t - r); with a random network (float64)
+    at steps 0, K / 2 and K - 1 of K = 800."""
+    torch.manual_seed(0)
+    model = MLP(dim=2, hidden=16, depth=1, time_embedding="fourier", fourier_scale=4.0).double()
+    x0 = torch.randn(512, 2, dtype=F64)
+    for k in (0, 400, 799):
+        obj = objectives(sigma_data=0.5)[name]
+        obj.build(BuildContext(model=model, process=EDM(), data_shape=(2,)))
+        obj.at_step(k, 800)
+        ours = obj.loss({"model": model, "target": model}, {"x": x0}, torch.Generator().manual_seed(k))
+        f = lambda x, t: obj.denoiser(model)(x, t)[0]  # noqa: E731
+        theirs = by_hand(name, f, x0, torch.Generator().manual_seed(k), k, 800)
+        assert ours.item() == pytest.approx(theirs.item(), rel=1e-10) and ours.item() > 1e-4, (k, ours, theirs)
+
+
 # ----- a perfect consistency model: loss zero -------------------------------------------------------------------
 class PointMassConsistency(nn.Module):
     """The backbone F of the exact consistency function of data at one point x*: there the probability-flow ODE
@@ -126,9 +171,9 @@ class PointMassConsistency(nn.Module):
 PROCESSES = {"edm": EDM(), "vp": VP(), "ve": VE(), "sub_vp": SubVP(), "ddpm": DiscreteVP()}
 
 
-def objectives() -> dict[str, object]:
-    return {"ct": ConsistencyTraining(sigma_data=0.7), "ict": ImprovedConsistencyTraining(sigma_data=0.7),
-            "ect": EasyConsistencyTuning(sigma_data=0.7)}
+def objectives(sigma_data: float = 0.7) -> dict[str, object]:
+    return {"ct": ConsistencyTraining(sigma_data=sigma_data), "ict": ImprovedConsistencyTraining(sigma_data=sigma_data),
+            "ect": EasyConsistencyTuning(sigma_data=sigma_data)}
 
 
 @pytest.mark.parametrize("pname", sorted(PROCESSES))
