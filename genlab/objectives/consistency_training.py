@@ -95,8 +95,9 @@ def ect_r(t: Tensor, stage: int, q: float, k: float, b: float) -> Tensor:
 
 
 def same_dropout(device: torch.device) -> AbstractContextManager[None]:
-    """Run a module call inside this and the next call draws what it drew from the global generators of
-    ``device`` (and the CPU's): the same dropout masks (torch.random.fork_rng; nothing on ``meta``)."""
+    """A context for the student's call: on leaving it, the global generators of ``device`` and of the CPU
+    (what dropout draws from) are back where they were, so the target's call after it draws the same
+    numbers: the same dropout masks (torch.random.fork_rng; ``meta`` has no generator to fork)."""
     if device.type in ("cpu", "meta"):
         return torch.random.fork_rng(devices=[], device_type=device.type)
     index = device.index if device.index is not None else torch.get_device_module(device.type).current_device()
@@ -158,7 +159,7 @@ class ConsistencyTraining(DiscreteConsistencyTraining):
     (:func:`ct_levels`), n ~ U{1..N(k) - 1}, a target network with decay mu(k) (:func:`ct_target_decay`).
 
     Args:
-        s0, s1: the initial and final numbers of discretisation steps (2 and 150 for CIFAR-10; s0 <= s1).
+        s0, s1: N(k) runs from s0 levels at k = 0 to s1 + 1 at k = K (2 and 150 for CIFAR-10; s0 <= s1).
         mu0: the target's decay at N = s0 (0.9 for CIFAR-10), in [0, 1).
         distance, huber_c, sigma_data, sigma_min, rho: as in ``consistency_distillation``.
     """
@@ -187,7 +188,7 @@ class ImprovedConsistencyTraining(DiscreteConsistencyTraining):
     (:func:`lognormal_level_probabilities`), lambda = 1 / (sigma_(i+1) - sigma_i), pseudo-Huber.
 
     Args:
-        s0, s1: the initial and final numbers of discretisation steps (10 and 1280; s0 <= s1).
+        s0, s1: N(k) runs from s0 + 1 levels at k = 0 to s1 + 1 (10 and 1280: 11 to 1281; s0 <= s1).
         p_mean, p_std: the log-normal over levels (-1.1, 2.0; p_std > 0).
         distance, huber_c: default pseudo-Huber with c = 0.00054 sqrt(d).
         sigma_data, sigma_min, rho: as in ``consistency_distillation`` (the paper: 0.5, 0.002, 7).
