@@ -1,4 +1,4 @@
-"""``genlab train | sample | learn-grid | reflow | list``: the command line.
+"""``genlab train | sample | learn-grid | reflow | distill | list``: the command line.
 
 Bad input (a config, an argument, a file, a run directory) and a run that must stop (non-finite
 losses, non-finite samples, a full disk) print one line ``genlab: error: ...`` on stderr and exit
@@ -46,14 +46,20 @@ def cmd_train(args: argparse.Namespace) -> None:
     with Trainer(exp, out, progress=not args.quiet, resume=args.resume) as trainer:
         if trainer.resumed_from is not None:
             print(f"resuming {out} from {trainer.resumed_from.name} (step {trainer.step})")
-        print(f"training {type(exp.model).__name__} ({sum(p.numel() for p in exp.model.parameters()):,} parameters) "
-              f"on {exp.process!r} for {exp.train.steps} steps -> {out}")
+        obj = exp.objective
+        others = "".join(f" and {name}: {_described(module)}" for name, module in obj.modules().items()
+                         if name != "model" and name not in obj.frozen)
+        print(f"training {_described(exp.model)}{others} on {exp.process!r} for {exp.train.steps} steps -> {out}")
         trainer.fit()
         if trainer.skipped:
             print(f"skipped {trainer.skipped} steps with a non-finite loss or gradient")
-        metrics = trainer.evaluate()
+        metrics = trainer.evaluate(rows=True)
         if metrics:  # the main process's; under DDP the other ranks sample nothing and report nothing
             report(out, metrics)
+
+
+def _described(module: Any) -> str:
+    return f"{type(module).__name__} ({sum(p.numel() for p in module.parameters()):,} parameters)"
 
 
 def report(out: Path, m: dict) -> None:
@@ -73,6 +79,10 @@ def report(out: Path, m: dict) -> None:
     if "confident_fraction" in m:
         print(f"classified as some digit with probability > 0.9: {m['confident_fraction']:.1%} of the samples "
               f"(held-out test digits: {m['confident_fraction_data']:.1%})")
+    if m.get("rows"):
+        from .training.evaluation import table
+
+        print("\n".join(["next to the references and in train.eval_steps:", *table(m["rows"])]))
 
 
 def use_stored_grids(config: dict, ckpt: Path) -> None:
@@ -106,13 +116,11 @@ def checkpoint_experiment(path: str, overrides: Sequence[str], *, stored_grids: 
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from .core.checkpoint import load_weights
     from .training.evaluation import evaluate
+    from .training.trainer import load_sampling_weights
 
     ckpt, config, exp = checkpoint_experiment(args.path, args.overrides, stored_grids=True, eval_samples=args.n)
-    model = exp.model
-    model.load_state_dict(load_weights(ckpt / "ema.safetensors", model))
-    model.eval()
+    modules = load_sampling_weights(exp, ckpt)
     exp.sampler.timesteps(exp.process)  # a grid that cannot be made (a damaged grids.json) fails before any write
     run = ckpt.parent.parent
     out = Path(args.out) if args.out else run
@@ -123,7 +131,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     name = f"samples-{kind}-{exp.sampler.steps}steps-seed{args.seed}"
     # the run's own directory is the run's: sampling into it waits for no one, it refuses while a run holds it
     with _run_lock(run, "sampling") if out.resolve() == run.resolve() else contextlib.nullcontext():
-        report(out, evaluate(exp, exp.objective.modules(), out, name, args.seed, exp.train.steps))
+        report(out, evaluate(exp, modules, out, name, args.seed, exp.train.steps))
 
 
 def _run_lock(run: Path, purpose: str) -> contextlib.AbstractContextManager:
@@ -135,11 +143,10 @@ def _run_lock(run: Path, purpose: str) -> contextlib.AbstractContextManager:
 
 def cmd_learn_grid(args: argparse.Namespace) -> None:
     """Learn time grids for a trained model and its sampler; store them in the checkpoint's grids.json."""
-    from .core.checkpoint import load_weights
+    from .training.trainer import load_sampling_weights
 
     ckpt, _, exp = checkpoint_experiment(args.path, args.overrides)
-    exp.model.load_state_dict(load_weights(ckpt / "ema.safetensors", exp.model))
-    exp.model.eval()
+    load_sampling_weights(exp, ckpt)
     with _run_lock(ckpt.parent.parent, "learn-grid"):  # grids.json goes into the checkpoint
         _learn_grids(args, ckpt, exp)
 
@@ -178,17 +185,17 @@ def cmd_reflow(args: argparse.Namespace) -> None:
     """Draw (source, sample) pairs with a trained flow-matching run and its sampler; store them in the run."""
     import torch
 
-    from .core.checkpoint import load_weights
     from .data.pairs import PAIRS_FILE, save_pairs
     from .objectives.flow_matching import ConditionalFlowMatching, straightness
+    from .training.trainer import load_sampling_weights
 
     ckpt, _, exp = checkpoint_experiment(args.path, args.overrides)
     if not isinstance(exp.objective, ConditionalFlowMatching):
         raise GenlabError(f"reflow: {args.path} was trained with objective {type(exp.objective).__name__}; reflow "
                           "needs a flow-matching run (objective: cfm)")
-    exp.model.load_state_dict(load_weights(ckpt / "ema.safetensors", exp.model))
-    exp.model.eval()
-    denoiser, g = exp.objective.denoiser(exp.model), torch.Generator().manual_seed(args.seed)
+    modules = load_sampling_weights(exp, ckpt)
+    denoiser = exp.objective.denoiser(modules["model"], score=modules.get("score"))
+    g = torch.Generator().manual_seed(args.seed)
     sources, samples = [], []
     for start in range(0, args.pairs, args.batch):
         x0, _ = exp.objective.draw_source(min(args.batch, args.pairs - start), g)
@@ -201,6 +208,27 @@ def cmd_reflow(args: argparse.Namespace) -> None:
     s = straightness(denoiser, sources[0][:1000])
     print(f"{args.pairs} pairs ({exp.sampler!r}) -> {out}; straightness of this flow (Liu et al. 2023, Eq. 3): {s:.4f}")
     print(f"train the next rectified flow on them: genlab train CONFIG data.type=pairs data.path={out}")
+
+
+def cmd_distill(args: argparse.Namespace) -> None:
+    """Progressive-distillation rounds from a config (objective progressive_distillation, ``distill.rounds``)
+    or from a trained run (``--rounds``), each round a run in OUT/round_r; per round and at the end, the
+    students' numbers next to the teacher's."""
+    from .core.config import load_config
+    from .training.distill import config_rounds, distill, run_config, summary
+
+    source = Path(args.source)
+    if source.is_dir():
+        config = run_config(args.source, args.overrides, args.rounds or 1)
+    elif source.exists() or source.suffix in (".yaml", ".yml"):
+        config = load_config(source, args.overrides)
+    else:
+        raise GenlabError(f"distill: {source}: no such config file or run directory")
+    rounds = args.rounds or config_rounds(config)
+    out = _out_dir(Path(f"{source.stem}-distill") if source.is_dir() else source, args.out, args.resume)
+    results = distill(config, out, rounds, resume=args.resume, progress=not args.quiet)
+    print(f"{len(results)} rounds in {out}; the students next to the first teacher:")
+    print("\n".join(summary(results)))
 
 
 def cmd_list(args: argparse.Namespace) -> None:
@@ -276,6 +304,15 @@ def parser() -> argparse.ArgumentParser:
     rf.add_argument("--seed", type=_seed, default=0)
     rf.add_argument("--out", help="pairs file (default: RUN/pairs.safetensors)")
     rf.set_defaults(func=cmd_reflow)
+    d = sub.add_parser("distill", help="progressive-distillation rounds from a config or a trained run")
+    d.add_argument("source", help="a config (objective: progressive_distillation) or a trained diffusion run")
+    d.add_argument("overrides", nargs="*", help="e.g. train.steps=500 objective.student_steps=8")
+    d.add_argument("--rounds", type=_positive, help="rounds, each halving the steps (default: the config's "
+                   "distill.rounds; from a run: 1)")
+    d.add_argument("--out", help="directory of the rounds, OUT/round_1 ... (default: runs/<config or run name>)")
+    d.add_argument("--resume", action="store_true", help="continue: skip finished rounds, resume the unfinished one")
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
+    d.set_defaults(func=cmd_distill)
     ls = sub.add_parser("list", help="list registered components")
     ls.add_argument("namespace", nargs="?")
     ls.set_defaults(func=cmd_list)

@@ -13,11 +13,13 @@ import torch
 
 from genlab.cli import main
 from genlab.core.checkpoint import latest_checkpoint, load_weights
-from genlab.diffusion import EDM, ConsistencySampler
+from genlab.core.config import load_config
+from genlab.diffusion import EDM, VP, ConsistencyOnDenoiser, ConsistencySampler, Denoiser
 from genlab.models import MLP
 from genlab.objectives import BuildContext
 from genlab.objectives.consistency import ConsistencyDistillation, consistency_distance
 from genlab.testing import GaussianMixture, exact_denoiser, exact_ode_solution
+from genlab.training import Experiment
 from genlab.training.ema import EMA
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,3 +90,48 @@ def test_a_run_from_a_trained_teacher_resumes_exactly_with_its_target_network(tm
         wa, wb = load_weights(a / file), load_weights(b / file)
         assert all(torch.equal(wa[k], wb[k]) for k in wa), file
     assert not (a / "teacher.safetensors").exists()  # frozen: not checkpointed
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_the_consistency_function_on_a_v_prediction_network(per_sample):
+    """f = c_skip x^ + (1 - c_skip) x0_v with x0_v = alpha x - sigma v (Song et al.'s c_skip, sigma_data 0.5,
+    sigma_min 0.02), eps = (x - alpha f) / sigma, and f(x, t_min) = x / alpha: against a hand computation."""
+    process, sigma_min = VP(), 0.02
+    net = torch.nn.Linear(3, 3).double()
+    model = lambda x, t_in: net(x) * (1 + t_in[:, None] / 1000)  # noqa: E731 - the time input reaches the output
+    f = ConsistencyOnDenoiser(Denoiser(model, process, "v"), sigma_data=0.5, sigma_min=sigma_min)
+    x = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0.9, 0.5, 0.1, 0.02], dtype=torch.float64) if per_sample else 0.3
+    level = process.level(torch.as_tensor(t, dtype=torch.float64))
+    alpha, sigma = (v.reshape(-1, 1) if per_sample else v for v in (level.alpha, level.sigma))
+    s = sigma / alpha
+    c_skip = 0.25 / ((s - sigma_min) ** 2 + 0.25)
+    v = model(x, torch.full((4,), 1000.0) * torch.as_tensor(t, dtype=torch.float64))
+    expected = c_skip * x / alpha + (1 - c_skip) * (alpha * x - sigma * v)
+    x0, eps = f(x, t)
+    assert torch.allclose(x0, expected, atol=1e-12) and torch.allclose(eps, (x - alpha * x0) / sigma, atol=1e-12)
+    edge = process.t_of_sigma_edm(torch.tensor(sigma_min, dtype=torch.float64))
+    assert torch.allclose(f(x, edge)[0], x / process.level(edge).alpha, atol=1e-12)
+
+
+def test_a_student_on_its_teachers_parameterisation_starts_at_the_teachers_estimate(tmp_path):
+    """``parameterisation: teacher``: initialised from the teacher's weights, f(x, t) = c_skip x^ +
+    (1 - c_skip) x0_teacher(x, t) at every level."""
+    tiny = ["model.hidden=16", "model.depth=1", "data.n=300", "train.batch_size=16", "train.eval_samples=50",
+            "train.warmup_steps=1"]
+    config = str(ROOT / "configs" / "toy2d.yaml")
+    teacher = tmp_path / "teacher"
+    assert main(["train", config, *tiny, "train.steps=2", "--out", str(teacher), "--quiet"]) == 0
+    exp = Experiment.from_config(load_config(config, [*tiny, "objective.type=consistency_distillation",
+                                                      f"objective.teacher={teacher}", "objective.parameterisation=teacher",
+                                                      "sampler.type=consistency"]))
+    x = torch.randn(5, 2, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0.999, 0.6, 0.3, 0.05, 0.002], dtype=torch.float64)
+    level = exp.process.level(t)
+    student = exp.objective.denoiser(exp.model)
+    s, alpha = (level.sigma_edm - student.sigma_min)[:, None], level.alpha[:, None]
+    c_skip = 0.25 / (s**2 + 0.25)
+    with torch.no_grad():
+        teacher_x0 = exp.objective.teacher_.denoiser(exp.objective.teacher_.module, exp.process)(x, t)[0]
+        expected = (c_skip * x / alpha + (1 - c_skip) * teacher_x0).float()
+        assert torch.allclose(student(x, t)[0], expected, atol=1e-5)

@@ -275,7 +275,7 @@ def test_a_gaussian_source_is_drawn_from_the_generator():
     ({"type": "cond_ot", "sigma": 0.1}, Trigonometric(), "use process: rectified_flow"),
     ("variance_preserving", RectifiedFlow(), "use process: trigonometric"),
     ("variance_preserving", VP("cosine", cosine_s=0.0), "has alpha = 4.53999e-05 at t = 1 where the path has 6.1"),
-    ("schrodinger_bridge", RectifiedFlow(), "needs a score model and an SDE sampler"),
+    ("schrodinger_bridge", VP(), "use process: rectified_flow"),
 ])
 def test_a_path_on_a_process_that_does_not_match_is_refused(path, process, fragment):
     with pytest.raises(ValueError, match=fragment):
@@ -283,7 +283,8 @@ def test_a_path_on_a_process_that_does_not_match_is_refused(path, process, fragm
 
 
 @pytest.mark.parametrize("path, process", [("cond_ot", RectifiedFlow()), ({"type": "cond_ot", "sigma": 0.1}, RectifiedFlow()),
-                                           ("variance_preserving", Trigonometric(t_min=0.01))])
+                                           ("variance_preserving", Trigonometric(t_min=0.01)),
+                                           ("schrodinger_bridge", RectifiedFlow())])
 def test_a_path_on_its_process_builds(path, process):
     built(ConditionalFlowMatching(path=path), process=process)
 

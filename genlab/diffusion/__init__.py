@@ -5,8 +5,8 @@ objectives built on it are in :mod:`genlab.objectives`).
 It does not import ``genlab.models``: samplers work on any callable.
 """
 
-from .consistency import ConsistencyDenoiser, consistency_scalings
-from .denoiser import Denoiser
+from .consistency import ConsistencyDenoiser, ConsistencyOnDenoiser, consistency_scalings
+from .denoiser import BridgeDenoiser, Denoiser
 from .editing import edit_times, invert, sdedit
 from .grids import DDPMGrid, ExplicitGrid, Karras, TimeGrid, UniformLogSNR, UniformTime
 from .grid_store import LearnedGrid
@@ -17,19 +17,19 @@ from .predictions import PREDICTIONS, convert, from_x0_eps, to_x0_eps
 from .levels import Level
 from .processes import EDM, VE, VP, DiscreteVP, Process, RectifiedFlow, SubVP, Trigonometric
 from .time_distributions import LogitNormalT, LogNormalSigma, TimeDistribution, UniformT
-from .samplers import (DDIM, DDPM, DEIS, ConsistencySampler, DPMSolverPP, DPMSolverPPSDE, DPMSolverSingle, Euler,
-                       EulerAncestral, EulerMaruyama, FlowEuler, Heun, PredictorCorrector, Restart, ReverseDiffusion,
-                       Sampler, SamplerState,
-                       StepContext, StepInfo, UniPC)
+from .samplers import (DDIM, DDPM, DEIS, BridgeSDE, ConsistencySampler, DPMSolverPP, DPMSolverPPSDE, DPMSolverSingle,
+                       Euler, EulerAncestral, EulerMaruyama, FlowEuler, Heun, MeanFlowSampler, PredictorCorrector,
+                       Restart, ReverseDiffusion, Sampler, SamplerState, StepContext, StepInfo, UniPC)
 
 __all__ = [
-    "Denoiser", "edit_times", "invert", "sdedit", "DDPMGrid", "ExplicitGrid", "Karras", "TimeGrid", "UniformLogSNR",
+    "BridgeDenoiser", "BridgeSDE", "Denoiser", "edit_times", "invert", "sdedit", "DDPMGrid", "ExplicitGrid", "Karras",
+    "TimeGrid", "UniformLogSNR",
     "UniformTime", "DiffusionLikelihood", "LogProbEstimate", "TimeDistribution", "UniformT", "LogNormalSigma",
     "LogitNormalT",
     "ODESampler", "ODESolution", "ProbabilityFlow", "PREDICTIONS", "convert", "from_x0_eps", "to_x0_eps",
     "EDM", "VE", "VP", "DiscreteVP", "Level", "Process", "RectifiedFlow", "SubVP", "Trigonometric",
     "DDIM", "DDPM", "DEIS", "DPMSolverPP", "DPMSolverPPSDE", "DPMSolverSingle", "Euler", "EulerAncestral", "EulerMaruyama",
-    "FlowEuler", "Heun", "PredictorCorrector", "Restart", "ReverseDiffusion", "Sampler", "SamplerState",
+    "FlowEuler", "Heun", "MeanFlowSampler", "PredictorCorrector", "Restart", "ReverseDiffusion", "Sampler", "SamplerState",
     "StepContext", "StepInfo", "UniPC", "LearnedGrid", "learn_grid",
-    "ConsistencyDenoiser", "consistency_scalings", "ConsistencySampler",
+    "ConsistencyDenoiser", "ConsistencyOnDenoiser", "consistency_scalings", "ConsistencySampler",
 ]

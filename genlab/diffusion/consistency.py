@@ -125,3 +125,38 @@ class ConsistencyDenoiser(Denoiser):
 
     def extra_repr(self) -> str:
         return f"process={self.process}, sigma_data={self.sigma_data:g}, sigma_min={self.sigma_min:g}"
+
+
+@checked
+class ConsistencyOnDenoiser(ConsistencyDenoiser):
+    """A consistency function on a diffusion model's parameterisation: with x0_D(x, t) the x0 estimate of
+    ``denoiser`` (its prediction type, time input, preconditioning; on the same network),
+
+        f(x, t) = c_skip(t) x^ + (1 - c_skip(t)) x0_D(x, t),     c_skip of Song et al. 2023 (App. C),
+
+    the identity at sigma_min (c_skip = 1) as Eq. 5 requires, and x0_D itself far from it. A student
+    initialised from its teacher's weights then starts at the teacher's one-step x0 estimate, whereas
+    with Song et al.'s c_in, c_noise and c_out it would start from a network fed another time input and
+    asked for another output (their teacher was EDM-preconditioned, so the two coincided). f is linear
+    in (x, raw) as every Denoiser: a_x0 = c_skip / alpha + (1 - c_skip) a_D, b_x0 = (1 - c_skip) b_D.
+    """
+
+    def __init__(self, denoiser: Denoiser, sigma_data: PositiveFloat = 0.5,
+                 sigma_min: PositiveFloat | None = None) -> None:
+        super().__init__(denoiser.model, denoiser.process, sigma_data, sigma_min)
+        self.inner = denoiser
+
+    def network_input(self, level: Level) -> tuple[Scalar, Scalar]:
+        """The inner denoiser's network input (scale, time input)."""
+        return self.inner.network_input(level)
+
+    def coefficients(self, level: Level) -> tuple[Scalar, Scalar, Scalar, Scalar]:
+        """(a_x0, b_x0, a_eps, b_eps) of f (see the class) and eps = (x - alpha f) / sigma_t."""
+        a_d, b_d, _, _ = self.inner.coefficients(level)
+        c_skip = self.scalings(level)[0]
+        a_x0, b_x0 = c_skip / level.coef("alpha")[0] + (1 - c_skip) * a_d, (1 - c_skip) * b_d
+        alpha, sigma = level.coef("alpha", "sigma")
+        return a_x0, b_x0, (1 - alpha * a_x0) / sigma, -alpha * b_x0 / sigma
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, on {self.inner.prediction} prediction"

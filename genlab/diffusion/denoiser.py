@@ -95,12 +95,18 @@ class Denoiser(nn.Module):
         """The network's output [B, ...] at (x [B, ...], level): the prediction, or F(c_in x, c_noise)
         under EDM. ShapeError unless it is a tensor of x's shape (a shape comparison: no device sync),
         since a broadcastable wrong shape ([B, 1] for [B, 2]) would silently give wrong samples."""
+        return self.network_output(self.model, x, level, cond)
+
+    def network_output(self, network: Callable[..., Tensor], x: Tensor, level: Level, cond: dict[str, Any],
+                       who: str = "model") -> Tensor:
+        """``network``'s output [B, ...] on this Denoiser's inputs at (x, level): x scaled as
+        :meth:`network_input` says, the time input, ``cond``; checked as :meth:`raw` says."""
         scale, t_in = self.network_input(level)
         x_in = x if isinstance(scale, float) and scale == 1.0 else combine((scale, x))
-        out = self.model(x_in, time_input(t_in, x), **cond)
+        out = network(x_in, time_input(t_in, x), **cond)
         if not torch.is_tensor(out) or out.shape != x.shape:
             got = list(out.shape) if torch.is_tensor(out) else type(out).__name__
-            raise ShapeError(f"Denoiser: the model's output must have the shape of its input x {list(x.shape)}, "
+            raise ShapeError(f"Denoiser: the {who}'s output must have the shape of its input x {list(x.shape)}, "
                              f"got {got} (a model with learn_sigma or a tuple output: return the prediction alone)")
         return out
 
@@ -150,6 +156,47 @@ class Denoiser(nn.Module):
     def extra_repr(self) -> str:
         pre = f", preconditioning={self.preconditioning}" if self.preconditioning else ""
         return f"process={self.process}, prediction={self.prediction}{pre}"
+
+
+class BridgeDenoiser(Denoiser):
+    """A Denoiser with a second network for the score of its marginals: SF2M's pair (v_theta, s_theta)
+    (Tong et al. 2024, "Simulation-free Schrödinger bridges via score and flow matching", Sec. 3 and
+    Algorithm 1; torchcfm's SF2M example). ``model`` gives the probability-flow field, read as (x0, eps)
+    like any Denoiser's, so every ODE sampler integrates it; ``score_model`` outputs
+
+        s_theta(x, t) = (g^2 / 2) grad_x log p_t(x)    [B, ...],
+
+    the score term of the SDE drift u + (g^2 / 2) grad log p_t, as SF2M's score loss
+    |lambda(t) s_theta + eps|^2 trains it. The ``bridge_sde`` sampler reads :meth:`score` and ``g``.
+
+    Args:
+        model: the flow network ``model(x [B, ...], t_in [B], **cond) -> [B, ...]`` (``prediction``).
+        score_model: the score network, with the same inputs (x unscaled); None: :meth:`score` raises.
+        process, prediction, model_time: as for :class:`Denoiser`.
+        g: the SDE's diffusion coefficient s_theta was trained for (> 0; the bridge's sigma).
+    """
+
+    def __init__(self, model: Callable[..., Tensor], score_model: Callable[..., Tensor] | None, process: Process,
+                 g: float, prediction: P.PredictionType = "velocity",
+                 model_time: Callable[[Tensor], Tensor] | None = None) -> None:
+        super().__init__(model, process, prediction, model_time=model_time)
+        if not g > 0:
+            raise ValueError(f"BridgeDenoiser: g must be > 0, got {g}")
+        self.score_model, self.g = score_model, g
+
+    def score_output(self, x: Tensor, t: Tensor | float | Level, **cond: Any) -> Tensor:
+        """The score network's output s_theta [B, ...] at x [B, ...] and t: (g^2 / 2) grad log p_t(x)."""
+        if self.score_model is None:
+            raise ValueError("BridgeDenoiser: no score model was given; its SDE (sampler bridge_sde) needs one, "
+                             "or sample the probability-flow ODE with a deterministic sampler (flow_euler, heun)")
+        return self.network_output(self.score_model, x, self.level(t, x), cond, who="score model")
+
+    def score(self, x: Tensor, t: Tensor | float | Level, **cond: Any) -> Tensor:
+        """grad_x log p_t(x) [B, ...] = (2 / g^2) s_theta(x, t)."""
+        return combine((2 / self.g**2, self.score_output(x, t, **cond)))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, g={self.g:g}"
 
 
 def time_input(value: Scalar, x: Tensor) -> Tensor:

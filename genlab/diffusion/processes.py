@@ -8,6 +8,7 @@ noisiest level at ``t_max``; samplers work on :class:`Level` values and never on
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Annotated, Literal
 
@@ -97,6 +98,17 @@ class Process:
         if device is None:
             device = generator.device if generator is not None else "cpu"
         return self.prior_std() * torch.randn(shape, generator=generator, dtype=dtype, device=device)
+
+    def within(self, t_min: float, t_max: float) -> Process:
+        """This process used on [t_min, t_max] only: a shallow copy with those ends, for what draws or
+        grids on the process's range (a training-time distribution drawing on a path's open interval,
+        as the Schrödinger bridge's [t_eps, 1 - t_eps]). ValueError unless 0 <= t_min < t_max <= t_max of
+        this process."""
+        if not 0 <= t_min < t_max <= self.t_max:
+            raise ValueError(f"{self!r}.within({t_min:g}, {t_max:g}): need 0 <= t_min < t_max <= {self.t_max:g}")
+        out = copy.copy(self)
+        out.t_min, out.t_max = t_min, t_max
+        return out
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(t_min={self.t_min:g}, t_max={self.t_max:g})"

@@ -5,7 +5,9 @@
 - ``"flash"``: the ``flash_attn`` package (Dao 2023), when installed, on CUDA, in fp16/bf16;
 - ``"sdpa"``: ``torch.nn.functional.scaled_dot_product_attention`` (fused kernels where available);
 - ``"math"``: the reference formula, softmax in at least float32;
-- ``"auto"`` (default): flash where it can run, else sdpa.
+- ``"auto"`` (default): flash where it can run, else sdpa; math inside ``torch.func`` transforms
+  (``torch.func.jvp``, as MeanFlow's loss runs the network), whose forward-mode derivatives the fused
+  kernels do not implement.
 """
 
 from __future__ import annotations
@@ -46,7 +48,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, backend: Backend = "auto", mask: 
         raise ShapeError(f"attention: expected q [B, H, N, D] and k, v [B, H, M, D], got q {list(q.shape)}, "
                          f"k {list(k.shape)}, v {list(v.shape)}")
     if backend == "auto":
-        backend = "flash" if mask is None and flash_available(q) else "sdpa"
+        if torch._C._functorch.is_functorch_wrapped_tensor(q):
+            backend = "math"
+        else:
+            backend = "flash" if mask is None and flash_available(q) else "sdpa"
     if backend == "flash":
         if not flash_available(q):
             raise RuntimeError("attention backend 'flash' needs the flash_attn package, a CUDA tensor in fp16/bf16 "

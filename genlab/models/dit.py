@@ -137,6 +137,7 @@ class DiT(nn.Module):
         mlp_norm_eps: PositiveFloat = 1e-6,
         attention_backend: Backend = "auto",
         gradient_checkpointing: bool | Literal["selective"] = False,
+        interval_embedding: bool = False,
     ) -> None:
         super().__init__()
         if preset is not None and preset not in PRESETS:
@@ -151,7 +152,8 @@ class DiT(nn.Module):
             **arch, mlp_ratio=mlp_ratio, num_classes=num_classes, class_dropout=class_dropout,
             cross_attention_dim=cross_attention_dim, qkv_bias=qkv_bias, time_freq_shift=time_freq_shift,
             time_embedding=time_embedding, fourier_scale=fourier_scale, mlp_norm_eps=mlp_norm_eps,
-            attention_backend=attention_backend, gradient_checkpointing=gradient_checkpointing)
+            attention_backend=attention_backend, gradient_checkpointing=gradient_checkpointing,
+            interval_embedding=interval_embedding)
         self.input_size, self.in_channels, self.patch_size, self.hidden = input_size, in_channels, p, hidden
         self.out_channels = pred_channels * (2 if learn_sigma else 1)
         self.num_classes, self.cross_attention_dim = num_classes, cross_attention_dim
@@ -163,6 +165,7 @@ class DiT(nn.Module):
         self.time_embed = TimestepEmbedding(hidden, freq_shift=time_freq_shift, kind=time_embedding,
                                             fourier_scale=fourier_scale)
         self.label_embed = LabelEmbedding(num_classes, hidden, class_dropout) if num_classes is not None else None
+        self.interval_embed, self.takes_interval = None, interval_embedding  # a two-time network u(x, r, t)
         self.blocks = nn.ModuleList(
             DiTBlock(hidden, num_heads, mlp_ratio, cross_attention_dim, qkv_bias, mlp_norm_eps, attention_backend)
             for _ in range(depth))
@@ -170,6 +173,8 @@ class DiT(nn.Module):
         self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
         self.proj_out = nn.Linear(hidden, p * p * self.out_channels)
         self.reset_parameters()
+        if interval_embedding:  # after reset_parameters: its zero output layer stays zero
+            self.interval_embed = self.time_embed.interval_twin()
 
     @staticmethod
     def _validate(input_size: int, p: int, hidden: int, num_heads: int, mlp_ratio: float) -> None:
@@ -213,10 +218,12 @@ class DiT(nn.Module):
         return {f"block.{i}": size for i in range(len(self.blocks))}
 
     def forward(self, x: Tensor, t: Tensor | float, class_labels: Tensor | None = None,
-                context: Tensor | None = None, residuals: dict[str, Tensor] | None = None) -> Tensor:
+                context: Tensor | None = None, residuals: dict[str, Tensor] | None = None,
+                interval: Tensor | float | None = None) -> Tensor:
         """See the class docstring; returns ``[B, out_channels, H, W]``."""
         self._check_x(tuple(x.shape))
-        c = condition_embedding(self.time_embed, self.label_embed, x, t, class_labels, "DiT")  # [B, hidden]
+        c = condition_embedding(self.time_embed, self.label_embed, x, t, class_labels, "DiT",
+                                self.interval_embed, interval)  # [B, hidden]
         self._check_context(context, x.shape[0])
         h = rearrange(self.patch_embed(x), "b d h w -> b (h w) d").contiguous() + self.pos_embed
         extra = self._check_residuals(residuals or {}, h.shape)

@@ -52,7 +52,7 @@ class TimestepEmbedding(nn.Module):
         if kind not in get_args(TimeEmbeddingKind):
             raise ValueError(f"TimestepEmbedding: kind must be 'sinusoidal' or 'fourier', got {kind!r}")
         self.freq_dim, self.max_period, self.freq_shift, self.flip_sin_to_cos = freq_dim, max_period, freq_shift, flip_sin_to_cos
-        self.kind = kind
+        self.kind, self.fourier_scale = kind, fourier_scale
         self.fourier = FourierFeatures(freq_dim, fourier_scale) if kind == "fourier" else None
         self.linear_1, self.act, self.linear_2 = nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim)
 
@@ -65,6 +65,16 @@ class TimestepEmbedding(nn.Module):
     def forward(self, t: Tensor) -> Tensor:
         emb = self.features(t).to(self.linear_1.weight.dtype)
         return self.linear_2(self.act(self.linear_1(emb)))
+
+    def interval_twin(self) -> TimestepEmbedding:
+        """A new embedding of this one's configuration for a second time input (the interval t - r of a
+        two-time model, :func:`condition_embedding`), with a zero output layer: a backbone that gains it
+        computes what it computed before until the interval's weights are trained."""
+        twin = TimestepEmbedding(self.linear_2.out_features, self.freq_dim, self.max_period, self.freq_shift,
+                                 self.flip_sin_to_cos, self.kind, self.fourier_scale)
+        nn.init.zeros_(twin.linear_2.weight)
+        nn.init.zeros_(twin.linear_2.bias)
+        return twin
 
 
 class LabelEmbedding(nn.Module):
@@ -116,12 +126,23 @@ def batch_labels(class_labels: Tensor | None, x: Tensor, num_classes: int, model
 
 
 def condition_embedding(time_embed: nn.Module, label_embed: LabelEmbedding | None, x: Tensor, t: Tensor | float,
-                        class_labels: Tensor | None, model: str) -> Tensor:
+                        class_labels: Tensor | None, model: str, interval_embed: nn.Module | None = None,
+                        interval: Tensor | float | None = None) -> Tensor:
     """The conditioning of a backbone: ``time_embed(t) + label_embed(class_labels)`` -> ``[B, D]`` for
     ``x: [B, ...]``, ``t`` a scalar, ``[1]`` or ``[B]``, ``class_labels: [B]`` or None (the null class).
     Without ``label_embed`` (a model built with ``num_classes=None``) it is the time embedding alone,
-    and labels are an error; ``model`` names the caller in errors."""
+    and labels are an error; ``model`` names the caller in errors.
+
+    Two-time models (MeanFlow's u(z, r, t), Geng et al. 2025, Sec. 4: the network sees (t, t - r)) add
+    ``interval_embed(interval)``, ``interval`` the model-time difference t_in(t) - t_in(r) as a scalar,
+    ``[1]`` or ``[B]``; None means r = t (interval 0: the instantaneous velocity). An interval given to a
+    model built without ``interval_embedding`` is an error."""
     c = time_embed(batch_times(t, x, model))
+    if interval_embed is not None:
+        c = c + interval_embed(batch_times(0.0 if interval is None else interval, x, model))
+    elif interval is not None:
+        raise ValueError(f"{model}: interval given, but the model was built with interval_embedding=False; build "
+                         "it with interval_embedding=True for a two-time (MeanFlow) model")
     if label_embed is not None:
         return c + label_embed(batch_labels(class_labels, x, label_embed.num_classes, model))
     if class_labels is not None:

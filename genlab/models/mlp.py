@@ -16,7 +16,8 @@ from torch import Tensor, nn
 from genlab.core.bounds import PositiveFloat, PositiveInt, Range
 from genlab.core.errors import ShapeError
 from genlab.core.registry import register
-from genlab.models.layers import Dropout, LabelEmbedding, TimeEmbeddingKind, TimestepEmbedding, condition_embedding
+from genlab.models.layers import (Dropout, LabelEmbedding, TimeEmbeddingKind, TimestepEmbedding, batch_times,
+                                  condition_embedding)
 
 
 class ResidualBlock(nn.Module):
@@ -47,7 +48,9 @@ class MLP(nn.Module):
     ``time_dim`` random Fourier features of scale ``fourier_scale`` (for times of order 1). With
     ``num_classes``, labels ``0..num_classes-1`` are classes and ``-1`` (or ``class_labels=None``) is
     the null class (index ``num_classes`` of :class:`~genlab.models.layers.LabelEmbedding`), added to
-    the time embedding. Ranges: dim, hidden, depth, num_classes >= 1; time_dim >= 2 (even for
+    the time embedding. ``interval_embedding=True`` makes a two-time model u(x, r, t) (MeanFlow): a second
+    embedding of ``interval`` = t_in(t) - t_in(r), zero-initialised, is added too
+    (:func:`~genlab.models.layers.condition_embedding`). Ranges: dim, hidden, depth, num_classes >= 1; time_dim >= 2 (even for
     ``fourier``); dropout in [0, 1); fourier_scale > 0.
     """
 
@@ -61,6 +64,7 @@ class MLP(nn.Module):
         dropout: Dropout = 0.0,
         time_embedding: TimeEmbeddingKind = "sinusoidal",
         fourier_scale: PositiveFloat = 16.0,
+        interval_embedding: bool = False,
     ) -> None:
         super().__init__()
         if time_embedding == "fourier" and time_dim % 2:
@@ -69,16 +73,21 @@ class MLP(nn.Module):
         self.dim, self.time_dim, self.num_classes = dim, time_dim, num_classes
         self.time_embed = TimestepEmbedding(hidden, time_dim, kind=time_embedding, fourier_scale=fourier_scale)
         self.label_embed = LabelEmbedding(num_classes, hidden) if num_classes is not None else None
+        self.interval_embed = self.time_embed.interval_twin() if interval_embedding else None
+        self.takes_interval = interval_embedding  # a two-time network u(x, r, t)
         self.emb_act = nn.SiLU()
         self.inp = nn.Linear(dim, hidden)
         self.blocks = nn.ModuleList(ResidualBlock(hidden, dropout) for _ in range(depth))
         self.out = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, dim))
 
-    def forward(self, x: Tensor, t: Tensor | float, class_labels: Tensor | None = None) -> Tensor:
-        """``x: [B, dim]``, ``t: [B]`` or scalar, ``class_labels: [B]`` long (-1 = null) -> ``[B, dim]``."""
+    def forward(self, x: Tensor, t: Tensor | float, class_labels: Tensor | None = None,
+                interval: Tensor | float | None = None) -> Tensor:
+        """``x: [B, dim]``, ``t: [B]`` or scalar, ``class_labels: [B]`` long (-1 = null), ``interval``: [B] or
+        scalar (two-time models only, see ``interval_embedding``) -> ``[B, dim]``."""
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ShapeError(f"MLP: expected x: [B, dim] = [B, {self.dim}], got {list(x.shape)}")
-        emb = self.emb_act(condition_embedding(self.time_embed, self.label_embed, x, t, class_labels, "MLP"))
+        emb = self.emb_act(condition_embedding(self.time_embed, self.label_embed, x, t, class_labels, "MLP",
+                                               self.interval_embed, interval))
         h = self.inp(x)  # [B, hidden]
         for block in self.blocks:
             h = block(h, emb)
@@ -104,21 +113,28 @@ class ConcatMLP(nn.Module):
 
     on ``[x, time_scale * t]``. The default depth 3 and ``time_scale`` 1e-3 give torchcfm's network (its
     state dict has the same keys, ``net.0.weight`` ...) with the time in [0, 1] for a process on [0, 1],
-    whose model time is 1000 t. No class labels. Ranges: dim, width, depth >= 1; time_scale > 0.
+    whose model time is 1000 t. No class labels. ``interval_embedding=True`` (a two-time MeanFlow model)
+    appends ``time_scale * interval`` as one more input (``interval`` = t_in(t) - t_in(r), 0 when not
+    given). Ranges: dim, width, depth >= 1; time_scale > 0.
     """
 
     def __init__(self, dim: PositiveInt = 2, width: PositiveInt = 64, depth: PositiveInt = 3,
-                 time_scale: PositiveFloat = 1e-3) -> None:
+                 time_scale: PositiveFloat = 1e-3, interval_embedding: bool = False) -> None:
         super().__init__()
-        self.dim, self.time_scale = dim, time_scale
-        layers: list[nn.Module] = [nn.Linear(dim + 1, width)]
+        self.dim, self.time_scale, self.takes_interval = dim, time_scale, interval_embedding
+        layers: list[nn.Module] = [nn.Linear(dim + 1 + interval_embedding, width)]
         for _ in range(depth - 1):
             layers += [nn.SELU(), nn.Linear(width, width)]
         self.net = nn.Sequential(*layers, nn.SELU(), nn.Linear(width, dim))
 
-    def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
-        """``x: [B, dim]``, ``t: [B]`` or scalar (the model time) -> ``[B, dim]``."""
+    def forward(self, x: Tensor, t: Tensor | float, interval: Tensor | float | None = None) -> Tensor:
+        """``x: [B, dim]``, ``t: [B]`` or scalar (the model time), ``interval``: [B] or scalar (two-time
+        models only) -> ``[B, dim]``."""
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ShapeError(f"ConcatMLP: expected x: [B, dim] = [B, {self.dim}], got {list(x.shape)}")
-        t = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(x.shape[0])
-        return self.net(torch.cat([x, self.time_scale * t[:, None]], dim=1))
+        if interval is not None and not self.takes_interval:
+            raise ValueError("ConcatMLP: interval given, but the model was built with interval_embedding=False; "
+                             "build it with interval_embedding=True for a two-time (MeanFlow) model")
+        times = [t, 0.0 if interval is None else interval] if self.takes_interval else [t]
+        columns = [self.time_scale * batch_times(s, x, "ConcatMLP").to(x.dtype)[:, None] for s in times]
+        return self.net(torch.cat([x, *columns], dim=1))

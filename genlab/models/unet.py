@@ -138,6 +138,7 @@ class UNet(nn.Module):
         gradient_checkpointing: bool = False,
         channels_last: bool = False,
         attention_backend: Backend = "auto",
+        interval_embedding: bool = False,
     ) -> None:
         super().__init__()
         cfg = _architecture(preset, channels=channels, channel_mult=channel_mult, num_res_blocks=num_res_blocks,
@@ -154,7 +155,7 @@ class UNet(nn.Module):
             time_embedding=time_embedding, fourier_scale=fourier_scale, norm_groups=norm_groups,
             norm_eps=norm_eps, mid_attention=mid_attention, mid_attention_norm=mid_attention_norm,
             gradient_checkpointing=gradient_checkpointing, channels_last=channels_last,
-            attention_backend=attention_backend)
+            attention_backend=attention_backend, interval_embedding=interval_embedding)
         ch = [c * m for m in mult]
         self._validate(ch, levels, cfg["num_heads"], cfg["head_dim"], norm_groups)
         if time_embedding == "fourier" and c % 2:
@@ -169,6 +170,8 @@ class UNet(nn.Module):
                                             flip_sin_to_cos=time_flip_sin_to_cos, kind=time_embedding,
                                             fourier_scale=fourier_scale)
         self.label_embed = None if num_classes is None else LabelEmbedding(num_classes, time_embed_dim, class_dropout)
+        self.interval_embed = self.time_embed.interval_twin() if interval_embedding else None
+        self.takes_interval = interval_embedding  # a two-time network u(x, r, t)
         self.conv_in = nn.Conv2d(in_channels, c, 3, padding=1)
         down, skips, cur = make.down_path(c, ch, n, levels)
         mid = make.mid(cur, mid_attention, mid_attention_norm)
@@ -217,12 +220,14 @@ class UNet(nn.Module):
         set_backend(self, backend)
 
     def forward(self, x: Tensor, t: Tensor | float, class_labels: Tensor | None = None,
-                context: Tensor | None = None, residuals: dict[str, Tensor] | None = None) -> Tensor:
+                context: Tensor | None = None, residuals: dict[str, Tensor] | None = None,
+                interval: Tensor | float | None = None) -> Tensor:
         """``x: [B, C, H, W]``, ``t: [B]`` or scalar, ``class_labels: [B]`` long (-1 = null) or None,
-        ``context: [B, L, cross_attention_dim]``, ``residuals``: see the class docstring ->
-        ``[B, out_channels, H, W]``."""
+        ``context: [B, L, cross_attention_dim]``, ``residuals``: see the class docstring, ``interval``: [B]
+        or scalar (``interval_embedding`` models) -> ``[B, out_channels, H, W]``."""
         points = self.injection_points(x.shape)
-        emb = condition_embedding(self.time_embed, self.label_embed, x, t, class_labels, "UNet")  # [B, time_embed_dim]
+        emb = condition_embedding(self.time_embed, self.label_embed, x, t, class_labels, "UNet",
+                                  self.interval_embed, interval)  # [B, time_embed_dim]
         self._check_context(context, x)
         residuals = self._check_residuals(residuals or {}, points)
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()

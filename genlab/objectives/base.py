@@ -16,7 +16,9 @@ data's shape and classes, and a loader of pretrained runs). From then on it answ
   mu(k)) is a function of k alone: a resumed run, which restarts at its checkpoint's k, repeats it.
   :meth:`~Objective.targets` is read again at every step, after ``at_step``, so a target network's
   decay may depend on k too;
-- :meth:`~Objective.sample`: how the family draws samples (from the EMA modules).
+- :meth:`~Objective.sample`: how the family draws samples (from the EMA modules), in its own number of
+  steps (:meth:`~Objective.sampling_steps`) or in ``steps`` (the evaluation's ``train.eval_steps``);
+- :meth:`~Objective.references`: other models the evaluation reports beside this one (a teacher).
 
 A new family is a subclass::
 
@@ -27,7 +29,7 @@ A new family is a subclass::
             noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
             return (modules["model"](x + noise, torch.zeros(len(x), device=x.device)) - x).square().mean()
 
-        def sample(self, modules, n, generator, cond=None):
+        def sample(self, modules, n, generator, cond=None, steps=None):
             z = torch.randn((n, *self.context.data_shape), generator=generator, device=generator.device)
             return modules["model"](z, torch.zeros(n, device=z.device))
 """
@@ -56,7 +58,19 @@ class BuildContext:
     data_shape: tuple[int, ...] = ()  # one item, [D] or [C, H, W]
     num_classes: int | None = None  # classes the model is conditioned on
     pretrained: Callable[[str], Any] | None = None  # a run or checkpoint directory -> its Experiment, EMA weights loaded
+    new_model: Callable[[], nn.Module] | None = None  # another network from ``model:``, freshly initialised
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Reference:
+    """A model the evaluation reports beside the trained one (a distillation's teacher, drawn as its
+    own run draws): ``sample(modules, n, generator, cond) -> [n, *data shape]`` with the modules as the
+    Trainer holds them, in ``steps`` steps of ``sampler`` (the sampler's ``repr``)."""
+
+    sampler: str
+    steps: int
+    sample: Callable[[dict[str, nn.Module], int, torch.Generator, dict[str, Tensor] | None], Tensor]
 
 
 class ShowsFields:
@@ -116,9 +130,19 @@ class Objective:
         raise NotImplementedError
 
     def sample(self, modules: dict[str, nn.Module], n: int, generator: torch.Generator,
-               cond: dict[str, Tensor] | None = None) -> Tensor:
-        """``n`` samples [n, *data shape] from ``modules`` (the EMA copies where there are any)."""
+               cond: dict[str, Tensor] | None = None, steps: int | None = None) -> Tensor:
+        """``n`` samples [n, *data shape] from ``modules`` (the EMA copies where there are any), in
+        ``steps`` sampling steps (None: :meth:`sampling_steps`)."""
         raise NotImplementedError
+
+    def sampling_steps(self) -> int | None:
+        """The steps :meth:`sample` takes by default: the experiment's sampler's (None without one)."""
+        sampler = getattr(self, "context", None) and self.context.sampler
+        return getattr(sampler, "steps", None)
+
+    def references(self) -> dict[str, Reference]:
+        """Models the evaluation reports next to this one, by name (a distillation's teacher); none here."""
+        return {}
 
 
 register_namespace("objective", Objective, "training objectives")

@@ -25,12 +25,12 @@ from torch import Tensor, nn
 
 from ..core.bounds import NonNegativeFloat, PositiveFloat, PositiveInt, Range
 from ..core.registry import build, register
-from ..diffusion.consistency import ConsistencyDenoiser
+from ..diffusion.consistency import ConsistencyDenoiser, ConsistencyOnDenoiser
 from ..diffusion.denoiser import Denoiser
 from ..diffusion.levels import combine
 from ..diffusion.samplers.base import Sampler
-from .base import Batch, BuildContext, Objective
-from .teachers import load_teacher
+from .base import Batch, BuildContext, Objective, Reference
+from .teachers import Teacher, load_teacher
 
 Distance = Literal["l2", "l1", "pseudo_huber"]
 
@@ -66,15 +66,22 @@ class ConsistencyObjective(Objective):
                  rho: PositiveFloat = 7.0) -> None:
         self.distance, self.huber_c, self.sigma_data, self.sigma_min = distance, huber_c, sigma_data, sigma_min
         self.rho = rho
+        self.diffusion: Teacher | None = None  # a diffusion run whose parameterisation f takes (set in build)
         self._levels: dict[int, tuple[Tensor, Tensor]] = {}
 
     def build(self, context: BuildContext) -> None:
         super().build(context)
-        self.boundary = self.denoiser(context.model).sigma_min  # f is the identity at this Karras sigma
+        # f is the identity at this Karras sigma (on either parameterisation: the same boundary)
+        self.boundary = ConsistencyDenoiser(context.model, context.process, self.sigma_data, self.sigma_min).sigma_min
 
     def denoiser(self, model: nn.Module, process: Any = None) -> ConsistencyDenoiser:
-        """``model`` as the consistency function f (a :class:`ConsistencyDenoiser`)."""
+        """``model`` as the consistency function f: Song et al.'s (:class:`ConsistencyDenoiser`), or, when
+        :attr:`diffusion` names a run, f = c_skip x^ + (1 - c_skip) x0 with x0 the estimate of the network
+        in that run's parameterisation (:class:`ConsistencyOnDenoiser`)."""
         process = self.context.process if process is None else process
+        if self.diffusion is not None:
+            return ConsistencyOnDenoiser(self.diffusion.parameterisation(model, process), self.sigma_data,
+                                         self.sigma_min)
         return ConsistencyDenoiser(model, process, self.sigma_data, self.sigma_min)
 
     def levels(self, n: int) -> tuple[Tensor, Tensor]:
@@ -92,10 +99,10 @@ class ConsistencyObjective(Objective):
         return consistency_distance(a, b, self.distance, self.huber_c)
 
     def sample(self, modules: dict[str, nn.Module], n: int, generator: torch.Generator,
-               cond: dict[str, Tensor] | None = None) -> Tensor:
-        """``n`` samples with the config's sampler (``consistency`` for Algorithm 1) from f."""
+               cond: dict[str, Tensor] | None = None, steps: int | None = None) -> Tensor:
+        """``n`` samples with the config's sampler (``consistency`` for Algorithm 1; in ``steps`` steps) from f."""
         return self.context.sampler.sample(self.denoiser(modules["model"]), shape=(n, *self.context.data_shape),
-                                           generator=generator, progress=False, cond=cond)
+                                           steps=steps, generator=generator, progress=False, cond=cond)
 
 
 def conditions(batch: Batch) -> dict[str, Tensor]:
@@ -118,6 +125,11 @@ class ConsistencyDistillation(ConsistencyObjective):
             level at t_min).
         init_from_teacher: start the student's backbone from the teacher's weights (needs the teacher's
             architecture; the paper does so).
+        parameterisation: of f: ``consistency``, Song et al.'s c_skip, c_out, c_in, c_noise
+            (:class:`ConsistencyDenoiser`); ``teacher``, f = c_skip x^ + (1 - c_skip) x0 with x0 the
+            estimate of the network in the teacher's parameterisation (:class:`ConsistencyOnDenoiser`),
+            so that a student initialised from a teacher that is not EDM-preconditioned starts at the
+            teacher's one-step estimate.
     """
 
     frozen = ("teacher",)
@@ -125,12 +137,13 @@ class ConsistencyDistillation(ConsistencyObjective):
     def __init__(self, teacher: str | Denoiser, solver: Sampler | str | dict = "heun", steps: PositiveInt = 18,
                  rho: PositiveFloat = 7.0, target_decay: Annotated[float, Range(ge=0, lt=1)] = 0.95,
                  distance: Distance = "l2", huber_c: PositiveFloat | None = None, sigma_data: PositiveFloat = 0.5,
-                 sigma_min: PositiveFloat | None = None, init_from_teacher: bool = True) -> None:
+                 sigma_min: PositiveFloat | None = None, init_from_teacher: bool = True,
+                 parameterisation: Literal["consistency", "teacher"] = "consistency") -> None:
         if steps < 2:
             raise ValueError(f"steps must be >= 2 (the discretisation has N levels), got {steps}")
         super().__init__(distance, huber_c, sigma_data, sigma_min, rho)
         self.teacher_source, self.steps, self.target_decay = teacher, steps, target_decay
-        self.init_from_teacher = init_from_teacher
+        self.init_from_teacher, self.parameterisation = init_from_teacher, parameterisation
         self.solver: Sampler = build("sampler", solver, path="objective.solver")
 
     def build(self, context: BuildContext) -> None:
@@ -138,6 +151,8 @@ class ConsistencyDistillation(ConsistencyObjective):
         self.teacher_ = load_teacher(context, self.teacher_source,
                                      student_from_teacher=self.init_from_teacher and not isinstance(
                                          self.teacher_source, Denoiser))
+        if self.parameterisation == "teacher":
+            self.diffusion = self.teacher_
         self.times = self.levels(self.steps)[0]  # [N], t_N (noisiest) first
 
     def modules(self) -> dict[str, nn.Module]:
@@ -159,3 +174,7 @@ class ConsistencyDistillation(ConsistencyObjective):
             target = self.denoiser(modules["target"])(x_next, times[1], **cond)[0]
         f = self.denoiser(modules["model"])(x, times[0], **cond)[0]
         return self.distance_of(f, target).mean()
+
+    def references(self) -> dict[str, Reference]:
+        """The teacher, drawn as its run draws."""
+        return self.teacher_.references()

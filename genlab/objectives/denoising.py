@@ -58,10 +58,10 @@ class DenoisingObjective(Objective):
         return self(self.denoiser(modules["model"]), batch["x"], generator=generator, **cond)
 
     def sample(self, modules: dict[str, nn.Module], n: int, generator: torch.Generator,
-               cond: dict[str, Tensor] | None = None) -> Tensor:
-        """``n`` samples with the experiment's sampler from the model as a Denoiser."""
+               cond: dict[str, Tensor] | None = None, steps: int | None = None) -> Tensor:
+        """``n`` samples with the experiment's sampler (in ``steps`` steps) from the model as a Denoiser."""
         return self.context.sampler.sample(self.denoiser(modules["model"]), shape=(n, *self.context.data_shape),
-                                           generator=generator, progress=False, cond=cond)
+                                           steps=steps, generator=generator, progress=False, cond=cond)
 
     def x0_weight(self, level: Level) -> Tensor:
         """w_x0(t), the weight of |x0_hat - x0|^2."""

@@ -30,7 +30,7 @@ from ..diffusion.levels import combine
 from ..diffusion.grids import GridSpec, TimeGrid
 from ..diffusion.samplers.base import Sampler
 from ..diffusion.samplers.ddim import DDIM
-from .base import Batch, BuildContext, Objective
+from .base import Batch, BuildContext, Objective, Reference
 from .teachers import load_teacher
 
 DistillWeighting = Literal["truncated_snr", "snr", "constant"]
@@ -81,11 +81,7 @@ class ProgressiveDistillation(Objective):
 
     def denoiser(self, model: nn.Module, process: Any = None) -> Denoiser:
         """The student ``model`` as a Denoiser, in the teacher's parameterisation."""
-        process = self.context.process if process is None else process
-        if self.teacher_.objective is not None:
-            return self.teacher_.objective.denoiser(model, process)
-        d = self.teacher_.module
-        return Denoiser(model, process, d.prediction, d.preconditioning, d.sigma_data)
+        return self.teacher_.parameterisation(model, self.context.process if process is None else process)
 
     def weight(self, alpha: Tensor, sigma: Tensor) -> Tensor:
         snr = (alpha / sigma) ** 2
@@ -112,7 +108,17 @@ class ProgressiveDistillation(Objective):
         return (err * self.weight(level.alpha, level.sigma).to(err.dtype)).mean()
 
     def sample(self, modules: dict[str, nn.Module], n: int, generator: torch.Generator,
-               cond: dict[str, Tensor] | None = None) -> Tensor:
-        """N DDIM steps of the student on its grid (every other time of the teacher's)."""
-        return DDIM(self.student_steps).sample(self.denoiser(modules["model"]), shape=(n, *self.context.data_shape),
-                                               times=self.times[::2], generator=generator, progress=False, cond=cond)
+               cond: dict[str, Tensor] | None = None, steps: int | None = None) -> Tensor:
+        """N DDIM steps of the student on its grid (every other time of the teacher's); ``steps`` other
+        than N: DDIM in that many steps on the grid."""
+        steps = self.student_steps if steps is None else steps
+        times = self.times[::2] if steps == self.student_steps else self.grid(self.context.process, steps)
+        return DDIM(steps).sample(self.denoiser(modules["model"]), shape=(n, *self.context.data_shape),
+                                  times=times, generator=generator, progress=False, cond=cond)
+
+    def sampling_steps(self) -> int:
+        return self.student_steps
+
+    def references(self) -> dict[str, Reference]:
+        """The teacher, drawn as its run draws (a previous round's student: in its own steps)."""
+        return self.teacher_.references()

@@ -29,42 +29,54 @@ from source samples drawn with the generator, never from the process's prior. Wi
 sigma > 0 (torchcfm's I-CFM uses 0.1) the field is that of the sigma-blurred marginals; sampling starts
 from the source itself, as torchcfm does.
 
-``schrodinger_bridge`` is refused: its velocity target x0 - x1 + sigma (1 - 2t) / (2 sqrt(t (1 - t))) eps
-is unbounded at t -> 0 and t -> 1 (the ends of the training range, and the sampler's start), and its
-stochastic sampling (SF2M, Tong et al. 2024) needs a score model and an SDE sampler, which this
-objective does not implement. For an entropic-OT coupling use ``cond_ot`` with ``coupling: sinkhorn``.
+**The Schrödinger bridge** (``path: schrodinger_bridge``, with ``coupling: {type: sinkhorn, reg: 2 sigma^2}``:
+SB-CFM, Tong et al. 2023, Sec. 4; SF2M, Tong et al. 2024, "Simulation-free Schrödinger bridges via score
+and flow matching", Algorithm 1) trains two networks jointly, with one optimizer, as SF2M does: the flow
+v_theta (``model``) and a second network of the same ``model:`` config, ``score`` (its own EMA copy and
+checkpoint files ``score.safetensors``, ``ema_score.safetensors``), with
+
+    L = E |v_theta(x_t, t) - u_t|^2 + E |lambda(t) s_theta(x_t, t) + eps|^2,    lambda(t) = 2 s(t) / sigma^2,
+
+the second SF2M's score loss (torchcfm's ``compute_lambda`` and SF2M example), which trains s_theta towards
+(sigma^2 / 2) grad log p_t, the score term of the bridge's SDE drift. t is drawn by the time distribution
+on [max(t_min, t_eps), 1 - t_eps] of the process (the bridge's ``t_eps``, default 1e-3: u_t's noise is
+unbounded at both ends, see :class:`~.paths.SchrodingerBridge`), and both networks are evaluated at t
+clamped into [t_eps, 1 - t_eps], when sampling too. The bridge's mean is the ``cond_ot`` mean, so it samples
+on ``process: rectified_flow``: with ``sampler: bridge_sde`` (Euler-Maruyama on SF2M's SDE with g = sigma,
+:class:`~genlab.diffusion.samplers.BridgeSDE`), or with any deterministic sampler, which integrates the
+flow alone: the probability-flow ODE of the bridge's marginals. Other stochastic samplers are refused
+(they take the velocity model's eps for Gaussian noise), and so is ``bridge_sde`` with another path (no
+score network is trained there).
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from ..core.registry import build, name_of, register
-from ..diffusion.denoiser import Denoiser
+from ..diffusion.denoiser import BridgeDenoiser, Denoiser
+from ..diffusion.levels import combine
 from ..diffusion.processes import Process
+from ..diffusion.samplers import BridgeSDE
 from ..diffusion.time_distributions import TimeDistribution
 from .base import Batch, BuildContext, Objective
 from .couplings import Coupling, LabelOT, Pairs
 from .paths import Path, SchrodingerBridge
 
 #: the registered process each built-in path is sampled on
-MATCHING_PROCESS = {"cond_ot": "rectified_flow", "variance_preserving": "trigonometric"}
+MATCHING_PROCESS = {"cond_ot": "rectified_flow", "variance_preserving": "trigonometric",
+                    "schrodinger_bridge": "rectified_flow"}
 
 
 def check_path_process(path: Path, process: Process, tolerance: float = 1e-9) -> None:
     """ValueError unless ``process`` is the one ``path`` is sampled on: t_max = 1 and, at 21 times in
     [0, 1], alpha = a (the path's data coefficient), sigma = b (its source coefficient) and their
-    t-derivatives, each within ``tolerance`` (relative to 1 + |value|). ``schrodinger_bridge`` is refused
-    (see the module docstring)."""
+    t-derivatives, each within ``tolerance`` (relative to 1 + |value|)."""
     who = f"cfm: path {path!r}"
-    if isinstance(path, SchrodingerBridge):
-        raise ValueError(f"{who} is not supported: its velocity target x0 - x1 + sigma (1 - 2t) / (2 sqrt(t (1 - t))) "
-                         "eps is unbounded at t -> 0 and t -> 1, and its stochastic sampling (SF2M) needs a score "
-                         "model and an SDE sampler, which cfm does not implement; use path cond_ot (with coupling "
-                         "sinkhorn for an entropic-OT coupling) or variance_preserving")
     name = name_of("path", type(path))
     fix = (f"use process: {MATCHING_PROCESS[name]}" if name in MATCHING_PROCESS else
            "use a process whose alpha(t), sigma(t) are the path's coefficients of x1 and x0")
@@ -102,7 +114,7 @@ class ConditionalFlowMatching(Objective):
     Args:
         coupling: a ``coupling`` spec (default ``independent``; ``exact_ot`` is OT-CFM).
         path: a ``path`` spec (default ``cond_ot`` with sigma 0, the straight path of rectified flow);
-            ``schrodinger_bridge`` is refused (module docstring).
+            ``schrodinger_bridge`` also trains a score network (module docstring).
         source: None: x0 ~ N(0, I) of the data's shape; or a ``dataset`` spec (``{type: toy2d, name:
             eight_gaussians}``) or data set object holding ``data`` [N, *data shape] (and optionally
             ``labels`` [N], used by ``label_ot``), whose rows, drawn uniformly with the generator, are x0.
@@ -134,12 +146,25 @@ class ConditionalFlowMatching(Objective):
             raise ValueError("cfm: the source data set is empty")
         self._on_device: dict[torch.device, tuple[Tensor, Tensor | None]] = {}
 
+    @property
+    def bridge(self) -> bool:
+        """Whether the path is the Schrödinger bridge: then a score network trains with the flow."""
+        return isinstance(self.path, SchrodingerBridge)
+
     def build(self, context: BuildContext) -> None:
         """Take the experiment's parts; ValueError unless the process matches the path
-        (:func:`check_path_process`), the source's rows have the data's shape, and, for ``label_ot``,
-        the model is class-conditional (the Trainer passes labels only then)."""
+        (:func:`check_path_process`), the sampler suits it (module docstring), the source's rows have the
+        data's shape, and, for ``label_ot``, the model is class-conditional (the Trainer passes labels only
+        then). For the Schrödinger bridge, build the score network: ``context.new_model()`` (a fresh
+        network of the ``model:`` config), or a copy of the model where the context has no ``new_model``."""
         super().build(context)
         check_path_process(self.path, context.process)
+        self.check_sampler(context.sampler)
+        self.time_process = context.process
+        if self.bridge:
+            ends = max(context.process.t_min, self.path.t_eps), min(context.process.t_max, 1 - self.path.t_eps)
+            self.time_process = context.process.within(*ends)
+            self.score_network = context.new_model() if context.new_model is not None else copy.deepcopy(context.model)
         if self.source is not None and tuple(self.source.data.shape[1:]) != tuple(context.data_shape):
             raise ValueError(f"cfm: the source's rows have shape {list(self.source.data.shape[1:])}, the data's "
                              f"{list(context.data_shape)}; the source must be of the data's shape")
@@ -147,15 +172,47 @@ class ConditionalFlowMatching(Objective):
             raise ValueError("cfm: coupling label_ot pairs within classes: it needs labelled data and a "
                              "class-conditional model (model num_classes), which get the batch's labels")
 
+    def check_sampler(self, sampler: Any) -> None:
+        """ValueError unless ``sampler`` samples this path: ``bridge_sde`` (stochastic) only with the
+        Schrödinger bridge, whose other samplers must be deterministic (module docstring)."""
+        if not getattr(sampler, "stochastic", False):
+            return
+        if isinstance(sampler, BridgeSDE) and not self.bridge:
+            raise ValueError(f"cfm: sampler {sampler!r} needs the score of the marginals, which cfm learns only with "
+                             f"path schrodinger_bridge (path here: {self.path!r}); use a deterministic sampler "
+                             "(flow_euler, heun, dpm_solver_pp, ...) or bridge_sde with g: 0")
+        if self.bridge and not isinstance(sampler, BridgeSDE):
+            raise ValueError(f"cfm: path schrodinger_bridge samples with sampler bridge_sde (its SDE) or a "
+                             f"deterministic sampler (its probability-flow ODE), not {sampler!r}, which draws noise "
+                             "for a diffusion's reverse SDE and reads the velocity model's eps as Gaussian noise")
+
+    def modules(self) -> dict[str, nn.Module]:
+        """``model`` (the flow) and, for the Schrödinger bridge, ``score``."""
+        return {"model": self.context.model, "score": self.score_network} if self.bridge else super().modules()
+
+    def ema_modules(self) -> tuple[str, ...]:
+        return ("model", "score") if self.bridge else super().ema_modules()
+
+    def optimizers(self) -> dict[str, tuple[str, ...]]:
+        """One optimizer over both networks for the Schrödinger bridge (SF2M trains them jointly)."""
+        return {"model": ("model", "score")} if self.bridge else super().optimizers()
+
     @property
     def source_labels(self) -> Tensor | None:
         """The source data set's labels [N] (None for a Gaussian or unlabelled source)."""
         labels = getattr(self.source, "labels", None)
         return labels if isinstance(labels, Tensor) else None
 
-    def denoiser(self, model: Any, process: Process | None = None) -> Denoiser:
-        """``model`` as a velocity-predicting :class:`Denoiser` on the experiment's process (or ``process``)."""
-        return Denoiser(model, self.context.process if process is None else process, self.prediction)
+    def denoiser(self, model: Any, process: Process | None = None, score: Any = None) -> Denoiser:
+        """``model`` as a velocity-predicting :class:`Denoiser` on the experiment's process (or ``process``).
+        For the Schrödinger bridge a :class:`~genlab.diffusion.BridgeDenoiser` with ``score`` (the score
+        network, or None) and g = the bridge's sigma, both networks seeing their time clamped into
+        [t_eps, 1 - t_eps] (:meth:`~.paths.SchrodingerBridge.clamp`)."""
+        process = self.context.process if process is None else process
+        if not self.bridge:
+            return Denoiser(model, process, self.prediction)
+        return BridgeDenoiser(model, score, process, self.path.sigma, self.prediction,
+                              model_time=lambda t: process.model_time(self.path.clamp(t)))
 
     def _source_on(self, device: torch.device) -> tuple[Tensor, Tensor | None]:
         """The source's rows and labels on ``device`` (copied once per device)."""
@@ -206,33 +263,45 @@ class ConditionalFlowMatching(Objective):
             x0, labels0 = self.draw_source(len(x1), generator, x1.dtype, x1.device,
                                            labels1 if self._class_matched() else None)
             pairs = self.coupling.pair(x0, x1, generator, labels0, labels1)
-        t = self.t_distribution.sample(self.context.process, len(x1), generator, device=x1.device)
+        t = self.t_distribution.sample(self.time_process, len(x1), generator, device=x1.device)
         eps = torch.randn(x1.shape, generator=generator, dtype=x1.dtype, device=x1.device)
         cond = {} if pairs.labels1 is None else {"class_labels": pairs.labels1}
         return CFMDraw(pairs.x0, pairs.x1, t, eps, cond)
 
-    def loss_at(self, model: Any, draw: CFMDraw) -> Tensor:
-        """Steps 4-5: mean over the batch and coordinates of |v_theta(x_t, t) - u_t|^2 (Tong et al. 2023,
-        Eq. 9), x_t and u_t the path's at (x0, x1, t, eps)."""
+    def loss_terms(self, model: Any, draw: CFMDraw, score: Any = None) -> dict[str, Tensor]:
+        """Steps 4-5, each term a mean over the batch and the coordinates, x_t and u_t the path's at
+        (x0, x1, t, eps): ``flow`` = |v_theta(x_t, t) - u_t|^2 (Tong et al. 2023, Eq. 9) and, for the
+        Schrödinger bridge, ``score`` = |lambda(t) s_theta(x_t, t) + eps|^2 (SF2M's score loss; ``score`` the
+        score network)."""
         point = self.path.sample(draw.x0, draw.x1, draw.t, draw.eps)
-        denoiser = self.denoiser(model)
-        raw = denoiser.raw(point.x_t, denoiser.level(draw.t, point.x_t), **draw.cond)
-        return (raw - point.velocity).square().flatten(1).mean(1).mean()
+        denoiser = self.denoiser(model, score=score)
+        level = denoiser.level(draw.t, point.x_t)
+        raw = denoiser.raw(point.x_t, level, **draw.cond)
+        terms = {"flow": (raw - point.velocity).square().flatten(1).mean(1).mean()}
+        if self.bridge:
+            s = denoiser.score_output(point.x_t, level, **draw.cond)
+            residual = combine((self.path.score_weight(draw.t), s), (1.0, draw.eps))
+            terms["score"] = residual.square().flatten(1).mean(1).mean()
+        return terms
+
+    def loss_at(self, model: Any, draw: CFMDraw, score: Any = None) -> Tensor:
+        """The sum of :meth:`loss_terms`."""
+        return sum(self.loss_terms(model, draw, score).values())
 
     def loss(self, modules: dict[str, nn.Module], batch: Batch, generator: torch.Generator,
              optimizer: str = "model") -> Tensor:
         """:meth:`loss_at` of :meth:`draw`."""
-        return self.loss_at(modules["model"], self.draw(batch, generator))
+        return self.loss_at(modules["model"], self.draw(batch, generator), modules.get("score"))
 
     def sample(self, modules: dict[str, nn.Module], n: int, generator: torch.Generator,
-               cond: dict[str, Tensor] | None = None) -> Tensor:
+               cond: dict[str, Tensor] | None = None, steps: int | None = None) -> Tensor:
         """``n`` samples [n, *data shape]: source points drawn with ``generator`` (within the requested
         classes ``cond["class_labels"]`` for ``label_ot`` with a labelled source), carried to t = 0 by the
-        experiment's sampler on the model as a velocity Denoiser."""
+        experiment's sampler (in ``steps`` steps) on :meth:`denoiser` of the model (and the score network)."""
         labels = None if cond is None or not self._class_matched() else cond.get("class_labels")
         x0, _ = self.draw_source(n, generator, labels=labels)
-        return self.context.sampler.sample(self.denoiser(modules["model"]), x=x0, generator=generator,
-                                           progress=False, cond=cond)
+        denoiser = self.denoiser(modules["model"], score=modules.get("score"))
+        return self.context.sampler.sample(denoiser, x=x0, steps=steps, generator=generator, progress=False, cond=cond)
 
 
 @torch.no_grad()

@@ -9,8 +9,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..core.errors import GenlabError
 from ..diffusion.denoiser import Denoiser
-from .base import BuildContext
+from .base import BuildContext, Reference
 
 
 def same_process(a: Any, b: Any) -> bool:
@@ -26,15 +27,40 @@ def same_process(a: Any, b: Any) -> bool:
 class Teacher:
     """``module``: what the Trainer holds frozen (the teacher's model, or a Denoiser given as it is);
     ``objective``: the teacher run's objective (its parameterisation), None for a Denoiser;
-    ``grid``: the teacher run's sampler grid, if any."""
+    ``sampler``: the teacher run's sampler, if any (``grid``: its grid)."""
 
     module: nn.Module
     objective: Any = None
-    grid: Any = None
+    sampler: Any = None
+
+    @property
+    def grid(self) -> Any:
+        return getattr(self.sampler, "grid", None)
+
+    def references(self, name: str = "teacher") -> dict[str, Reference]:
+        """The teacher drawn as its run draws (its objective's ``sample``, its own sampler and steps)
+        from the frozen module ``name``, for the evaluation; none for a teacher given as a Denoiser."""
+        if self.objective is None:
+            return {}
+        objective = self.objective
+
+        def sample(modules: dict[str, nn.Module], n: int, generator: torch.Generator,
+                   cond: dict[str, Tensor] | None = None) -> Tensor:
+            return objective.sample({"model": modules[name]}, n, generator, cond)
+
+        return {name: Reference(repr(self.sampler), objective.sampling_steps(), sample)}
 
     def denoiser(self, module: nn.Module, process: Any) -> Denoiser:
         """The teacher's Denoiser of ``module`` (the frozen module as the Trainer holds it)."""
         return module if isinstance(module, Denoiser) else self.objective.denoiser(module, process)
+
+    def parameterisation(self, model: nn.Module, process: Any) -> Denoiser:
+        """``model`` (a student) as a Denoiser in the teacher's parameterisation: the teacher run's
+        objective's, or the prediction type and preconditioning of a teacher given as a Denoiser."""
+        if self.objective is not None:
+            return self.objective.denoiser(model, process)
+        d = self.module
+        return Denoiser(model, process, d.prediction, d.preconditioning, d.sigma_data)
 
     @torch.no_grad()
     def solve(self, module: nn.Module, solver: Any, process: Any, x: Tensor, times: Tensor,
@@ -51,7 +77,13 @@ def load_teacher(context: BuildContext, source: str | Denoiser, *, student_from_
         return Teacher(source)
     if context.pretrained is None:
         raise ValueError("teacher: a run directory needs an experiment to load it from")
-    run = context.pretrained(str(source))
+    try:
+        run = context.pretrained(str(source))
+    except GenlabError as e:
+        raise ValueError(f"teacher: {e}; train the teacher first, or name its run directory") from None
+    if not callable(getattr(run.objective, "denoiser", None)):
+        raise ValueError(f"teacher: {source} was trained with objective {type(run.objective).__name__}, which trains "
+                         "no denoiser; a teacher is a diffusion or flow-matching run")
     if not same_process(run.process, context.process):
         raise ValueError(f"teacher: the teacher was trained on {run.process!r}, the config names {context.process!r}; "
                          "use the teacher's process")
@@ -62,4 +94,4 @@ def load_teacher(context: BuildContext, source: str | Denoiser, *, student_from_
                 raise ValueError(f"teacher: the student's model must have the teacher's architecture ('{key}' differs); "
                                  "use the teacher's model section")
         context.model.load_state_dict(run.model.state_dict())
-    return Teacher(run.model, run.objective, run.sampler.grid)
+    return Teacher(run.model, run.objective, run.sampler)

@@ -9,8 +9,11 @@ samples on their requested labels and a Frechet distance in its feature space (H
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +30,15 @@ from .plots import plot_image_grid, plot_samples_2d
 W2_POINTS = 2000  # points of the exact W2 (an assignment problem: 0.5-1 s at 2000 2-D points, 3-7 s at 4000)
 
 
+SampleFn = Callable[[int, torch.Generator, dict[str, Tensor] | None], Tensor]  # (n, generator, cond) -> [n, ...]
+
+
 @torch.no_grad()
-def draw(exp: Experiment, modules: dict[str, nn.Module], n: int, generator: torch.Generator,
+def draw(sample: SampleFn, device: torch.device, n: int, generator: torch.Generator,
          labels: Tensor | None = None) -> Tensor:
-    """``n`` samples [n, *data shape] (float32, CPU) from ``modules`` as the experiment's objective samples."""
-    device = next(modules["model"].parameters()).device
+    """``n`` samples [n, *data shape] (float32, CPU) from ``sample`` (for the requested ``labels``)."""
     cond = None if labels is None else {"class_labels": labels.to(device)}
-    return exp.objective.sample(modules, n, generator, cond).float().cpu()
+    return sample(n, generator, cond).float().cpu()
 
 
 def requested_labels(exp: Experiment, per_class: int) -> Tensor | None:
@@ -43,27 +48,60 @@ def requested_labels(exp: Experiment, per_class: int) -> Tensor | None:
 
 
 def evaluate(exp: Experiment, modules: dict[str, nn.Module], out: str | os.PathLike, name: str, seed: int,
-             step: int) -> dict[str, Any]:
+             step: int, rows: bool = False) -> dict[str, Any]:
     """Sample, write ``{name}.png`` and ``{name}.json`` (the metrics) in ``out``, each atomically, and
-    return the metrics. NonFiniteError, nothing written, if sampling ends with non-finite values."""
+    return the metrics. NonFiniteError, nothing written, if sampling ends with non-finite values.
+
+    With ``rows``, ``metrics["rows"]`` also holds one entry per reference model of the objective (a
+    distillation's teacher, with its own sampler and steps) and one per entry k of ``train.eval_steps``
+    (the model sampled in k steps): ``label``, ``sampler``, ``steps``, ``image`` (``{name}-LABEL-Ksteps.png``)
+    and the same metrics, each from the same seed.
+    """
     out = Path(out)
     try:
         (out / name).parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise WriteError(f"cannot create {(out / name).parent}: {e.strerror}") from None
-    metrics = _evaluate(exp, modules, out, name, seed, step)
+    device = next(modules["model"].parameters()).device
+    obj = exp.objective
+
+    def model(steps: int | None) -> SampleFn:  # steps only when asked: a family may sample without any
+        return lambda n, g, cond: obj.sample(modules, n, g, cond, **({} if steps is None else {"steps": steps}))
+
+    metrics = {"step": step, "sampler": repr(exp.sampler), "steps": obj.sampling_steps(), "image": f"{name}.png",
+               **_evaluate(exp, model(None), device, out / f"{name}.png", seed, repr(exp.sampler))}
+    wanted = []  # (label, sampler, steps, how to draw)
+    if rows:
+        wanted += [(label, ref.sampler, ref.steps, functools.partial(ref.sample, modules))
+                   for label, ref in obj.references().items()]
+        wanted += [("model", repr(with_steps(exp.sampler, k)), k, model(k)) for k in exp.train.eval_steps]
+    if wanted:
+        metrics["rows"] = []
+        for label, kind, steps, sample in wanted:
+            image = f"{name}-{label}-{steps}steps.png"
+            row = {"label": label, "sampler": kind, "steps": steps, "image": image}
+            row.update(_evaluate(exp, sample, device, out / image, seed, f"{label}: {kind}, {steps} steps"))
+            metrics["rows"].append(row)
     write_json_atomic(out / f"{name}.json", metrics)
     return metrics
 
 
-def _evaluate(exp: Experiment, modules: dict[str, nn.Module], out: Path, name: str, seed: int,
-              step: int) -> dict[str, Any]:
-    g = torch.Generator(device=next(modules["model"].parameters()).device).manual_seed(seed)
+def with_steps(sampler: Any, steps: int) -> Any:
+    """A shallow copy of ``sampler`` with ``steps`` steps (its ``repr`` labels a row)."""
+    other = copy.copy(sampler)
+    other.steps = steps
+    return other
+
+
+def _evaluate(exp: Experiment, sample: SampleFn, device: torch.device, image: Path, seed: int,
+              title: str) -> dict[str, Any]:
+    """The metrics of samples drawn by ``sample`` with a generator seeded ``seed``; their picture in ``image``."""
+    g = torch.Generator(device=device).manual_seed(seed)
     start = time.perf_counter()
-    metrics: dict[str, Any] = {"step": step, "sampler": repr(exp.sampler), "image": f"{name}.png"}
+    metrics: dict[str, Any] = {}
     if len(exp.data_shape) == 1:
         n = exp.train.eval_samples
-        samples = draw(exp, modules, n, g)
+        samples = draw(sample, device, n, g)
         metrics["sampling_seconds"] = time.perf_counter() - start
         held, held2 = exp.heldout(n), exp.heldout(n, draw=1)
         gen = torch.Generator().manual_seed(0)
@@ -73,17 +111,17 @@ def _evaluate(exp: Experiment, modules: dict[str, nn.Module], out: Path, name: s
         metrics["wasserstein2"] = wasserstein2(samples[:k], held[:k])
         metrics["wasserstein2_data_vs_data"] = wasserstein2(held2[:k], held[:k])
         metrics["wasserstein2_points"] = k
-        plot_samples_2d(samples, held, out / f"{name}.png", f"{exp.sampler!r}: sliced W2 to held-out data "
+        plot_samples_2d(samples, held, image, f"{title}: sliced W2 to held-out data "
                         f"{metrics['sliced_wasserstein']:.3f} (data vs data {metrics['sliced_wasserstein_data_vs_data']:.3f})")
         return metrics
     per_class = max(1, exp.train.eval_samples // (exp.num_classes or 1))
     labels = requested_labels(exp, per_class)
-    samples = draw(exp, modules, per_class * (exp.num_classes or 1), g, labels=labels)
+    samples = draw(sample, device, per_class * (exp.num_classes or 1), g, labels=labels)
     metrics["sampling_seconds"] = time.perf_counter() - start
     metrics.update(image_metrics(exp, samples, labels))
     rows = exp.num_classes or 10
-    plot_image_grid(samples, out / f"{name}.png", rows=rows, per_row=min(per_class, 10) if labels is not None else None,
-                    title=_title(exp, metrics))
+    plot_image_grid(samples, image, rows=rows, per_row=min(per_class, 10) if labels is not None else None,
+                    title=_title(title, metrics))
     return metrics
 
 
@@ -111,8 +149,8 @@ def image_metrics(exp: Experiment, samples: Tensor, labels: Tensor | None) -> di
     return out
 
 
-def _title(exp: Experiment, m: dict[str, Any]) -> str:
-    """The sampler, then the metrics on a second line (one line is too wide for a 10-column grid)."""
+def _title(head: str, m: dict[str, Any]) -> str:
+    """``head`` (the sampler), then the metrics on a second line (one line is too wide for a 10-column grid)."""
     parts = []
     if "classifier_accuracy" in m:
         parts.append(f"accuracy on requested labels {m['classifier_accuracy']:.1%}")
@@ -121,4 +159,20 @@ def _title(exp: Experiment, m: dict[str, Any]) -> str:
     if "confident_fraction" in m:
         parts.append(f"max class prob > 0.9: {m['confident_fraction']:.1%} "
                      f"(test data {m['confident_fraction_data']:.1%})")
-    return repr(exp.sampler) + ("\n" + " | ".join(parts) if parts else "")
+    return head + ("\n" + " | ".join(parts) if parts else "")
+
+
+def table(rows: list[dict[str, Any]]) -> list[str]:
+    """The rows of an evaluation (``metrics["rows"]``) as aligned lines, a header first: label, steps,
+    then classifier accuracy, Frechet distance and confident fraction (digits) or the sliced and exact
+    Wasserstein-2 distances (2-D data), and the sampler."""
+    columns = [("accuracy", "classifier_accuracy", "{:.1%}"), ("FD", "frechet_distance", "{:.3f}"),
+               ("confident", "confident_fraction", "{:.1%}"), ("sliced W2", "sliced_wasserstein", "{:.4f}"),
+               ("W2", "wasserstein2", "{:.4f}")]
+    shown = [c for c in columns if any(c[1] in r for r in rows)]
+    width = max([5, *(len(str(r["label"])) for r in rows)])
+    lines = [f"{'':<{width}}  steps" + "".join(f"  {head:>10}" for head, _, _ in shown) + "  sampler"]
+    for r in rows:
+        cells = "".join(f"  {fmt.format(r[key]) if key in r else '-':>10}" for _, key, fmt in shown)
+        lines.append(f"{r['label']:<{width}}  {r['steps']:>5}{cells}  {r['sampler']}")
+    return lines

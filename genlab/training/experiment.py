@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Annotated, Any, Literal
 
 import torch
@@ -19,7 +19,7 @@ from ..core.config import load_config
 from ..diffusion import Denoiser, Process, Sampler
 from ..objectives import BuildContext, Objective
 
-SECTIONS = ("name", "process", "model", "objective", "sampler", "data", "train")
+SECTIONS = ("name", "process", "model", "objective", "sampler", "data", "train", "distill")
 
 
 @checked
@@ -40,11 +40,20 @@ class TrainConfig:
     checkpoint_every: PositiveInt = 1000
     max_bad_steps: PositiveInt = 10  # consecutive skipped steps (non-finite loss or gradient) before the run stops
     eval_samples: PositiveInt = 4000  # samples drawn for the final metrics (images: split over the classes)
+    eval_steps: list[PositiveInt] = field(default_factory=list)  # the final metrics also in these sampling steps
     grad_accum: PositiveInt = 1  # micro-batches per optimizer step (batch_size is per micro-batch)
     num_workers: NonNegativeInt = 0  # DataLoader worker processes (0: batches are read in the training process)
     compile: bool = False  # torch.compile the model
     sample_every: NonNegativeInt = 0  # also draw samples/step_N.png every N steps (0: only at the end)
     tensorboard: bool = False  # log losses to <run>/tensorboard (needs the tensorboard package)
+
+
+@checked
+@dataclass
+class DistillConfig:
+    """The ``distill:`` section, read by ``genlab distill`` (``genlab train`` trains one round)."""
+
+    rounds: PositiveInt = 1  # progressive-distillation rounds, each halving the student's steps
 
 
 @dataclass
@@ -65,26 +74,34 @@ class Experiment:
         source = getattr(config, "source", "config")
         check_keys(config, SECTIONS, path="", source=source)
         for key, value in config.items():
-            _check_section(key, value, source)
+            check_section(key, value, source)
         train = construct(TrainConfig, config.get("train") or {}, path="train", source=source)
+        construct(DistillConfig, config.get("distill") or {}, path="distill", source=source)
         process = build("process", config.get("process", "vp"), path="process", source=source)
         data = build("dataset", config.get("data", "toy2d"), path="data", source=source)
         objective = build("objective", config.get("objective", "denoising"), path="objective", source=source)
         sampler = build("sampler", config.get("sampler", "unipc"), path="sampler", source=source)
+
+        def new_model() -> nn.Module:  # initialised from the global generator
+            return build("model", config.get("model", "mlp"), path="model", source=source,
+                         **model_extra(config, data, source))
+
         torch.manual_seed(train.seed)
-        model = build("model", config.get("model", "mlp"), path="model", source=source,
-                      **model_extra(config, data, source))
+        model = new_model()  # an objective's further networks (new_model) are drawn after it, from the same seed
         try:  # the grid against the process: only now are both known
             sampler.timesteps(process)
         except ValueError as e:
             raise ConfigError(f"{source}: sampler: {e}") from None
         exp = cls(config, train, process, data, model, objective, sampler)
         context = BuildContext(model=model, process=process, sampler=sampler, data_shape=exp.data_shape,
-                               num_classes=exp.num_classes, pretrained=load_pretrained)
+                               num_classes=exp.num_classes, pretrained=load_pretrained, new_model=new_model)
         try:
             objective.build(context)
         except ValueError as e:
             raise ConfigError(f"{source}: objective: {e}") from None
+        if train.eval_steps and "steps" not in inspect.signature(objective.sample).parameters:
+            raise ConfigError(f"{source}: train.eval_steps: objective {type(objective).__name__} samples in no "
+                              "number of steps; leave train.eval_steps empty")
         return exp
 
     @property
@@ -150,12 +167,13 @@ def load_pretrained(path: str) -> Experiment:
     return exp
 
 
-def _check_section(key: str, value: Any, source: str) -> None:
+def check_section(key: str, value: Any, source: str) -> None:
     """``name`` is a string; ``train`` a mapping; a component section a name or a mapping with ``type``."""
     if key == "name":
         ok, wanted = isinstance(value, str), "a string"
-    elif key == "train":
-        ok, wanted = value is None or isinstance(value, Mapping), "a mapping of training settings"
+    elif key in ("train", "distill"):
+        what = "training" if key == "train" else "distillation"
+        ok, wanted = value is None or isinstance(value, Mapping), f"a mapping of {what} settings"
     else:
         ok, wanted = isinstance(value, (str, Mapping)), "a component name or a mapping with 'type'"
     if not ok:

@@ -75,7 +75,8 @@ def step_generator(seed: int, step: int, micro: int, rank: int, device: torch.de
 
 # keys a resumed run may change: how long it runs and what it logs, samples and keeps, never what it learns
 RESUMABLE = ("name", "sampler", "train.steps", "train.log_every", "train.checkpoint_every", "train.sample_every",
-             "train.eval_samples", "train.tensorboard", "train.max_bad_steps", "train.compile", "train.num_workers")
+             "train.eval_samples", "train.eval_steps", "train.tensorboard", "train.max_bad_steps", "train.compile",
+             "train.num_workers")
 
 
 def _flat(cfg: Any, prefix: str = "") -> dict[str, Any]:
@@ -107,6 +108,19 @@ def weights_file(name: str, ema: bool = False) -> str:
     if name == "model":
         return "ema.safetensors" if ema else "model.safetensors"
     return f"ema_{name}.safetensors" if ema else f"{name}.safetensors"
+
+
+def load_sampling_weights(exp: Experiment, ckpt: Path) -> dict[str, torch.nn.Module]:
+    """The objective's modules with the weights a checkpoint ``ckpt`` samples with, each file checked to fit
+    its module first: the EMA copy of every module that has one, the trained weights of the other trained
+    modules, frozen ones as built; all in eval mode. What :meth:`Trainer.sampling_modules` holds in a run."""
+    obj = exp.objective
+    modules, ema = obj.modules(), obj.ema_modules()
+    for name, module in modules.items():
+        if name not in obj.frozen:
+            module.load_state_dict(load_weights(ckpt / weights_file(name, ema=name in ema), module))
+        module.eval()
+    return modules
 
 
 class Trainer:
@@ -378,9 +392,10 @@ class Trainer:
         return {n: self.emas[n].model if n in self.emas else self.unwrapped(n) if n in self.trained else m
                 for n, m in self.modules.items()}
 
-    def evaluate(self, seed: int = 1234, name: str = "samples") -> dict[str, Any]:
-        """Sample with the EMA modules, write ``{name}.png`` and ``{name}.json``; returns the metrics.
+    def evaluate(self, seed: int = 1234, name: str = "samples", rows: bool = False) -> dict[str, Any]:
+        """Sample with the EMA modules, write ``{name}.png`` and ``{name}.json``; returns the metrics
+        (``rows``: also the objective's references and ``train.eval_steps``, see :func:`evaluate`).
         NonFiniteError if the samples are not finite (nothing written)."""
         if not self.acc.is_main_process:
             return {}
-        return evaluate(self.exp, self.sampling_modules(), self.out, name, seed, self.step)
+        return evaluate(self.exp, self.sampling_modules(), self.out, name, seed, self.step, rows=rows)
