@@ -30,6 +30,7 @@ from genlab.metrics import wasserstein2
 from genlab.testing import GaussianMixture
 from genlab.testing.devices import DeviceAudit, generator_on
 from genlab.training import Experiment, Trainer
+from genlab.training.experiment import load_pretrained
 from genlab.training.ema import EMA
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -363,9 +364,10 @@ def test_a_run_killed_mid_curriculum_resumes_bit_identical(tmp_path, capsys, obj
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), file
 
 
-def test_ect_starts_from_an_edm_preconditioned_diffusion_run(tmp_path):
-    """The run's EMA weights become the student's (its D is f in the limit sigma_min -> 0); a run of another
-    parameterisation (eps prediction) is refused with what to use instead."""
+def test_ect_starts_from_a_diffusion_run(tmp_path):
+    """The run's EMA weights become the student's: an EDM-preconditioned run's D is f in the limit sigma_min -> 0;
+    a run of another parameterisation (eps prediction) is refused with what to use instead, or, with
+    ``parameterisation: pretrained``, f = c_skip x^ + (1 - c_skip) x0_run starts at the run's x0 estimate."""
     denoising = ["train", str(CONFIG), *TINY, "train.steps=2", "objective.type=denoising", "--quiet"]
     assert main([*denoising, "objective.preconditioning=edm", "--out", str(tmp_path / "edm")]) == 0
     assert main([*denoising, "objective.prediction=eps", "--out", str(tmp_path / "eps")]) == 0
@@ -374,5 +376,16 @@ def test_ect_starts_from_an_edm_preconditioned_diffusion_run(tmp_path):
     ema = load_weights(latest_checkpoint(tmp_path / "edm") / "ema.safetensors")
     assert all(torch.equal(v, exp.model.state_dict()[k]) for k, v in ema.items())
     assert exp.objective.modules().keys() == {"model"}  # no teacher afterwards
-    with pytest.raises(ConfigError, match="ECT starts from an EDM-preconditioned run"):
+    with pytest.raises(ConfigError, match="ECT starts from an EDM-preconditioned run.*parameterisation: pretrained"):
         Experiment.from_config(load_config(CONFIG, [*ect, f"objective.pretrained={tmp_path / 'eps'}"]))
+    exp = Experiment.from_config(load_config(CONFIG, [*ect, f"objective.pretrained={tmp_path / 'eps'}",
+                                                      "objective.parameterisation=pretrained"]))
+    run = load_pretrained(str(tmp_path / "eps"))
+    x, t = torch.randn(64, 2), torch.full((64,), 0.7, dtype=F64)  # EDM: x^ = x, sigma = t
+    c_skip = consistency_scalings(t, exp.objective.sigma_data, 0.002)[0][:, None].float()
+    with torch.no_grad():
+        f = exp.objective.denoiser(exp.model)(x, t)[0]
+        x0 = run.objective.denoiser(run.model)(x, t)[0]
+    assert torch.allclose(f, c_skip * x + (1 - c_skip) * x0, atol=1e-6) and (f - x0).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="parameterisation 'pretrained' takes the pretrained run's"):
+        EasyConsistencyTuning(parameterisation="pretrained")

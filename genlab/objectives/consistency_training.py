@@ -14,7 +14,8 @@ solver; its target is f at a less noisy point x_r = x0 + r z of the same noise z
   = 1 / (sigma_(i+1) - sigma_i) (Sec. 3.1), with the pseudo-Huber distance (c = 0.00054 sqrt(d), Sec. 3.3).
 - ``easy_consistency_tuning`` (ECT; Geng et al. 2024, "Consistency models made easy", Sec. 3 and their
   code, locuslab/ect ``training/loss.py``): continuous time, usually started from a trained diffusion
-  model (whose D is the consistency function of the limit r = 0): t log-normal (P_mean, P_std), r =
+  model (whose D is the consistency function of the limit r = 0; an EDM-preconditioned run, or any run
+  with f on its parameterisation): t log-normal (P_mean, P_std), r =
   t (1 - n(t) / q^a) with n(t) = 1 + k sigmoid(-b t) and a = ceil(iteration / d) growing in ``stages``
   steps of d = K / stages iterations (q = 2, k = 8, b = 1, 8 stages: their CIFAR-10 run), clamped at the
   boundary, loss d(f(x_t, t), sg f(x_r, r)) / (t - r) with the pseudo-Huber distance (their
@@ -33,7 +34,7 @@ from __future__ import annotations
 
 import math
 from contextlib import AbstractContextManager, nullcontext
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 from torch import Tensor, nn
@@ -223,9 +224,14 @@ class EasyConsistencyTuning(ConsistencyTrainingObjective):
     the identity at both points) weigh 0.
 
     Args:
-        pretrained: a diffusion run (or checkpoint) directory whose EMA weights start the student: it must be
-            an EDM-preconditioned run (``objective.preconditioning: edm``, its D then is f in the limit
-            sigma_min -> 0) with this sigma_data, the config's process and model. None: from scratch.
+        pretrained: a diffusion run (or checkpoint) directory whose EMA weights start the student (the
+            config's process and model). None: from scratch.
+        parameterisation: of f: ``consistency``, Song et al.'s (:class:`~genlab.diffusion.ConsistencyDenoiser`;
+            a pretrained run must then be EDM-preconditioned, ``objective.preconditioning: edm``, with this
+            sigma_data: its D is f in the limit sigma_min -> 0, as in ECT's EDM start), or ``pretrained``:
+            f = c_skip x^ + (1 - c_skip) x0 with x0 the network's estimate in the pretrained run's
+            parameterisation (:class:`~genlab.diffusion.ConsistencyOnDenoiser`), so that any diffusion run
+            starts the student at its x0 estimate.
         p_mean, p_std: the log-normal of t (-1.1, 2.0; p_std > 0).
         q: the decay factor of t - r per stage (> 1; 2).
         stages: the number of stages over the run (d = K / stages; 8).
@@ -235,12 +241,17 @@ class EasyConsistencyTuning(ConsistencyTrainingObjective):
         sigma_data, sigma_min: of the consistency parameterisation (0.5; the process's level at t_min).
     """
 
-    def __init__(self, pretrained: str | None = None, p_mean: float = -1.1, p_std: PositiveFloat = 2.0,
+    def __init__(self, pretrained: str | None = None, parameterisation: Literal["consistency", "pretrained"] = "consistency",
+                 p_mean: float = -1.1, p_std: PositiveFloat = 2.0,
                  q: Annotated[float, Range(gt=1)] = 2.0, stages: PositiveInt = 8, mapping_k: NonNegativeFloat = 8.0,
                  mapping_b: NonNegativeFloat = 1.0, huber_c: PositiveFloat | None = None,
                  sigma_data: PositiveFloat = 0.5, sigma_min: PositiveFloat | None = None) -> None:
+        if parameterisation == "pretrained" and pretrained is None:
+            raise ValueError("EasyConsistencyTuning: parameterisation 'pretrained' takes the pretrained run's; name "
+                             "the run (pretrained: RUN) or use parameterisation 'consistency'")
         super().__init__("pseudo_huber", huber_c, sigma_data, sigma_min)
-        self.pretrained, self.q, self.stages, self.mapping_k, self.mapping_b = pretrained, q, stages, mapping_k, mapping_b
+        self.pretrained, self.parameterisation = pretrained, parameterisation
+        self.q, self.stages, self.mapping_k, self.mapping_b = q, stages, mapping_k, mapping_b
         self.t_distribution = LogNormalSigma(p_mean, p_std)
 
     def build(self, context: BuildContext) -> None:
@@ -249,15 +260,18 @@ class EasyConsistencyTuning(ConsistencyTrainingObjective):
         if not math.isfinite(top):
             raise ValueError(f"easy_consistency_tuning: the noise level sigma / alpha of {context.process!r} is "
                              "infinite at t_max; use a process with a finite one (edm, ve, vp)")
-        if self.pretrained is not None:
-            run = load_teacher(context, self.pretrained, student_from_teacher=True)
-            make = getattr(run.objective, "denoiser", None)
-            denoiser = make(run.module, context.process) if make is not None else None
-            kind = (getattr(denoiser, "preconditioning", None), getattr(denoiser, "sigma_data", None))
-            if kind[0] not in ("edm", "consistency") or kind[1] != self.sigma_data:
-                raise ValueError(f"pretrained: {self.pretrained} trains {denoiser!r}; ECT starts from an "
-                                 f"EDM-preconditioned run (objective.preconditioning: edm) or a consistency "
-                                 f"model, with sigma_data {self.sigma_data:g}")
+        if self.pretrained is None:
+            return
+        run = load_teacher(context, self.pretrained, student_from_teacher=True)
+        if self.parameterisation == "pretrained":
+            self.diffusion = run
+            return
+        denoiser = run.denoiser(run.module, context.process)
+        if denoiser.preconditioning not in ("edm", "consistency") or denoiser.sigma_data != self.sigma_data:
+            raise ValueError(f"pretrained: {self.pretrained} trains {denoiser!r}; with parameterisation 'consistency' "
+                             f"ECT starts from an EDM-preconditioned run (objective.preconditioning: edm) or a "
+                             f"consistency model with sigma_data {self.sigma_data:g}; or set objective."
+                             f"parameterisation: pretrained (f on the run's own parameterisation)")
 
     def stage(self) -> int:
         """a at the current step (:meth:`Objective.at_step`)."""
