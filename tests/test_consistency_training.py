@@ -185,8 +185,8 @@ def test_a_perfect_consistency_model_has_zero_loss_on_every_process(pname):
     """On data at one point, x = alpha (x0 + sigma z) at the two levels of a pair lie on one ODE trajectory when
     they share z, so the exact f gives zero loss, for CT, iCT and ECT (mid-curriculum), on every process: the
     same noise at both ends, each x at its own level, the student and the target each at theirs. Measured: below
-    4e-32 (CT's l2) and 0 (iCT, ECT); F off by 1% gives 4e-8 (CT), 2e-3 (iCT) and 4e-3 (ECT). (On data with spread the pair is on one trajectory only to first order in the
-    interval: Song et al. 2023, Theorem 2.)"""
+    4e-32 (CT's l2) and 0 (iCT, ECT); F off by 1% gives 4e-8 (CT), 2e-3 (iCT) and 4e-3 (ECT). (On data with
+    spread the pair is on one trajectory only to first order in the interval: Song et al. 2023, Theorem 2.)"""
     process = PROCESSES[pname]
     x0 = torch.tensor([[0.6, -1.3]], dtype=F64).expand(256, 2)
     for name, obj in objectives().items():
@@ -297,9 +297,10 @@ def sample_quality(objective: ImprovedConsistencyTraining, model: nn.Module, ste
 
 
 def test_improved_ct_learns_a_mixture_from_data_alone():
-    """800 steps (15-17 s on this shared 2-core machine): 1-step samples' mean log-density within 1.5 nats of the mixture's own, W2 below
-    0.75; 2 steps within 0.75 nats, W2 below 0.4 (measured: 0.97 and 0.60, -0.12 and 0.31; seeds 1 and 2 of the
-    training gave 1.19 / 0.62 and 0.83 / 0.55 at 1 step; an untrained model's samples sit at 0, W2 1.5)."""
+    """800 steps (15-23 s on this shared 2-core machine): 1-step samples' mean log-density within 1.5 nats of the
+    mixture's own, W2 below 0.75; 2 steps within 0.75 nats, W2 below 0.4 (measured: 0.97 and 0.60, -0.12 and
+    0.31; seeds 1 and 2 of the training gave 1.19 / 0.62 and 0.83 / 0.55 at 1 step; the untrained model: 4.48
+    / 1.14 at 1 step, 3.23 / 0.99 at 2)."""
     objective, model = train_ict(800, 0.99)
     gap, w2 = sample_quality(objective, model, 1)
     assert abs(gap) < 1.5 and w2 < 0.75, (gap, w2)

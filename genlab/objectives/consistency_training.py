@@ -241,8 +241,9 @@ class EasyConsistencyTuning(ConsistencyTrainingObjective):
         sigma_data, sigma_min: of the consistency parameterisation (0.5; the process's level at t_min).
     """
 
-    def __init__(self, pretrained: str | None = None, parameterisation: Literal["consistency", "pretrained"] = "consistency",
-                 p_mean: float = -1.1, p_std: PositiveFloat = 2.0,
+    def __init__(self, pretrained: str | None = None,
+                 parameterisation: Literal["consistency", "pretrained"] = "consistency", p_mean: float = -1.1,
+                 p_std: PositiveFloat = 2.0,
                  q: Annotated[float, Range(gt=1)] = 2.0, stages: PositiveInt = 8, mapping_k: NonNegativeFloat = 8.0,
                  mapping_b: NonNegativeFloat = 1.0, huber_c: PositiveFloat | None = None,
                  sigma_data: PositiveFloat = 0.5, sigma_min: PositiveFloat | None = None) -> None:
