@@ -10,8 +10,9 @@ of failures. Checks:
 
 1. every registered sampler samples from the prior with a generator on the device (shared grid in
    float32 and bf16, per-sample times in float32); the adaptive ``ode`` sampler and the likelihood;
-2. every objective (three time distributions, EDM preconditioning, min-SNR) computes a loss and a
-   backward pass on the device with a generator there;
+2. every objective (three time distributions, EDM preconditioning, min-SNR; consistency training: CT,
+   iCT and ECT with dropout, whose student-as-target call replays the device's dropout masks) computes a
+   loss and a backward pass on the device with a generator there;
 3. the trainer: the toy 2-D job and a small digits job (bf16 autocast) train, checkpoint, resume and
    evaluate on the device (samples drawn there);
 4. attention: each backend (flash_attn where installed, sdpa) equals ``math`` in the same dtype
@@ -133,6 +134,23 @@ def objectives(device: torch.device) -> None:
                 return f"loss {loss.item():.3f}"
 
             check(f"objective {dist} {kwargs}", run)
+
+    from genlab.models import MLP
+    from genlab.objectives import BuildContext, ConsistencyTraining, EasyConsistencyTuning, ImprovedConsistencyTraining
+
+    for make in (ConsistencyTraining, ImprovedConsistencyTraining, EasyConsistencyTuning):
+        def consistency(make: type = make) -> str:
+            model = MLP(dim=2, hidden=32, depth=2, dropout=0.1, time_embedding="fourier").to(device).train()
+            objective = make()
+            objective.build(BuildContext(model=model, process=VP(), data_shape=(2,)))
+            objective.at_step(5, 10)
+            loss = objective.loss({"model": model, "target": model}, {"x": x0},
+                                  torch.Generator(device=device).manual_seed(0))
+            loss.backward()
+            assert loss.device.type == device.type and torch.isfinite(loss)
+            return f"loss {loss.item():.3f}"
+
+        check(f"objective {make.__name__}", consistency)
 
 
 def trainer(device: torch.device) -> None:

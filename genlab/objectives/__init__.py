@@ -8,10 +8,11 @@ runs any objective and knows nothing of diffusion.
 from .base import Batch, BuildContext, Objective, Reference
 from .denoising import DenoisingObjective, FlowMatchingObjective
 from .consistency import ConsistencyDistillation
+from .consistency_training import ConsistencyTraining, EasyConsistencyTuning, ImprovedConsistencyTraining
 from .distillation import ProgressiveDistillation
 from .flow_matching import CFMDraw, ConditionalFlowMatching, check_path_process
 from .meanflow import MeanFlow
 
 __all__ = ["Batch", "BuildContext", "Objective", "CFMDraw", "ConditionalFlowMatching", "ConsistencyDistillation",
-           "DenoisingObjective", "FlowMatchingObjective", "MeanFlow", "ProgressiveDistillation", "Reference",
-           "check_path_process"]
+           "ConsistencyTraining", "DenoisingObjective", "EasyConsistencyTuning", "FlowMatchingObjective",
+           "ImprovedConsistencyTraining", "MeanFlow", "ProgressiveDistillation", "Reference", "check_path_process"]

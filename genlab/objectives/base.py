@@ -11,6 +11,11 @@ data's shape and classes, and a loader of pretrained runs). From then on it answ
   :meth:`~Objective.schedule`: which optimizers step at step k (a GAN alternates, or steps both);
 - :meth:`~Objective.loss`: the loss of a batch for one optimizer, every random draw from the
   generator it is handed (the Trainer seeds it with (seed, step, micro-batch, rank): exact resume);
+- :meth:`~Objective.at_step`: called before every training step with the step k and the run's
+  length K, so that a curriculum (consistency training's number of levels N(k) and target decay
+  mu(k)) is a function of k alone: a resumed run, which restarts at its checkpoint's k, repeats it.
+  :meth:`~Objective.targets` is read again at every step, after ``at_step``, so a target network's
+  decay may depend on k too;
 - :meth:`~Objective.sample`: how the family draws samples (from the EMA modules), in its own number of
   steps (:meth:`~Objective.sampling_steps`) or in ``steps`` (the evaluation's ``train.eval_steps``);
 - :meth:`~Objective.references`: other models the evaluation reports beside this one (a teacher).
@@ -81,6 +86,8 @@ class Objective:
     EMA copy and one optimizer by default: a family overrides what differs."""
 
     frozen: tuple[str, ...] = ()  # names of modules that are not trained
+    step: int = 0  # the training step k (0-based) of the latest at_step call
+    total_steps: int = 1  # K, the run's number of steps, of the latest at_step call
 
     def build(self, context: BuildContext) -> None:
         """Take the experiment's parts; called once, before training, by ``Experiment``."""
@@ -96,9 +103,17 @@ class Objective:
 
     def targets(self) -> dict[str, tuple[str, float]]:
         """Target networks: name -> (trained module, decay). The Trainer keeps each as an EMA of that
-        module with a constant decay (no warm-up), hands it to :meth:`loss` under its name, updates it
-        after every step and checkpoints it (a consistency model's f_theta^-)."""
+        module without warm-up, hands it to :meth:`loss` under its name, updates it after every step with
+        the decay this returns at that step (after :meth:`at_step`: constant, or a schedule mu(k)) and
+        checkpoints it (a consistency model's f_theta^-)."""
         return {}
+
+    def at_step(self, step: int, total: int) -> None:
+        """Called by the Trainer before training step ``step`` = k (0-based; a resumed run starts at its
+        checkpoint's k) of a run of ``total`` = K steps (``train.steps``, which a resumed run may change,
+        like the learning-rate schedule). Default: keeps them as :attr:`step` and :attr:`total_steps`, what
+        :meth:`loss` and :meth:`targets` of a family with a curriculum read."""
+        self.step, self.total_steps = step, total
 
     def optimizers(self) -> dict[str, tuple[str, ...]]:
         """Optimizer name -> the trained modules whose parameters it updates."""

@@ -311,6 +311,7 @@ class Trainer:
         same batches for each); NaN, and no update of any, if a loss or a gradient norm (without fp16
         loss scaling, which skips such steps itself) is not finite. Returns the summed loss."""
         tc, total = self.exp.train, 0.0
+        self.exp.objective.at_step(self.step, tc.steps)
         batches = [next(self.batches) for _ in range(tc.grad_accum)]
         for name in self.exp.objective.schedule(self.step):
             opt, params = self.opts[name], [p for n in self.opt_modules[name] for p in self.modules[n].parameters()]
@@ -336,7 +337,8 @@ class Trainer:
             self._zero_grad()
         for name, ema in self.emas.items():
             ema.update(self.unwrapped(name))
-        for name, (source, _) in self.exp.objective.targets().items():
+        for name, (source, decay) in self.exp.objective.targets().items():
+            self.targets[name].decay = decay  # a schedule mu(k) of the step (see Objective.at_step)
             self.targets[name].update(self.unwrapped(source))
         return total
 
