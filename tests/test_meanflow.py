@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from genlab.cli import main
 from genlab.core.checkpoint import latest_checkpoint, load_weights
 from genlab.core.config import load_config
-from genlab.diffusion import MeanFlowSampler, RectifiedFlow
+from genlab.diffusion import FlowEuler, MeanFlowSampler, RectifiedFlow
 from genlab.metrics import wasserstein2
 from genlab.models import DiT, MLP, ConcatMLP, UNet
 from genlab.objectives import BuildContext, ConditionalFlowMatching, MeanFlow
@@ -109,6 +109,16 @@ def test_the_sampler_carries_the_source_exactly_with_the_exact_average_velocity(
     z1 = torch.randn(100, 2, generator=torch.Generator().manual_seed(1), dtype=F64)
     out = objective.context.sampler.sample(objective.denoiser(ExactAverageVelocity()), x=z1, progress=False)
     torch.testing.assert_close(out, M + S * z1, atol=1e-10, rtol=0)
+
+
+def test_on_a_one_time_network_the_sampler_is_flow_euler():
+    model = MLP(dim=2, hidden=8, depth=1)
+    denoiser = built(MeanFlow(ratio=0.0), model).denoiser(model)
+    z1 = torch.randn(8, 2)
+    with torch.no_grad():
+        got = MeanFlowSampler(3, grid=GRID).sample(denoiser, x=z1, progress=False)
+        want = FlowEuler(3, grid=GRID).sample(denoiser, x=z1, progress=False)
+    assert torch.equal(got, want)
 
 
 def test_the_sampler_is_deterministic_one_step_with_one_evaluation_per_step():
@@ -256,8 +266,10 @@ def one_step_w2(config: Path, tmp: Path, points: int = 1000) -> float:
 
 @pytest.mark.slow
 def test_meanflow_one_step_w2_is_at_most_ot_cfm_s(tmp_path):
-    """8 gaussians -> moons with torchcfm's MLP (width 64, time and interval appended), 5,000 steps, batch
-    256: MeanFlow with the independent coupling against OT-CFM (exact OT pairs), both one step."""
+    """8 gaussians -> moons with torchcfm's MLP (width 64; MeanFlow's takes the interval as one more input),
+    5,000 steps, batch 256, OT pairs for both (configs/flow_matching/meanflow_moons.yaml against
+    otcfm_moons.yaml), one network evaluation each. Measured (seed 0, one thread): MeanFlow 0.256, OT-CFM
+    0.268 (MeanFlow with independent pairs: 0.511)."""
     mf = one_step_w2(MEANFLOW_MOONS, tmp_path / "mf")
     ot = one_step_w2(CONFIG, tmp_path / "ot")
     print(f"one-step W2: MeanFlow {mf:.4f}, OT-CFM {ot:.4f}")

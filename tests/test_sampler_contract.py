@@ -13,8 +13,7 @@ from genlab.testing import GaussianMixture, exact_denoiser
 
 MIX = GaussianMixture.ring(std=0.5)
 PROCESS = VP()
-# ode: adaptive, checked in test_likelihood; mean_flow: needs a two-time model, checked in test_meanflow
-NAMES = sorted(set(registered("sampler")["sampler"]) - {"ode", "mean_flow"})
+NAMES = sorted(set(registered("sampler")["sampler"]) - {"ode"})  # ode: adaptive, checked in test_likelihood
 
 
 class Counting:

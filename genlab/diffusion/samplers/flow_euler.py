@@ -30,9 +30,12 @@ class MeanFlowSampler(FlowEuler):
     on the grid, u the average velocity of a two-time network (``interval_embedding``), which is handed
     ``interval`` = t_in(t) - t_in(r) (the Denoiser's model times of the step's two levels). ``steps: 1`` with
     the grid from t = 1 to 0 is one-step generation. The step is :class:`FlowEuler`'s, whose velocity is
-    then the average over the step: exact for a perfect u at any step count."""
+    then the average over the step: exact for a perfect u at any step count. On a denoiser whose network
+    does not take an interval (no ``takes_interval``) it is :class:`FlowEuler` (r = t)."""
 
     def step(self, ctx: StepContext, x: Tensor, level: Level, level_next: Level) -> Tensor:
+        if not getattr(getattr(ctx.denoiser, "model", None), "takes_interval", False):
+            return super().step(ctx, x, level, level_next)  # a one-time network: r = t, flow Euler
         model_time = getattr(ctx.denoiser, "model_time", ctx.process.model_time)  # a Denoiser's, else the process's
         (t,), (t_next,) = level.coef("t"), level_next.coef("t")
         interval = model_time(torch.as_tensor(t)) - model_time(torch.as_tensor(t_next))
