@@ -297,7 +297,7 @@ def sample_quality(objective: ImprovedConsistencyTraining, model: nn.Module, ste
 
 
 def test_improved_ct_learns_a_mixture_from_data_alone():
-    """800 steps (15-23 s on this shared 2-core machine): 1-step samples' mean log-density within 1.5 nats of the
+    """800 steps (10-23 s on this shared 2-core machine): 1-step samples' mean log-density within 1.5 nats of the
     mixture's own, W2 below 0.75; 2 steps within 0.75 nats, W2 below 0.4 (measured: 0.97 and 0.60, -0.12 and
     0.31; seeds 1 and 2 of the training gave 1.19 / 0.62 and 0.83 / 0.55 at 1 step; the untrained model: 4.48
     / 1.14 at 1 step, 3.23 / 0.99 at 2)."""
