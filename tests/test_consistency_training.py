@@ -297,7 +297,7 @@ def sample_quality(objective: ImprovedConsistencyTraining, model: nn.Module, ste
 
 
 def test_improved_ct_learns_a_mixture_from_data_alone():
-    """800 steps (15-23 s on this shared 2-core machine): 1-step samples' mean log-density within 1.5 nats of the
+    """800 steps (10-23 s on this shared 2-core machine): 1-step samples' mean log-density within 1.5 nats of the
     mixture's own, W2 below 0.75; 2 steps within 0.75 nats, W2 below 0.4 (measured: 0.97 and 0.60, -0.12 and
     0.31; seeds 1 and 2 of the training gave 1.19 / 0.62 and 0.83 / 0.55 at 1 step; the untrained model: 4.48
     / 1.14 at 1 step, 3.23 / 0.99 at 2)."""
@@ -310,10 +310,10 @@ def test_improved_ct_learns_a_mixture_from_data_alone():
 
 @pytest.mark.slow
 def test_improved_ct_one_step_samples_match_a_mixture_after_3000_steps():
-    """3000 steps (70-110 s): 1-step samples' mean log-density within 0.5 nats of the mixture's own (measured
-    -0.39: samples slightly tighter than the components) and W2 below 0.45 (0.37; two mixture draws: 0.22); 2
-    steps W2 below 0.4 (0.22). Seeds 1 and 2 of the training: 1 step -0.23 / 0.26 and 0.17 / 0.34, 2 steps
-    W2 0.23 and 0.34."""
+    """3000 steps (26-110 s with the load): 1-step samples' mean log-density within 0.5 nats of the mixture's
+    own (measured -0.39: samples slightly tighter than the components) and W2 below 0.45 (0.37; two mixture
+    draws: 0.22); 2 steps W2 below 0.4 (0.22). Seeds 1 and 2 of the training: 1 step -0.23 / 0.26 and
+    0.17 / 0.34, 2 steps W2 0.23 and 0.34."""
     objective, model = train_ict(3000, 0.995)
     gap, w2 = sample_quality(objective, model, 1)
     assert abs(gap) < 0.5 and w2 < 0.45, (gap, w2)
