@@ -1,0 +1,5 @@
+"""Conditioning adapters: guidance (wrapping a Denoiser, keeping its protocol) and modules that attach
+to a backbone's named injection points (LoRA, ControlNet, T2I-Adapter, GLIGEN, ...), never forking it.
+
+The layer sits above ``genlab.models`` and ``genlab.diffusion`` and below ``genlab.objectives``.
+"""
