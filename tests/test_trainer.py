@@ -34,7 +34,7 @@ def experiment(*overrides: str) -> Experiment:
 def test_gradient_accumulation_sums_micro_batch_gradients(tmp_path):
     tr = Trainer(experiment("train.grad_accum=3", "train.grad_clip=null"), tmp_path, progress=False)
     captured = {}
-    tr.opt.step = lambda *a, **k: captured.update({n: p.grad.clone() for n, p in tr.model.named_parameters()})
+    tr.opt.optimizer.step = lambda *a, **k: captured.update({n: p.grad.clone() for n, p in tr.model.named_parameters()})
     peek = tr._batches()  # the batches of step 0, read again
     batches = [next(peek) for _ in range(3)]
     tr.train_step()

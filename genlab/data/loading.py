@@ -82,27 +82,50 @@ class BatchStream(Sampler[list[Any]]):
         self.start, self.shuffle, self.keys = start, shuffle, keys
         self.per_rank = n // world
 
-    def epoch_order(self, epoch: int) -> list[int]:
-        """The indices rank ``rank`` visits in epoch ``epoch``, in order [per_rank]."""
+    def epoch_indices(self, epoch: int) -> Tensor:
+        """The indices rank ``rank`` visits in epoch ``epoch``, in order [per_rank] (int64, CPU)."""
         if self.shuffle:
             order = torch.randperm(self.n, generator=torch.Generator().manual_seed(epoch_seed(self.seed, epoch)))
         else:
             order = torch.arange(self.n)
-        return order[: self.per_rank * self.world][self.rank :: self.world].tolist()
+        return order[: self.per_rank * self.world][self.rank :: self.world]
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        """:meth:`epoch_indices` as a list."""
+        return self.epoch_indices(epoch).tolist()
 
     def position(self, batch: int) -> tuple[int, int]:
         """(epoch, offset in it) where batch ``batch`` of this rank begins."""
         return divmod(batch * self.batch_size, self.per_rank)
 
     def __iter__(self) -> Iterator[list[Any]]:
+        if not self.keys:
+            yield from (batch.tolist() for batch in self.index_batches())
         epoch, offset = self.position(self.start)
         batch: list[Any] = []
         while True:
             for index in self.epoch_order(epoch)[offset:]:
-                batch.append(ItemKey(index, epoch, self.seed) if self.keys else index)
+                batch.append(ItemKey(index, epoch, self.seed))
                 if len(batch) == self.batch_size:
                     yield batch
                     batch = []
+            epoch, offset = epoch + 1, 0
+
+    def index_batches(self) -> Iterator[Tensor]:
+        """The same stream of batches as index tensors [batch_size] (int64, CPU), cut from each epoch's
+        permutation without a Python loop over items."""
+        epoch, offset = self.position(self.start)
+        parts: list[Tensor] = []
+        have = 0
+        while True:
+            order = self.epoch_indices(epoch)[offset:]
+            while len(order):
+                take, order = order[: self.batch_size - have], order[self.batch_size - have:]
+                parts.append(take)
+                have += len(take)
+                if have == self.batch_size:
+                    yield parts[0] if len(parts) == 1 else torch.cat(parts)
+                    parts, have = [], 0
             epoch, offset = epoch + 1, 0
 
 
@@ -119,7 +142,7 @@ class TensorItems(Dataset):
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         return self.__getitems__([index])
 
-    def __getitems__(self, indices: list[int]) -> dict[str, Tensor]:
+    def __getitems__(self, indices: list[int] | Tensor) -> dict[str, Tensor]:
         idx = torch.as_tensor(indices, device=self.data.device)
         batch = {"x": self.data[idx]}
         if self.labels is not None:
@@ -151,14 +174,27 @@ class Collate:
         return batch if self.labels else {k: v for k, v in batch.items() if k != "class_labels"}
 
 
+class TensorBatches:
+    """The batches of :class:`TensorItems` in the order of a :class:`BatchStream`, read in the training
+    process by one tensor index each, without a DataLoader's per-batch machinery (which cost more
+    than a small model's whole training step)."""
+
+    def __init__(self, items: TensorItems, stream: BatchStream) -> None:
+        self.items, self.stream = items, stream
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        return (self.items.__getitems__(idx) for idx in self.stream.index_batches())
+
+
 def training_batches(dataset: Any, batch_size: int, *, seed: int = 0, rank: int = 0, world: int = 1,
                      start: int = 0, num_workers: int = 0, labels: bool = True,
-                     device: torch.device | str | None = None) -> DataLoader:
-    """A DataLoader of training batches ``{"x": [B, ...], "class_labels": [B]}`` in the order of
+                     device: torch.device | str | None = None) -> DataLoader | TensorBatches:
+    """An iterable of training batches ``{"x": [B, ...], "class_labels": [B]}`` in the order of
     :class:`BatchStream` from batch ``start``. A data set with a ``data`` tensor (and ``labels``, used
-    when ``labels``) is read by tensor indexing, on ``device`` when there are no workers; any other
-    map-style data set through its items, with ``num_workers`` worker processes; one that
-    ``wants_item_keys`` is indexed with :class:`ItemKey` s (see the module's docstring)."""
+    when ``labels``) is read by tensor indexing, on ``device`` (:class:`TensorBatches`) when there are
+    no workers; any other map-style data set through its items by a DataLoader, with ``num_workers``
+    worker processes; one that ``wants_item_keys`` is indexed with :class:`ItemKey` s (see the
+    module's docstring)."""
     data = getattr(dataset, "data", None)
     if isinstance(data, Tensor):
         targets = getattr(dataset, "labels", None) if labels else None
@@ -169,5 +205,7 @@ def training_batches(dataset: Any, batch_size: int, *, seed: int = 0, rank: int 
         dataset = TensorItems(data, targets, source)
     stream = BatchStream(len(dataset), batch_size, seed=seed, rank=rank, world=world, start=start,
                          keys=bool(getattr(dataset, "wants_item_keys", False)))
+    if isinstance(dataset, TensorItems) and num_workers == 0:
+        return TensorBatches(dataset, stream)
     return DataLoader(dataset, batch_sampler=stream, num_workers=num_workers, collate_fn=Collate(labels),
                       persistent_workers=num_workers > 0)

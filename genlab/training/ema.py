@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 
 class EMA:
@@ -17,11 +17,19 @@ class EMA:
         self.decay, self.updates, self.warmup = decay, 0, warmup
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
+        self._source: nn.Module | None = None
+        self._pairs: tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]] = ([], [], [], [])
+
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         d = min(self.decay, (1 + self.updates) / (10 + self.updates)) if self.warmup else self.decay
-        for shadow, param in zip(self.model.parameters(), model.parameters()):
-            shadow.lerp_(param.detach(), 1 - d)
-        for shadow, buf in zip(self.model.buffers(), model.buffers()):
-            shadow.copy_(buf)
+        if model is not self._source:  # the tensor lists, gathered once per source module
+            self._source = model
+            self._pairs = (list(self.model.parameters()), [p.detach() for p in model.parameters()],
+                           list(self.model.buffers()), list(model.buffers()))
+        shadows, params, shadow_buffers, buffers = self._pairs
+        if shadows:
+            torch._foreach_lerp_(shadows, params, 1 - d)
+        if shadow_buffers:
+            torch._foreach_copy_(shadow_buffers, buffers)
         self.updates += 1

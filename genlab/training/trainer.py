@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
 from ..core.checkpoint import (check_fits, intact_checkpoint, latest_checkpoint, load_optimizer, load_state,
@@ -51,6 +52,18 @@ def lr_at(step: int, exp: Experiment) -> float:
         return tc.lr * (step + 1) / tc.warmup_steps
     progress = (step - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps)
     return tc.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+_PLAIN = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)  # clip by torch's own
+
+
+def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over ``params``, the fused kernel where the parameters' device has one (CPU and CUDA do:
+    on the CPU a small model's whole step is about 30% faster than with the per-tensor loop)."""
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except RuntimeError:  # a device or dtype without the fused kernel
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
 def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
@@ -198,12 +211,15 @@ class Trainer:
         self.acc = Accelerator(mixed_precision=tc.mixed_precision, cpu=not torch.cuda.is_available())
         self.emas = {n: EMA(self.raw[n], tc.ema_decay) for n in obj.ema_modules()}
         self.targets = {n: EMA(self.raw[src], decay, warmup=False) for n, (src, decay) in obj.targets().items()}
-        opts = {name: torch.optim.AdamW([p for n in names for p in self.raw[n].parameters()], lr=tc.lr,
-                                        weight_decay=tc.weight_decay) for name, names in self.opt_modules.items()}
+        opts = {name: adamw([p for n in names for p in self.raw[n].parameters()], tc.lr, tc.weight_decay)
+                for name, names in self.opt_modules.items()}
         trained = [torch.compile(self.raw[n]) if tc.compile else self.raw[n] for n in self.trained]
         prepared = self.acc.prepare(*trained, *opts.values())
         prepared = prepared if isinstance(prepared, (list, tuple)) else [prepared]
         self.modules = dict(zip(self.trained, prepared[: len(trained)]))
+        self._unwrapped = {n: self.acc.unwrap_model(self.modules[n]) for n in self.trained}
+        self.params = {name: [p for n in names for p in self.modules[n].parameters()]  # as prepared (FSDP flattens)
+                       for name, names in self.opt_modules.items()}
         for name in obj.frozen:
             self.modules[name] = self.raw[name].to(self.acc.device).eval().requires_grad_(False)
         self.opts = dict(zip(opts, prepared[len(trained):]))
@@ -268,7 +284,7 @@ class Trainer:
 
     def unwrapped(self, name: str = "model") -> torch.nn.Module:
         """Trained module ``name`` without accelerate's and torch.compile's wrappers."""
-        module = self.acc.unwrap_model(self.modules[name])
+        module = self._unwrapped[name] if name in self._unwrapped else self.acc.unwrap_model(self.modules[name])
         return getattr(module, "_orig_mod", module)  # torch.compile's wrapper
 
     def save(self) -> None:
@@ -314,7 +330,7 @@ class Trainer:
         self.exp.objective.at_step(self.step, tc.steps)
         batches = [next(self.batches) for _ in range(tc.grad_accum)]
         for name in self.exp.objective.schedule(self.step):
-            opt, params = self.opts[name], [p for n in self.opt_modules[name] for p in self.modules[n].parameters()]
+            opt, params = self.opts[name], self.params[name]
             for group in opt.param_groups:
                 group["lr"] = lr_at(self.step, self.exp)
             for micro, batch in enumerate(batches):
@@ -329,11 +345,14 @@ class Trainer:
                         return float("nan")
                     self.acc.backward(loss)
                 total += loss.item()
-            norm = self.acc.clip_grad_norm_(params, tc.grad_clip or math.inf)
+            norm = self._clip_grad_norm(params, tc.grad_clip or math.inf)
             if self.acc.scaler is None and norm is not None and not torch.isfinite(norm):
                 self._zero_grad()
                 return float("nan")
-            opt.step()
+            if self.acc.scaler is None and self.acc.distributed_type in _PLAIN:
+                opt.optimizer.step()  # what accelerate's wrapper runs here, without its package look-ups
+            else:
+                opt.step()
             self._zero_grad()
         for name, ema in self.emas.items():
             ema.update(self.unwrapped(name))
@@ -342,9 +361,20 @@ class Trainer:
             self.targets[name].update(self.unwrapped(source))
         return total
 
+    def _clip_grad_norm(self, params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor | None:
+        """accelerate's ``clip_grad_norm_``, by torch's directly where the two are the same (no FSDP,
+        DeepSpeed or XLA): accelerate's generic path looks packages up on every call, which cost more
+        than a small model's whole step."""
+        if self.acc.distributed_type not in _PLAIN:
+            return self.acc.clip_grad_norm_(params, max_norm)
+        self.acc.unscale_gradients()
+        if math.isinf(max_norm):  # the norm alone (for the finiteness check)
+            return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
     def _zero_grad(self) -> None:
         for opt in self.opts.values():
-            opt.zero_grad(set_to_none=True)
+            (opt.optimizer if self.acc.distributed_type in _PLAIN else opt).zero_grad(set_to_none=True)
 
     def fit(self) -> None:
         tc, bad, running = self.exp.train, 0, []
