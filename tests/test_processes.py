@@ -114,6 +114,22 @@ def test_log_snr_grid_ends_in_karras_sigma():
     assert float(UniformLogSNR(sigma_max=1e5)(EDM(), 3)[0]) == pytest.approx(EDM().t_max)  # beyond the range: t_max
 
 
+def test_uniform_grid_with_time_shift():
+    """SD3's shift t -> s t / (1 + (s - 1) t) on [0, t_max]: ends kept, s = 1 the plain grid, s < 1
+    denser near the data; on a process with t_max = 80 (EDM) it acts on t / t_max."""
+    rf = RectifiedFlow()
+    assert torch.equal(UniformTime(shift=1.0, final="min", t_min=0.0)(rf, 4), UniformTime(final="min", t_min=0.0)(rf, 4))
+    times = UniformTime(shift=0.5, final="min", t_min=0.0)(rf, 4)
+    expected = torch.tensor([1.0, 0.6, 1 / 3, 1 / 7, 0.0], dtype=torch.float64)  # 0.5 u / (1 - 0.5 u), u = 1, .75, ...
+    assert torch.allclose(times, expected, atol=1e-12)
+    wide = EDM()
+    u = UniformTime(final="min", t_min=0.0)(wide, 4) / wide.t_max
+    shifted = UniformTime(shift=3.0, final="min", t_min=0.0)(wide, 4)
+    assert torch.allclose(shifted, wide.t_max * 3 * u / (1 + 2 * u), atol=1e-12)
+    with pytest.raises(ValueError, match="shift"):
+        UniformTime(shift=0.0)
+
+
 def test_log_snr_grid_with_snr_shift():
     """snr_shift = s: uniform in log(SNR + s), exact ends, wider steps above sigma ~ s^-1/2, the first
     one shrinking with more steps (no truncated start); s = 0 is the plain log-SNR grid."""
