@@ -139,17 +139,14 @@ def _attention_levels(cfg: Any, blocks: tuple[set, set, set, set], kind: str) ->
 
 def _common_kwargs(cfg: Any, kind: str) -> dict[str, Any]:
     """genlab UNet arguments shared by both diffusers classes."""
-    widths = list(cfg["block_out_channels"])
-    if any(w % widths[0] for w in widths):
-        raise ValueError(f"{kind}: option block_out_channels={widths} must be multiples of its first entry")
+    widths = tuple(cfg["block_out_channels"])
     if cfg.get("norm_num_groups") is None:
         raise ValueError(f"{kind}: option norm_num_groups=None is not supported by genlab's UNet")
     layers = cfg["layers_per_block"]
     if isinstance(layers, (list, tuple)) and len(set(layers)) > 1:
         raise ValueError(f"{kind}: option layers_per_block={list(layers)} differs between levels")
     return dict(
-        in_channels=cfg["in_channels"], out_channels=cfg["out_channels"], channels=widths[0],
-        channel_mult=tuple(w // widths[0] for w in widths),
+        in_channels=cfg["in_channels"], out_channels=cfg["out_channels"], channels_per_level=widths,
         num_res_blocks=layers[0] if isinstance(layers, (list, tuple)) else layers,
         dropout=float(cfg.get("dropout", 0.0)),
         scale_shift_norm=cfg.get("resnet_time_scale_shift", "default") == "scale_shift", resample="conv",
@@ -239,7 +236,10 @@ def unet_to_diffusers(unet: UNet, sample_size: int | None = None) -> UNet2DModel
     if c["time_embedding"] != "sinusoidal":
         raise ValueError(f"unet_to_diffusers: diffusers cannot express time_embedding={c['time_embedding']!r} "
                          "(its Fourier time projection embeds log t, as [sin, cos])")
-    widths = [c["channels"] * m for m in c["channel_mult"]]
+    widths = unet.widths
+    if c["channels"] != widths[0]:
+        raise ValueError(f"unet_to_diffusers: diffusers needs channels (conv_in's width, {c['channels']}) equal to "
+                         f"the first level's width ({widths[0]}); build the UNet with channels={widths[0]}")
     levels, n = set(c["attention_levels"]), len(widths)
     cfg: dict[str, Any] = dict(
         sample_size=sample_size, in_channels=c["in_channels"], out_channels=c["out_channels"],

@@ -39,12 +39,27 @@ _ZERO_INIT = {ResBlock: "conv_2", AttentionBlock: "attn.to_out", SpatialTransfor
 
 def _architecture(preset: Preset | None, **given: Any) -> dict[str, Any]:
     """The architecture arguments: ``_DEFAULTS``, then the preset's, then those ``given`` that are not
-    None (``num_heads`` given without ``head_dim`` clears the preset's ``head_dim``)."""
+    None (``num_heads`` given without ``head_dim`` clears the preset's ``head_dim``; ``channels_per_level``
+    replaces ``channel_mult``, and ``channels`` is its first entry)."""
     given = {k: v for k, v in given.items() if v is not None}
+    widths = given.pop("channels_per_level", None)
+    if widths is not None and "channel_mult" in given:
+        raise ValueError(f"UNet: give channel_mult ({list(given['channel_mult'])}) or channels_per_level "
+                         f"({list(widths)}), not both: channels_per_level lists the level widths themselves")
     cfg = {**_DEFAULTS, **PRESETS.get(preset or "", {}), **given}
     if "num_heads" in given and "head_dim" not in given:
         cfg["head_dim"] = None
-    cfg["channel_mult"], cfg["attention_levels"] = tuple(cfg["channel_mult"]), tuple(cfg["attention_levels"])
+    cfg["attention_levels"] = tuple(cfg["attention_levels"])
+    if widths is None:
+        cfg["channel_mult"], cfg["channels_per_level"] = tuple(cfg["channel_mult"]), None
+    else:
+        widths = tuple(widths)
+        if not widths:
+            raise ValueError("UNet: channels_per_level must be non-empty (one width per resolution level), got []")
+        if given.get("channels", widths[0]) != widths[0]:
+            raise ValueError(f"UNet: channels={given['channels']} differs from channels_per_level[0]={widths[0]}; "
+                             "with channels_per_level, omit channels (it is the first level's width)")
+        cfg["channel_mult"], cfg["channels_per_level"], cfg["channels"] = None, widths, widths[0]
     return cfg
 
 
@@ -72,8 +87,13 @@ class UNet(nn.Module):
     The output conv and the last layer of every residual branch start at zero (ADM) unless
     ``zero_init=False``.
 
+    ``channels_per_level`` gives the level widths directly instead of ``channels * channel_mult``
+    (e.g. ``(32, 48, 64)``, as diffusers' ``block_out_channels``, which need not be multiples of the
+    first); ``channels`` (``conv_in``'s width and the number of time frequencies) is then its first
+    entry. Give ``channel_mult`` or ``channels_per_level``, not both.
+
     Presets fill defaults; explicit arguments win (giving ``num_heads`` alone clears a preset's
-    ``head_dim``). Attention levels are indices into ``channel_mult``; resolutions are for the
+    ``head_dim``; ``channels_per_level`` replaces a preset's ``channels`` and ``channel_mult``). Attention levels are indices into ``channel_mult``; resolutions are for the
     input size named.
 
     ==============  ========  ============  ======  ================  ============================
@@ -90,8 +110,9 @@ class UNet(nn.Module):
     Injection points for adapters (ControlNet, T2I-Adapter): ``residuals`` maps names to tensors
     added to features (the same as diffusers' ``down_block_additional_residuals`` and
     ``mid_block_additional_residual``). ``"down.{k}"`` is the k-th skip feature saved on the way
-    down: ``down.0`` is ``conv_in``'s output ``[B, channels, H, W]``; then per level ``i`` one per
-    ResBlock (+attention) ``[B, ch_i, H/2^i, W/2^i]`` and, except at the last level, the downsampled
+    down: ``down.0`` is ``conv_in``'s output ``[B, channels, H, W]``; then per level ``i`` (width
+    ``ch_i``: ``channels * channel_mult[i]`` or ``channels_per_level[i]``) one per ResBlock
+    (+attention) ``[B, ch_i, H/2^i, W/2^i]`` and, except at the last level, the downsampled
     one ``[B, ch_i, H/2^(i+1), W/2^(i+1)]``. ``"mid"`` is the middle block's output. Only the skips
     are changed, not the features passed further down. ``injection_points(x.shape)`` lists them.
 
@@ -99,10 +120,10 @@ class UNet(nn.Module):
     ``time_freq_shift`` of the sinusoids, ``norm_eps``, ``mid_attention`` (attention in the middle
     block), ``mid_attention_norm`` (GroupNorm before the middle self-attention), ``linear_projection``.
 
-    Ranges: channels, widths, blocks, heads, depths, classes >= 1; channel_mult a non-empty list of
-    ints >= 1; attention_levels indices into it; dropout in [0, 1), class_dropout in [0, 1];
-    time_freq_shift in [0, 1]; fourier_scale, norm_eps > 0. Every level width must be divisible by
-    norm_groups, and every attention width by num_heads (or head_dim); ``fourier`` needs an even
+    Ranges: channels, widths, blocks, heads, depths, classes >= 1; channel_mult or channels_per_level a
+    non-empty list of ints >= 1; attention_levels indices into it; dropout in [0, 1), class_dropout in [0, 1];
+    time_freq_shift in [0, 1]; fourier_scale, norm_eps > 0. ``channels`` and every level width must be
+    divisible by norm_groups, and every attention width by num_heads (or head_dim); ``fourier`` needs an even
     ``channels``.
     """
 
@@ -113,6 +134,7 @@ class UNet(nn.Module):
         preset: Preset | None = None,
         channels: PositiveInt | None = None,
         channel_mult: tuple[PositiveInt, ...] | None = None,
+        channels_per_level: tuple[PositiveInt, ...] | None = None,
         num_res_blocks: PositiveInt | None = None,
         attention_levels: tuple[NonNegativeInt, ...] | None = None,
         num_heads: PositiveInt | None = None,
@@ -141,10 +163,12 @@ class UNet(nn.Module):
         interval_embedding: bool = False,
     ) -> None:
         super().__init__()
-        cfg = _architecture(preset, channels=channels, channel_mult=channel_mult, num_res_blocks=num_res_blocks,
+        cfg = _architecture(preset, channels=channels, channel_mult=channel_mult,
+                            channels_per_level=channels_per_level, num_res_blocks=num_res_blocks,
                             attention_levels=attention_levels, num_heads=num_heads, head_dim=head_dim,
                             dropout=dropout, scale_shift_norm=scale_shift_norm, resample=resample)
-        c, mult, n, levels = cfg["channels"], cfg["channel_mult"], cfg["num_res_blocks"], cfg["attention_levels"]
+        c, n, levels = cfg["channels"], cfg["num_res_blocks"], cfg["attention_levels"]
+        ch = list(cfg["channels_per_level"] or (c * m for m in cfg["channel_mult"]))  # level widths
         out_channels = in_channels if out_channels is None else out_channels
         time_embed_dim = time_embed_dim or 4 * c
         self.config: dict[str, Any] = dict(
@@ -156,13 +180,13 @@ class UNet(nn.Module):
             norm_eps=norm_eps, mid_attention=mid_attention, mid_attention_norm=mid_attention_norm,
             gradient_checkpointing=gradient_checkpointing, channels_last=channels_last,
             attention_backend=attention_backend, interval_embedding=interval_embedding)
-        ch = [c * m for m in mult]
-        self._validate(ch, levels, cfg["num_heads"], cfg["head_dim"], norm_groups)
+        self._validate(c, ch, levels, cfg["num_heads"], cfg["head_dim"], norm_groups)
         if time_embedding == "fourier" and c % 2:
             raise ValueError(f"UNet: channels ({c}) must be even with time_embedding='fourier' (the time features "
                              "are cos and sin pairs)")
         self.in_channels, self.out_channels, self.num_classes = in_channels, out_channels, num_classes
-        self.channels, self.channel_mult, self.num_res_blocks = c, mult, n
+        self.channels, self.channel_mult, self.num_res_blocks = c, cfg["channel_mult"], n
+        self.widths = ch
         self.cross_attention_dim = cross_attention_dim
         self.gradient_checkpointing, self.channels_last = gradient_checkpointing, channels_last
         make = UNetBuilder.from_config(self.config)
@@ -177,8 +201,8 @@ class UNet(nn.Module):
         mid = make.mid(cur, mid_attention, mid_attention_norm)
         # built down, mid, up (initial weights); registered down, up, mid (state_dict and optimizer order)
         self.down, self.up, self.mid = down, make.up_path(cur, ch, n, levels, skips), mid
-        self.norm_out = GroupNorm32(norm_groups, c, norm_eps)
-        self.conv_out = nn.Conv2d(c, out_channels, 3, padding=1)
+        self.norm_out = GroupNorm32(norm_groups, ch[0], norm_eps)  # the way up ends at level 0's width
+        self.conv_out = nn.Conv2d(ch[0], out_channels, 3, padding=1)
         if zero_init:
             self._zero_init()
         self.set_attention_backend(attention_backend)
@@ -193,8 +217,10 @@ class UNet(nn.Module):
             nn.init.zeros_(layer.bias)
 
     @staticmethod
-    def _validate(ch: list[int], levels: tuple[int, ...], num_heads: int, head_dim: int | None, groups: int) -> None:
-        """ValueError naming the fields unless the level widths ``ch`` [levels] fit the other arguments."""
+    def _validate(channels: int, ch: list[int], levels: tuple[int, ...], num_heads: int, head_dim: int | None,
+                  groups: int) -> None:
+        """ValueError naming the fields unless ``channels`` (``conv_in``'s width) and the level widths ``ch``
+        [levels] fit the other arguments."""
         if not ch:
             raise ValueError("UNet: channel_mult must be non-empty (one entry per resolution level), got []")
         if any(co <= 0 for co in ch):
@@ -204,8 +230,10 @@ class UNet(nn.Module):
             raise ValueError(f"UNet: attention_levels {bad} out of range for {len(ch)} levels "
                              f"(indices into channel_mult: 0 to {len(ch) - 1})")
         if any(co % groups for co in ch):
-            raise ValueError(f"UNet: every level width {ch} (channels * channel_mult) must be divisible by "
-                             f"norm_groups={groups}")
+            raise ValueError(f"UNet: every level width {ch} (channels * channel_mult, or channels_per_level) must be "
+                             f"divisible by norm_groups={groups}; choose norm_groups dividing all of them")
+        if channels % groups:
+            raise ValueError(f"UNet: channels={channels} (conv_in's width) must be divisible by norm_groups={groups}")
         for co in sorted({*(ch[lv] for lv in levels), ch[-1]}):
             div = head_dim or num_heads
             if co % div:
@@ -247,18 +275,18 @@ class UNet(nn.Module):
 
     def injection_points(self, x_shape: tuple[int, ...] | torch.Size) -> dict[str, torch.Size]:
         """Names and shapes of the feature maps ``residuals`` may add to, for an input of ``x_shape``."""
-        factor = 2 ** (len(self.channel_mult) - 1)
+        factor = 2 ** (len(self.widths) - 1)
         if len(x_shape) != 4 or x_shape[1] != self.in_channels or x_shape[2] % factor or x_shape[3] % factor:
             raise ShapeError(f"UNet: expected x: [B, C, H, W] = [B, {self.in_channels}, H, W] with H and W "
                              f"divisible by {factor}, got {list(x_shape)}")
         b, _, hh, ww = x_shape
         shapes = [(self.channels, hh, ww)]
-        for i, m in enumerate(self.channel_mult):
-            shapes += [(self.channels * m, hh >> i, ww >> i)] * self.num_res_blocks
-            shapes += [(self.channels * m, hh >> (i + 1), ww >> (i + 1))] if i < len(self.channel_mult) - 1 else []
+        last = len(self.widths) - 1
+        for i, w in enumerate(self.widths):
+            shapes += [(w, hh >> i, ww >> i)] * self.num_res_blocks
+            shapes += [(w, hh >> (i + 1), ww >> (i + 1))] if i < last else []
         points = {f"down.{k}": torch.Size((b, *s)) for k, s in enumerate(shapes)}
-        points["mid"] = torch.Size((b, self.channels * self.channel_mult[-1], hh >> (len(self.channel_mult) - 1),
-                                    ww >> (len(self.channel_mult) - 1)))
+        points["mid"] = torch.Size((b, self.widths[-1], hh >> last, ww >> last))
         return points
 
     def _check_context(self, context: Tensor | None, x: Tensor) -> None:
