@@ -180,7 +180,8 @@ class UNet(nn.Module):
             norm_eps=norm_eps, mid_attention=mid_attention, mid_attention_norm=mid_attention_norm,
             gradient_checkpointing=gradient_checkpointing, channels_last=channels_last,
             attention_backend=attention_backend, interval_embedding=interval_embedding)
-        self._validate(c, ch, levels, cfg["num_heads"], cfg["head_dim"], norm_groups)
+        source = "channels_per_level" if cfg["channels_per_level"] else "channels * channel_mult"
+        self._validate(c, ch, levels, cfg["num_heads"], cfg["head_dim"], norm_groups, source)
         if time_embedding == "fourier" and c % 2:
             raise ValueError(f"UNet: channels ({c}) must be even with time_embedding='fourier' (the time features "
                              "are cos and sin pairs)")
@@ -218,9 +219,9 @@ class UNet(nn.Module):
 
     @staticmethod
     def _validate(channels: int, ch: list[int], levels: tuple[int, ...], num_heads: int, head_dim: int | None,
-                  groups: int) -> None:
+                  groups: int, source: str) -> None:
         """ValueError naming the fields unless ``channels`` (``conv_in``'s width) and the level widths ``ch``
-        [levels] fit the other arguments."""
+        [levels] (given by ``source``, the option named in errors) fit the other arguments."""
         if not ch:
             raise ValueError("UNet: channel_mult must be non-empty (one entry per resolution level), got []")
         if any(co <= 0 for co in ch):
@@ -230,8 +231,8 @@ class UNet(nn.Module):
             raise ValueError(f"UNet: attention_levels {bad} out of range for {len(ch)} levels "
                              f"(indices into channel_mult: 0 to {len(ch) - 1})")
         if any(co % groups for co in ch):
-            raise ValueError(f"UNet: every level width {ch} (channels * channel_mult, or channels_per_level) must be "
-                             f"divisible by norm_groups={groups}; choose norm_groups dividing all of them")
+            raise ValueError(f"UNet: every level width {ch} ({source}) must be divisible by norm_groups={groups}; "
+                             "choose norm_groups dividing all of them")
         if channels % groups:
             raise ValueError(f"UNet: channels={channels} (conv_in's width) must be divisible by norm_groups={groups}")
         for co in sorted({*(ch[lv] for lv in levels), ch[-1]}):
