@@ -1,6 +1,7 @@
 """Convert weights between genlab's ``UNet`` and diffusers' ``UNet2DModel`` / ``UNet2DConditionModel``.
 
-Supported: ``UNet2DModel`` with DownBlock2D / AttnDownBlock2D / UpBlock2D / AttnUpBlock2D, mid block
+Supported (any ``block_out_channels``: genlab's ``channels_per_level``):
+``UNet2DModel`` with DownBlock2D / AttnDownBlock2D / UpBlock2D / AttnUpBlock2D, mid block
 ``UNetMidBlock2D``, ``resnet_time_scale_shift`` "default" or "scale_shift", class embeddings by
 ``num_class_embeds``; ``UNet2DConditionModel`` in the Stable Diffusion 1.x/2.x layout
 (CrossAttnDownBlock2D / DownBlock2D / CrossAttnUpBlock2D / UpBlock2D, ``UNetMidBlock2DCrossAttn``,
