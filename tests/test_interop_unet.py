@@ -5,6 +5,7 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
+from genlab.interop.diffusers import from_diffusers  # noqa: E402
 from genlab.interop.unet_weights import diffusers_key_map, unet_from_diffusers, unet_to_diffusers  # noqa: E402
 from genlab.models.unet import UNet  # noqa: E402
 
@@ -92,7 +93,7 @@ UNEVEN = dict(block_out_channels=(32, 48, 64), attention_head_dim=8)  # widths n
 def test_uneven_block_out_channels(tmp_path, cls: str, blocks: dict) -> None:
     """``block_out_channels=(32, 48, 64)`` converts to ``channels_per_level``, exactly in float64, and back."""
     peer = _reloaded(getattr(diffusers, cls), tmp_path, **{**SMALL, **blocks, **UNEVEN})
-    unet = unet_from_diffusers(peer).eval()
+    unet = from_diffusers(tmp_path).eval()
     assert unet.config["channels_per_level"] == (32, 48, 64) and unet.widths == [32, 48, 64]
     back = unet_to_diffusers(unet, sample_size=16).eval()
     assert list(back.config["block_out_channels"]) == [32, 48, 64]
