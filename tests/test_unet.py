@@ -227,7 +227,7 @@ def test_channels_per_level() -> None:
 def test_channels_per_level_errors() -> None:
     with pytest.raises(ValueError, match=r"give channel_mult \(\[1, 2\]\) or channels_per_level \(\[32, 48\]\), not"):
         UNet(channel_mult=(1, 2), channels_per_level=(32, 48))
-    with pytest.raises(ValueError, match=r"every level width \[32, 48, 64\] \(channels_per_level\) must be divisible by norm_groups=32"):
+    with pytest.raises(ValueError, match=r"width \[32, 48, 64\] \(channels_per_level\) must be divisible by norm_groups=32"):
         UNet(channels_per_level=(32, 48, 64))
     with pytest.raises(ValueError, match=r"channels=32 differs from channels_per_level\[0\]=16; .* omit channels"):
         UNet(channels=32, channels_per_level=(16, 24), norm_groups=8)

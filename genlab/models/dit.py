@@ -179,7 +179,8 @@ class DiT(nn.Module):
         label_dropout = 0.0 if per_block_embedding else class_dropout
 
         def embedders() -> tuple[TimestepEmbedding, LabelEmbedding | None]:
-            time = TimestepEmbedding(hidden, freq_shift=time_freq_shift, kind=time_embedding, fourier_scale=fourier_scale)
+            time = TimestepEmbedding(hidden, freq_shift=time_freq_shift, kind=time_embedding,
+                                     fourier_scale=fourier_scale)
             return time, LabelEmbedding(num_classes, hidden, label_dropout) if num_classes is not None else None
 
         self.time_embed, self.label_embed = embedders()
