@@ -89,6 +89,8 @@ def test_bad_inputs_are_named() -> None:
         net(x, t, cond, y)
     with pytest.raises(ValueError, match=r"embedding_channels must be a non-empty list of widths >= 1, got \[\]"):
         ControlNet(CONFIG, embedding_channels=())
+    with pytest.raises(ValueError, match="conditioning_channels must be >= 1, got 0"):
+        ControlNet(CONFIG, conditioning_channels=0)
     with pytest.raises(ValueError, match="not divisible by num_heads"):  # checked as the UNet checks it
         ControlNet({**CONFIG, "num_heads": 5})
     with pytest.raises(ValueError, match=r"one cond and one conditioning scale per ControlNet \(2\), got 1 conds"):

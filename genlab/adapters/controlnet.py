@@ -75,6 +75,8 @@ class ControlNet(UNetEncoder):
         if not embedding_channels or any(c < 1 for c in embedding_channels):
             raise ValueError(f"ControlNet: embedding_channels must be a non-empty list of widths >= 1, "
                              f"got {list(embedding_channels)}")
+        if conditioning_channels < 1:
+            raise ValueError(f"ControlNet: conditioning_channels must be >= 1, got {conditioning_channels}")
         with torch.device("meta"):  # the UNet resolves and checks its arguments; nothing is allocated
             template = UNet(**unet_config)
         self.config = dict(template.config)

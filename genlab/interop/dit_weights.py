@@ -5,7 +5,8 @@ diffusers keeps a copy of the timestep and label embedders in every block
 copies are equal in converted checkpoints (e.g. facebook/DiT-XL-2-256), which become a DiT with one
 embedder; a model trained with diffusers has different copies and becomes a DiT with
 ``per_block_embedding=True`` (block 0's copy is the model's ``time_embed`` / ``label_embed``, block
-i's is ``blocks.i.time_embed`` / ``blocks.i.label_embed``). It embeds time with
+i's is ``blocks.i.time_embed`` / ``blocks.i.label_embed``; in training genlab drops a label for all
+blocks at once, where diffusers' copies drop independently). It embeds time with
 ``downscale_freq_shift=1`` and uses ``norm_eps`` for the LayerNorm before the MLP, which genlab
 reproduces with ``time_freq_shift=1`` and ``mlp_norm_eps``. An output of ``2 * in_channels``
 channels is read as ``learn_sigma=True``. diffusers is imported only inside the functions.
