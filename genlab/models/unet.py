@@ -156,11 +156,11 @@ class UNetEncoder(nn.Module):
 class UNet(UNetEncoder):
     """UNet ``(x: [B, C, H, W], t: [B] or scalar, class_labels, context, residuals) -> [B, out_channels, H, W]``.
 
-    ``H`` and ``W`` must be divisible by ``2^(len(channel_mult) - 1)``. Level ``i`` has
-    ``channels * channel_mult[i]`` channels at resolution ``H / 2^i``: ``num_res_blocks`` ResBlocks
-    (GroupNorm, SiLU, conv; the time (+ class) embedding added, or AdaGN with ``scale_shift_norm``)
-    each followed by attention if ``i in attention_levels``, then a downsampler (strided conv, or a
-    ResBlock with average pooling if ``resample="resblock"``). The middle is ResBlock, attention,
+    ``H`` and ``W`` must be divisible by ``2^(L - 1)`` for ``L`` levels. Level ``i`` has
+    ``channels * channel_mult[i]`` (or ``channels_per_level[i]``) channels at resolution ``H / 2^i``:
+    ``num_res_blocks`` ResBlocks (GroupNorm, SiLU, conv; the time (+ class) embedding added, or AdaGN
+    with ``scale_shift_norm``) each followed by attention if ``i in attention_levels``, then a
+    downsampler (strided conv, or a ResBlock with average pooling if ``resample="resblock"``). The middle is ResBlock, attention,
     ResBlock; the way up mirrors it with ``num_res_blocks + 1`` ResBlocks per level, each taking one
     skip feature (concatenated), then nearest-x2 + conv (or a ResBlock). Attention is self-attention
     with ``num_heads`` heads, or ``channels // head_dim`` if ``head_dim`` is set; with
