@@ -226,3 +226,35 @@ def test_shape_errors() -> None:
         model(x, t, torch.zeros(2, 1, dtype=torch.long))
     with pytest.raises(ValueError, match="divisible by patch_size"):
         DiT(input_size=10, patch_size=4)
+
+
+def test_per_block_embedding() -> None:
+    """Blocks 1.. keep their own time/label embedders (diffusers' layout); labels are dropped once."""
+    shared, model = _model(num_classes=4), _model(num_classes=4, per_block_embedding=True, class_dropout=0.5)
+    assert not any(".time_embed." in k or ".label_embed." in k for k in shared.state_dict())  # default unchanged
+    own = {k for k in model.state_dict() if k.startswith("blocks.") and "_embed." in k}
+    assert own == {"blocks.1.time_embed.linear_1.weight", "blocks.1.time_embed.linear_1.bias",
+                   "blocks.1.time_embed.linear_2.weight", "blocks.1.time_embed.linear_2.bias",
+                   "blocks.1.label_embed.embedding.weight"}
+    x, t = _inputs()
+    labels = torch.tensor([1, 3])
+    with torch.no_grad():
+        out = model(x, t, labels)
+        block_1 = model.blocks[1].time_embed.linear_2.bias
+        block_1.add_(1.0)  # block 1's own embedder is used
+        assert not torch.allclose(model(x, t, labels), out)
+        block_1.sub_(1.0)
+        model.train()
+        torch.manual_seed(1)
+        dropped = model(x, t, labels)  # in training: one draw for all embedders (two would give [True, False])
+        torch.manual_seed(1)
+        mask = torch.rand(2) < 0.5
+        assert mask.tolist() == [False, True]
+        torch.testing.assert_close(dropped, model.eval()(x, t, torch.where(mask, -1, labels)), rtol=0, atol=0)
+        every = _model(num_classes=4, per_block_embedding=True, class_dropout=1.0).train()
+        torch.testing.assert_close(every(x, t, labels), every.eval()(x, t), rtol=0, atol=0)
+    fresh = DiT(**(SMALL | dict(num_classes=4, per_block_embedding=True, interval_embedding=True)))
+    assert torch.equal(fresh(x, t, labels, interval=0.5), torch.zeros(2, 3, 8, 8))  # adaLN-Zero as before
+    assert fresh.blocks[1].time_embed.linear_1.weight.std().item() == pytest.approx(0.02, rel=0.2)  # the paper's init
+    built = build("model", {"type": "dit", **SMALL, "num_classes": 4, "per_block_embedding": True})
+    assert built.config["per_block_embedding"] and built.blocks[1].label_embed is not None

@@ -9,6 +9,7 @@ pytest.importorskip("diffusers")
 
 from diffusers import DiTTransformer2DModel  # noqa: E402
 
+from genlab.interop.diffusers import from_diffusers, to_diffusers  # noqa: E402
 from genlab.interop.dit_weights import dit_from_diffusers, dit_to_diffusers  # noqa: E402
 from genlab.models.dit import DiT  # noqa: E402
 
@@ -38,6 +39,7 @@ def _inputs():
 @torch.no_grad()
 def _outputs(model: DiTTransformer2DModel, dit: DiT) -> tuple[torch.Tensor, torch.Tensor]:
     x, t, y = _inputs()
+    x = x.to(dit.proj_out.weight.dtype)
     return model(x, t, y).sample, dit(x, t, torch.where(y == 10, -1, y))
 
 
@@ -52,6 +54,7 @@ def saved(tmp_path_factory) -> DiTTransformer2DModel:
 def test_from_diffusers_matches_outputs(saved) -> None:
     dit = dit_from_diffusers(saved)
     assert dit.config["learn_sigma"] and dit.out_channels == 8 and dit.config["time_freq_shift"] == 1.0
+    assert not dit.config["per_block_embedding"]  # equal copies: the paper's one embedder
     assert not dit.training
     torch.testing.assert_close(dit.pos_embed, saved.pos_embed.pos_embed[0], rtol=0, atol=0)
     ref, out = _outputs(saved, dit)
@@ -83,9 +86,29 @@ def test_default_out_channels_and_no_attention_bias() -> None:
     assert dit_to_diffusers(dit).config.attention_bias is False
 
 
+def test_per_block_embedders_convert_exactly(tmp_path) -> None:
+    """A DiT trained with diffusers (each block's embedder its own) converts both ways, float32 and float64."""
+    _diffusers_dit(tie=False, num_layers=3, out_channels=8).save_pretrained(tmp_path)
+    saved = DiTTransformer2DModel.from_pretrained(tmp_path).eval()
+    dit = from_diffusers(tmp_path)
+    assert isinstance(dit, DiT) and dit.config["per_block_embedding"] and dit.blocks[0].time_embed is None
+    ref, out = _outputs(saved, dit)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    tied = dit_from_diffusers(_diffusers_dit(tie=True, num_layers=3, out_channels=8))
+    assert (_outputs(saved, tied)[1] - ref).abs().max() > 1e-3  # the blocks' own embedders matter
+    back = to_diffusers(dit)
+    original, converted = saved.state_dict(), back.state_dict()
+    assert original.keys() == converted.keys()
+    assert all(torch.equal(converted[key], original[key]) for key in original)
+    x, t, y = _inputs()
+    with torch.no_grad():
+        assert torch.equal(back(x, t, y).sample, ref)
+    ref, out = _outputs(saved.double(), dit_from_diffusers(saved.double()))
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
+
+
 def test_what_genlab_cannot_express_raises() -> None:
-    with pytest.raises(ValueError, match="shares one time/label embedding across blocks"):
-        dit_from_diffusers(_diffusers_dit(tie=False))
     with pytest.raises(ValueError, match="supports only activation_fn='gelu-approximate', got 'geglu'"):
         dit_from_diffusers(_diffusers_dit(activation_fn="geglu"))
     with pytest.raises(ValueError, match="supports only dropout=0.0"):
@@ -97,6 +120,7 @@ def test_what_genlab_cannot_express_raises() -> None:
         ({"num_classes": 10, "mlp_ratio": 2.0}, "mlp_ratio=2.0"),
         ({"num_classes": 10, "time_freq_shift": 0}, "time_freq_shift=0"),
         ({"num_classes": 10, "time_embedding": "fourier"}, "time_embedding='fourier'"),
+        ({"num_classes": 10, "per_block_embedding": True, "interval_embedding": True}, "interval_embedding=True"),
     ]:
         with pytest.raises(ValueError, match=f"cannot express {message}"):
             dit_to_diffusers(DiT(**(small | kwargs)))

@@ -5,6 +5,7 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
+from genlab.interop.diffusers import from_diffusers  # noqa: E402
 from genlab.interop.unet_weights import diffusers_key_map, unet_from_diffusers, unet_to_diffusers  # noqa: E402
 from genlab.models.unet import UNet  # noqa: E402
 
@@ -78,6 +79,39 @@ def test_unet2dconditionmodel_round_trip(tmp_path, config: dict) -> None:
                                    atol=1e-5)
 
 
+UNEVEN = dict(block_out_channels=(32, 48, 64), attention_head_dim=8)  # widths not multiples of the first
+
+
+@pytest.mark.parametrize(
+    ("cls", "blocks"),
+    [("UNet2DModel", dict(down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+                          up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"), num_class_embeds=3)),
+     ("UNet2DConditionModel", dict(**{k: v for k, v in CROSS.items() if not k.endswith("block_types")},
+                                   down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")))],
+)
+def test_uneven_block_out_channels(tmp_path, cls: str, blocks: dict) -> None:
+    """``block_out_channels=(32, 48, 64)`` converts to ``channels_per_level``, exactly in float64, and back."""
+    peer = _reloaded(getattr(diffusers, cls), tmp_path, **{**SMALL, **blocks, **UNEVEN})
+    unet = from_diffusers(tmp_path).eval()
+    assert unet.config["channels_per_level"] == (32, 48, 64) and unet.widths == [32, 48, 64]
+    back = unet_to_diffusers(unet, sample_size=16).eval()
+    assert list(back.config["block_out_channels"]) == [32, 48, 64]
+    x, t = _inputs(peer.config.in_channels)
+    kwargs = {"encoder_hidden_states": torch.randn(2, 7, 32)} if "cross_attention_dim" in blocks else {}
+    labels = torch.tensor([0, 2]) if "num_class_embeds" in blocks else None
+    with torch.no_grad():
+        ref = peer(x, t, class_labels=labels, **kwargs).sample
+        torch.testing.assert_close(unet(x, t, labels, kwargs.get("encoder_hidden_states")), ref, rtol=0, atol=1e-5)
+        torch.testing.assert_close(back(x, t, class_labels=labels, **kwargs).sample, ref, rtol=0, atol=1e-5)
+        peer, unet = peer.double(), unet_from_diffusers(peer.double()).eval()
+        kwargs = {k: v.double() for k, v in kwargs.items()}
+        ref = peer(x.double(), t, class_labels=labels, **kwargs).sample
+        got = unet(x.double(), t, labels, kwargs.get("encoder_hidden_states"))
+        assert got.dtype == torch.float64 and ref.abs().max() > 0.1
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-10)
+
+
 def test_residuals_match_controlnet_residuals(tmp_path) -> None:
     """genlab's "down.{k}" / "mid" injection points are diffusers' ControlNet residuals."""
     peer = _reloaded(diffusers.UNet2DConditionModel, tmp_path, **{**SMALL, **CROSS})
@@ -110,7 +144,7 @@ def test_key_map_is_one_to_one() -> None:
         ("UNet2DModel", {"down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
                          "up_block_types": ("UpBlock2D", "AttnUpBlock2D")}, "up_block_types"),
         ("UNet2DModel", {"downsample_type": "resnet", "upsample_type": "resnet"}, "downsample_type"),
-        ("UNet2DModel", {"block_out_channels": (32, 48)}, "block_out_channels"),
+        ("UNet2DConditionModel", {"layers_per_block": (1, 2)}, "layers_per_block"),
         ("UNet2DConditionModel", {"only_cross_attention": True}, "only_cross_attention"),
         ("UNet2DConditionModel", {"attention_head_dim": (2, 8)}, "attention_head_dim"),
         ("UNet2DConditionModel", {"time_embedding_act_fn": "silu"}, "time_embedding_act_fn"),
@@ -134,3 +168,5 @@ def test_to_diffusers_rejects_what_it_cannot_express() -> None:
         unet_to_diffusers(UNet(**small, attention_levels=(0,), num_heads=2))
     with pytest.raises(ValueError, match="cannot express time_embedding='fourier'"):
         unet_to_diffusers(UNet(**small, time_embedding="fourier"))
+    with pytest.raises(ValueError, match=r"channels \(conv_in's width, 16\) equal to the first level's width \(32\)"):
+        unet_to_diffusers(UNet(channels=16, channel_mult=(2, 3), num_res_blocks=1, norm_groups=8))

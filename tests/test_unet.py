@@ -199,3 +199,41 @@ def test_shape_errors() -> None:
         model(torch.zeros(2, 3, 16, 16), torch.zeros(3))
     with pytest.raises(ShapeError, match=r"class_labels: \[B\] = \[2\], got \[2, 1\]"):
         model(torch.zeros(2, 3, 16, 16), 0.0, torch.zeros(2, 1, dtype=torch.long))
+
+
+def test_channels_per_level() -> None:
+    """Level widths given directly (not multiples of the first), from Python and from a config."""
+    model = _model(channels_per_level=(32, 48), attention_levels=(1,), num_classes=2)
+    assert (model.channels, model.widths, model.config["channel_mult"]) == (32, [32, 48], None)
+    assert model.down[1].blocks[0].conv_1.out_channels == 48 and model.mid.res_1.conv_1.out_channels == 48
+    x = _x()
+    points = model.injection_points(x.shape)
+    assert points["down.3"] == torch.Size([2, 48, 8, 8]) and points["mid"] == torch.Size([2, 48, 8, 8])
+    again = UNet(**model.config).eval()  # the resolved config rebuilds the model
+    again.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        out = model(x, 5.0, torch.tensor([0, 1]), residuals={"down.3": torch.ones(points["down.3"])})
+        torch.testing.assert_close(again(x, 5.0, torch.tensor([0, 1]), residuals={"down.3": torch.ones(
+            points["down.3"])}), out, rtol=0, atol=0)
+    assert out.shape == (2, 3, 16, 16)
+    built = build("model", {"type": "unet", "preset": "tiny", "channels_per_level": [16, 24], "norm_groups": 8})
+    assert built.widths == [16, 24] and built.config["channels"] == 16 and built.config["num_res_blocks"] == 1
+    with pytest.raises(ConfigError, match=r"channels_per_level: expected list of int >= 1 or None, got list \[16, 0\]"):
+        build("model", {"type": "unet", "channels_per_level": [16, 0]})
+    # channel_mult whose first entry is not 1: the way up ends at channels * channel_mult[0]
+    assert _model(channels=16, channel_mult=(2, 3), norm_groups=8)(x, 1.0).shape == (2, 3, 16, 16)
+
+
+def test_channels_per_level_errors() -> None:
+    with pytest.raises(ValueError, match=r"give channel_mult \(\[1, 2\]\) or channels_per_level \(\[32, 48\]\), not"):
+        UNet(channel_mult=(1, 2), channels_per_level=(32, 48))
+    with pytest.raises(ValueError, match=r"width \[32, 48, 64\] \(channels_per_level\) must be divisible by norm_groups=32"):
+        UNet(channels_per_level=(32, 48, 64))
+    with pytest.raises(ValueError, match=r"channels=32 differs from channels_per_level\[0\]=16; .* omit channels"):
+        UNet(channels=32, channels_per_level=(16, 24), norm_groups=8)
+    with pytest.raises(ValueError, match=r"channels=12 \(conv_in's width\) must be divisible by norm_groups=8"):
+        UNet(channels=12, channel_mult=(2, 4), norm_groups=8)
+    with pytest.raises(ValueError, match="channels_per_level must be non-empty"):
+        UNet(channels_per_level=())
+    with pytest.raises(ValueError, match="attention width 48 is not divisible by head_dim=32"):
+        UNet(channels_per_level=(32, 48), attention_levels=(1,), head_dim=32, norm_groups=16)

@@ -1,8 +1,9 @@
 """``from_diffusers`` / ``to_diffusers``: genlab models from diffusers models or checkpoints, and back.
 
-Supported: ``UNet2DModel``, ``UNet2DConditionModel`` (Stable Diffusion 1.x layout) and
-``DiTTransformer2DModel``. Checkpoints load through diffusers' ``from_pretrained`` (safetensors);
-nothing is downloaded unless the path is a hub id and diffusers is allowed to fetch it.
+Supported: ``UNet2DModel``, ``UNet2DConditionModel`` (Stable Diffusion 1.x layout),
+``DiTTransformer2DModel`` and ``ControlNetModel`` (genlab's ``ControlNet``). Checkpoints load
+through diffusers' ``from_pretrained`` (safetensors); nothing is downloaded unless the path is a hub
+id and diffusers is allowed to fetch it.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from typing import Any
 
 from torch import nn
 
+from ..adapters.controlnet import ControlNet
 from ..core.errors import GenlabError
 from ..models.dit import DiT
 from ..models.unet import UNet
 
-CLASSES = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel")
+CLASSES = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel", "ControlNetModel")
 
 
 def _diffusers() -> Any:
@@ -42,10 +44,11 @@ def load_diffusers(path: str | os.PathLike, subfolder: str | None = None) -> nn.
     return getattr(_diffusers(), name).from_pretrained(str(root))
 
 
-def from_diffusers(model_or_path: nn.Module | str | os.PathLike, subfolder: str | None = None) -> UNet | DiT:
+def from_diffusers(model_or_path: nn.Module | str | os.PathLike,
+                   subfolder: str | None = None) -> UNet | DiT | ControlNet:
     """The equivalent genlab model with converted weights (outputs equal to 1e-5 in float32)."""
     from .dit_weights import dit_from_diffusers
-    from .unet_weights import unet_from_diffusers
+    from .unet_weights import controlnet_from_diffusers, unet_from_diffusers
 
     model = model_or_path if isinstance(model_or_path, nn.Module) else load_diffusers(model_or_path, subfolder)
     name = type(model).__name__
@@ -53,16 +56,20 @@ def from_diffusers(model_or_path: nn.Module | str | os.PathLike, subfolder: str 
         return unet_from_diffusers(model)
     if name == "DiTTransformer2DModel":
         return dit_from_diffusers(model)
+    if name == "ControlNetModel":
+        return controlnet_from_diffusers(model)
     raise GenlabError(f"from_diffusers: {name} is not supported; expected one of {', '.join(CLASSES)}")
 
 
-def to_diffusers(model: UNet | DiT) -> nn.Module:
+def to_diffusers(model: UNet | DiT | ControlNet) -> nn.Module:
     """The equivalent diffusers model (``save_pretrained`` it to use it with diffusers' pipelines)."""
     from .dit_weights import dit_to_diffusers
-    from .unet_weights import unet_to_diffusers
+    from .unet_weights import controlnet_to_diffusers, unet_to_diffusers
 
+    if isinstance(model, ControlNet):
+        return controlnet_to_diffusers(model)
     if isinstance(model, UNet):
         return unet_to_diffusers(model)
     if isinstance(model, DiT):
         return dit_to_diffusers(model)
-    raise GenlabError(f"to_diffusers: expected a genlab UNet or DiT, got {type(model).__name__}")
+    raise GenlabError(f"to_diffusers: expected a genlab UNet, DiT or ControlNet, got {type(model).__name__}")

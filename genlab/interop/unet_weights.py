@@ -1,10 +1,14 @@
-"""Convert weights between genlab's ``UNet`` and diffusers' ``UNet2DModel`` / ``UNet2DConditionModel``.
+"""Convert weights between genlab's ``UNet`` and diffusers' ``UNet2DModel`` / ``UNet2DConditionModel``,
+and between genlab's ``ControlNet`` (a copy of the UNet's way down) and diffusers' ``ControlNetModel``.
 
-Supported: ``UNet2DModel`` with DownBlock2D / AttnDownBlock2D / UpBlock2D / AttnUpBlock2D, mid block
+Supported (any ``block_out_channels``: genlab's ``channels_per_level``):
+``UNet2DModel`` with DownBlock2D / AttnDownBlock2D / UpBlock2D / AttnUpBlock2D, mid block
 ``UNetMidBlock2D``, ``resnet_time_scale_shift`` "default" or "scale_shift", class embeddings by
 ``num_class_embeds``; ``UNet2DConditionModel`` in the Stable Diffusion 1.x/2.x layout
 (CrossAttnDownBlock2D / DownBlock2D / CrossAttnUpBlock2D / UpBlock2D, ``UNetMidBlock2DCrossAttn``,
-conv or linear ``proj_in``/``proj_out``). Any other option raises a ``ValueError`` naming it.
+conv or linear ``proj_in``/``proj_out``); ``ControlNetModel`` of such a UNet
+(``controlnet_conditioning_channel_order`` "rgb", no ``global_pool_conditions``). Any other option
+raises a ``ValueError`` naming it.
 
 Differences the conversion takes care of:
 - diffusers' ``UNet2DModel`` uses ``attention_head_dim`` as the width of a head, while
@@ -28,8 +32,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from genlab.adapters.controlnet import ControlNet
 from genlab.models.layers import LabelEmbedding
-from genlab.models.unet import UNet
+from genlab.models.unet import UNet, UNetEncoder
 from genlab.models.attention import MultiHeadAttention
 from genlab.models.unet_blocks import (
     AttentionBlock,
@@ -43,12 +48,15 @@ from genlab.models.unet_blocks import (
 )
 
 if TYPE_CHECKING:
-    from diffusers import UNet2DConditionModel, UNet2DModel
+    from diffusers import ControlNetModel, UNet2DConditionModel, UNet2DModel
 
 # genlab child name -> diffusers child name, per genlab class ("" merges the child into its parent)
 _RENAMES: dict[type, dict[str, str]] = {
     UNet: {"time_embed": "time_embedding", "label_embed": "class_embedding", "down": "down_blocks",
            "mid": "mid_block", "up": "up_blocks", "norm_out": "conv_norm_out"},
+    ControlNet: {"time_embed": "time_embedding", "label_embed": "class_embedding", "down": "down_blocks",
+                 "mid": "mid_block", "cond_embed": "controlnet_cond_embedding", "zero_convs": "controlnet_down_blocks",
+                 "mid_conv": "controlnet_mid_block"},
     LabelEmbedding: {"embedding": ""},
     DownLevel: {"blocks": "resnets", "attns": "attentions", "downsample": "downsamplers.0"},
     UpLevel: {"blocks": "resnets", "attns": "attentions", "upsample": "upsamplers.0"},
@@ -78,12 +86,14 @@ _FIXED_CONDITION: dict[str, tuple] = {
     "attention_type": ("default",), "class_embeddings_concat": (False,), "cross_attention_norm": (None,),
     "reverse_transformer_layers_per_block": (None,), "mid_block_type": ("UNetMidBlock2DCrossAttn",),
 }
+_FIXED_CONTROLNET: dict[str, tuple] = {"controlnet_conditioning_channel_order": ("rgb",),
+                                       "global_pool_conditions": (False,)}
 _BLOCKS_2D = ({"DownBlock2D"}, {"AttnDownBlock2D"}, {"UpBlock2D"}, {"AttnUpBlock2D"})
 _BLOCKS_CONDITION = ({"DownBlock2D"}, {"CrossAttnDownBlock2D"}, {"UpBlock2D"}, {"CrossAttnUpBlock2D"})
 
 
-def diffusers_key_map(unet: UNet) -> dict[str, str]:
-    """genlab state-dict key -> diffusers state-dict key, for every parameter of ``unet``."""
+def diffusers_key_map(unet: UNetEncoder) -> dict[str, str]:
+    """genlab state-dict key -> diffusers state-dict key, for every parameter of ``unet`` (a UNet or ControlNet)."""
     keys: dict[str, str] = {}
 
     def walk(module: nn.Module, g: str, d: str) -> None:
@@ -139,17 +149,14 @@ def _attention_levels(cfg: Any, blocks: tuple[set, set, set, set], kind: str) ->
 
 def _common_kwargs(cfg: Any, kind: str) -> dict[str, Any]:
     """genlab UNet arguments shared by both diffusers classes."""
-    widths = list(cfg["block_out_channels"])
-    if any(w % widths[0] for w in widths):
-        raise ValueError(f"{kind}: option block_out_channels={widths} must be multiples of its first entry")
+    widths = tuple(cfg["block_out_channels"])
     if cfg.get("norm_num_groups") is None:
         raise ValueError(f"{kind}: option norm_num_groups=None is not supported by genlab's UNet")
     layers = cfg["layers_per_block"]
     if isinstance(layers, (list, tuple)) and len(set(layers)) > 1:
         raise ValueError(f"{kind}: option layers_per_block={list(layers)} differs between levels")
     return dict(
-        in_channels=cfg["in_channels"], out_channels=cfg["out_channels"], channels=widths[0],
-        channel_mult=tuple(w // widths[0] for w in widths),
+        in_channels=cfg["in_channels"], out_channels=cfg["out_channels"], channels_per_level=widths,
         num_res_blocks=layers[0] if isinstance(layers, (list, tuple)) else layers,
         dropout=float(cfg.get("dropout", 0.0)),
         scale_shift_norm=cfg.get("resnet_time_scale_shift", "default") == "scale_shift", resample="conv",
@@ -180,8 +187,7 @@ def _kwargs_2d(cfg: Any) -> dict[str, Any]:
     return kwargs
 
 
-def _kwargs_condition(cfg: Any) -> dict[str, Any]:
-    kind = "UNet2DConditionModel"
+def _kwargs_condition(cfg: Any, kind: str = "UNet2DConditionModel") -> dict[str, Any]:
     _check_fixed(cfg, {**_FIXED_COMMON, **_FIXED_CONDITION}, kind)
     kwargs = _common_kwargs(cfg, kind)
     levels = _attention_levels(cfg, _BLOCKS_CONDITION, kind)
@@ -218,15 +224,34 @@ def unet_from_diffusers(model: UNet2DModel | UNet2DConditionModel) -> UNet:
     else:
         raise TypeError("unet_from_diffusers: expected a UNet2DModel or UNet2DConditionModel, "
                         f"got {type(model).__name__}")
-    unet = UNet(**kwargs)
-    state, keys = model.state_dict(), diffusers_key_map(unet)
+    return _load_from_diffusers(UNet(**kwargs), model)
+
+
+def _load_from_diffusers(target: UNetEncoder, model: nn.Module) -> Any:
+    """``target`` (a UNet or ControlNet) with the weights of the diffusers ``model``, in its dtype."""
+    state, keys = model.state_dict(), diffusers_key_map(target)
     _check_keys(set(keys.values()), set(state), "diffusers model")
     converted = {g: state[d] for g, d in keys.items()}
     if _LABEL_KEY in converted:  # genlab's null class (label -1): a zero row
         weight = converted[_LABEL_KEY]
         converted[_LABEL_KEY] = torch.cat([weight, weight.new_zeros(1, weight.shape[1])])
-    unet.load_state_dict(converted)
-    return unet.to(next(model.parameters()).dtype)
+    target.load_state_dict(converted)
+    return target.to(next(model.parameters()).dtype)
+
+
+def controlnet_from_diffusers(model: ControlNetModel) -> ControlNet:
+    """A genlab ``ControlNet`` computing what the diffusers ``model`` computes: ``genlab(x, t, cond,
+    class_labels, context, conditioning_scale)`` gives the residuals ``down.{k}`` / ``mid`` that diffusers
+    returns as ``down_block_res_samples`` / ``mid_block_res_sample`` of ``model(x, t, context, cond,
+    conditioning_scale)`` (same dtype). Its UNet is the ``UNet2DConditionModel`` it was made from."""
+    kind = "ControlNetModel"
+    cfg = model.config
+    _check_fixed(cfg, _FIXED_CONTROLNET, kind)
+    mirror = {"DownBlock2D": "UpBlock2D", "CrossAttnDownBlock2D": "CrossAttnUpBlock2D"}
+    up = [mirror.get(name, name) for name in reversed(cfg["down_block_types"])]  # the UNet it controls
+    kwargs = _kwargs_condition({**cfg, "up_block_types": up, "out_channels": cfg["in_channels"]}, kind)
+    net = ControlNet(kwargs, cfg["conditioning_channels"], tuple(cfg["conditioning_embedding_out_channels"]))
+    return _load_from_diffusers(net, model)
 
 
 def unet_to_diffusers(unet: UNet, sample_size: int | None = None) -> UNet2DModel | UNet2DConditionModel:
@@ -235,11 +260,53 @@ def unet_to_diffusers(unet: UNet, sample_size: int | None = None) -> UNet2DModel
     Raises ``ValueError`` for genlab options diffusers cannot express. The null-class row is dropped."""
     from diffusers import UNet2DConditionModel, UNet2DModel
 
+    cfg = _diffusers_config(unet, sample_size, "unet_to_diffusers")
+    return _load_into_diffusers(unet, (UNet2DModel if unet.config["cross_attention_dim"] is None else
+                                       UNet2DConditionModel)(**cfg))
+
+
+def controlnet_to_diffusers(net: ControlNet) -> ControlNetModel:
+    """A diffusers ``ControlNetModel`` computing what ``net`` computes (see ``controlnet_from_diffusers``).
+    Raises ``ValueError`` for what diffusers cannot express: a UNet without cross-attention (its middle
+    block always cross-attends) or a ``time_embed_dim`` other than 4 ``channels``. Dropout is dropped
+    (``ControlNetModel`` has none; the outputs agree in eval mode)."""
+    from diffusers import ControlNetModel
+
+    c, who = net.config, "controlnet_to_diffusers"
+    if c["cross_attention_dim"] is None:
+        raise ValueError(f"{who}: diffusers' ControlNetModel always cross-attends in its middle block; this "
+                         "ControlNet's UNet has cross_attention_dim=None")
+    if c["time_embed_dim"] != 4 * c["channels"]:
+        raise ValueError(f"{who}: diffusers' ControlNetModel fixes the time embedding width to 4 * channels = "
+                         f"{4 * c['channels']}, got time_embed_dim={c['time_embed_dim']}")
+    cfg = _diffusers_config(net, None, who)
+    for name in ("sample_size", "out_channels", "up_block_types", "time_embedding_dim", "dropout"):
+        del cfg[name]
+    cfg.update(conditioning_channels=net.conditioning_channels,
+               conditioning_embedding_out_channels=net.embedding_channels)
+    return _load_into_diffusers(net, ControlNetModel(**cfg))
+
+
+def _load_into_diffusers(source: UNetEncoder, model: nn.Module) -> Any:
+    """The diffusers ``model`` with the weights of ``source`` (a UNet or ControlNet), in its dtype."""
+    converted = state_dict_to_diffusers(source)
+    _check_keys(set(converted), set(model.state_dict()), f"genlab {type(source).__name__}")
+    model.load_state_dict(converted)
+    dtype = next(source.parameters()).dtype
+    return model if dtype == torch.float32 else model.to(dtype)
+
+
+def _diffusers_config(unet: UNetEncoder, sample_size: int | None, who: str) -> dict[str, Any]:
+    """The diffusers config arguments of ``unet``'s architecture: ``UNet2DConditionModel``'s if it
+    cross-attends, else ``UNet2DModel``'s. ``who`` names the caller in errors."""
     c = unet.config
     if c["time_embedding"] != "sinusoidal":
-        raise ValueError(f"unet_to_diffusers: diffusers cannot express time_embedding={c['time_embedding']!r} "
+        raise ValueError(f"{who}: diffusers cannot express time_embedding={c['time_embedding']!r} "
                          "(its Fourier time projection embeds log t, as [sin, cos])")
-    widths = [c["channels"] * m for m in c["channel_mult"]]
+    widths = unet.widths
+    if c["channels"] != widths[0]:
+        raise ValueError(f"{who}: diffusers needs channels (conv_in's width, {c['channels']}) equal to "
+                         f"the first level's width ({widths[0]}); build the UNet with channels={widths[0]}")
     levels, n = set(c["attention_levels"]), len(widths)
     cfg: dict[str, Any] = dict(
         sample_size=sample_size, in_channels=c["in_channels"], out_channels=c["out_channels"],
@@ -251,16 +318,16 @@ def unet_to_diffusers(unet: UNet, sample_size: int | None = None) -> UNet2DModel
     attended = [widths[i] for i in levels] + ([widths[-1]] if c["mid_attention"] else [])
     if c["cross_attention_dim"] is None:
         if c["resample"] == "resblock" and len(levels) < n:
-            raise ValueError("unet_to_diffusers: resample='resblock' needs attention at every level for diffusers "
+            raise ValueError(f"{who}: resample='resblock' needs attention at every level for diffusers "
                              "(its DownBlock2D/UpBlock2D always resample by conv)")
         if not c["mid_attention_norm"] and not c["scale_shift_norm"]:
-            raise ValueError("unet_to_diffusers: mid_attention_norm=False needs scale_shift_norm=True in diffusers")
+            raise ValueError(f"{who}: mid_attention_norm=False needs scale_shift_norm=True in diffusers")
         if c["head_dim"] or c["num_heads"] == 1:
             head_dim = c["head_dim"]
         elif len({w // c["num_heads"] for w in attended}) <= 1:
             head_dim = attended[0] // c["num_heads"] if attended else None
         else:
-            raise ValueError(f"unet_to_diffusers: num_heads={c['num_heads']} gives different head widths at the "
+            raise ValueError(f"{who}: num_heads={c['num_heads']} gives different head widths at the "
                              "attention levels; diffusers' UNet2DModel needs one (set head_dim instead)")
         cfg.update(
             down_block_types=tuple("AttnDownBlock2D" if i in levels else "DownBlock2D" for i in range(n)),
@@ -269,10 +336,9 @@ def unet_to_diffusers(unet: UNet, sample_size: int | None = None) -> UNet2DModel
             attn_norm_num_groups=c["norm_groups"] if c["mid_attention_norm"] and c["scale_shift_norm"] else None,
             downsample_type="resnet" if c["resample"] == "resblock" else "conv",
             upsample_type="resnet" if c["resample"] == "resblock" else "conv")
-        model = UNet2DModel(**cfg)
     else:
         if c["resample"] == "resblock" or not c["mid_attention"]:
-            raise ValueError("unet_to_diffusers: UNet2DConditionModel has no resample='resblock' and always has "
+            raise ValueError(f"{who}: UNet2DConditionModel has no resample='resblock' and always has "
                              "attention in the middle block (mid_attention=True)")
         heads = [max(w // c["head_dim"], 1) if c["head_dim"] else c["num_heads"] for w in widths]
         cfg.update(
@@ -281,12 +347,7 @@ def unet_to_diffusers(unet: UNet, sample_size: int | None = None) -> UNet2DModel
             attention_head_dim=heads[0] if len(set(heads)) == 1 else tuple(heads),
             cross_attention_dim=c["cross_attention_dim"], transformer_layers_per_block=c["transformer_depth"],
             use_linear_projection=c["linear_projection"])
-        model = UNet2DConditionModel(**cfg)
-    converted = state_dict_to_diffusers(unet)
-    _check_keys(set(converted), set(model.state_dict()), "genlab UNet")
-    model.load_state_dict(converted)
-    dtype = next(unet.parameters()).dtype
-    return model if dtype == torch.float32 else model.to(dtype)
+    return cfg
 
 
 def _check_keys(mapped: set[str], actual: set[str], source: str) -> None:
@@ -297,8 +358,9 @@ def _check_keys(mapped: set[str], actual: set[str], source: str) -> None:
                          f"{missing[:5]}; mapped keys absent in diffusers: {unexpected[:5]}")
 
 
-def state_dict_to_diffusers(unet: UNet) -> dict[str, Tensor]:
-    """``unet``'s weights under diffusers' names (label embedding without the null row), e.g. to save
+def state_dict_to_diffusers(unet: UNetEncoder) -> dict[str, Tensor]:
+    """``unet``'s (a UNet's or ControlNet's) weights under diffusers' names (label embedding without the
+    null row), e.g. to save
     for a diffusers model built from the matching config."""
     keys, state = diffusers_key_map(unet), unet.state_dict()
     return {d: state[g][:-1] if g == _LABEL_KEY else state[g] for g, d in keys.items()}

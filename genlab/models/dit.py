@@ -11,6 +11,10 @@ adaLN-Zero in every block (Sec. 3.2):
 
 so every block starts as the identity. The final layer is adaLN (shift, scale) and a zero-initialised
 linear to ``p * p * out_channels`` per token, rearranged back to ``[B, out_channels, H, W]``.
+
+With ``per_block_embedding`` (the layout of diffusers' ``DiTTransformer2DModel``, whose blocks each
+keep a time/label embedder, ``transformer_blocks.i.norm1.emb``) block ``i >= 1`` computes its own
+``c_i`` with its own embedders; block 0 and the final layer use the model's ``c``.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from genlab.core.errors import ShapeError, did_you_mean
 from genlab.core.registry import register
 from genlab.models.attention import Backend, MultiHeadAttention
 from genlab.models.layers import (FreqShift, LabelEmbedding, TimeEmbeddingKind, TimestepEmbedding, condition_embedding,
-                                  modulate)
+                                  drop_labels, modulate)
 
 Preset = Literal["S/2", "S/4", "S/8", "B/2", "B/4", "B/8", "L/2", "L/4", "L/8", "XL/2", "XL/4", "XL/8"]
 _SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}  # Table 1
@@ -69,11 +73,14 @@ def sincos_pos_embed_2d(dim: int, grid: int) -> Tensor:
 
 class DiTBlock(nn.Module):
     """adaLN-Zero transformer block ``x [B, N, D], c [B, D], context [B, L, D_ctx] | None -> [B, N, D]``
-    (equations in the module docstring)."""
+    (equations in the module docstring). ``time_embed`` / ``label_embed``: the block's own embedders
+    (``per_block_embedding``; the DiT computes ``c`` with them), else None."""
 
     def __init__(self, hidden: int, num_heads: int, mlp_ratio: float, cross_attention_dim: int | None,
-                 qkv_bias: bool, mlp_norm_eps: float, backend: Backend) -> None:
+                 qkv_bias: bool, mlp_norm_eps: float, backend: Backend, time_embed: TimestepEmbedding | None = None,
+                 label_embed: LabelEmbedding | None = None) -> None:
         super().__init__()
+        self.time_embed, self.label_embed = time_embed, label_embed
         self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.attn = MultiHeadAttention(hidden, num_heads, qkv_bias=qkv_bias, backend=backend)
         self.norm_cross = nn.LayerNorm(hidden, eps=1e-6) if cross_attention_dim else None
@@ -105,7 +112,11 @@ class DiT(nn.Module):
     ``cross_attention_dim`` adds a LayerNorm + cross-attention sub-block to every block (output
     projection zero-initialised; skipped when ``context`` is None). ``time_freq_shift`` and
     ``mlp_norm_eps`` exist to reproduce diffusers' ``DiTTransformer2DModel`` (1 and 1e-5 there; 0 and
-    1e-6 in the paper's code). ``time_embedding="fourier"`` embeds ``t`` with 256 random Fourier features
+    1e-6 in the paper's code), and so does ``per_block_embedding``: blocks 1 ... depth-1 then each have
+    their own time (and label) embedder (``blocks.i.time_embed``, ``blocks.i.label_embed``), as a DiT
+    trained with diffusers has; block 0 and the final layer use the model's. Labels are dropped
+    (``class_dropout``) once per sample for all embedders; an interval embedding is added to every
+    block's conditioning. ``time_embedding="fourier"`` embeds ``t`` with 256 random Fourier features
     of scale ``fourier_scale`` instead of sinusoids (for times of order 1). ``config`` holds the resolved
     arguments: ``DiT(**model.config)``.
 
@@ -138,6 +149,7 @@ class DiT(nn.Module):
         attention_backend: Backend = "auto",
         gradient_checkpointing: bool | Literal["selective"] = False,
         interval_embedding: bool = False,
+        per_block_embedding: bool = False,
     ) -> None:
         super().__init__()
         if preset is not None and preset not in PRESETS:
@@ -153,22 +165,30 @@ class DiT(nn.Module):
             cross_attention_dim=cross_attention_dim, qkv_bias=qkv_bias, time_freq_shift=time_freq_shift,
             time_embedding=time_embedding, fourier_scale=fourier_scale, mlp_norm_eps=mlp_norm_eps,
             attention_backend=attention_backend, gradient_checkpointing=gradient_checkpointing,
-            interval_embedding=interval_embedding)
+            interval_embedding=interval_embedding, per_block_embedding=per_block_embedding)
         self.input_size, self.in_channels, self.patch_size, self.hidden = input_size, in_channels, p, hidden
         self.out_channels = pred_channels * (2 if learn_sigma else 1)
         self.num_classes, self.cross_attention_dim = num_classes, cross_attention_dim
-        self.gradient_checkpointing = gradient_checkpointing
+        self.gradient_checkpointing, self.class_dropout = gradient_checkpointing, class_dropout
+        self.per_block_embedding = per_block_embedding
         self.grid = input_size // p
 
         self.patch_embed = nn.Conv2d(in_channels, hidden, kernel_size=p, stride=p)
         self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden, self.grid), persistent=False)
-        self.time_embed = TimestepEmbedding(hidden, freq_shift=time_freq_shift, kind=time_embedding,
-                                            fourier_scale=fourier_scale)
-        self.label_embed = LabelEmbedding(num_classes, hidden, class_dropout) if num_classes is not None else None
+        # with per-block embedders, labels are dropped once in forward, not by each embedder
+        label_dropout = 0.0 if per_block_embedding else class_dropout
+
+        def embedders() -> tuple[TimestepEmbedding, LabelEmbedding | None]:
+            time = TimestepEmbedding(hidden, freq_shift=time_freq_shift, kind=time_embedding,
+                                     fourier_scale=fourier_scale)
+            return time, LabelEmbedding(num_classes, hidden, label_dropout) if num_classes is not None else None
+
+        self.time_embed, self.label_embed = embedders()
         self.interval_embed, self.takes_interval = None, interval_embedding  # a two-time network u(x, r, t)
         self.blocks = nn.ModuleList(
-            DiTBlock(hidden, num_heads, mlp_ratio, cross_attention_dim, qkv_bias, mlp_norm_eps, attention_backend)
-            for _ in range(depth))
+            DiTBlock(hidden, num_heads, mlp_ratio, cross_attention_dim, qkv_bias, mlp_norm_eps, attention_backend,
+                     *(embedders() if per_block_embedding and i > 0 else (None, None)))
+            for i in range(depth))
         self.norm_out = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
         self.proj_out = nn.Linear(hidden, p * p * self.out_channels)
@@ -200,15 +220,31 @@ class DiT(nn.Module):
                     nn.init.zeros_(m.bias)
         nn.init.xavier_uniform_(self.patch_embed.weight.view(self.hidden, -1))
         nn.init.zeros_(self.patch_embed.bias)
-        for w in (self.time_embed.linear_1.weight, self.time_embed.linear_2.weight):
-            nn.init.normal_(w, std=0.02)
-        if self.label_embed is not None:
-            nn.init.normal_(self.label_embed.embedding.weight, std=0.02)
+        for time_embed, label_embed in self._embedders():
+            for w in (time_embed.linear_1.weight, time_embed.linear_2.weight):
+                nn.init.normal_(w, std=0.02)
+            if label_embed is not None:
+                nn.init.normal_(label_embed.embedding.weight, std=0.02)
         zero = [self.final_modulation[-1], self.proj_out]
         zero += [b.modulation[-1] for b in self.blocks] + [b.cross_attn.to_out for b in self.blocks if b.cross_attn]
         for layer in zero:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+
+    def _embedders(self) -> list[tuple[TimestepEmbedding, LabelEmbedding | None]]:
+        """The time and label embedders of block 0 (the model's), then of each block that has its own."""
+        own = [(b.time_embed, b.label_embed) for b in self.blocks if b.time_embed is not None]
+        return [(self.time_embed, self.label_embed), *own]
+
+    def conditions(self, x: Tensor, t: Tensor | float, class_labels: Tensor | None = None,
+                   interval: Tensor | float | None = None) -> list[Tensor]:
+        """The conditioning ``c`` of each block, ``[B, hidden]`` each, for ``x: [B, C, H, W]`` (see
+        ``forward``); block 0's also drives the final layer. Without ``per_block_embedding`` all are one."""
+        if self.per_block_embedding and self.training and self.class_dropout > 0 and class_labels is not None:
+            class_labels = drop_labels(class_labels, self.class_dropout)  # one draw for every embedder
+        cs = [condition_embedding(time_embed, label_embed, x, t, class_labels, "DiT", self.interval_embed, interval)
+              for time_embed, label_embed in self._embedders()]
+        return cs if self.per_block_embedding else cs * len(self.blocks)
 
     def injection_points(self, x_shape: tuple[int, ...] | torch.Size) -> dict[str, torch.Size]:
         """Names and shapes of the residuals ``forward`` accepts for an input of ``x_shape``:
@@ -222,20 +258,19 @@ class DiT(nn.Module):
                 interval: Tensor | float | None = None) -> Tensor:
         """See the class docstring; returns ``[B, out_channels, H, W]``."""
         self._check_x(tuple(x.shape))
-        c = condition_embedding(self.time_embed, self.label_embed, x, t, class_labels, "DiT",
-                                self.interval_embed, interval)  # [B, hidden]
+        cs = self.conditions(x, t, class_labels, interval)  # [B, hidden] per block
         self._check_context(context, x.shape[0])
         h = rearrange(self.patch_embed(x), "b d h w -> b (h w) d").contiguous() + self.pos_embed
         extra = self._check_residuals(residuals or {}, h.shape)
         for i, block in enumerate(self.blocks):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 selective = {"context_fn": selective_contexts} if self.gradient_checkpointing == "selective" else {}
-                h = checkpoint(block, h, c, context, use_reentrant=False, **selective)
+                h = checkpoint(block, h, cs[i], context, use_reentrant=False, **selective)
             else:
-                h = block(h, c, context)
+                h = block(h, cs[i], context)
             if f"block.{i}" in extra:
                 h = h + extra[f"block.{i}"]
-        shift, scale = rearrange(self.final_modulation(c), "b (k d) -> k b 1 d", k=2)
+        shift, scale = rearrange(self.final_modulation(cs[0]), "b (k d) -> k b 1 d", k=2)
         h = self.proj_out(modulate(self.norm_out(h), shift, scale))
         return rearrange(h, "b (h w) (p q c) -> b c (h p) (w q)", h=self.grid, p=self.patch_size, q=self.patch_size)
 

@@ -90,11 +90,15 @@ class LabelEmbedding(nn.Module):
     def forward(self, labels: Tensor | None, batch: int | None = None) -> Tensor:
         if labels is None:
             labels = torch.full((batch or 1,), -1, dtype=torch.long, device=self.embedding.weight.device)
-        labels = torch.where(labels < 0, self.num_classes, labels)
         if self.training and self.dropout > 0:
-            drop = torch.rand(labels.shape, device=labels.device) < self.dropout
-            labels = torch.where(drop, self.num_classes, labels)
-        return self.embedding(labels)
+            labels = drop_labels(labels, self.dropout)
+        return self.embedding(torch.where(labels < 0, self.num_classes, labels))
+
+
+def drop_labels(labels: Tensor, p: float) -> Tensor:
+    """``labels: [B]`` with each replaced by the null class -1 with probability ``p`` (classifier-free
+    guidance training, Ho & Salimans 2022)."""
+    return torch.where(torch.rand(labels.shape, device=labels.device) < p, -1, labels)
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:

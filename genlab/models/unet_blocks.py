@@ -3,7 +3,8 @@
 ``ResBlock`` and ``AttentionBlock`` are ADM's (Dhariwal & Nichol 2021, building on Ho et al. 2020,
 App. B); ``SpatialTransformer`` is the cross-attention block of LDM / Stable Diffusion (Rombach et
 al. 2022, Sec. 3.3). Every block is called as ``block(h, emb, context)`` so that a level runs (and
-gradient-checkpoints) them alike. Norms compute in float32 so that bf16/fp16 autocast is safe.
+gradient-checkpoints) them alike. Norms compute in float32 (float64 stays float64) so that bf16/fp16
+autocast is safe.
 """
 
 from __future__ import annotations
@@ -20,20 +21,27 @@ from genlab.models.attention import Backend, MultiHeadAttention
 from genlab.models.layers import modulate
 
 
+def _at_least_float32(x: Tensor) -> torch.dtype:
+    """The dtype a norm computes in: float32 for half types, the input's own for float32 and float64."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm in float32 whatever the input dtype (ADM's ``GroupNorm32``): ``[B, C, ...] -> same``."""
+    """GroupNorm in at least float32 whatever the input dtype (ADM's ``GroupNorm32``): ``[B, C, ...] -> same``."""
 
     def forward(self, x: Tensor) -> Tensor:
-        weight, bias = self.weight.float(), self.bias.float()
-        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
+        dtype = _at_least_float32(x)
+        weight, bias = self.weight.to(dtype), self.bias.to(dtype)
+        return F.group_norm(x.to(dtype), self.num_groups, weight, bias, self.eps).to(x.dtype)
 
 
 class LayerNorm32(nn.LayerNorm):
-    """LayerNorm over the last dimension, in float32: ``[..., C] -> same``."""
+    """LayerNorm over the last dimension, in at least float32: ``[..., C] -> same``."""
 
     def forward(self, x: Tensor) -> Tensor:
-        weight, bias = self.weight.float(), self.bias.float()
-        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+        dtype = _at_least_float32(x)
+        weight, bias = self.weight.to(dtype), self.bias.to(dtype)
+        return F.layer_norm(x.to(dtype), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
 
 
 def tokens_to_map(h: Tensor, like: Tensor) -> Tensor:
