@@ -1,55 +1,58 @@
 """Benchmark genlab's conditional flow matching (objective ``cfm``) side by side with torchcfm, in one process.
 
-The task is torchcfm's 8 gaussians -> moons example on genlab's toy sets (both standardised, 50000
-points each, as in ``configs/flow_matching/otcfm_moons.yaml``): torchcfm's MLP (width 64, time
-appended; genlab's ``concat_mlp``, the same initial weights from the same seed), batch 256, Adam at lr
-1e-3, path std sigma = 0.1 (torchcfm's ``ConditionalFlowMatcher(0.1)`` and
-``ExactOptimalTransportConditionalFlowMatcher(0.1)``; genlab's ``cond_ot`` with sigma 0.1 and coupling
-``independent`` or ``exact_ot``). genlab's exact_ot uses the OT permutation itself; torchcfm draws 256
-pairs from the plan with replacement.
+The task is torchcfm's 8 gaussians -> moons example with torchcfm's own samplers (``sample_8gaussians``:
+scale 5, variance 0.1; ``sample_moons``: sklearn's moons, noise 0.2, times 3 minus 1; 50000 training
+points of each, drawn once): torchcfm's MLP (width 64, time appended; genlab's ``concat_mlp``, the
+same initial weights from the same seed), batch 256, Adam at lr 1e-3, path std sigma = 0.1
+(torchcfm's ``ConditionalFlowMatcher(0.1)`` and ``ExactOptimalTransportConditionalFlowMatcher(0.1)``;
+genlab's ``cond_ot`` with sigma 0.1 and coupling ``independent`` or ``exact_ot``). genlab's exact_ot
+uses the OT permutation itself; torchcfm draws 256 pairs from the plan with replacement.
 
 1. Training step time, genlab / torchcfm (median over the steps after 50 of warm-up, one torch thread):
    both models are trained in lock-step, alternating which goes first, on the same data batches.
    "objective" is genlab's ``ConditionalFlowMatching.loss`` + backward + Adam step, the same loop as
-   torchcfm's README; "Trainer" is a whole ``Trainer.train_step`` of the config (data loader, step
-   generator, EMA, lr schedule, loss read back), against torchcfm steps interleaved with it.
+   torchcfm's README; "Trainer" is a whole ``Trainer.train_step`` of ``otcfm_moons.yaml`` (its
+   standardised toy sets; batches, step generator, finiteness checks, EMA, lr schedule, loss read
+   back; fused AdamW), against torchcfm steps interleaved with it.
 2. OT plan time per batch of 256 and 1024 (2-D): genlab's ``ExactOT().pair`` against torchcfm's
    ``OTPlanSampler("exact").sample_plan`` (POT's network simplex), median of ``--repeats``.
 3. Exact W2 (POT ``emd2``) of ``--points`` samples from held-out source points against as many held-out
    moons: I-CFM weights trained by genlab, sampled by genlab's samplers on the rectified-flow process
-   (grid linspace(1, 0, N + 1)) and by torchcfm's recipe (torchdyn ``NeuralODE``, Euler on linspace(0, 1,
+   (grid linspace(1, 0, N + 1), and the same with SD3's time shift 0.5) and by torchcfm's recipe (torchdyn ``NeuralODE``, Euler on linspace(0, 1,
    N + 1) and dopri5 at atol = rtol = 1e-4), NFE counted.
 4. The issue's comparison: W2 at NFE 1 (one Euler step) of OT-CFM and I-CFM, each trained by genlab and
    by torchcfm, and with dopri5 (near the flow's exact end point).
 
 Usage: ``python scripts/bench_flow_matching.py [--steps 5000] [--points 1000] [--plot samples.png]``
 
-Measured with the defaults (2-core machine shared with other jobs, 162 s in all): step time genlab /
-torchcfm 1.22 (I-CFM) and 1.02 (OT-CFM) for the objective's step, 1.92 and 1.10 for a whole
-``Trainer.train_step``; exact_ot against OTPlanSampler 0.98x at B = 256 and 1.91x at B = 1024 (2-D; see
-``scripts/bench_couplings.py``); genlab's flow_euler equal to torchdyn's Euler at every NFE on the same
-weights (I-CFM W2 0.971, 0.704, 0.365, 0.312 at NFE 1, 2, 5, 10; dopri5 0.318 at 44 NFE); at NFE 1,
-I-CFM / OT-CFM = 3.33x trained by genlab (0.971 / 0.291), 3.28x trained by torchcfm (0.896 / 0.273).
+Measured with the defaults (2-core machine shared with other jobs, load 4-5, 294 s in all): step time
+genlab / torchcfm 1.57 (I-CFM) and 1.13 (OT-CFM) for the objective's step, 1.32 and 0.92 for a whole
+``Trainer.train_step``; exact_ot against OTPlanSampler 1.08x at B = 256 and 2.56x at B = 1024 (2-D);
+genlab's flow_euler equal to torchdyn's Euler at every NFE on the same weights (I-CFM W2 2.00, 1.67,
+0.92, 0.60 at NFE 1, 2, 5, 10; dopri5 0.378 at 62 NFE); the best genlab sampler at NFE 5, UniPC on the
+uniform grid with time shift 0.5, 0.461 = 0.50x Euler's; at NFE 1, I-CFM / OT-CFM = 4.27x trained by
+genlab (2.00 / 0.469), 3.87x trained by torchcfm (2.06 / 0.534).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torchcfm.conditional_flow_matching import ConditionalFlowMatcher, ExactOptimalTransportConditionalFlowMatcher
 from torchcfm.models.models import MLP as TorchCFMMLP
 from torchcfm.optimal_transport import OTPlanSampler
-from torchcfm.utils import torch_wrapper
+from torchcfm.utils import sample_8gaussians, sample_moons, torch_wrapper
 from torchdyn.core import NeuralODE
 
 from genlab.core.config import load_config
-from genlab.data.toy2d import Toy2D, toy2d
 from genlab.diffusion import DPMSolverPP, FlowEuler, Heun, RectifiedFlow, Sampler, UniPC
 from genlab.metrics import wasserstein2
 from genlab.models import ConcatMLP
@@ -59,9 +62,32 @@ from genlab.training import Experiment, Trainer
 
 CONFIG = "configs/flow_matching/otcfm_moons.yaml"
 SIGMA, WIDTH, BATCH, LR, WARMUP = 0.1, 64, 256, 1e-3, 50
+SHIFT = 0.5  # the time shift of the few-step grid rows (uniform grid, SD3's shift; < 1: denser near the data)
 GRID = {"type": "uniform", "t_min": 0.0, "final": "min"}  # linspace(1, 0, N + 1), torchdyn's Euler grid reversed
 MATCHERS = {"independent": lambda: ConditionalFlowMatcher(SIGMA),
             "exact_ot": lambda: ExactOptimalTransportConditionalFlowMatcher(SIGMA)}
+
+
+class Points:
+    """A data set of points ``data`` [N, 2] (what :func:`train_both` reads)."""
+
+    def __init__(self, data: Tensor) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
+def eight_gaussians(n: int, seed: int) -> Tensor:
+    """torchcfm's ``sample_8gaussians`` (scale 5, variance 0.1) [n, 2], drawn under ``seed``."""
+    torch.manual_seed(seed)
+    return sample_8gaussians(n)
+
+
+def moons(n: int, seed: int) -> Tensor:
+    """torchcfm's ``sample_moons`` (sklearn's moons, noise 0.2, times 3 minus 1) [n, 2], drawn under ``seed``."""
+    np.random.seed(seed)
+    return sample_moons(n).float()
 
 
 def median_ms(times: list[float]) -> float:
@@ -77,7 +103,7 @@ class Trained:
         self.genlab_times, self.torchcfm_times = genlab_times, torchcfm_times
 
 
-def train_both(coupling: str, steps: int, source: Toy2D, data: Toy2D, seed: int) -> Trained:
+def train_both(coupling: str, steps: int, source: Points, data: Points, seed: int) -> Trained:
     """Train genlab's cfm and torchcfm's matcher for ``steps`` steps each, alternating steps, on the same
     data batches (torchcfm's source batch drawn here; genlab's by its objective from the same source set)."""
     torch.manual_seed(seed)
@@ -114,7 +140,7 @@ def train_both(coupling: str, steps: int, source: Toy2D, data: Toy2D, seed: int)
     return Trained(ours, theirs, objective, times[genlab_step][WARMUP:], times[torchcfm_step][WARMUP:])
 
 
-def trainer_step_times(coupling: str, steps: int, source: Toy2D, data: Toy2D) -> tuple[float, float]:
+def trainer_step_times(coupling: str, steps: int, source: Points, data: Points) -> tuple[float, float]:
     """Median ms of ``Trainer.train_step`` on the config (this coupling) and of torchcfm's step, interleaved."""
     exp = Experiment.from_config(load_config(CONFIG, [f"objective.coupling={coupling}", f"train.steps={steps}"]))
     torch.manual_seed(0)
@@ -139,7 +165,7 @@ def trainer_step_times(coupling: str, steps: int, source: Toy2D, data: Toy2D) ->
     return median_ms(ours_t[WARMUP:]), median_ms(theirs_t[WARMUP:])
 
 
-def plan_times(source: Toy2D, data: Toy2D, repeats: int) -> list[tuple[int, float, float]]:
+def plan_times(source: Points, data: Points, repeats: int) -> list[tuple[int, float, float]]:
     """(B, genlab ms, torchcfm ms) for the exact OT pairing of a batch."""
     out, g, sampler = [], torch.Generator().manual_seed(5), OTPlanSampler("exact")
     for b in (256, 1024):
@@ -238,10 +264,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     start = time.perf_counter()
-    source, data = Toy2D("eight_gaussians", 50_000, seed=1), Toy2D("moons", 50_000, seed=0)
-    x0 = toy2d("eight_gaussians", args.points, torch.Generator().manual_seed(101))
-    target = toy2d("moons", args.points, torch.Generator().manual_seed(102))
-    floor = wasserstein2(toy2d("moons", args.points, torch.Generator().manual_seed(103)), target)
+    source, data = Points(eight_gaussians(50_000, 1)), Points(moons(50_000, 0))
+    x0, target = eight_gaussians(args.points, 101), moons(args.points, 102)
+    floor = wasserstein2(moons(args.points, 103), target)
 
     trained = {c: train_both(c, args.steps, source, data, args.seed) for c in ("independent", "exact_ot")}
     trainer = {c: trainer_step_times(c, args.trainer_steps, source, data) for c in ("independent", "exact_ot")}
@@ -265,17 +290,27 @@ def main() -> None:
     print(f"\n3. I-CFM, genlab-trained weights: exact W2 to {args.points} held-out moons "
           f"(two held-out draws: {floor:.4f})")
     print(f"   {'sampler':<34} " + " ".join(f"{'NFE ' + str(n):>14}" for n in (1, 2, 5, 10)))
-    makers = {"genlab flow_euler": lambda n: FlowEuler(n, GRID), "genlab heun": lambda n: Heun(max(1, (n + 1) // 2), GRID),
-              "genlab dpm_solver_pp (2M)": lambda n: DPMSolverPP(n, GRID), "genlab unipc (bh2, order 2)": lambda n: UniPC(n, GRID)}
+    makers = {}
+    for shift in (1.0, SHIFT):
+        grid, tag = dict(GRID, shift=shift), "" if shift == 1.0 else f", shift {shift:g}"
+        makers.update({f"genlab flow_euler{tag}": lambda n, g=grid: FlowEuler(n, g),
+                       f"genlab heun{tag}": lambda n, g=grid: Heun(max(1, (n + 1) // 2), g),
+                       f"genlab dpm_solver_pp (2M){tag}": lambda n, g=grid: DPMSolverPP(n, g),
+                       f"genlab unipc (bh2, order 2){tag}": lambda n, g=grid: UniPC(n, g)})
+    best = (math.inf, "")
     for name, make in makers.items():
         cells = [genlab_w2(icfm.objective, icfm.genlab, make(n), x0, target) for n in (1, 2, 5, 10)]
         print(f"   {name:<34} " + " ".join(f"{w:>8.4f} ({k:>2})" for k, w in cells))
+        best = min(best, (cells[2][1], name)) if cells[2][0] <= 5 else best
     field = TorchdynField(icfm.genlab)
     cells = [torchdyn_w2(field, "euler", n, x0, target) for n in (1, 2, 5, 10)]
     print(f"   {'torchdyn euler (torchcfm recipe)':<34} " + " ".join(f"{w:>8.4f} ({k:>2})" for k, w in cells))
     k, w = torchdyn_w2(field, "dopri5", 1, x0, target)
     print(f"   {'torchdyn dopri5, tol 1e-4':<34} {w:>8.4f} ({k}) [adaptive]")
-    print("   (cells: W2 (NFE); heun takes 2 NFE a step but 1 on its last, into t = 0)")
+    print("   (cells: W2 (NFE); heun takes 2 NFE a step but 1 on its last, into t = 0; shift: grid uniform with "
+          "SD3's time shift)")
+    print(f"   best genlab sampler at NFE <= 5: {best[1]}, W2 {best[0]:.4f} = {best[0] / cells[2][1]:.2f}x torchdyn's "
+          "Euler at NFE 5 (target <= 0.6x)")
 
     print(f"\n4. the issue's comparison: exact W2 at NFE 1 (one Euler step) and with dopri5, {args.steps} steps")
     print(f"   {'trained by':<10} {'coupling':<12} {'W2 NFE 1':>9} {'W2 dopri5':>10}")
