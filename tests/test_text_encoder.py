@@ -95,3 +95,26 @@ def test_missing_files_are_named(pipeline_dir, tmp_path):
         TextEncoder(enc.model, enc.tokenizer, skip=3)
     with pytest.raises(ValueError, match="exceeds"):
         TextEncoder(enc.model, enc.tokenizer, max_length=13)
+
+
+def test_new_token_equals_a_resized_transformers_model(pipeline_dir):
+    """Textual inversion's new word: the tokenizer knows it, its row trains alone, and the encoder's
+    output equals transformers' model with the embedding resized and that row set."""
+    enc = TextEncoder.from_pretrained(pipeline_dir)
+    rows = enc.add_tokens(["<d7>"], init="lower")
+    assert enc.trainable and rows.ids == [len(VOCAB)]
+    with torch.no_grad():
+        rows.new.normal_()
+    out = enc(["lower <d7> newer"])
+    out.sum().backward()
+    assert rows.new.grad is not None and rows.new.grad.abs().sum() > 0
+    assert all(p.grad is None for n, p in enc.named_parameters() if not n.endswith(".new"))
+    ref = transformers.CLIPTextModel.from_pretrained(pipeline_dir / "text_encoder", local_files_only=True)
+    ref.resize_token_embeddings(len(VOCAB) + 1)
+    with torch.no_grad():
+        ref.get_input_embeddings().weight[-1] = rows.new[0]
+        ids = enc.tokenize(["lower <d7> newer"])
+        assert ids[0].tolist().count(len(VOCAB)) == 1  # one id for the new word
+        torch.testing.assert_close(out.detach(), ref(ids).last_hidden_state, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        enc.add_tokens(["lo"])

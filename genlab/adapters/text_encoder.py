@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.errors import GenlabError
+from .textual_inversion import NewEmbeddings
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
 
@@ -109,14 +110,45 @@ class TextEncoder(nn.Module):
                              return_tensors="pt").input_ids
         return ids.to(next(self.model.parameters()).device)
 
-    @torch.no_grad()
+    @property
+    def trainable(self) -> bool:
+        """Whether some weight trains (new tokens being learnt): then nothing is cached and gradients flow."""
+        return any(p.requires_grad for p in self.parameters())
+
     def encode(self, prompts: Sequence[str]) -> Tensor:
-        """The context [B, L, D] of ``prompts``, computed now (no cache)."""
-        out = self.model(self.tokenize(prompts), output_hidden_states=self.skip > 0)
-        if self.skip == 0:
-            return out.last_hidden_state
-        text_model = getattr(self.model, "text_model", self.model)  # transformers < 5 nests it
-        return text_model.final_layer_norm(out.hidden_states[-(self.skip + 1)])
+        """The context [B, L, D] of ``prompts``, computed now (no cache; with autograd only while
+        :attr:`trainable`)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.trainable):
+            out = self.model(self.tokenize(prompts), output_hidden_states=self.skip > 0)
+            if self.skip == 0:
+                return out.last_hidden_state
+            return self._text_model.final_layer_norm(out.hidden_states[-(self.skip + 1)])
+
+    @property
+    def _text_model(self) -> nn.Module:
+        return getattr(self.model, "text_model", self.model)  # transformers < 5 nests it
+
+    def add_tokens(self, tokens: Sequence[str], init: str | None = None) -> NewEmbeddings:
+        """Teach the tokenizer the new words ``tokens`` and give each a trainable row after the token
+        embedding (textual inversion, Gal et al. 2023), started from the first token of ``init`` (a
+        related word) or the mean embedding; returns the rows (:class:`NewEmbeddings`). ValueError if a
+        word is known already or does not tokenize to one new id."""
+        tokens = list(tokens)
+        vocab = self.tokenizer.get_vocab()
+        known = [t for t in tokens if t in vocab]
+        if known or not tokens:
+            raise ValueError(f"TextEncoder.add_tokens: {known or 'no tokens'}: give new words not in the vocabulary")
+        first = len(self.tokenizer)
+        self.tokenizer.add_tokens(tokens)
+        ids = self.tokenizer.convert_tokens_to_ids(tokens)
+        if ids != list(range(first, first + len(tokens))):
+            raise ValueError(f"TextEncoder.add_tokens: {tokens} got ids {ids}, expected {first}..")
+        start = None if init is None else self.tokenizer(init, add_special_tokens=False).input_ids[:1] or None
+        rows = NewEmbeddings.attach(self._text_model, "embeddings.token_embedding", len(tokens), start)
+        if rows.first != first:
+            raise ValueError(f"TextEncoder.add_tokens: the tokenizer has {first} tokens, the embedding {rows.first}")
+        self.clear_cache()
+        return rows
 
     def forward(self, prompts: Sequence[str]) -> Tensor:
         """The context [B, L, D] of ``prompts`` (the model's device and dtype); prompts met before come
@@ -124,6 +156,8 @@ class TextEncoder(nn.Module):
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise TypeError(f"TextEncoder: prompts must be a sequence of strings, got {type(prompts).__name__}")
         prompts = list(prompts)
+        if self.trainable:
+            return self.encode(prompts)
         missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
         fresh = dict(zip(missing, self.encode(missing))) if missing else {}
         if self.cache_size:

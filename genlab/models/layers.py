@@ -118,14 +118,17 @@ def batch_times(t: Tensor | float, x: Tensor, model: str) -> Tensor:
     return t
 
 
-def batch_labels(class_labels: Tensor | None, x: Tensor, num_classes: int, model: str) -> Tensor:
-    """Class labels ``[B]`` (long) checked against ``num_classes``; None means the null class (-1)."""
+def batch_labels(class_labels: Tensor | None, x: Tensor, num_classes: int, model: str, learnt: int = 0) -> Tensor:
+    """Class labels ``[B]`` (long) checked against ``num_classes`` (and ``learnt`` classes after the null
+    class's row, ids num_classes + 1 ...: textual inversion's); None means the null class (-1)."""
     if class_labels is None:
         return torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
     if class_labels.shape != (x.shape[0],):
         raise ShapeError(f"{model}: expected class_labels: [B] = [{x.shape[0]}], got {list(class_labels.shape)}")
-    if class_labels.is_floating_point() or (class_labels >= num_classes).any() or (class_labels < -1).any():
-        raise ValueError(f"{model}: class_labels must be integers in [-1, {num_classes}), got {class_labels}")
+    bad = (class_labels >= num_classes) & ((class_labels <= num_classes) | (class_labels > num_classes + learnt))
+    if class_labels.is_floating_point() or bad.any() or (class_labels < -1).any():
+        more = f" or in [{num_classes + 1}, {num_classes + learnt}] (learnt classes)" if learnt else ""
+        raise ValueError(f"{model}: class_labels must be integers in [-1, {num_classes}){more}, got {class_labels}")
     return class_labels.long()
 
 
@@ -148,7 +151,8 @@ def condition_embedding(time_embed: nn.Module, label_embed: LabelEmbedding | Non
         raise ValueError(f"{model}: interval given, but the model was built with interval_embedding=False; build "
                          "it with interval_embedding=True for a two-time (MeanFlow) model")
     if label_embed is not None:
-        return c + label_embed(batch_labels(class_labels, x, label_embed.num_classes, model))
+        learnt = label_embed.embedding.num_embeddings - label_embed.num_classes - 1
+        return c + label_embed(batch_labels(class_labels, x, label_embed.num_classes, model, learnt))
     if class_labels is not None:
         raise ValueError(f"{model}: class_labels given, but the model was built with num_classes=None")
     return c
