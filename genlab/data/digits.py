@@ -62,9 +62,12 @@ class Digits(LabelledImages):
     ``split`` is ``"train"``, ``"test"`` (a stratified ``test_fraction`` of the 1797 images, fixed by
     ``seed``; see ``digits_split``) or ``"all"``. Pixels 0..16 map to ``x / 8 - 1``; the 8x8 images are
     resized to ``image_size`` (8, 16 or 32) with ``F.interpolate`` (bilinear, antialiased).
-    ``n`` (optional) sets the length by tiling the split in its fixed order: item ``i`` is item
-    ``i mod len(split)``, so a smaller ``n`` keeps the first ``n`` items and a larger one repeats the split.
-    Ranges: test_fraction in (0, 1), seed in [0, 2^32) (sklearn's random_state), n >= 1.
+    ``classes`` (optional) keeps only those digits; ``unlabelled`` digits keep their images with label
+    -1, the null class (a model sees them only unconditionally: a class held out from the labels, for
+    textual inversion). ``n`` (optional) sets the length by tiling the split in its fixed order
+    (after ``classes``): item ``i`` is item ``i mod len(split)``, so a smaller ``n`` keeps the first
+    ``n`` items and a larger one repeats the split.
+    Ranges: test_fraction in (0, 1), seed in [0, 2^32) (sklearn's random_state), n >= 1, digits in 0..9.
     """
 
     def __init__(
@@ -74,18 +77,26 @@ class Digits(LabelledImages):
         test_fraction: Annotated[float, Range(gt=0, lt=1)] = 0.2,
         seed: Annotated[int, Range(ge=0, lt=2**32)] = 0,
         n: PositiveInt | None = None,
+        classes: list[int] | None = None,
+        unlabelled: list[int] | None = None,
     ) -> None:
         if image_size not in DIGITS_SIZES:
             raise ConfigError(f"digits: image_size must be one of 8, 16, 32, got {image_size!r}")
+        for key, digits in (("classes", classes), ("unlabelled", unlabelled)):
+            if digits is not None and (not digits or not all(isinstance(d, int) and 0 <= d <= 9 for d in digits)):
+                raise ConfigError(f"digits: {key} must be a non-empty list of digits 0..9, got {digits!r}")
         index = digits_split(split, test_fraction, seed)
+        images, targets = _load()
+        if classes is not None:
+            index = index[np.isin(targets[index], classes)]
         if n is not None:
             index = index[np.arange(n) % len(index)]
-        images, targets = _load()
         x = rearrange(torch.from_numpy(images[index]), "n h w -> n 1 h w") / 8 - 1
         if image_size != 8:
             size = (image_size, image_size)
             x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False).clamp(-1, 1)
         self.split, self.image_size = split, image_size
         self.data = x.contiguous()
-        self.labels = torch.from_numpy(targets[index]).long()
+        labels = torch.from_numpy(targets[index]).long()
+        self.labels = labels if unlabelled is None else torch.where(torch.isin(labels, torch.tensor(unlabelled)), -1, labels)
         self.class_names = tuple(str(d) for d in range(10))
