@@ -153,6 +153,7 @@ def test_merge_equals_unmerged_and_unmerge_restores_the_weights() -> None:
         set_adapters(model, "a")
     unmerge_adapters(model)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert all(layer.lora.unmerged is None for layer in lora_layers(model).values())  # the copy is freed
     torch.testing.assert_close(model(*x), y, rtol=0, atol=0)
 
 
@@ -217,6 +218,22 @@ def test_only_adapter_parameters_train() -> None:
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(".lora." in k for k in changed)
     assert {k.rsplit(".", 1)[1] for k in changed} == {"A", "B", "m"}
+
+
+def test_copies_and_modes_follow_the_model() -> None:
+    """A deep copy carries its own adapters; an adapter attached to a model in eval mode drops nothing."""
+    model = _unet()
+    x = _inputs(model)
+    attach_lora(model, LoRAConfig("*to_q", rank=2, dropout=0.5))
+    _randomise(model)
+    y = model(*x)
+    torch.testing.assert_close(model(*x), y, rtol=0, atol=0)
+    twin = copy.deepcopy(model)
+    remove_adapter(twin, "default")
+    assert adapter_names(model) == ["default"] and not twin(*x).equal(y)
+    torch.testing.assert_close(model(*x), y, rtol=0, atol=0)
+    model.train()
+    assert not model(*x).equal(y)
 
 
 def test_device_and_dtype_follow_the_layer() -> None:

@@ -127,7 +127,9 @@ class LoRA(nn.Module):
 
     def magnitude_scale(self, weight: Tensor) -> Tensor:
         """DoRA's ``g = m / ||W + s B A||_c`` ``[out]``, the norm detached (Liu et al. 2024, Sec. 4.3)."""
-        return self.m / self.column_norm(weight + self.low_rank_weight().detach()).detach()
+        with torch.no_grad():
+            norm = self.column_norm(weight + self.low_rank_weight())
+        return self.m / norm
 
     def delta_weight(self, weight: Tensor) -> Tensor:
         """What merging adds to the unmerged ``weight``: ``s B A``, or for DoRA ``(g - 1) W + g s B A``."""
@@ -137,19 +139,20 @@ class LoRA(nn.Module):
         g = self.magnitude_scale(weight).view(-1, *(1,) * (weight.ndim - 1))  # scales rows
         return (g - 1) * weight + g * delta
 
-    def term(self, layer: Layer, x: Tensor, base: Tensor | None, weight: Tensor) -> Tensor:
-        """What the adapter adds to ``layer``'s output for input ``x``. ``base``: ``W x`` without bias when
-        ``weight`` is the layer's current weight (None: computed from ``weight``, the unmerged W)."""
+    def add_to(self, out: Tensor, layer: Layer, x: Tensor, base: Tensor | None, weight: Tensor) -> Tensor:
+        """``out`` plus the adapter's term for ``layer``'s input ``x``: ``s B A x`` (LoRA), or
+        ``(g - 1) W x + g s B A x`` (DoRA). ``base`` is ``W x`` without bias when ``weight`` is the layer's
+        current weight (None: computed from ``weight``, the unmerged W)."""
         if self.dropout is not None and self.training:
             x, base = self.dropout(x), None
         h = _apply(layer, x, self.A)
         h = F.conv2d(h, self.B) if isinstance(layer, nn.Conv2d) else F.linear(h, self.B)
         if self.m is None:
-            return h * self.s
+            return out.add(h, alpha=self.s)
         g = self.magnitude_scale(weight)
         g = g.view(-1, 1, 1) if isinstance(layer, nn.Conv2d) else g
         base = _apply(layer, x, weight) if base is None else base
-        return (g - 1) * base + g * self.s * h
+        return torch.addcmul(torch.addcmul(out, g - 1, base), g * self.s, h)  # exactly out while g = 1, B = 0
 
     def extra_repr(self) -> str:
         kind = "DoRA" if self.m is not None else "LoRA"
@@ -176,7 +179,7 @@ def _forward_hook(layer: Layer, args: tuple, out: Tensor) -> Tensor | None:
         bias = layer.bias
         base = out if bias is None else out - (bias.view(-1, 1, 1) if isinstance(layer, nn.Conv2d) else bias)
     for a in pending:
-        out = out + a.term(layer, x, base, weight)
+        out = a.add_to(out, layer, x, base, weight)
     return out
 
 
@@ -248,7 +251,7 @@ def attach_layers(model: nn.Module, name: str, specs: dict[str, tuple[int, float
         if not isinstance(getattr(layer, "lora", None), LoRALayers):
             layer.lora = LoRALayers()
             layer.register_forward_hook(_forward_hook)
-        layer.lora[name] = LoRA(layer, rank, alpha, dropout, rslora, dora)
+        layer.lora[name] = LoRA(layer, rank, alpha, dropout, rslora, dora).train(layer.training)
     return LoRAAdapter(model, name)
 
 
