@@ -247,8 +247,12 @@ def test_bad_input_names_what_is_wrong() -> None:
     model = _unet()
     with pytest.raises(ValueError, match="to_qq.*did you mean"):
         attach_lora(model, LoRAConfig("down.1.attns.0.blocks.0.attn_1.to_qq"))
-    with pytest.raises(ValueError, match="rank must be an integer >= 1"):
+    with pytest.raises(ValueError, match="rank must be >= 1"):
         LoRAConfig("*to_q", rank=0)
+    with pytest.raises(TypeError, match="rank must be an integer"):
+        LoRAConfig("*to_q", rank=2.5)
+    with pytest.raises(ValueError, match="alpha must be > 0"):
+        LoRAConfig("*to_q", alpha=0.0)
     with pytest.raises(ValueError, match="dropout"):
         LoRAConfig("*to_q", dropout=1.0)
     with pytest.raises(ValueError, match="regular expression"):

@@ -36,7 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from genlab.core.bounds import PositiveFloat, PositiveInt, checked
 from genlab.core.errors import did_you_mean
+from genlab.models.layers import Dropout
 
 Layer = nn.Linear | nn.Conv2d
 
@@ -50,6 +52,7 @@ def _names(target: str | Sequence[str]) -> tuple[str, ...]:
                     f"'re:.*to_[qkv]'), got {target!r}")
 
 
+@checked
 @dataclass(frozen=True)
 class LoRAConfig:
     """Which layers get an adapter and its shape. ``target``: glob patterns (``fnmatch``, e.g. ``"*attn*.to_q"``)
@@ -57,21 +60,17 @@ class LoRAConfig:
     ``alpha`` > 0 (default: r, so s = 1); ``dropout`` in [0, 1); ``rslora``: s = alpha / sqrt(r); ``dora``: DoRA."""
 
     target: str | tuple[str, ...]
-    rank: int = 4
-    alpha: float | None = None
-    dropout: float = 0.0
+    rank: PositiveInt = 4
+    alpha: PositiveFloat | None = None
+    dropout: Dropout = 0.0
     rslora: bool = False
     dora: bool = False
     patterns: tuple[str, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "patterns", _names(self.target))
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"LoRAConfig: rank must be an integer >= 1, got {self.rank!r}")
-        if self.alpha is not None and not self.alpha > 0:
-            raise ValueError(f"LoRAConfig: alpha must be > 0 (or None for alpha = rank), got {self.alpha!r}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"LoRAConfig: dropout must be in [0, 1), got {self.dropout!r}")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int):
+            raise TypeError(f"LoRAConfig: rank must be an integer, got {self.rank!r}")
         for p in self.patterns:
             if p.startswith("re:"):
                 try:
