@@ -241,6 +241,13 @@ def test_device_and_dtype_follow_the_layer() -> None:
     attach_lora(layer, LoRAConfig("re:", rank=2))
     lora = layer.lora["default"]
     assert lora.A.dtype == lora.B.dtype == torch.float16 and lora.A.shape == (2, 3, 3, 3) and lora.B.shape == (5, 2, 1, 1)
+    for make in (lambda: nn.Linear(8, 4), lambda: nn.Conv2d(3, 4, 3)):  # autocast: the base output's dtype
+        layer = make()
+        x = torch.randn(2, 8) if isinstance(layer, nn.Linear) else torch.randn(2, 3, 6, 6)
+        attach_lora(layer, LoRAConfig("re:", rank=2, dora=True))
+        nn.init.normal_(layer.lora["default"].B)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert layer(x).dtype == torch.bfloat16
 
 
 def test_bad_input_names_what_is_wrong() -> None:

@@ -88,7 +88,7 @@ def _apply(layer: Layer, x: Tensor, weight: Tensor) -> Tensor:
 
 class LoRA(nn.Module):
     """One adapter on one layer: ``A: [r, in(, kh, kw)]``, ``B: [out, r(, 1, 1)]``, with DoRA ``m: [out]``.
-    ``scale`` is s = alpha / r (or alpha / sqrt(r)); ``weight`` (set by :func:`set_adapters`) multiplies it."""
+    ``scale`` is s = alpha / r (or alpha / sqrt(r)); ``adapter_weight`` (set by :func:`set_adapters`) multiplies it."""
 
     def __init__(self, layer: Layer, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
                  dora: bool = False) -> None:
@@ -108,7 +108,7 @@ class LoRA(nn.Module):
         self.rank, self.alpha, self.rslora = rank, float(alpha), rslora
         self.scale = alpha / math.sqrt(rank) if rslora else alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
-        self.weight, self.active, self.merged = 1.0, True, False
+        self.adapter_weight, self.active, self.merged = 1.0, True, False
 
     @staticmethod
     def column_norm(weight: Tensor) -> Tensor:
@@ -118,7 +118,7 @@ class LoRA(nn.Module):
     @property
     def s(self) -> float:
         """The effective scale ``w * s`` of the low-rank term."""
-        return self.weight * self.scale
+        return self.adapter_weight * self.scale
 
     def low_rank_weight(self) -> Tensor:
         """``s B A`` in the layer's weight shape, ``[out, in]`` or ``[out, in, kh, kw]``."""
@@ -151,11 +151,12 @@ class LoRA(nn.Module):
         g = self.magnitude_scale(weight)
         g = g.view(-1, 1, 1) if isinstance(layer, nn.Conv2d) else g
         base = _apply(layer, x, weight) if base is None else base
-        return torch.addcmul(torch.addcmul(out, g - 1, base), g * self.s, h)  # exactly out while g = 1, B = 0
+        g_1, g_s = (g - 1).to(out.dtype), (g * self.s).to(out.dtype)  # the output's dtype under autocast too
+        return torch.addcmul(torch.addcmul(out, g_1, base), g_s, h)  # exactly out while g = 1, B = 0
 
     def extra_repr(self) -> str:
         kind = "DoRA" if self.m is not None else "LoRA"
-        return f"{kind}(rank={self.rank}, alpha={self.alpha:g}, rslora={self.rslora}, weight={self.weight:g})"
+        return f"{kind}(rank={self.rank}, alpha={self.alpha:g}, rslora={self.rslora}, adapter_weight={self.adapter_weight:g})"
 
 
 class LoRALayers(nn.ModuleDict):
@@ -280,7 +281,7 @@ def set_adapters(model: nn.Module, names: str | Iterable[str], weights: float | 
     chosen = dict(zip(names, weights))
     for layer in lora_layers(model).values():
         for n, a in layer.lora.items():
-            a.active, a.weight = n in chosen, chosen.get(n, a.weight)
+            a.active, a.adapter_weight = n in chosen, chosen.get(n, a.adapter_weight)
 
 
 def _refresh(layer: Layer) -> None:
