@@ -176,7 +176,7 @@ def _forward_hook(layer: Layer, args: tuple, out: Tensor) -> Tensor | None:
     weight = layer.weight if unmerged is None else unmerged
     base = None
     if unmerged is None and any(a.m is not None for a in pending):
-        bias = layer.bias
+        bias = None if layer.bias is None else layer.bias.to(out.dtype)  # autocast: out may be bf16
         base = out if bias is None else out - (bias.view(-1, 1, 1) if isinstance(layer, nn.Conv2d) else bias)
     for a in pending:
         out = a.add_to(out, layer, x, base, weight)
