@@ -50,9 +50,10 @@ def _randomise(model: nn.Module, seed: int = 2) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora" in name:
-                p.copy_((0.5 + torch.rand(p.shape, generator=g, dtype=p.dtype)) * p if "magnitude" in name or name.endswith(".m")
-                        else 0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+            if "magnitude" in name or (".lora." in name and name.endswith(".m")):
+                p.mul_(0.5 + torch.rand(p.shape, generator=g, dtype=p.dtype))
+            elif "lora" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
 
 
 def _peft_twin(model: nn.Module, targets: list[str], dora: bool, rank: int = 4, alpha: float = 8.0,
@@ -240,7 +241,8 @@ def test_device_and_dtype_follow_the_layer() -> None:
     layer = nn.Conv2d(3, 5, 3, padding=1).to(torch.float16)
     attach_lora(layer, LoRAConfig("re:", rank=2))
     lora = layer.lora["default"]
-    assert lora.A.dtype == lora.B.dtype == torch.float16 and lora.A.shape == (2, 3, 3, 3) and lora.B.shape == (5, 2, 1, 1)
+    assert lora.A.dtype == lora.B.dtype == torch.float16
+    assert lora.A.shape == (2, 3, 3, 3) and lora.B.shape == (5, 2, 1, 1)
     for make in (lambda: nn.Linear(8, 4), lambda: nn.Conv2d(3, 4, 3)):  # autocast: the base output's dtype
         layer = make()
         x = torch.randn(2, 8) if isinstance(layer, nn.Linear) else torch.randn(2, 3, 6, 6)

@@ -96,8 +96,8 @@ class LoRA(nn.Module):
         w = layer.weight
         if isinstance(layer, nn.Conv2d):
             if layer.groups != 1 or layer.padding_mode != "zeros":
-                raise ValueError(f"LoRA: conv layers need groups=1 and padding_mode='zeros', got groups={layer.groups}, "
-                                 f"padding_mode={layer.padding_mode!r}")
+                raise ValueError(f"LoRA: conv layers need groups=1 and padding_mode='zeros', got "
+                                 f"groups={layer.groups}, padding_mode={layer.padding_mode!r}")
             a_shape, b_shape = (rank, *w.shape[1:]), (w.shape[0], rank, 1, 1)
         else:
             a_shape, b_shape = (rank, w.shape[1]), (w.shape[0], rank)
@@ -156,7 +156,8 @@ class LoRA(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "DoRA" if self.m is not None else "LoRA"
-        return f"{kind}(rank={self.rank}, alpha={self.alpha:g}, rslora={self.rslora}, adapter_weight={self.adapter_weight:g})"
+        return (f"{kind}(rank={self.rank}, alpha={self.alpha:g}, rslora={self.rslora}, "
+                f"adapter_weight={self.adapter_weight:g})")
 
 
 class LoRALayers(nn.ModuleDict):
@@ -184,7 +185,9 @@ def _forward_hook(layer: Layer, args: tuple, out: Tensor) -> Tensor | None:
 
 
 def _match(name: str, pattern: str) -> bool:
-    return re.fullmatch(pattern[3:], name) is not None if pattern.startswith("re:") else fnmatch.fnmatchcase(name, pattern)
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern)
 
 
 def find_targets(model: nn.Module, target: str | Sequence[str]) -> list[str]:
@@ -240,12 +243,13 @@ def attach_layers(model: nn.Module, name: str, specs: dict[str, tuple[int, float
                          "or choose another name")
     _check_unmerged(model, "attaching an adapter")
     modules = dict(model.named_modules())
+    layers = [n for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Conv2d))]
     for module_name in specs:
         layer = modules.get(module_name)
         if not isinstance(layer, (nn.Linear, nn.Conv2d)):
             what = "no module" if layer is None else f"a {type(layer).__name__}"
             raise ValueError(f"LoRA: {module_name!r} is {what}, not an nn.Linear or nn.Conv2d"
-                             f"{did_you_mean(module_name, [n for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Conv2d))])}")
+                             f"{did_you_mean(module_name, layers)}")
     for module_name, (rank, alpha) in specs.items():
         layer = modules[module_name]
         if not isinstance(getattr(layer, "lora", None), LoRALayers):

@@ -44,7 +44,8 @@ from genlab.models.unet import UNet
 
 Format = Literal["peft", "diffusers", "kohya"]
 FORMATS: tuple[str, ...] = ("peft", "diffusers", "kohya")
-PEFT_WEIGHTS, PEFT_CONFIG, DIFFUSERS_WEIGHTS = "adapter_model.safetensors", "adapter_config.json", "pytorch_lora_weights.safetensors"
+PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
 METADATA_KEY = "lora_adapter_metadata"
 _PEFT_PREFIX, _UNET_PREFIX, _KOHYA_PREFIX = "base_model.model.", "unet.", "lora_unet_"
 # the older diffusers layouts, rewritten as diffusers' own loader does (its UNET_TO_DIFFUSERS table)
@@ -114,7 +115,8 @@ def save_lora(model: nn.Module, path: str | os.PathLike, name: str = "default", 
     tensors: dict[str, Tensor] = {}
     if format == "kohya":
         if dora:
-            raise ValueError("save_lora: the kohya format has no DoRA magnitudes here; use format='peft' or 'diffusers'")
+            raise ValueError("save_lora: the kohya format has no DoRA magnitudes here; use format='peft' or "
+                             "'diffusers'")
         if path.suffix != ".safetensors":
             raise ValueError(f"save_lora: the kohya format is one .safetensors file, got {path}")
         for n, e in entries.items():
