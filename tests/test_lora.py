@@ -205,6 +205,20 @@ def test_remove_adapter_restores_the_model() -> None:
     torch.testing.assert_close(model(*x), base, rtol=0, atol=0)
 
 
+def test_gradient_checkpointing_gives_the_same_gradients() -> None:
+    model = _unet().train()
+    attach_lora(model, LoRAConfig(["*to_q", "*conv_1"], rank=2, dora=True))
+    _randomise(model)
+    grads = []
+    for ckpt in (False, True):
+        model.gradient_checkpointing = ckpt
+        model.zero_grad()
+        model(*_inputs(model)).square().mean().backward()
+        grads.append([p.grad.clone() for p in mark_only_adapters_trainable(model)])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
 def test_only_adapter_parameters_train() -> None:
     model = _unet().train()
     attach_lora(model, LoRAConfig(["*to_q", "*conv_1"], rank=2, dora=True))
@@ -254,6 +268,8 @@ def test_device_and_dtype_follow_the_layer() -> None:
 
 def test_bad_input_names_what_is_wrong() -> None:
     model = _unet()
+    with pytest.raises(ValueError, match="'to_q' matches no .*patterns match whole names, e.g. '\\*.to_q'"):
+        attach_lora(model, LoRAConfig("to_q"))
     with pytest.raises(ValueError, match="to_qq.*did you mean"):
         attach_lora(model, LoRAConfig("down.1.attns.0.blocks.0.attn_1.to_qq"))
     with pytest.raises(ValueError, match="rank must be >= 1"):

@@ -199,7 +199,8 @@ def find_targets(model: nn.Module, target: str | Sequence[str]) -> list[str]:
         hits = [n for n in layers if _match(n, pattern)]
         if not hits:
             raise ValueError(f"LoRA target {pattern!r} matches no nn.Linear or nn.Conv2d of {type(model).__name__}"
-                             f"{did_you_mean(pattern.removeprefix('re:'), layers)} (e.g. {', '.join(layers[:3])})")
+                             f"{did_you_mean(pattern.removeprefix('re:'), layers)} (patterns match whole names, "
+                             f"e.g. '*.to_q' for every to_q; layers: {', '.join(layers[:3])}, ...)")
         found += [n for n in hits if n not in found]
     return found
 
