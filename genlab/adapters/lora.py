@@ -342,6 +342,7 @@ def remove_adapter(model: nn.Module, name: str) -> None:
         del layer.lora[name]
         if not len(layer.lora):
             del layer.lora
+            # the hook is found by its function, not by a stored handle (a deep copy would not carry one)
             for key in [k for k, hook in layer._forward_hooks.items() if hook is _forward_hook]:
                 del layer._forward_hooks[key]
 
@@ -375,15 +376,19 @@ class LoRAAdapter:
         return _adapters(self.model, self.name)
 
     def parameters(self) -> list[nn.Parameter]:
+        """This adapter's A, B (and m) on every layer: what an optimizer of it takes."""
         return adapter_parameters(self.model, [self.name])
 
     def merge(self) -> None:
+        """Merge this adapter into its layers' weights (:func:`merge_adapters`)."""
         merge_adapters(self.model, [self.name])
 
     def unmerge(self) -> None:
+        """Take this adapter out of the weights again (:func:`unmerge_adapters`)."""
         unmerge_adapters(self.model, [self.name])
 
     def remove(self) -> None:
+        """Detach this adapter from the model (:func:`remove_adapter`)."""
         remove_adapter(self.model, self.name)
 
     def __repr__(self) -> str:
