@@ -191,8 +191,7 @@ def _parse(path: Path, fmt: str) -> tuple[dict[str, dict[str, Tensor]], dict[str
         prefix = _UNET_PREFIX if any(k.startswith(_UNET_PREFIX) for k in tensors) else ""
         packed = json.loads(metadata.get(METADATA_KEY, "{}"))
         config = {k.removeprefix(prefix): v for k, v in packed.items() if k.startswith(prefix)}
-        kinds = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_magnitude_vector": "m",
-                                       ".alpha": "alpha"}
+        kinds = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_magnitude_vector": "m", ".alpha": "alpha"}
         for old, new in _OLD_DIFFUSERS:
             tensors = {k.replace(old, new): v for k, v in tensors.items()}
     else:
@@ -249,10 +248,9 @@ def load_lora(model: nn.Module, path: str | os.PathLike, name: str = "default", 
             raise ValueError(f"load_lora: {source}: {foreign!r} has shapes {got}; the layer {n!r} "
                              f"({type(layer).__name__} {list(layer.weight.shape)}) needs A {list(a_shape)}, "
                              f"B {list(b_shape)}" + (f", m [{out}]" if "m" in e else ""))
-        default = config.get("lora_alpha", rank)
-        alpha = float(e["alpha"]) if "alpha" in e else float(_pattern_value(config.get("alpha_pattern") or {}, foreign,
-                                                                            default))
-        specs[n], weights[n] = (rank, alpha), e
+        alpha = e.get("alpha", _pattern_value(config.get("alpha_pattern") or {}, foreign,
+                                              config.get("lora_alpha", rank)))
+        specs[n], weights[n] = (rank, float(alpha)), e
     adapter = attach_layers(model, name, specs, float(config.get("lora_dropout", 0.0)),
                             bool(config.get("use_rslora", False)), dora.pop())
     with torch.no_grad():
