@@ -109,10 +109,12 @@ def others_cpu_s() -> float:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK") - time.process_time()
 
 
-def step_times(runs: list[tuple[Step, Step]], repeats: int, warmup: int) -> tuple[list[list[float]], float]:
+def step_times(runs: list[tuple[Step, Step]], repeats: int, warmup: int,
+               clock: Callable[[], float] = time.perf_counter) -> tuple[list[list[float]], float]:
     """Seconds of each ``run`` of ``runs = [(prepare, run), ...]`` (``prepare()`` untimed), alternating
     in an order reversed every round, ``repeats`` times after ``warmup``; and the share of the CPUs
-    other processes took meanwhile (contention slows multi-threaded steps a lot: rerun if high)."""
+    other processes took meanwhile (contention slows multi-threaded steps a lot: rerun if high).
+    ``clock``: wall time by default; ``time.process_time`` counts this process's CPU seconds only."""
     times: list[list[float]] = [[] for _ in runs]
     wall, others = time.perf_counter(), others_cpu_s()
     for i in range(warmup + repeats):
@@ -120,10 +122,10 @@ def step_times(runs: list[tuple[Step, Step]], repeats: int, warmup: int) -> tupl
         for (prepare, run), out in order if i % 2 else order[::-1]:  # ABBA: no run always goes first
             prepare()
             sync()
-            start = time.perf_counter()
+            start = clock()
             run()
             sync()
-            out.append(time.perf_counter() - start)
+            out.append(clock() - start)
     share = (others_cpu_s() - others) / ((time.perf_counter() - wall) * (os.cpu_count() or 1))
     return [t[warmup:] for t in times], share
 

@@ -3,3 +3,10 @@ to a backbone's named injection points (LoRA, ControlNet, T2I-Adapter, GLIGEN, .
 
 The layer sits above ``genlab.models`` and ``genlab.diffusion`` and below ``genlab.objectives``.
 """
+
+from genlab.adapters.lora import (LoRA, LoRAAdapter, LoRAConfig, adapter_names, adapter_parameters, attach_lora,
+                                  lora_layers, mark_only_adapters_trainable, merge_adapters, remove_adapter,
+                                  set_adapters, unmerge_adapters)
+
+__all__ = ["LoRA", "LoRAAdapter", "LoRAConfig", "adapter_names", "adapter_parameters", "attach_lora", "lora_layers",
+           "mark_only_adapters_trainable", "merge_adapters", "remove_adapter", "set_adapters", "unmerge_adapters"]

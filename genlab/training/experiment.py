@@ -18,8 +18,9 @@ from ..core.checkpoint import check_fits, load_weights, resolve_checkpoint
 from ..core.config import load_config
 from ..diffusion import Denoiser, Process, Sampler
 from ..objectives import BuildContext, Objective
+from .adapters import attach_adapters
 
-SECTIONS = ("name", "process", "model", "objective", "sampler", "data", "train", "distill")
+SECTIONS = ("name", "process", "model", "adapters", "objective", "sampler", "data", "train", "distill")
 
 
 @checked
@@ -88,6 +89,8 @@ class Experiment:
 
         torch.manual_seed(train.seed)
         model = new_model()  # an objective's further networks (new_model) are drawn after it, from the same seed
+        if config.get("adapters"):  # fine-tuning through LoRA: base weights, the adapter, the rest frozen
+            attach_adapters(model, config["adapters"], source)
         try:  # the grid against the process: only now are both known
             sampler.timesteps(process)
         except ValueError as e:
@@ -171,8 +174,8 @@ def check_section(key: str, value: Any, source: str) -> None:
     """``name`` is a string; ``train`` a mapping; a component section a name or a mapping with ``type``."""
     if key == "name":
         ok, wanted = isinstance(value, str), "a string"
-    elif key in ("train", "distill"):
-        what = "training" if key == "train" else "distillation"
+    elif key in ("train", "distill", "adapters"):
+        what = {"train": "training", "distill": "distillation", "adapters": "adapter"}[key]
         ok, wanted = value is None or isinstance(value, Mapping), f"a mapping of {what} settings"
     else:
         ok, wanted = isinstance(value, (str, Mapping)), "a component name or a mapping with 'type'"
