@@ -9,6 +9,7 @@ autocast is safe.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal
 
 import torch
@@ -198,15 +199,22 @@ class DownLevel(nn.Module):
         self.attns = nn.ModuleList(attns) if attns else None
         self.downsample = downsample
 
-    def forward(self, h: Tensor, emb: Tensor, context: Tensor | None, ckpt: bool) -> tuple[Tensor, list[Tensor]]:
-        skips = []
+    def forward(self, h: Tensor, emb: Tensor, context: Tensor | None, ckpt: bool,
+                intra: Mapping[int, Tensor] | None = None) -> tuple[Tensor, list[Tensor]]:
+        """``intra`` maps the index ``j`` of a feature this level saves to a tensor added to ``h`` there,
+        before it is saved and passed on (the UNet's ``intra.{k}`` injection points)."""
+        intra = intra or {}
+        skips: list[Tensor] = []
         for j, block in enumerate(self.blocks):
             h = run(block, h, emb, context, ckpt)
             h = run(self.attns[j], h, emb, context, ckpt) if self.attns is not None else h
-            skips.append(h)
+            skips.append(h + intra[j] if j in intra else h)
+            h = skips[-1]
         if self.downsample is not None:
             h = run(self.downsample, h, emb, context, ckpt)
-            skips.append(h)
+            j = len(self.blocks)
+            skips.append(h + intra[j] if j in intra else h)
+            h = skips[-1]
         return h, skips
 
 
