@@ -144,16 +144,22 @@ class FeedForward(nn.Module):
 
 class TransformerBlock(nn.Module):
     """Pre-LayerNorm transformer block of LDM: self-attention, cross-attention to ``context``,
-    GEGLU feed-forward, each residual: ``x: [B, N, C], context: [B, M, D] -> [B, N, C]``."""
+    GEGLU feed-forward, each residual: ``x: [B, N, C], context: [B, M, D] -> [B, N, C]``.
+
+    ``fuser`` is an adapter's injection point: None (no parameters, no change), or a module ``[B, N, C]
+    -> [B, N, C]`` applied to the tokens after self-attention (GLIGEN's gated self-attention; diffusers'
+    ``BasicTransformerBlock.fuser``)."""
 
     def __init__(self, dim: int, heads: int, context_dim: int) -> None:
         super().__init__()
         self.norm_1, self.attn_1 = LayerNorm32(dim), MultiHeadAttention(dim, heads)
         self.norm_2, self.attn_2 = LayerNorm32(dim), MultiHeadAttention(dim, heads, context_dim)
         self.norm_3, self.ff = LayerNorm32(dim), FeedForward(dim)
+        self.fuser: nn.Module | None = None
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         x = x + self.attn_1(self.norm_1(x))
+        x = x if self.fuser is None else self.fuser(x)
         x = x + self.attn_2(self.norm_2(x), context)
         return x + self.ff(self.norm_3(x))
 
