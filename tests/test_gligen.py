@@ -191,3 +191,30 @@ def test_unet_matches_diffusers_gated_unet(tmp_path) -> None:
     assert (ref - peer(x, t, encoder_hidden_states=ctx).sample).abs().max() > 1e-3  # the grounding matters
     with gligen.grounding(boxes, masks, e):
         torch.testing.assert_close(unet(x, t, context=ctx), ref, rtol=0, atol=1e-5)
+
+
+def test_meta_device_float64_and_gradient_checkpointing() -> None:
+    """Device and dtype follow the backbone (nothing on the CPU for a meta UNet; float64 stays float64), and
+    with gradient checkpointing (backward inside the grounding) the gradients are those without it."""
+    with torch.device("meta"):
+        unet = UNet(preset="tiny", norm_groups=8, attention_levels=(1,), cross_attention_dim=16)
+        boxes, masks, e = torch.rand(2, 3, 4), torch.ones(2, 3), torch.randn(2, 3, 16)
+        x, ctx = torch.randn(2, 3, 16, 16), torch.randn(2, 5, 16)
+    gligen = GLIGEN(unet, 16, hidden=32).attach()
+    assert next(gligen.parameters()).device.type == "meta"
+    with gligen.grounding(boxes, masks, e):
+        assert unet(x, torch.tensor([1.0, 2.0], device="meta"), context=ctx).device.type == "meta"
+    grads = []
+    for ckpt in (False, True):
+        unet = _unet().double().train()
+        unet.gradient_checkpointing = ckpt
+        gligen = _open_gates(GLIGEN(unet, 16, hidden=32)).attach()
+        assert next(gligen.parameters()).dtype == torch.float64
+        g = torch.Generator().manual_seed(0)
+        with gligen.grounding(*(a.double() for a in _entities())):
+            out = unet(torch.randn(2, 3, 16, 16, generator=g).double(), torch.tensor([3.0, 9.0]),
+                       context=torch.randn(2, 5, 16, generator=g).double())
+            assert out.dtype == torch.float64
+            out.square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in gligen.parameters()]))
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-12)

@@ -196,3 +196,15 @@ def test_several_adapters_match_multiadapter(saved) -> None:
     ref = _peer_call(peer_unet, x, t, ctx, diffusers.MultiAdapter(peers)([c1, c2], adapter_weights=[0.6, 0.3]))
     got = unet(x, t, context=ctx, residuals=multi([c1, c2], unet, weights=[0.6, 0.3]))
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+
+
+def test_meta_device() -> None:
+    """Nothing on the CPU: a meta UNet and adapter run on meta inputs."""
+    with torch.device("meta"):
+        unet = UNet(preset="tiny", norm_groups=8, num_res_blocks=2, attention_levels=(0, 1), cross_attention_dim=8)
+        adapter = T2IAdapter(3, (32, 64), 2, 2, "light_adapter")
+        x, ctx, cond = torch.randn(2, 3, 16, 16), torch.randn(2, 4, 8), torch.rand(2, 3, 32, 32)
+        t = torch.tensor([1.0, 2.0])
+    residuals = adapter(cond, unet)
+    del residuals["mid"]  # the light adapter's third feature is 4 px; this UNet's middle is 8 px
+    assert unet(x, t, context=ctx, residuals=residuals).device.type == "meta"
