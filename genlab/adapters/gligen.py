@@ -1,7 +1,7 @@
 """GLIGEN (Li et al. 2023, "GLIGEN: Open-Set Grounded Text-to-Image Generation") for genlab's UNet and DiT.
 
 Grounding entities, each a box ``l = [x_min, y_min, x_max, y_max]`` (in [0, 1]) with a phrase embedding
-``e`` (or a class label, embedded), become grounding tokens (Eq. 5 of the paper)::
+``e`` (or a class label, embedded), become grounding tokens (the paper's grounding input)::
 
     h^e = MLP([e, Fourier(l)])
 
@@ -62,7 +62,7 @@ def box_fourier_features(boxes: Tensor, freqs: int) -> Tensor:
 
 @checked
 class PositionNet(nn.Module):
-    """Grounding tokens ``h^e = MLP([e, Fourier(l)])`` (Eq. 5): ``(boxes: [B, N, 4], masks: [B, N] (1: an
+    """Grounding tokens ``h^e = MLP([e, Fourier(l)])``: ``(boxes: [B, N, 4], masks: [B, N] (1: an
     entity, 0: padding), embeddings: [B, N, embedding_dim] or labels: [B, N] long) -> [B, N, token_dim]``.
     The MLP is Linear, SiLU, Linear, SiLU, Linear with ``hidden`` units; padding entities take the learnt
     ``null_positive_feature`` and ``null_position_feature``. With ``num_classes``, entities are classes,

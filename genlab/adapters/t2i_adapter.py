@@ -2,9 +2,9 @@
 for Text-to-Image Diffusion Models") for genlab's UNet.
 
 A small convolutional network, independent of the UNet's input and time, maps a conditioning image
-(sketch, depth, pose, ...) to one feature map per level of the UNet's way down (Sec. 3.2): pixel
+(sketch, depth, pose, ...) to one feature map per level of the UNet's way down: pixel
 unshuffle by ``downscale_factor`` (the image to the latent's resolution), then per level a block of
-residual convs, each block after the first halving the resolution. Eq. 4-5 of the paper::
+residual convs, each block after the first halving the resolution. In the paper's notation::
 
     F_c = F_AD(C),        F_enc^i <- F_enc^i + F_c^i   (i = 1 ... levels)
 
@@ -17,7 +17,7 @@ per condition, not per denoising step::
     out = unet(x, t, context=context, residuals=residuals)
 
 Where each feature goes (``unet_points``) is where diffusers' ``UNet2DConditionModel`` adds its
-``down_intrablock_additional_residuals`` (and where the original code adds them): at a level with
+``down_intrablock_additional_residuals`` (for SD 1.x also the original code's places): at a level with
 (cross-)attention, after the level's last ResBlock + transformer, before its downsampler; at a level
 without attention, after the level's last layer (its downsampler, if it has one: SDXL's first level);
 one more feature than levels goes to ``mid`` (the middle block's output; T2I-Adapter-XL). diffusers
