@@ -162,11 +162,11 @@ UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, bl
 
 
 @torch.no_grad()
-def test_unet_matches_diffusers_gated_unet(tmp_path) -> None:
+def test_unet_matches_diffusers_gated_unet_both_ways(tmp_path) -> None:
     """A diffusers UNet of attention_type="gated" (fusers in every BasicTransformerBlock, position_net),
-    against genlab's UNet + an attached GLIGEN holding its weights (mapped by the UNet's key map)."""
+    saved and reloaded, against genlab's UNet + attached GLIGEN converted from it, and back."""
     diffusers = pytest.importorskip("diffusers")
-    from genlab.interop.unet_weights import diffusers_key_map, unet_from_diffusers
+    from genlab.interop.gligen_weights import gligen_from_diffusers, gligen_to_diffusers
 
     torch.manual_seed(0)
     peer = diffusers.UNet2DConditionModel(**UNET, attention_type="gated")
@@ -175,14 +175,9 @@ def test_unet_matches_diffusers_gated_unet(tmp_path) -> None:
             p.add_(0.1 * torch.randn(p.shape))
     peer.save_pretrained(tmp_path / "gated")
     peer = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "gated").eval()
-    state = peer.state_dict()
-    plain = diffusers.UNet2DConditionModel(**UNET)
-    plain.load_state_dict({k: v for k, v in state.items() if k in plain.state_dict()})
-    unet = unet_from_diffusers(plain).eval()
-    gligen = GLIGEN(unet, embedding_dim=16).attach()
-    keys = diffusers_key_map(unet)
-    unet.load_state_dict({k: state[keys[k]] for k in unet.state_dict()})  # fusers included
-    gligen.position_net.load_state_dict({k: state["position_net." + k] for k in gligen.position_net.state_dict()})
+    unet, gligen = gligen_from_diffusers(peer)
+    unet.eval()
+    assert gligen.attached and len(gligen.fusers) == 4
     g = torch.Generator().manual_seed(3)
     x, ctx, t = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 16, generator=g), torch.tensor([7, 913])
     boxes, masks, e = _entities()
@@ -191,6 +186,17 @@ def test_unet_matches_diffusers_gated_unet(tmp_path) -> None:
     assert (ref - peer(x, t, encoder_hidden_states=ctx).sample).abs().max() > 1e-3  # the grounding matters
     with gligen.grounding(boxes, masks, e):
         torch.testing.assert_close(unet(x, t, context=ctx), ref, rtol=0, atol=1e-5)
+    back = gligen_to_diffusers(unet, gligen)
+    original, converted = peer.state_dict(), back.state_dict()
+    assert original.keys() == converted.keys() and all(torch.equal(converted[k], original[k]) for k in original)
+    with pytest.raises(ValueError, match="attention_type='gated'"):
+        gligen_from_diffusers(diffusers.UNet2DConditionModel(**UNET))
+    small = GLIGEN(unet, 16, hidden=32)
+    with pytest.raises(ValueError, match="the GLIGEN must be attached to this UNet"):
+        gligen_to_diffusers(unet, small)
+    gligen.detach(), small.attach()
+    with pytest.raises(ValueError, match=r"position net of .* = \(512, 8, 16, True\), got \(32, 8, 16, True\)"):
+        gligen_to_diffusers(unet, small)
 
 
 def test_meta_device_float64_and_gradient_checkpointing() -> None:

@@ -27,10 +27,11 @@ The backbone is not forked: its transformer blocks (the UNet's ``TransformerBloc
 The tokens are computed once when the ``with`` block starts and read by every gated layer; with
 gradient checkpointing the backward pass recomputes the blocks, so call ``backward`` inside the
 ``with`` block. Layout and names follow diffusers (``GLIGENTextBoundingboxProjection`` with
-``feature_type="text-only"`` as ``position_net``, ``GatedSelfAttentionDense`` as ``fuser``), so the
-UNet's ``diffusers_key_map`` maps an attached GLIGEN's weights to a diffusers UNet of
-``attention_type="gated"``. diffusers' "text-image" grounding (image embeddings as entities) is not
-reproduced.
+``feature_type="text-only"`` as ``position_net``, ``GatedSelfAttentionDense`` as ``fuser``):
+``genlab.interop.gligen_weights`` converts a UNet with an attached GLIGEN from and to a diffusers
+``UNet2DConditionModel`` of ``attention_type="gated"``. diffusers' "text-image" grounding (image
+embeddings as entities) is not reproduced. An attached GLIGEN's parameters are also the backbone's
+(``backbone.parameters()``): freeze the backbone before attaching if only GLIGEN is to be trained.
 """
 
 from __future__ import annotations
