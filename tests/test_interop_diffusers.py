@@ -55,5 +55,5 @@ def test_dit_and_errors(tmp_path):
     assert isinstance(again, DiT) and torch.allclose(again(x, t, y), dit(x, t, y), atol=1e-5)
     with pytest.raises(GenlabError, match="no config.json"):
         from_diffusers(tmp_path)
-    with pytest.raises(GenlabError, match="expected a genlab UNet, DiT or ControlNet"):
+    with pytest.raises(GenlabError, match="expected a genlab UNet, DiT, ControlNet"):
         to_diffusers(torch.nn.Linear(2, 2))

@@ -1,7 +1,8 @@
 """``from_diffusers`` / ``to_diffusers``: genlab models from diffusers models or checkpoints, and back.
 
 Supported: ``UNet2DModel``, ``UNet2DConditionModel`` (Stable Diffusion 1.x layout),
-``DiTTransformer2DModel`` and ``ControlNetModel`` (genlab's ``ControlNet``). Checkpoints load
+``DiTTransformer2DModel``, ``ControlNetModel`` (genlab's ``ControlNet``) and ``T2IAdapter`` (genlab's
+``T2IAdapter``). Checkpoints load
 through diffusers' ``from_pretrained`` (safetensors); nothing is downloaded unless the path is a hub
 id and diffusers is allowed to fetch it.
 """
@@ -16,11 +17,12 @@ from typing import Any
 from torch import nn
 
 from ..adapters.controlnet import ControlNet
+from ..adapters.t2i_adapter import T2IAdapter
 from ..core.errors import GenlabError
 from ..models.dit import DiT
 from ..models.unet import UNet
 
-CLASSES = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel", "ControlNetModel")
+CLASSES = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel", "ControlNetModel", "T2IAdapter")
 
 
 def _diffusers() -> Any:
@@ -45,9 +47,10 @@ def load_diffusers(path: str | os.PathLike, subfolder: str | None = None) -> nn.
 
 
 def from_diffusers(model_or_path: nn.Module | str | os.PathLike,
-                   subfolder: str | None = None) -> UNet | DiT | ControlNet:
+                   subfolder: str | None = None) -> UNet | DiT | ControlNet | T2IAdapter:
     """The equivalent genlab model with converted weights (outputs equal to 1e-5 in float32)."""
     from .dit_weights import dit_from_diffusers
+    from .t2i_weights import t2i_adapter_from_diffusers
     from .unet_weights import controlnet_from_diffusers, unet_from_diffusers
 
     model = model_or_path if isinstance(model_or_path, nn.Module) else load_diffusers(model_or_path, subfolder)
@@ -58,18 +61,23 @@ def from_diffusers(model_or_path: nn.Module | str | os.PathLike,
         return dit_from_diffusers(model)
     if name == "ControlNetModel":
         return controlnet_from_diffusers(model)
+    if name == "T2IAdapter":
+        return t2i_adapter_from_diffusers(model)
     raise GenlabError(f"from_diffusers: {name} is not supported; expected one of {', '.join(CLASSES)}")
 
 
-def to_diffusers(model: UNet | DiT | ControlNet) -> nn.Module:
+def to_diffusers(model: UNet | DiT | ControlNet | T2IAdapter) -> nn.Module:
     """The equivalent diffusers model (``save_pretrained`` it to use it with diffusers' pipelines)."""
     from .dit_weights import dit_to_diffusers
+    from .t2i_weights import t2i_adapter_to_diffusers
     from .unet_weights import controlnet_to_diffusers, unet_to_diffusers
 
     if isinstance(model, ControlNet):
         return controlnet_to_diffusers(model)
+    if isinstance(model, T2IAdapter):
+        return t2i_adapter_to_diffusers(model)
     if isinstance(model, UNet):
         return unet_to_diffusers(model)
     if isinstance(model, DiT):
         return dit_to_diffusers(model)
-    raise GenlabError(f"to_diffusers: expected a genlab UNet, DiT or ControlNet, got {type(model).__name__}")
+    raise GenlabError(f"to_diffusers: expected a genlab UNet, DiT, ControlNet or T2IAdapter, got {type(model).__name__}")

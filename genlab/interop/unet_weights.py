@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from genlab.adapters.controlnet import ControlNet
+from genlab.adapters.gligen import GatedSelfAttention
 from genlab.models.layers import LabelEmbedding
 from genlab.models.unet import UNet, UNetEncoder
 from genlab.models.attention import MultiHeadAttention
@@ -68,6 +69,7 @@ _RENAMES: dict[type, dict[str, str]] = {
     SpatialTransformer: {"blocks": "transformer_blocks"},
     TransformerBlock: {"norm_1": "norm1", "attn_1": "attn1", "norm_2": "norm2", "attn_2": "attn2", "norm_3": "norm3"},
     FeedForward: {"proj_in": "net.0.proj", "proj_out": "net.2"},
+    GatedSelfAttention: {"norm_1": "norm1", "norm_2": "norm2"},  # an attached GLIGEN's fuser
 }
 _LABEL_KEY = "label_embed.embedding.weight"
 

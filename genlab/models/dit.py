@@ -74,7 +74,9 @@ def sincos_pos_embed_2d(dim: int, grid: int) -> Tensor:
 class DiTBlock(nn.Module):
     """adaLN-Zero transformer block ``x [B, N, D], c [B, D], context [B, L, D_ctx] | None -> [B, N, D]``
     (equations in the module docstring). ``time_embed`` / ``label_embed``: the block's own embedders
-    (``per_block_embedding``; the DiT computes ``c`` with them), else None."""
+    (``per_block_embedding``; the DiT computes ``c`` with them), else None. ``fuser``: an adapter's
+    injection point, None (no parameters, no change) or a module ``[B, N, D] -> [B, N, D]`` applied to
+    the tokens after self-attention (GLIGEN's gated self-attention)."""
 
     def __init__(self, hidden: int, num_heads: int, mlp_ratio: float, cross_attention_dim: int | None,
                  qkv_bias: bool, mlp_norm_eps: float, backend: Backend, time_embed: TimestepEmbedding | None = None,
@@ -90,10 +92,12 @@ class DiTBlock(nn.Module):
         inner = int(hidden * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(hidden, inner), nn.GELU(approximate="tanh"), nn.Linear(inner, hidden))
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
+        self.fuser: nn.Module | None = None
 
     def forward(self, x: Tensor, c: Tensor, context: Tensor | None = None) -> Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = rearrange(self.modulation(c), "b (k d) -> k b 1 d", k=6)
         x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1))
+        x = x if self.fuser is None else self.fuser(x)
         if self.cross_attn is not None and context is not None:
             x = x + self.cross_attn(self.norm_cross(x), context)
         return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))

@@ -5,6 +5,7 @@ their assembly into levels: ``unet_builder.py``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
@@ -102,12 +103,13 @@ class UNetEncoder(nn.Module):
         set_backend(self, backend)
 
     def encode(self, x: Tensor, t: Tensor | float, class_labels: Tensor | None = None, context: Tensor | None = None,
-               interval: Tensor | float | None = None,
-               hint: Tensor | None = None) -> tuple[Tensor, Tensor, list[Tensor]]:
+               interval: Tensor | float | None = None, hint: Tensor | None = None,
+               intra: Mapping[int, Tensor] | None = None) -> tuple[Tensor, Tensor, list[Tensor]]:
         """The way down for ``x: [B, C, H, W]`` (other arguments as ``UNet.forward``): the embedding ``emb:
         [B, time_embed_dim]``, the middle block's output ``[B, widths[-1], H / 2^L, W / 2^L]`` and the skip
         features (``down.{k}`` of ``injection_points``). ``hint: [B, channels, H, W]`` is added to
-        ``conv_in``'s output (a ControlNet's conditioning)."""
+        ``conv_in``'s output (a ControlNet's conditioning); ``intra[k]`` is added to the way down's
+        feature where skip ``k`` is saved, before it is saved and passed on (``intra.{k}``)."""
         self.injection_points(x.shape)
         emb = condition_embedding(self.time_embed, self.label_embed, x, t, class_labels, type(self).__name__,
                                   self.interval_embed, interval)
@@ -117,14 +119,18 @@ class UNetEncoder(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         h = self.conv_in(x)
         h = h if hint is None else h + hint
+        intra = intra or {}
+        h = h + intra[0] if 0 in intra else h
         skips = [h]
         for level in self.down:
-            h, saved = level(h, emb, context, ckpt)
+            first = len(skips)  # the global index of the level's first skip
+            h, saved = level(h, emb, context, ckpt, {k - first: r for k, r in intra.items() if k >= first})
             skips += saved
         return emb, self.mid(h, emb, context, ckpt), skips
 
-    def injection_points(self, x_shape: tuple[int, ...] | torch.Size) -> dict[str, torch.Size]:
-        """Names and shapes of the feature maps ``residuals`` may add to, for an input of ``x_shape``."""
+    def injection_points(self, x_shape: tuple[int, ...] | torch.Size, intra: bool = False) -> dict[str, torch.Size]:
+        """Names and shapes of the feature maps ``residuals`` may add to, for an input of ``x_shape``:
+        ``down.{k}`` and ``mid``, and with ``intra`` also ``intra.{k}`` (the shapes of ``down.{k}``)."""
         factor = 2 ** (len(self.widths) - 1)
         if len(x_shape) != 4 or x_shape[1] != self.in_channels or x_shape[2] % factor or x_shape[3] % factor:
             raise ShapeError(f"{type(self).__name__}: expected x: [B, C, H, W] = [B, {self.in_channels}, H, W] with "
@@ -137,6 +143,8 @@ class UNetEncoder(nn.Module):
             shapes += [(w, hh >> (i + 1), ww >> (i + 1))] if i < last else []
         points = {f"down.{k}": torch.Size((b, *s)) for k, s in enumerate(shapes)}
         points["mid"] = torch.Size((b, self.widths[-1], hh >> last, ww >> last))
+        if intra:
+            points.update({f"intra.{k}": points[f"down.{k}"] for k in range(len(shapes))})
         return points
 
     def _check_context(self, context: Tensor | None, x: Tensor) -> None:
@@ -202,8 +210,12 @@ class UNet(UNetEncoder):
     down: ``down.0`` is ``conv_in``'s output ``[B, channels, H, W]``; then per level ``i`` (width
     ``ch_i``: ``channels * channel_mult[i]`` or ``channels_per_level[i]``) one per ResBlock
     (+attention) ``[B, ch_i, H/2^i, W/2^i]`` and, except at the last level, the downsampled
-    one ``[B, ch_i, H/2^(i+1), W/2^(i+1)]``. ``"mid"`` is the middle block's output. Only the skips
-    are changed, not the features passed further down. ``injection_points(x.shape)`` lists them.
+    one ``[B, ch_i, H/2^(i+1), W/2^(i+1)]``. ``"mid"`` is the middle block's output. ``down.{k}``
+    changes only the skip, not the feature passed further down; ``"intra.{k}"`` (same shapes) adds to the way
+    down's feature where skip ``k`` is saved, before it is saved: it reaches skip ``k`` and everything
+    after it (the T2I-Adapter's points, diffusers' ``down_intrablock_additional_residuals``).
+    ``injection_points(x.shape)`` lists ``down.{k}`` and ``mid``; ``injection_points(x.shape, intra=True)``
+    all of them.
 
     Conversion options (set by ``genlab.interop.unet_weights``): ``time_flip_sin_to_cos`` and
     ``time_freq_shift`` of the sinusoids, ``norm_eps``, ``mid_attention`` (attention in the middle
@@ -323,8 +335,9 @@ class UNet(UNetEncoder):
         """``x: [B, C, H, W]``, ``t: [B]`` or scalar, ``class_labels: [B]`` long (-1 = null) or None,
         ``context: [B, L, cross_attention_dim]``, ``residuals``: see the class docstring, ``interval``: [B]
         or scalar (``interval_embedding`` models) -> ``[B, out_channels, H, W]``."""
-        residuals = self._check_residuals(residuals or {}, self.injection_points(x.shape))
-        emb, h, skips = self.encode(x, t, class_labels, context, interval)  # emb: [B, time_embed_dim]
+        residuals = self._check_residuals(residuals or {}, self.injection_points(x.shape, intra=True))
+        intra = {int(name[len("intra."):]): r for name, r in residuals.items() if name.startswith("intra.")}
+        emb, h, skips = self.encode(x, t, class_labels, context, interval, intra=intra)  # emb: [B, time_embed_dim]
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         skips = [s + residuals[f"down.{k}"] if f"down.{k}" in residuals else s for k, s in enumerate(skips)]
         h = h + residuals["mid"] if "mid" in residuals else h

@@ -9,6 +9,7 @@ autocast is safe.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal
 
 import torch
@@ -143,16 +144,22 @@ class FeedForward(nn.Module):
 
 class TransformerBlock(nn.Module):
     """Pre-LayerNorm transformer block of LDM: self-attention, cross-attention to ``context``,
-    GEGLU feed-forward, each residual: ``x: [B, N, C], context: [B, M, D] -> [B, N, C]``."""
+    GEGLU feed-forward, each residual: ``x: [B, N, C], context: [B, M, D] -> [B, N, C]``.
+
+    ``fuser`` is an adapter's injection point: None (no parameters, no change), or a module ``[B, N, C]
+    -> [B, N, C]`` applied to the tokens after self-attention (GLIGEN's gated self-attention; diffusers'
+    ``BasicTransformerBlock.fuser``)."""
 
     def __init__(self, dim: int, heads: int, context_dim: int) -> None:
         super().__init__()
         self.norm_1, self.attn_1 = LayerNorm32(dim), MultiHeadAttention(dim, heads)
         self.norm_2, self.attn_2 = LayerNorm32(dim), MultiHeadAttention(dim, heads, context_dim)
         self.norm_3, self.ff = LayerNorm32(dim), FeedForward(dim)
+        self.fuser: nn.Module | None = None
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         x = x + self.attn_1(self.norm_1(x))
+        x = x if self.fuser is None else self.fuser(x)
         x = x + self.attn_2(self.norm_2(x), context)
         return x + self.ff(self.norm_3(x))
 
@@ -198,15 +205,22 @@ class DownLevel(nn.Module):
         self.attns = nn.ModuleList(attns) if attns else None
         self.downsample = downsample
 
-    def forward(self, h: Tensor, emb: Tensor, context: Tensor | None, ckpt: bool) -> tuple[Tensor, list[Tensor]]:
-        skips = []
+    def forward(self, h: Tensor, emb: Tensor, context: Tensor | None, ckpt: bool,
+                intra: Mapping[int, Tensor] | None = None) -> tuple[Tensor, list[Tensor]]:
+        """``intra`` maps the index ``j`` of a feature this level saves to a tensor added to ``h`` there,
+        before it is saved and passed on (the UNet's ``intra.{k}`` injection points)."""
+        intra = intra or {}
+        skips: list[Tensor] = []
         for j, block in enumerate(self.blocks):
             h = run(block, h, emb, context, ckpt)
             h = run(self.attns[j], h, emb, context, ckpt) if self.attns is not None else h
-            skips.append(h)
+            skips.append(h + intra[j] if j in intra else h)
+            h = skips[-1]
         if self.downsample is not None:
             h = run(self.downsample, h, emb, context, ckpt)
-            skips.append(h)
+            j = len(self.blocks)
+            skips.append(h + intra[j] if j in intra else h)
+            h = skips[-1]
         return h, skips
 
 
