@@ -128,7 +128,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
         raise GenlabError(f"--out {out}: is a file; give a directory")
     sampler = config.get("sampler", {})
     kind = sampler if isinstance(sampler, str) else sampler.get("type", "sampler")
-    name = f"samples-{kind}-{exp.sampler.steps}steps-seed{args.seed}"
+    guided = "" if exp.guidance is None else f"-{exp.guidance.tag}"
+    name = f"samples-{kind}-{exp.sampler.steps}steps{guided}-seed{args.seed}"
     # the run's own directory is the run's: sampling into it waits for no one, it refuses while a run holds it
     with _run_lock(run, "sampling") if out.resolve() == run.resolve() else contextlib.nullcontext():
         report(out, evaluate(exp, modules, out, name, args.seed, exp.train.steps))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -234,3 +237,32 @@ def test_rescale_needs_the_network_output():
 
     with pytest.raises(ValueError, match="rescale"):
         CFG(scale=2.0, rescale=0.5).wrap(Plain())
+
+
+DIGITS = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
+SMALL = ["model.channels=8", "model.channel_mult=[1]", "model.attention_levels=[]", "train.eval_samples=20",
+         "train.steps=1", "sampler.steps=3"]
+
+
+@pytest.mark.slow
+def test_guidance_from_the_config_and_the_command_line(tmp_path, capsys):
+    """A training config's ``guidance:`` guides the final evaluation; ``genlab sample RUN guidance.scale=3``
+    guides sampling (a mapping without type is cfg); bad values are one line on stderr and exit 2."""
+    from genlab.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", str(DIGITS), *SMALL, "guidance.scale=2", "--out", str(run), "--quiet"]) == 0
+    assert "CFG(scale=2, rescale=0" in json.loads((run / "samples.json").read_text())["sampler"]
+    capsys.readouterr()
+    assert main(["sample", str(run), "guidance.scale=3", "guidance.interval=[0.1, 5]", "--n", "20",
+                 "--out", str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out
+    assert "CFG(scale=3, rescale=0, interval=(0.1, 5.0)" in out
+    assert (tmp_path / "s" / "samples-ddpm-3steps-cfg3-interval0.1-5-seed1234.png").is_file()
+    for override, message in [("guidance.scale=-1", "guidance.scale: expected float >= 0, got int -1"),
+                              ("guidance.rescale=2", "guidance.rescale: expected float >= 0 and <= 1"),
+                              ("guidance.interval=[2, 1]", "guidance: CFG: interval must be [sigma_lo, sigma_hi]"),
+                              ("guidance.type=cfgg", "guidance.type: unknown guidance 'cfgg'; did you mean 'cfg'?")]:
+        assert main(["sample", str(run), override, "--n", "20", "--out", str(tmp_path / "bad")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("genlab: error: ") and message in err and len(err.strip().splitlines()) == 1, err

@@ -45,6 +45,11 @@ class Guidance:
         ``linear`` where ``denoiser`` has one)."""
         raise NotImplementedError
 
+    @property
+    def tag(self) -> str:
+        """A short name of the setting for file names (``genlab sample`` writes ``samples-...-TAG-seedN``)."""
+        return type(self).__name__.lower()
+
 
 register_namespace("guidance", Guidance, "guidance: wraps the Denoiser for sampling (cfg, classifier)")
 
@@ -143,6 +148,12 @@ class CFG(Guidance):
                              f"{list(c.shape[1:])} hold one value; use rescale=0")
         rescaled = out * (c.std(dim=dims, keepdim=True) / out.std(dim=dims, keepdim=True))
         return self.rescale * rescaled + (1 - self.rescale) * out
+
+    @property
+    def tag(self) -> str:
+        rescale = f"-rescale{self.rescale:g}" if self.rescale else ""
+        interval = "" if self.interval is None else f"-interval{self.interval[0]:g}-{self.interval[1]:g}"
+        return f"cfg{self.scale:g}{rescale}{interval}"
 
     def __repr__(self) -> str:
         return f"CFG(scale={self.scale:g}, rescale={self.rescale:g}, interval={self.interval}, uncond={self.uncond})"

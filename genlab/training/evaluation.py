@@ -68,8 +68,9 @@ def evaluate(exp: Experiment, modules: dict[str, nn.Module], out: str | os.PathL
     def model(steps: int | None) -> SampleFn:  # steps only when asked: a family may sample without any
         return lambda n, g, cond: obj.sample(modules, n, g, cond, **({} if steps is None else {"steps": steps}))
 
-    metrics = {"step": step, "sampler": repr(exp.sampler), "steps": obj.sampling_steps(), "image": f"{name}.png",
-               **_evaluate(exp, model(None), device, out / f"{name}.png", seed, repr(exp.sampler))}
+    kind = repr(exp.sampler) if exp.guidance is None else f"{exp.sampler!r} with {exp.guidance!r}"
+    metrics = {"step": step, "sampler": kind, "steps": obj.sampling_steps(), "image": f"{name}.png",
+               **_evaluate(exp, model(None), device, out / f"{name}.png", seed, kind)}
     wanted = []  # (label, sampler, steps, how to draw)
     if rows:
         wanted += [(label, ref.sampler, ref.steps, functools.partial(ref.sample, modules))

@@ -16,10 +16,11 @@ from ..core.errors import ConfigError, GenlabError
 from ..core.registry import build, construct, lookup
 from ..core.checkpoint import check_fits, load_weights, resolve_checkpoint
 from ..core.config import load_config
+from ..adapters.guidance import Guidance
 from ..diffusion import Denoiser, Process, Sampler
 from ..objectives import BuildContext, Objective
 
-SECTIONS = ("name", "process", "model", "objective", "sampler", "data", "train", "distill")
+SECTIONS = ("name", "process", "model", "objective", "sampler", "guidance", "data", "train", "distill")
 
 
 @checked
@@ -67,6 +68,7 @@ class Experiment:
     model: nn.Module
     objective: Objective
     sampler: Sampler
+    guidance: Guidance | None = None  # the config's ``guidance:``, applied when sampling
 
     @classmethod
     def from_config(cls, config: ConfigDict) -> Experiment:
@@ -81,6 +83,7 @@ class Experiment:
         data = build("dataset", config.get("data", "toy2d"), path="data", source=source)
         objective = build("objective", config.get("objective", "denoising"), path="objective", source=source)
         sampler = build("sampler", config.get("sampler", "unipc"), path="sampler", source=source)
+        guidance = guidance_from(config.get("guidance"), source)
 
         def new_model() -> nn.Module:  # initialised from the global generator
             return build("model", config.get("model", "mlp"), path="model", source=source,
@@ -92,9 +95,10 @@ class Experiment:
             sampler.timesteps(process)
         except ValueError as e:
             raise ConfigError(f"{source}: sampler: {e}") from None
-        exp = cls(config, train, process, data, model, objective, sampler)
+        exp = cls(config, train, process, data, model, objective, sampler, guidance)
         context = BuildContext(model=model, process=process, sampler=sampler, data_shape=exp.data_shape,
-                               num_classes=exp.num_classes, pretrained=load_pretrained, new_model=new_model)
+                               num_classes=exp.num_classes, pretrained=load_pretrained, new_model=new_model,
+                               guidance=guidance)
         try:
             objective.build(context)
         except ValueError as e:
@@ -165,6 +169,16 @@ def load_pretrained(path: str) -> Experiment:
     exp.model.load_state_dict(load_weights(weights))
     exp.model.eval().requires_grad_(False)
     return exp
+
+
+def guidance_from(cfg: Any, source: str = "config") -> Guidance | None:
+    """The ``guidance:`` section built (None without one); a mapping without ``type`` is classifier-free
+    guidance (``genlab sample RUN guidance.scale=3``)."""
+    if cfg is None:
+        return None
+    if isinstance(cfg, Mapping) and "type" not in cfg:
+        cfg = {"type": "cfg", **cfg}
+    return build("guidance", cfg, path="guidance", source=source)
 
 
 def check_section(key: str, value: Any, source: str) -> None:
