@@ -64,7 +64,12 @@ def _described(module: Any) -> str:
 
 def report(out: Path, m: dict) -> None:
     """Print where the samples are and the quality numbers of the run."""
-    print(f"samples: {out / m['image']}  ({m['sampler']}, {m['sampling_seconds']:.1f} s)")
+    if "image" in m:
+        print(f"samples: {out / m['image']}  ({m['sampler']}, {m['sampling_seconds']:.1f} s)")
+    noisy = {k.removeprefix("classifier_accuracy_t"): v for k, v in m.items() if k.startswith("classifier_accuracy_t")}
+    if noisy:
+        print("classifier accuracy on held-out data noised at t / t_max: "
+              + ", ".join(f"{t}: {v:.1%}" for t, v in noisy.items()))
     if "sliced_wasserstein" in m:
         print(f"sliced Wasserstein-2 to held-out data: {m['sliced_wasserstein']:.4f} "
               f"(two held-out draws: {m['sliced_wasserstein_data_vs_data']:.4f})")

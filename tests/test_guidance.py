@@ -11,6 +11,7 @@ import torch
 from genlab.adapters import CFG, CFGDenoiser, CFGOnOutputs
 from genlab.core.errors import ConfigError
 from genlab.core.registry import build, registered
+from genlab.diffusion import DDIM as DDIMSampler
 from genlab.diffusion import VP, Denoiser, DiscreteVP, RectifiedFlow
 from genlab.diffusion.denoiser import linear_path
 from genlab.testing.peers import ddpm_times, run_diffusers, set_timesteps_float64, smooth_eps_model
@@ -188,16 +189,14 @@ def test_rescale_matches_diffusers_pipeline_recipe(prediction, w, phi):
     process = DiscreteVP(alphas_cumprod=sched.alphas_cumprod.double().tolist())
     guided = CFG(scale=w, rescale=phi).wrap(Denoiser(model, process, {"epsilon": "eps"}.get(prediction, "v")))
     ours = []
-    from genlab.diffusion import DDIM
-
-    DDIM(10).sample(guided, x.clone(), times=ddpm_times(sched), progress=False, cond={"class_labels": labels},
+    DDIMSampler(10).sample(guided, x.clone(), times=ddpm_times(sched), progress=False, cond={"class_labels": labels},
                     callback=lambda info: ours.append(info.x))
     assert len(ours) == len(theirs) == 10
     for i, (a, b) in enumerate(zip(ours, theirs)):
         assert (a - b).abs().max() < 1e-5, f"step {i}"
     if phi:  # the rescale changes the samples
         plain = CFG(scale=w).wrap(Denoiser(model, process, {"epsilon": "eps"}.get(prediction, "v")))
-        assert (DDIM(10).sample(plain, x.clone(), times=ddpm_times(sched), progress=False,
+        assert (DDIMSampler(10).sample(plain, x.clone(), times=ddpm_times(sched), progress=False,
                                 cond={"class_labels": labels}) - ours[-1]).abs().max() > 1e-3
 
 
@@ -266,3 +265,119 @@ def test_guidance_from_the_config_and_the_command_line(tmp_path, capsys):
         assert main(["sample", str(run), override, "--n", "20", "--out", str(tmp_path / "bad")]) == 2
         err = capsys.readouterr().err
         assert err.startswith("genlab: error: ") and message in err and len(err.strip().splitlines()) == 1, err
+
+
+# ----- classifier and universal guidance: one gradient hook -------------------------------------------------
+def mixture_classifier(mixture, process):
+    """The exact p(k | x_t) of a Gaussian mixture's components as a time-conditioned classifier
+    (x [B, D], model time 1000 t) -> logits [B, K]."""
+
+    def classifier(x, t_in):
+        level = process.level(t_in.double() / 1000)
+        return mixture._components(x, level.alpha, level.sigma)[0]
+
+    return classifier
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+def test_classifier_guidance_with_the_exact_classifier_gives_the_class_conditional_denoiser(prediction):
+    """Scale 1 with the exact p(y | x_t): score + grad log p(y | x_t) = grad log p(x_t | y), so the guided
+    unconditional mixture denoiser is the exact denoiser of component y (Dhariwal & Nichol 2021, Eq. 14)."""
+    from genlab.adapters import ClassifierGuidance
+    from genlab.testing import GaussianMixture, exact_denoiser
+
+    mix, process = GaussianMixture.ring(k=3, radius=1.5, std=0.4), VP()
+    guided = ClassifierGuidance(mixture_classifier(mix, process), scale=1.0).wrap(exact_denoiser(mix, process, prediction))
+    x, t = x_at(4, (B, 2)), torch.linspace(0.2, 0.8, B, dtype=torch.float64)
+    for time in (t, 0.5):  # per-sample and shared levels
+        x0, eps = guided(x, time, class_labels=LABELS)
+        for k in range(3):
+            component = GaussianMixture(torch.ones(1), mix.means[k:k + 1], mix.covs[k:k + 1])
+            x0_k, eps_k = exact_denoiser(component, process, prediction)(x, time)
+            rows = LABELS == k
+            assert torch.allclose(x0[rows], x0_k[rows], atol=1e-8) and torch.allclose(eps[rows], eps_k[rows], atol=1e-8)
+    x0 = guided(x, t, class_labels=LABELS)[0]
+    unguided = exact_denoiser(mix, process, prediction)(x, t)[0]
+    assert (x0 - unguided).abs().max() > 0.1
+    null = guided(x, t, class_labels=torch.full_like(LABELS, -1))[0]  # the null label is not guided
+    assert torch.allclose(null, unguided, atol=1e-12)
+
+
+def test_universal_guidance_is_the_gradient_through_the_denoiser():
+    """f = -loss(x0_hat(x_t)): eps_g = eps - s sigma grad_x f with the gradient through the model, and x0_g
+    = x0 + s sigma^2 / alpha grad_x f (Bansal et al. 2023, Eq. 6); the fast path agrees."""
+    from genlab.adapters import UniversalGuidance
+
+    model = LabelModel()
+    denoiser = Denoiser(model, VP(), "v")
+    target = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+
+    def loss(x0, **cond):
+        return (x0 - target).square().sum(-1) / 2
+
+    guided = UniversalGuidance(loss, scale=0.3).wrap(denoiser)
+    x, t = x_at(5), torch.linspace(0.2, 0.9, B, dtype=torch.float64)
+    x0, eps = guided(x, t, class_labels=LABELS)
+    x_in = x.clone().requires_grad_(True)
+    grad = torch.autograd.grad(-loss(denoiser(x_in, t, class_labels=LABELS)[0]).sum(), x_in)[0]
+    x0_u, eps_u = denoiser(x, t, class_labels=LABELS)
+    level = denoiser.level(t, x)
+    sigma, alpha = (v[:, None] for v in (level.sigma, level.alpha))
+    assert torch.allclose(eps, eps_u - 0.3 * sigma * grad, atol=1e-10)
+    assert torch.allclose(x0, x0_u + 0.3 * sigma**2 / alpha * grad, atol=1e-10)
+    raw, coefs = guided.linear(x, t, class_labels=LABELS)
+    assert torch.allclose(guided.to_x0_eps(raw, x, level)[0], x0, atol=1e-12)
+    # on the exact denoiser of a ring of 8 Gaussians, guidance towards one mode's mean draws samples there
+    from genlab.testing import GaussianMixture, exact_denoiser
+
+    mixture = GaussianMixture.ring()
+    ring = exact_denoiser(mixture, VP(), "v")
+
+    def to_mode(x0, **cond):
+        return (x0 - mixture.means[0]).square().sum(-1) / 2
+
+    samples = [DDIMSampler(20).sample(d, x_at(6, (256, 2)), progress=False)
+               for d in (ring, UniversalGuidance(to_mode, scale=2.0).wrap(ring))]
+    assert to_mode(samples[1]).mean() < 0.5 * to_mode(samples[0]).mean()
+
+
+def test_classifier_guidance_refuses_a_classifier_of_another_process_and_no_labels():
+    from genlab.adapters import ClassifierGuidance
+
+    denoiser = Denoiser(LabelModel(), VP(), "eps")
+    guidance = ClassifierGuidance(lambda x, t: x[:, :2], scale=1.0)
+    guidance.process = RectifiedFlow()
+    with pytest.raises(ValueError, match="trained on RectifiedFlow"):
+        guidance.wrap(denoiser)
+    guidance.process = None
+    with pytest.raises(ValueError, match="labels to guide towards"):
+        guidance.wrap(denoiser)(x_at(), 0.5)
+    with pytest.raises(ValueError, match="not loaded"):
+        ClassifierGuidance("runs/nowhere").wrap(denoiser)
+
+
+@pytest.mark.slow
+def test_classifier_guidance_from_the_command_line(tmp_path, capsys):
+    """``configs/guidance/classifier_digits.yaml`` trains (a few steps) and reports its accuracy by noise level;
+    ``genlab sample`` of an unconditional digits run with ``guidance.type=classifier`` requests labels and
+    reports the accuracy on them; a run of another objective as the classifier is one line, exit 2."""
+    from genlab.cli import main
+
+    classifier, uncond = tmp_path / "classifier", tmp_path / "uncond"
+    config = DIGITS.parent / "guidance" / "classifier_digits.yaml"
+    assert main(["train", str(config), "train.steps=5", "--out", str(classifier), "--quiet"]) == 0
+    assert "classifier accuracy on held-out data noised at t / t_max: 0: " in capsys.readouterr().out
+    assert set(json.loads((classifier / "samples.json").read_text())) >= {f"classifier_accuracy_t{f}" for f in
+                                                                           ("0", "0.25", "0.5", "0.75", "1")}
+    assert main(["train", str(DIGITS), *SMALL, "model.num_classes=null", "model.class_dropout=0", "--out",
+                 str(uncond), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["sample", str(uncond), "guidance.type=classifier", f"guidance.classifier={classifier}",
+                 "guidance.scale=2", "--n", "20", "--out", str(tmp_path / "s")]) == 0
+    metrics = json.loads((tmp_path / "s" / "samples-ddpm-3steps-classifier2-seed1234.json").read_text())
+    assert "ClassifierGuidance(scale=2" in metrics["sampler"] and "classifier_accuracy" in metrics
+    assert main(["sample", str(uncond), "guidance.type=classifier", f"guidance.classifier={uncond}",
+                 "--n", "20", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert "guidance: classifier: " in err and "needs a run of objective noisy_classifier" in err
+    assert len(err.strip().splitlines()) == 1

@@ -4,6 +4,8 @@ to a backbone's named injection points (LoRA, ControlNet, T2I-Adapter, GLIGEN, .
 The layer sits above ``genlab.models`` and ``genlab.diffusion`` and below ``genlab.objectives``.
 """
 
-from .guidance import CFG, CFGDenoiser, CFGOnOutputs, Guidance, GuidedDenoiser
+from .guidance import (CFG, CFGDenoiser, CFGOnOutputs, ClassifierGuidance, GradientGuidance, GradientGuided, Guidance,
+                       GuidedDenoiser, UniversalGuidance, noisy_logits)
 
-__all__ = ["CFG", "CFGDenoiser", "CFGOnOutputs", "Guidance", "GuidedDenoiser"]
+__all__ = ["CFG", "CFGDenoiser", "CFGOnOutputs", "ClassifierGuidance", "GradientGuidance", "GradientGuided",
+           "Guidance", "GuidedDenoiser", "UniversalGuidance", "noisy_logits"]

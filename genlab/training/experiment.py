@@ -84,6 +84,11 @@ class Experiment:
         objective = build("objective", config.get("objective", "denoising"), path="objective", source=source)
         sampler = build("sampler", config.get("sampler", "unipc"), path="sampler", source=source)
         guidance = guidance_from(config.get("guidance"), source)
+        if guidance is not None:
+            try:
+                guidance.build(load_pretrained)
+            except ValueError as e:
+                raise ConfigError(f"{source}: guidance: {e}") from None
 
         def new_model() -> nn.Module:  # initialised from the global generator
             return build("model", config.get("model", "mlp"), path="model", source=source,
@@ -119,9 +124,20 @@ class Experiment:
         k = getattr(self.model, "num_classes", None)
         return k if k is not None and getattr(self.data, "labels", None) is not None else None
 
+    @property
+    def sampled_classes(self) -> int | None:
+        """Classes samples are requested in: the model's (:attr:`num_classes`), else those of a guidance that
+        makes an unconditional model class-conditional (classifier guidance)."""
+        return self.num_classes or (getattr(self.guidance, "num_classes", None)
+                                    if getattr(self.data, "labels", None) is not None else None)
+
     def heldout_images(self) -> Tensor:
         """The data set's test split (images the model never saw), all of it at once: for data sets
         with a ``split`` and an in-memory ``data`` tensor (digits); GenlabError for a lazy one."""
+        return self.heldout_split().data
+
+    def heldout_split(self) -> Any:
+        """The data set's test split (``data`` [N, ...] and ``labels`` [N] in memory): see :meth:`heldout_images`."""
         cfg = self.config.get("data", "toy2d")
         cfg = {"type": cfg} if isinstance(cfg, str) else {k: v for k, v in dict(cfg).items() if k != "n"}
         if "split" not in inspect.signature(lookup("dataset", cfg.get("type"), path="data.type")).parameters:
@@ -131,7 +147,7 @@ class Experiment:
         if not isinstance(getattr(held, "data", None), Tensor):
             raise GenlabError(f"heldout_images: data set {type(held).__name__} reads its items lazily and has no "
                               "`data` tensor holding them all; read the images needed with its images(indices)")
-        return held.data
+        return held
 
     def denoiser(self, model: nn.Module | None = None) -> Denoiser:
         """The objective's Denoiser of ``model`` (default: the experiment's), for diffusion families."""
