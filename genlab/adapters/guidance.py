@@ -231,7 +231,8 @@ def halves(out: Any, batch: int) -> tuple[Any, Any]:
 class GuidedDenoiser(Denoiser):
     """A Denoiser whose network output is guided: the wrapped Denoiser's process, prediction type, time
     input, coefficients and regression target, with :meth:`raw` replaced by the guided output (a subclass
-    implements it). x0, eps and the fast path ``linear`` follow from ``raw`` exactly as for any Denoiser."""
+    implements it). x0, eps and the fast path ``linear`` follow from ``raw`` exactly as for any Denoiser.
+    Other attributes are the wrapped one's (a consistency model's ``sigma_min``, which its sampler reads)."""
 
     def __init__(self, denoiser: Denoiser) -> None:
         nn.Module.__init__(self)
@@ -239,6 +240,15 @@ class GuidedDenoiser(Denoiser):
         self.model, self.process, self.prediction = denoiser.model, denoiser.process, denoiser.prediction
         self.preconditioning, self.sigma_data = denoiser.preconditioning, denoiser.sigma_data
         self.model_time = denoiser.model_time
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)  # parameters, buffers and modules (nn.Module)
+        except AttributeError:
+            inner = self.__dict__["_modules"].get("inner")
+            if inner is None:
+                raise
+            return getattr(inner, name)
 
     def network_input(self, level: Level) -> tuple[Scalar, Scalar]:
         return self.inner.network_input(level)
