@@ -397,7 +397,8 @@ def test_classifier_guidance_from_the_command_line(tmp_path, capsys):
 @pytest.mark.slow
 def test_cfg_raises_the_accuracy_of_a_briefly_trained_digits_model(tmp_path, capsys):
     """The digits main job's model (class-conditional UNet, class_dropout 0.1, v prediction), trained briefly:
-    its DDPM samples at guidance scale 3 are classified as the requested digit more often than unguided."""
+    its DDPM samples at guidance scale 3 are classified as the requested digit in at least 97% of cases (the
+    issue's target), 3 points more often than unguided at least."""
     from genlab.cli import main
 
     run = tmp_path / "run"
@@ -407,4 +408,4 @@ def test_cfg_raises_the_accuracy_of_a_briefly_trained_digits_model(tmp_path, cap
     assert main(["sample", str(run), "guidance.scale=3", "--n", "200", "--out", str(tmp_path / "s")]) == 0
     guided = json.loads((tmp_path / "s" / "samples-ddpm-25steps-cfg3-seed1234.json").read_text())
     print(f"accuracy on requested labels: unguided {plain:.1%}, cfg 3 {guided['classifier_accuracy']:.1%}")
-    assert guided["classifier_accuracy"] >= plain + 0.05
+    assert guided["classifier_accuracy"] >= max(0.97, plain + 0.03)  # measured: 93.0% -> 99.5%
