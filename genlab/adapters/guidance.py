@@ -81,7 +81,9 @@ class CFG(Guidance):
       repeated over the batch, None drops the key.
 
     ``scale`` w = 1 is the conditional model and w = 0 the unconditional one: each is one model call, exactly
-    (w = 0 with rescale > 0 is not: the rescale still applies). Outside the interval: one conditional call.
+    (w = 0 with rescale > 0 is not: the rescale still applies). A level shared by the batch outside the interval
+    is one conditional call; per-sample levels always run both branches (which sample is inside is decided on
+    the device, without a host read).
 
     Args:
         scale: the guidance scale w >= 0.
@@ -114,8 +116,9 @@ class CFG(Guidance):
         return CFGOnOutputs(denoiser, self)
 
     def weights(self, level: Level) -> Scalar | None:
-        """The guidance scale at ``level``: w, or per sample (float64 [B], w inside the interval and 1
-        outside) where only some samples are inside; None where no sample is (the conditional call alone)."""
+        """The guidance scale at ``level``: w, or None on a shared level outside the interval (the conditional
+        call alone); per sample (float64 [B] on the level's device: w inside the interval, 1 outside) on a
+        per-sample level, decided on the device (no host read: both branches are always evaluated)."""
         if self.interval is None:
             return self.scale
         lo, hi = self.interval
@@ -123,10 +126,9 @@ class CFG(Guidance):
         def inside(lv: Level) -> Tensor:
             return (lv.sigma_edm > lo) & (lv.sigma_edm <= hi)
 
-        some, every = level.facts(("cfg_interval", lo, hi), inside)
-        if not some:
-            return None
-        return self.scale if every else torch.where(inside(level), self.scale, 1.0).to(level.sigma.dtype)
+        if level.shared:
+            return self.scale if level.facts(("cfg_interval", lo, hi), inside)[1] else None
+        return torch.where(inside(level), self.scale, 1.0).to(level.sigma.dtype)
 
     def guide(self, fn: Callable[..., Any], x: Tensor, level: Level, cond: Cond) -> Any:
         """``fn(x, level, **cond)`` (a tensor [B, ...] or a tuple of them) guided: each tensor out_u + w (out_c
