@@ -230,6 +230,8 @@ def test_rescale_acts_on_the_network_output_step_by_step():
     ({"rescale": 1.5}, "rescale must be >= 0 and <= 1", r"guidance.rescale: expected float >= 0 and <= 1"),
     ({"interval": [2.0, 1.0]}, r"sigma_lo <= sigma_hi, got \[2.0, 1.0\]", r"guidance: CFG: interval must be"),
     ({"interval": [-1.0, 1.0]}, r"sigma_lo <= sigma_hi, got \[-1.0, 1.0\]", r"guidance.interval: expected list \[float >= 0, float >= 0\]"),
+    ({"uncond": {"class_labels": "none"}}, r"uncond\['class_labels'\] must be a number, a tensor or None, got str",
+     r"guidance: CFG: uncond\['class_labels'\] must be"),
 ])
 def test_bad_settings_are_refused(cfg, match, config_match):
     with pytest.raises(ValueError, match=match):

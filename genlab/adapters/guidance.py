@@ -17,6 +17,10 @@ model output, as diffusers' ``rescale_noise_cfg`` does (eps for an eps model, v 
 
 A denoiser without the fast path (a plain callable with a ``process``) is guided on its (x0, eps) outputs,
 which is the same classifier-free guidance (the affine argument above); rescale needs ``raw`` and is refused.
+
+Classifier guidance and universal guidance are one hook, :class:`GradientGuidance`: the score gains s times
+the gradient of a function f of x_t (log p(y | x_t, t) of a noise-conditional classifier; -loss(x0_hat(x_t))),
+written as a shift of ``raw``, so again x0, eps and the fast path stay consistent.
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ register_namespace("guidance", Guidance, "guidance: wraps the Denoiser for sampl
 
 @register("guidance", "cfg")
 class CFG(Guidance):
-    """Classifier-free guidance (Ho & Salimans 2022, Eq. 6 in x0 / eps form):
+    """Classifier-free guidance (Ho & Salimans 2022, Eq. 6, whose 1 + w is w here; diffusers' form):
 
         out = out_u + w (out_c - out_u),        out = the network output (equivalently x0 or eps),
 
@@ -102,7 +106,7 @@ class CFG(Guidance):
         uncond = {"class_labels": -1} if uncond is None else dict(uncond)
         for key, value in uncond.items():
             if not (value is None or torch.is_tensor(value) or (isinstance(value, Real) and not isinstance(value, bool))):
-                raise TypeError(f"CFG: uncond[{key!r}] must be a number, a tensor or None, got {type(value).__name__}")
+                raise ValueError(f"CFG: uncond[{key!r}] must be a number, a tensor or None, got {type(value).__name__}")
         self.scale, self.rescale, self.interval, self.uncond = float(scale), float(rescale), interval, uncond
 
     def wrap(self, denoiser: Any) -> Any:
