@@ -64,7 +64,12 @@ def _described(module: Any) -> str:
 
 def report(out: Path, m: dict) -> None:
     """Print where the samples are and the quality numbers of the run."""
-    print(f"samples: {out / m['image']}  ({m['sampler']}, {m['sampling_seconds']:.1f} s)")
+    if "image" in m:
+        print(f"samples: {out / m['image']}  ({m['sampler']}, {m['sampling_seconds']:.1f} s)")
+    noisy = {k.removeprefix("classifier_accuracy_t"): v for k, v in m.items() if k.startswith("classifier_accuracy_t")}
+    if noisy:
+        print("classifier accuracy on held-out data noised at t / t_max: "
+              + ", ".join(f"{t}: {v:.1%}" for t, v in noisy.items()))
     if "sliced_wasserstein" in m:
         print(f"sliced Wasserstein-2 to held-out data: {m['sliced_wasserstein']:.4f} "
               f"(two held-out draws: {m['sliced_wasserstein_data_vs_data']:.4f})")
@@ -128,7 +133,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
         raise GenlabError(f"--out {out}: is a file; give a directory")
     sampler = config.get("sampler", {})
     kind = sampler if isinstance(sampler, str) else sampler.get("type", "sampler")
-    name = f"samples-{kind}-{exp.sampler.steps}steps-seed{args.seed}"
+    guided = "" if exp.guidance is None else f"-{exp.guidance.tag}"
+    name = f"samples-{kind}-{exp.sampler.steps}steps{guided}-seed{args.seed}"
     # the run's own directory is the run's: sampling into it waits for no one, it refuses while a run holds it
     with _run_lock(run, "sampling") if out.resolve() == run.resolve() else contextlib.nullcontext():
         report(out, evaluate(exp, modules, out, name, args.seed, exp.train.steps))

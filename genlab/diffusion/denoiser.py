@@ -81,8 +81,7 @@ class Denoiser(nn.Module):
 
     def level(self, t: Tensor | float | Level, x: Tensor) -> Level:
         """The level at t (a float, [], [B] or a Level): float64; per-sample levels on x's device."""
-        level = t if isinstance(t, Level) else self.process.level(t)
-        return level if level.shared else level.to(device=x.device)
+        return level_at(self.process, t, x)
 
     def network_input(self, level: Level) -> tuple[Scalar, Scalar]:
         """(scale, t_in): the network sees ``scale * x`` and the time input ``t_in`` (floats on a
@@ -197,6 +196,12 @@ class BridgeDenoiser(Denoiser):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, g={self.g:g}"
+
+
+def level_at(process: Process, t: Tensor | float | Level, x: Tensor) -> Level:
+    """The level of ``process`` at t (a float, [], [B] or a Level): float64; per-sample levels on x's device."""
+    level = t if isinstance(t, Level) else process.level(t)
+    return level if level.shared else level.to(device=x.device)
 
 
 def time_input(value: Scalar, x: Tensor) -> Tensor:

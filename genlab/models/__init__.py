@@ -4,6 +4,7 @@ from genlab.models.attention import attention, available_backends
 from genlab.models.dit import DiT
 from genlab.models.embeddings import timestep_embedding
 from genlab.models.mlp import MLP, ConcatMLP
+from genlab.models.time_classifier import TimeClassifier
 from genlab.models.unet import UNet
 
-__all__ = ["ConcatMLP", "DiT", "MLP", "UNet", "attention", "available_backends", "timestep_embedding"]
+__all__ = ["ConcatMLP", "DiT", "MLP", "TimeClassifier", "UNet", "attention", "available_backends", "timestep_embedding"]

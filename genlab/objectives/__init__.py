@@ -7,6 +7,7 @@ runs any objective and knows nothing of diffusion.
 
 from .base import Batch, BuildContext, Objective, Reference
 from .denoising import DenoisingObjective, FlowMatchingObjective
+from .classifier import NoisyClassifier
 from .consistency import ConsistencyDistillation
 from .consistency_training import ConsistencyTraining, EasyConsistencyTuning, ImprovedConsistencyTraining
 from .distillation import ProgressiveDistillation
@@ -16,4 +17,5 @@ from .meanflow import MeanFlow
 
 __all__ = ["Batch", "BuildContext", "Objective", "CFMDraw", "ConditionalFlowMatching", "ConsistencyDistillation",
            "ConsistencyTraining", "DenoisingObjective", "EasyConsistencyTuning", "FineTune", "FlowMatchingObjective",
-           "ImprovedConsistencyTraining", "MeanFlow", "ProgressiveDistillation", "Reference", "check_path_process"]
+           "ImprovedConsistencyTraining", "MeanFlow", "NoisyClassifier", "ProgressiveDistillation", "Reference",
+           "check_path_process"]

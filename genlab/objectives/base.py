@@ -59,6 +59,7 @@ class BuildContext:
     num_classes: int | None = None  # classes the model is conditioned on
     pretrained: Callable[[str], Any] | None = None  # a run or checkpoint directory -> its Experiment, EMA weights loaded
     new_model: Callable[[], nn.Module] | None = None  # another network from ``model:``, freshly initialised
+    guidance: Any = None  # the config's ``guidance:`` (``wrap(denoiser)``), applied by :meth:`Objective.guided`
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -134,6 +135,11 @@ class Objective:
         """``n`` samples [n, *data shape] from ``modules`` (the EMA copies where there are any), in
         ``steps`` sampling steps (None: :meth:`sampling_steps`)."""
         raise NotImplementedError
+
+    def guided(self, denoiser: Any) -> Any:
+        """``denoiser`` as :meth:`sample` uses it: wrapped by the config's guidance, if it has one."""
+        guidance = getattr(self, "context", None) and self.context.guidance
+        return denoiser if guidance is None else guidance.wrap(denoiser)
 
     def sampling_steps(self) -> int | None:
         """The steps :meth:`sample` takes by default: the experiment's sampler's (None without one)."""

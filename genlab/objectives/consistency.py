@@ -101,7 +101,8 @@ class ConsistencyObjective(Objective):
     def sample(self, modules: dict[str, nn.Module], n: int, generator: torch.Generator,
                cond: dict[str, Tensor] | None = None, steps: int | None = None) -> Tensor:
         """``n`` samples with the config's sampler (``consistency`` for Algorithm 1; in ``steps`` steps) from f."""
-        return self.context.sampler.sample(self.denoiser(modules["model"]), shape=(n, *self.context.data_shape),
+        denoiser = self.guided(self.denoiser(modules["model"]))
+        return self.context.sampler.sample(denoiser, shape=(n, *self.context.data_shape),
                                            steps=steps, generator=generator, progress=False, cond=cond)
 
 

@@ -60,7 +60,8 @@ class DenoisingObjective(Objective):
     def sample(self, modules: dict[str, nn.Module], n: int, generator: torch.Generator,
                cond: dict[str, Tensor] | None = None, steps: int | None = None) -> Tensor:
         """``n`` samples with the experiment's sampler (in ``steps`` steps) from the model as a Denoiser."""
-        return self.context.sampler.sample(self.denoiser(modules["model"]), shape=(n, *self.context.data_shape),
+        denoiser = self.guided(self.denoiser(modules["model"]))
+        return self.context.sampler.sample(denoiser, shape=(n, *self.context.data_shape),
                                            steps=steps, generator=generator, progress=False, cond=cond)
 
     def x0_weight(self, level: Level) -> Tensor:

@@ -113,7 +113,8 @@ class ProgressiveDistillation(Objective):
         than N: DDIM in that many steps on the grid."""
         steps = self.student_steps if steps is None else steps
         times = self.times[::2] if steps == self.student_steps else self.grid(self.context.process, steps)
-        return DDIM(steps).sample(self.denoiser(modules["model"]), shape=(n, *self.context.data_shape),
+        denoiser = self.guided(self.denoiser(modules["model"]))
+        return DDIM(steps).sample(denoiser, shape=(n, *self.context.data_shape),
                                   times=times, generator=generator, progress=False, cond=cond)
 
     def sampling_steps(self) -> int:

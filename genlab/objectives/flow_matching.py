@@ -300,7 +300,7 @@ class ConditionalFlowMatching(Objective):
         experiment's sampler (in ``steps`` steps) on :meth:`denoiser` of the model (and the score network)."""
         labels = None if cond is None or not self._class_matched() else cond.get("class_labels")
         x0, _ = self.draw_source(n, generator, labels=labels)
-        denoiser = self.denoiser(modules["model"], score=modules.get("score"))
+        denoiser = self.guided(self.denoiser(modules["model"], score=modules.get("score")))
         return self.context.sampler.sample(denoiser, x=x0, steps=steps, generator=generator, progress=False, cond=cond)
 
 

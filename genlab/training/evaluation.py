@@ -43,7 +43,7 @@ def draw(sample: SampleFn, device: torch.device, n: int, generator: torch.Genera
 
 def requested_labels(exp: Experiment, per_class: int) -> Tensor | None:
     """Labels 0..K-1, each ``per_class`` times (None for an unconditional model)."""
-    k = exp.num_classes
+    k = exp.sampled_classes
     return None if k is None else torch.arange(k).repeat_interleave(per_class)
 
 
@@ -64,12 +64,19 @@ def evaluate(exp: Experiment, modules: dict[str, nn.Module], out: str | os.PathL
         raise WriteError(f"cannot create {(out / name).parent}: {e.strerror}") from None
     device = next(modules["model"].parameters()).device
     obj = exp.objective
+    if not getattr(obj, "draws_samples", True):  # a family that draws no samples (a classifier) reports its own
+        held = exp.heldout_split()
+        g = torch.Generator(device=device).manual_seed(seed)
+        metrics = {"step": step, **obj.metrics(modules, held.data.to(device), held.labels.to(device), g)}
+        write_json_atomic(out / f"{name}.json", metrics)
+        return metrics
 
     def model(steps: int | None) -> SampleFn:  # steps only when asked: a family may sample without any
         return lambda n, g, cond: obj.sample(modules, n, g, cond, **({} if steps is None else {"steps": steps}))
 
-    metrics = {"step": step, "sampler": repr(exp.sampler), "steps": obj.sampling_steps(), "image": f"{name}.png",
-               **_evaluate(exp, model(None), device, out / f"{name}.png", seed, repr(exp.sampler))}
+    kind = repr(exp.sampler) if exp.guidance is None else f"{exp.sampler!r} with {exp.guidance!r}"
+    metrics = {"step": step, "sampler": kind, "steps": obj.sampling_steps(), "image": f"{name}.png",
+               **_evaluate(exp, model(None), device, out / f"{name}.png", seed, kind)}
     wanted = []  # (label, sampler, steps, how to draw)
     if rows:
         wanted += [(label, ref.sampler, ref.steps, functools.partial(ref.sample, modules))
@@ -114,12 +121,12 @@ def _evaluate(exp: Experiment, sample: SampleFn, device: torch.device, image: Pa
         plot_samples_2d(samples, held, image, f"{title}: sliced W2 to held-out data "
                         f"{metrics['sliced_wasserstein']:.3f} (data vs data {metrics['sliced_wasserstein_data_vs_data']:.3f})")
         return metrics
-    per_class = max(1, exp.train.eval_samples // (exp.num_classes or 1))
+    per_class = max(1, exp.train.eval_samples // (exp.sampled_classes or 1))
     labels = requested_labels(exp, per_class)
-    samples = draw(sample, device, per_class * (exp.num_classes or 1), g, labels=labels)
+    samples = draw(sample, device, per_class * (exp.sampled_classes or 1), g, labels=labels)
     metrics["sampling_seconds"] = time.perf_counter() - start
     metrics.update(image_metrics(exp, samples, labels))
-    rows = exp.num_classes or 10
+    rows = exp.sampled_classes or 10
     plot_image_grid(samples, image, rows=rows, per_row=min(per_class, 10) if labels is not None else None,
                     title=_title(title, metrics))
     return metrics

@@ -16,11 +16,12 @@ from ..core.errors import ConfigError, GenlabError
 from ..core.registry import build, construct, lookup
 from ..core.checkpoint import check_fits, load_weights, resolve_checkpoint
 from ..core.config import load_config
+from ..adapters.guidance import Guidance
 from ..diffusion import Denoiser, Process, Sampler
 from ..objectives import BuildContext, Objective
 from .adapters import attach_adapters
 
-SECTIONS = ("name", "process", "model", "adapters", "objective", "sampler", "data", "train", "distill")
+SECTIONS = ("name", "process", "model", "adapters", "objective", "sampler", "guidance", "data", "train", "distill")
 
 
 @checked
@@ -68,6 +69,7 @@ class Experiment:
     model: nn.Module
     objective: Objective
     sampler: Sampler
+    guidance: Guidance | None = None  # the config's ``guidance:``, applied when sampling
 
     @classmethod
     def from_config(cls, config: ConfigDict) -> Experiment:
@@ -82,6 +84,12 @@ class Experiment:
         data = build("dataset", config.get("data", "toy2d"), path="data", source=source)
         objective = build("objective", config.get("objective", "denoising"), path="objective", source=source)
         sampler = build("sampler", config.get("sampler", "unipc"), path="sampler", source=source)
+        guidance = guidance_from(config.get("guidance"), source)
+        if guidance is not None:
+            try:
+                guidance.build(load_pretrained)
+            except ValueError as e:
+                raise ConfigError(f"{source}: guidance: {e}") from None
 
         def new_model() -> nn.Module:  # initialised from the global generator
             return build("model", config.get("model", "mlp"), path="model", source=source,
@@ -95,9 +103,10 @@ class Experiment:
             sampler.timesteps(process)
         except ValueError as e:
             raise ConfigError(f"{source}: sampler: {e}") from None
-        exp = cls(config, train, process, data, model, objective, sampler)
+        exp = cls(config, train, process, data, model, objective, sampler, guidance)
         context = BuildContext(model=model, process=process, sampler=sampler, data_shape=exp.data_shape,
-                               num_classes=exp.num_classes, pretrained=load_pretrained, new_model=new_model)
+                               num_classes=exp.num_classes, pretrained=load_pretrained, new_model=new_model,
+                               guidance=guidance)
         try:
             objective.build(context)
         except ValueError as e:
@@ -118,9 +127,20 @@ class Experiment:
         k = getattr(self.model, "num_classes", None)
         return k if k is not None and getattr(self.data, "labels", None) is not None else None
 
+    @property
+    def sampled_classes(self) -> int | None:
+        """Classes samples are requested in: the model's (:attr:`num_classes`), else those of a guidance that
+        makes an unconditional model class-conditional (classifier guidance)."""
+        return self.num_classes or (getattr(self.guidance, "num_classes", None)
+                                    if getattr(self.data, "labels", None) is not None else None)
+
     def heldout_images(self) -> Tensor:
         """The data set's test split (images the model never saw), all of it at once: for data sets
         with a ``split`` and an in-memory ``data`` tensor (digits); GenlabError for a lazy one."""
+        return self.heldout_split().data
+
+    def heldout_split(self) -> Any:
+        """The data set's test split (``data`` [N, ...] and ``labels`` [N] in memory): see :meth:`heldout_images`."""
         cfg = self.config.get("data", "toy2d")
         cfg = {"type": cfg} if isinstance(cfg, str) else {k: v for k, v in dict(cfg).items() if k != "n"}
         if "split" not in inspect.signature(lookup("dataset", cfg.get("type"), path="data.type")).parameters:
@@ -130,7 +150,7 @@ class Experiment:
         if not isinstance(getattr(held, "data", None), Tensor):
             raise GenlabError(f"heldout_images: data set {type(held).__name__} reads its items lazily and has no "
                               "`data` tensor holding them all; read the images needed with its images(indices)")
-        return held.data
+        return held
 
     def denoiser(self, model: nn.Module | None = None) -> Denoiser:
         """The objective's Denoiser of ``model`` (default: the experiment's), for diffusion families."""
@@ -168,6 +188,16 @@ def load_pretrained(path: str) -> Experiment:
     exp.model.load_state_dict(load_weights(weights))
     exp.model.eval().requires_grad_(False)
     return exp
+
+
+def guidance_from(cfg: Any, source: str = "config") -> Guidance | None:
+    """The ``guidance:`` section built (None without one); a mapping without ``type`` is classifier-free
+    guidance (``genlab sample RUN guidance.scale=3``)."""
+    if cfg is None:
+        return None
+    if isinstance(cfg, Mapping) and "type" not in cfg:
+        cfg = {"type": "cfg", **cfg}
+    return build("guidance", cfg, path="guidance", source=source)
 
 
 def check_section(key: str, value: Any, source: str) -> None:
