@@ -152,8 +152,9 @@ class FineTune(Objective):
 
     def sample(self, modules: dict[str, nn.Module], n: int, generator: torch.Generator,
                cond: dict[str, Tensor] | None = None, steps: int | None = None) -> Tensor:
-        """``n`` samples with the experiment's sampler from the fine-tuned model (``cond`` may name a new class)."""
-        return self.context.sampler.sample(self.denoiser(modules["model"]), shape=(n, *self.context.data_shape),
+        """``n`` samples with the experiment's sampler (and guidance) from the fine-tuned model (``cond`` may
+        name a new class)."""
+        return self.context.sampler.sample(self.guided(self.denoiser(modules["model"])), shape=(n, *self.context.data_shape),
                                            steps=steps, generator=generator, progress=False, cond=cond)
 
     def references(self) -> dict[str, Reference]:
