@@ -4,7 +4,7 @@ Importing genlab registers every built-in component, so ``genlab.build`` and ``g
 see them all.
 """
 
-from . import data, diffusion, metrics, models, objectives  # noqa: F401  (registers components)
+from . import adapters, data, diffusion, metrics, models, objectives  # noqa: F401  (registers components)
 from .core import ConfigError, GenlabError, build, load_config, register, registered
 
 __version__ = "0.1.0"

@@ -1,13 +1,18 @@
 """ControlNet on genlab's UNet: identity at initialisation, the copied encoder, residuals and scale,
-several ControlNets, errors. (Against diffusers: tests/test_interop_controlnet.py.)"""
+several ControlNets, errors; the controlled model (``ControlledUNet``, model ``controlled_unet``) through
+a Denoiser and a sampler. (Against diffusers: tests/test_interop_controlnet.py; training:
+tests/test_controlnet_training.py.)"""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from genlab.adapters.controlnet import ControlNet, MultiControlNet
-from genlab.core.errors import ShapeError
+from genlab.adapters.controlnet import ControlledUNet, ControlNet, MultiControlNet
+from genlab.core.errors import ConfigError, ShapeError
+from genlab.core.registry import build
+from genlab.diffusion import VP, Denoiser
+from genlab.diffusion.samplers.ddim import DDIM
 from genlab.models.unet import UNet
 
 CONFIG = dict(preset="tiny", norm_groups=8, attention_levels=(1,), cross_attention_dim=16, num_classes=3,
@@ -95,3 +100,79 @@ def test_bad_inputs_are_named() -> None:
         ControlNet({**CONFIG, "num_heads": 5})
     with pytest.raises(ValueError, match=r"one cond and one conditioning scale per ControlNet \(2\), got 1 conds"):
         MultiControlNet([net, net])(x, t, [cond], y, ctx)
+
+
+def test_the_controlled_unet_is_the_unet_at_initialisation_through_a_sampler() -> None:
+    """Zero convolutions: exactly the UNet's output, and exactly its DDIM samples with the control in ``cond``."""
+    unet = _unet()
+    nets = [ControlNet.from_unet(unet, 3, (8, 16)), ControlNet.from_unet(unet, 1, (8, 16))]
+    model = ControlledUNet(unet, nets)
+    x, t, y, ctx, cond = _inputs()
+    control = torch.cat([cond, cond[:, :1]], dim=1)  # the two ControlNets' images stacked on channels
+    with torch.no_grad():
+        assert torch.equal(model(x, t, y, ctx, control=control), unet(x, t, y, ctx))
+        g = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+        plain = DDIM(4).sample(Denoiser(unet, VP(), "v"), shape=(2, 3, 8, 8), generator=g(), progress=False,
+                               cond={"class_labels": y, "context": ctx})
+        steered = DDIM(4).sample(Denoiser(model, VP(), "v"), shape=(2, 3, 8, 8), generator=g(), progress=False,
+                                 cond={"class_labels": y, "context": ctx, "control": control})
+    assert torch.equal(plain, steered) and plain.abs().max() > 0
+
+
+def test_the_controlled_unet_adds_each_controlnets_scaled_residuals() -> None:
+    unet = _unet()
+    nets = [_perturbed(ControlNet.from_unet(unet, c, (8,)), seed) for c, seed in ((1, 1), (2, 2))]
+    model = ControlledUNet(unet, nets, conditioning_scale=[1.0, 0.5])
+    x, t, y, ctx, _ = _inputs()
+    c1, c2 = torch.rand(2, 1, 8, 8), torch.rand(2, 2, 8, 8)
+    extra = {"mid": torch.randn(2, 64, 4, 4)}  # another adapter's residual
+    with torch.no_grad():
+        r1, r2 = nets[0](x, t, c1, y, ctx), nets[1](x, t, c2, y, ctx, conditioning_scale=0.5)
+        expected = unet(x, t, y, ctx, residuals={k: r1[k] + r2[k] for k in r1})
+        assert torch.equal(model(x, t, y, ctx, control=torch.cat([c1, c2], 1)), expected)
+        assert torch.equal(model(x, t, y, ctx, control=[c1, c2]), expected)  # one tensor per ControlNet
+        assert not torch.allclose(expected, unet(x, t, y, ctx))
+        r2 = nets[1](x, t, c2, y, ctx, conditioning_scale=2.0)
+        expected = unet(x, t, y, ctx, residuals={k: 2 * r1[k] + r2[k] for k in r1})
+        assert torch.allclose(model(x, t, y, ctx, control=[c1, c2], control_scale=[2.0, 2.0]), expected, atol=1e-6)
+        with_extra = unet(x, t, y, ctx, residuals={k: r1[k] * 2 + r2[k] + extra.get(k, 0) for k in r1})
+        assert torch.allclose(model(x, t, y, ctx, control=[c1, c2], control_scale=2.0, residuals=extra), with_extra,
+                              atol=1e-6)
+        assert torch.equal(model(x, t, y, ctx), unet(x, t, y, ctx))  # no control: the UNet alone
+    assert model.num_classes == 3
+
+
+def test_the_controlled_unet_from_a_config() -> None:
+    cfg = {"type": "controlled_unet", "unet": {"preset": "tiny", "norm_groups": 8, "num_classes": 10, "zero_init": False},
+           "controlnets": [{"conditioning_channels": 1, "embedding_channels": [8]}]}
+    model = build("model", cfg, in_channels=1)
+    assert isinstance(model, ControlledUNet) and model.unet.in_channels == 1
+    x, y = torch.randn(2, 1, 16, 16), torch.tensor([1, 7])
+    with torch.no_grad():
+        assert torch.equal(model(x, torch.tensor([3.0, 500.0]), y, control=torch.rand(2, 1, 16, 16)),
+                           model.unet(x, torch.tensor([3.0, 500.0]), y))
+    with pytest.raises(ConfigError, match=r"model.unet.chanels: unknown key; did you mean 'channels'"):
+        build("model", {**cfg, "unet": {"chanels": 8}}, in_channels=1)
+    with pytest.raises(ConfigError, match=r"controlnets\[0\].conditioning_chanels: unknown key"):
+        build("model", {**cfg, "controlnets": [{"conditioning_chanels": 1}]}, in_channels=1)
+
+
+def test_controlled_unet_bad_inputs_are_named() -> None:
+    unet = _unet()
+    net = ControlNet.from_unet(unet, 1, (8,))
+    with pytest.raises(TypeError, match="the backbone must be a genlab UNet, got ControlNet"):
+        ControlledUNet(net, [net])
+    with pytest.raises(TypeError, match=r"controlnets\[1\] must be a ControlNet, got UNet"):
+        ControlledUNet(unet, [net, unet])
+    other = ControlNet.from_unet(UNet(**{**CONFIG, "channels": 16}), 1, (8,))
+    with pytest.raises(ValueError, match=r"controlnets\[0\] was built for another UNet \(widths \[16, 32\], the "
+                                         r"backbone's \[32, 64\]\); build it with ControlNet.from_unet"):
+        ControlledUNet(unet, other)
+    with pytest.raises(ValueError, match=r"one control scale or one per ControlNet \(2\), got 3"):
+        ControlledUNet(unet, [net, net], conditioning_scale=[1.0, 1.0, 1.0])
+    model = ControlledUNet(unet, [net, ControlNet.from_unet(unet, 2, (8, 16))])
+    x, t, y, ctx, _ = _inputs()
+    with pytest.raises(ShapeError, match=r"expected control: \[B, 1 \+ 2, H', W'\] .* got \[2, 2, 8, 8\]"):
+        model(x, t, y, ctx, control=torch.rand(2, 2, 8, 8))
+    with pytest.raises(ShapeError, match="at different resolutions; give control as a list"):
+        model(x, t, y, ctx, control=torch.rand(2, 3, 8, 8))

@@ -3,3 +3,7 @@ to a backbone's named injection points (LoRA, ControlNet, T2I-Adapter, GLIGEN, .
 
 The layer sits above ``genlab.models`` and ``genlab.diffusion`` and below ``genlab.objectives``.
 """
+
+from genlab.adapters.controlnet import ControlledUNet, ControlNet, MultiControlNet, controlled_unet
+
+__all__ = ["ControlNet", "ControlledUNet", "MultiControlNet", "controlled_unet"]
