@@ -5,14 +5,16 @@ The layer sits above ``genlab.models`` and ``genlab.diffusion``; the Trainer (``
 runs any objective and knows nothing of diffusion.
 """
 
-from .base import Batch, BuildContext, Objective, Reference
+from .base import Batch, BuildContext, Objective, Reference, conditions
 from .denoising import DenoisingObjective, FlowMatchingObjective
 from .consistency import ConsistencyDistillation
+from .controlnet import ControlNetTraining
 from .consistency_training import ConsistencyTraining, EasyConsistencyTuning, ImprovedConsistencyTraining
 from .distillation import ProgressiveDistillation
 from .flow_matching import CFMDraw, ConditionalFlowMatching, check_path_process
 from .meanflow import MeanFlow
 
 __all__ = ["Batch", "BuildContext", "Objective", "CFMDraw", "ConditionalFlowMatching", "ConsistencyDistillation",
-           "ConsistencyTraining", "DenoisingObjective", "EasyConsistencyTuning", "FlowMatchingObjective",
-           "ImprovedConsistencyTraining", "MeanFlow", "ProgressiveDistillation", "Reference", "check_path_process"]
+           "ConsistencyTraining", "ControlNetTraining", "DenoisingObjective", "EasyConsistencyTuning",
+           "FlowMatchingObjective", "ImprovedConsistencyTraining", "MeanFlow", "ProgressiveDistillation", "Reference",
+           "check_path_process", "conditions"]

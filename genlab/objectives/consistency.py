@@ -29,7 +29,7 @@ from ..diffusion.consistency import ConsistencyDenoiser, ConsistencyOnDenoiser
 from ..diffusion.denoiser import Denoiser
 from ..diffusion.levels import combine
 from ..diffusion.samplers.base import Sampler
-from .base import Batch, BuildContext, Objective, Reference
+from .base import Batch, BuildContext, Objective, Reference, conditions
 from .teachers import Teacher, load_teacher
 
 Distance = Literal["l2", "l1", "pseudo_huber"]
@@ -103,11 +103,6 @@ class ConsistencyObjective(Objective):
         """``n`` samples with the config's sampler (``consistency`` for Algorithm 1; in ``steps`` steps) from f."""
         return self.context.sampler.sample(self.denoiser(modules["model"]), shape=(n, *self.context.data_shape),
                                            steps=steps, generator=generator, progress=False, cond=cond)
-
-
-def conditions(batch: Batch) -> dict[str, Tensor]:
-    """The model's keyword conditions of a batch (its class labels, if any)."""
-    return {"class_labels": batch["class_labels"]} if "class_labels" in batch else {}
 
 
 @register("objective", "consistency_distillation")

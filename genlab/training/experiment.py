@@ -94,7 +94,8 @@ class Experiment:
             raise ConfigError(f"{source}: sampler: {e}") from None
         exp = cls(config, train, process, data, model, objective, sampler)
         context = BuildContext(model=model, process=process, sampler=sampler, data_shape=exp.data_shape,
-                               num_classes=exp.num_classes, pretrained=load_pretrained, new_model=new_model)
+                               num_classes=exp.num_classes, pretrained=load_pretrained, new_model=new_model,
+                               data=data)
         try:
             objective.build(context)
         except ValueError as e:
@@ -115,15 +116,20 @@ class Experiment:
         k = getattr(self.model, "num_classes", None)
         return k if k is not None and getattr(self.data, "labels", None) is not None else None
 
-    def heldout_images(self) -> Tensor:
-        """The data set's test split (images the model never saw), all of it at once: for data sets
-        with a ``split`` and an in-memory ``data`` tensor (digits); GenlabError for a lazy one."""
+    def heldout_set(self) -> Any:
+        """The data set's test split (items the model never saw), built with the config's other data
+        options (a control image per item too): for data sets with a ``split`` (digits)."""
         cfg = self.config.get("data", "toy2d")
         cfg = {"type": cfg} if isinstance(cfg, str) else {k: v for k, v in dict(cfg).items() if k != "n"}
         if "split" not in inspect.signature(lookup("dataset", cfg.get("type"), path="data.type")).parameters:
             raise ConfigError(f"heldout_images: data set {cfg.get('type')!r} has no test split (it takes no `split`); "
                               "held-out images come from data sets such as digits")
-        held = build("dataset", {**cfg, "split": "test"}, path="data")
+        return build("dataset", {**cfg, "split": "test"}, path="data")
+
+    def heldout_images(self) -> Tensor:
+        """The data set's test split (images the model never saw), all of it at once: for data sets
+        with a ``split`` and an in-memory ``data`` tensor (digits); GenlabError for a lazy one."""
+        held = self.heldout_set()
         if not isinstance(getattr(held, "data", None), Tensor):
             raise GenlabError(f"heldout_images: data set {type(held).__name__} reads its items lazily and has no "
                               "`data` tensor holding them all; read the images needed with its images(indices)")
