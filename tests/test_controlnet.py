@@ -1,7 +1,7 @@
 """ControlNet on genlab's UNet: identity at initialisation, the copied encoder, residuals and scale,
 several ControlNets, errors; the controlled model (``ControlledUNet``, model ``controlled_unet``) through
 a Denoiser and a sampler. (Against diffusers: tests/test_interop_controlnet.py; training:
-tests/test_controlnet_training.py.)"""
+tests/test_controlnet_training.py.) ControlNet for the DiT: identity at initialisation, copied blocks, residuals."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from genlab.adapters.controlnet import ControlledUNet, ControlNet, MultiControlNet
+from genlab.adapters.dit_controlnet import DiTControlNet
 from genlab.core.errors import ConfigError, ShapeError
 from genlab.core.registry import build
 from genlab.diffusion import VP, Denoiser
 from genlab.diffusion.samplers.ddim import DDIM
+from genlab.models.dit import DiT
 from genlab.models.unet import UNet
 
 CONFIG = dict(preset="tiny", norm_groups=8, attention_levels=(1,), cross_attention_dim=16, num_classes=3,
@@ -176,3 +178,66 @@ def test_controlled_unet_bad_inputs_are_named() -> None:
         model(x, t, y, ctx, control=torch.rand(2, 2, 8, 8))
     with pytest.raises(ShapeError, match="at different resolutions; give control as a list"):
         model(x, t, y, ctx, control=torch.rand(2, 3, 8, 8))
+
+
+def _dit() -> DiT:
+    """A small DiT whose adaLN and output layers are not zero (so that residuals show in its output)."""
+    torch.manual_seed(0)
+    dit = DiT(input_size=8, in_channels=2, patch_size=2, hidden=32, depth=3, num_heads=4, num_classes=5,
+              cross_attention_dim=16, per_block_embedding=True).eval()
+    return _perturbed(dit, seed=4)
+
+
+def test_dit_controlnet_is_the_identity_at_initialisation_and_copies_the_first_blocks() -> None:
+    dit = _dit()
+    net = DiTControlNet.from_dit(dit, num_blocks=2, conditioning_channels=1)
+    source = dit.state_dict()
+    for name, value in net.state_dict().items():
+        if name.startswith("dit."):
+            assert torch.equal(value, source[name[4:]]), name
+        else:  # cond_embed, zero_linears
+            assert not value.any(), name
+    assert not any(k.startswith(("dit.blocks.2.", "dit.proj_out")) for k in net.state_dict())
+    g = torch.Generator().manual_seed(3)
+    x, ctx, c = torch.randn(2, 2, 8, 8, generator=g), torch.randn(2, 5, 16, generator=g), torch.rand(2, 1, 8, 8)
+    t, y = torch.tensor([3.0, 700.0]), torch.tensor([1, 4])
+    residuals = net(x, t, c, y, ctx)
+    points = dit.injection_points(x.shape)
+    assert {k: r.shape for k, r in residuals.items()} == {f"block.{i}": points[f"block.{i}"] for i in (0, 1)}
+    with torch.no_grad():
+        assert torch.equal(dit(x, t, y, ctx, residuals=residuals), dit(x, t, y, ctx))
+    dit(x, t, y, ctx, residuals=residuals).square().mean().backward()  # the zero linears still learn
+    assert net.zero_linears[1].weight.grad.abs().sum() > 0
+
+
+def test_dit_controlnet_residuals_follow_the_blocks_the_condition_and_the_scale() -> None:
+    dit = _dit()
+    net = _perturbed(DiTControlNet.from_dit(dit, num_blocks=2, conditioning_channels=1), seed=5)
+    g = torch.Generator().manual_seed(3)
+    x, ctx, c = torch.randn(2, 2, 8, 8, generator=g), torch.randn(2, 5, 16, generator=g), torch.rand(2, 1, 8, 8)
+    t, y = torch.tensor([3.0, 700.0]), torch.tensor([1, 4])
+    with torch.no_grad():
+        one, half = net(x, t, c, y, ctx), net(x, t, c, y, ctx, conditioning_scale=0.5)
+        assert all(torch.equal(half[k], 0.5 * one[k]) for k in one)
+        # by hand: the copy's blocks from the control-shifted tokens, each followed by its zero linear
+        copy = net.dit
+        h = copy.tokens(x) + net.cond_embed(c).flatten(2).transpose(1, 2)
+        cs = copy.conditions(x, t, y)
+        for i in range(2):
+            h = copy.blocks[i](h, cs[i], ctx)
+            assert torch.allclose(one[f"block.{i}"], net.zero_linears[i](h), atol=1e-6)
+        assert not torch.allclose(net(x, t, torch.rand(2, 1, 8, 8), y, ctx)["block.1"], one["block.1"])
+        assert not torch.allclose(dit(x, t, y, ctx, residuals=one), dit(x, t, y, ctx))
+
+
+def test_dit_controlnet_bad_inputs_are_named() -> None:
+    dit = _dit()
+    with pytest.raises(ValueError, match=r"num_blocks must be in \[1, 3\] \(the DiT's depth\), got 4"):
+        DiTControlNet.from_dit(dit, num_blocks=4)
+    with pytest.raises(ValueError, match="conditioning_channels must be >= 1, got 0"):
+        DiTControlNet(dit.config, conditioning_channels=0)
+    with pytest.raises(TypeError, match="expected a genlab DiT, got UNet"):
+        DiTControlNet.from_dit(_unet())
+    net = DiTControlNet.from_dit(dit, 1, 1)
+    with pytest.raises(ShapeError, match=r"expected cond: \[B, C_cond, H, W\] = \[2, 1, 8, 8\], got \[2, 1, 4, 4\]"):
+        net(torch.randn(2, 2, 8, 8), 1.0, torch.rand(2, 1, 4, 4), torch.tensor([0, 1]), torch.randn(2, 5, 16))

@@ -5,5 +5,6 @@ The layer sits above ``genlab.models`` and ``genlab.diffusion`` and below ``genl
 """
 
 from genlab.adapters.controlnet import ControlledUNet, ControlNet, MultiControlNet, controlled_unet
+from genlab.adapters.dit_controlnet import DiTControlNet
 
-__all__ = ["ControlNet", "ControlledUNet", "MultiControlNet", "controlled_unet"]
+__all__ = ["ControlNet", "ControlledUNet", "DiTControlNet", "MultiControlNet", "controlled_unet"]
