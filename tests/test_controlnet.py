@@ -133,6 +133,8 @@ def test_the_controlled_unet_adds_each_controlnets_scaled_residuals() -> None:
         expected = unet(x, t, y, ctx, residuals={k: r1[k] + r2[k] for k in r1})
         assert torch.equal(model(x, t, y, ctx, control=torch.cat([c1, c2], 1)), expected)
         assert torch.equal(model(x, t, y, ctx, control=[c1, c2]), expected)  # one tensor per ControlNet
+        same = ControlledUNet(unet, MultiControlNet(nets), conditioning_scale=[1.0, 0.5])
+        assert torch.equal(same(x, t, y, ctx, control=[c1, c2]), expected)
         assert not torch.allclose(expected, unet(x, t, y, ctx))
         r2 = nets[1](x, t, c2, y, ctx, conditioning_scale=2.0)
         expected = unet(x, t, y, ctx, residuals={k: 2 * r1[k] + r2[k] for k in r1})

@@ -190,10 +190,12 @@ class ControlledUNet(nn.Module):
     that is not 1 or the number of ControlNets.
     """
 
-    def __init__(self, unet: UNet, controlnets: ControlNet | Sequence[ControlNet],
+    def __init__(self, unet: UNet, controlnets: ControlNet | MultiControlNet | Sequence[ControlNet],
                  conditioning_scale: float | Sequence[float] = 1.0) -> None:
         super().__init__()
-        nets = [controlnets] if isinstance(controlnets, ControlNet) else list(controlnets)
+        if isinstance(controlnets, MultiControlNet):
+            controlnets = list(controlnets.nets)
+        nets = [controlnets] if isinstance(controlnets, nn.Module) else list(controlnets)  # one, maybe wrapped
         if not isinstance(_unwrapped(unet), UNet):
             raise TypeError(f"ControlledUNet: the backbone must be a genlab UNet, got {type(unet).__name__}")
         self._inner = [_unwrapped(net) for net in nets]  # attributes of each ControlNet, not registered twice
