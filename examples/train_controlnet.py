@@ -4,7 +4,7 @@ The config (``configs/controlnet/controlnet_digits.yaml``) names the frozen base
 (each digit's stroke mask); the Trainer trains the ControlNet alone and reports, at evaluation, the
 IoU of the samples' stroke masks with the requested ones next to the base model's without control.
 After training, the script draws one digit per requested mask at a few conditioning scales through
-``ControlledUNet``, an ordinary model for the sampler (scale 0: the base model exactly).
+``ControlledModel``, an ordinary model for the sampler (scale 0: the base model exactly).
 
 Run (a few minutes on 2 CPU cores, after ``genlab train configs/digits.yaml --out runs/digits``):
 

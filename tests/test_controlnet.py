@@ -1,5 +1,5 @@
 """ControlNet on genlab's UNet: identity at initialisation, the copied encoder, residuals and scale,
-several ControlNets, errors; the controlled model (``ControlledUNet``, model ``controlled_unet``) through
+several ControlNets, errors; the controlled model (``ControlledModel``, model ``controlled_unet``) through
 a Denoiser and a sampler. (Against diffusers: tests/test_interop_controlnet.py; training:
 tests/test_controlnet_training.py.) ControlNet for the DiT: identity at initialisation, copied blocks, residuals."""
 
@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from genlab.adapters.controlnet import ControlledUNet, ControlNet, MultiControlNet
+from genlab.adapters.controlled import ControlledModel
+from genlab.adapters.controlnet import ControlNet, MultiControlNet
 from genlab.adapters.dit_controlnet import DiTControlNet
 from genlab.core.errors import ConfigError, ShapeError
 from genlab.core.registry import build
@@ -108,7 +109,7 @@ def test_the_controlled_unet_is_the_unet_at_initialisation_through_a_sampler() -
     """Zero convolutions: exactly the UNet's output, and exactly its DDIM samples with the control in ``cond``."""
     unet = _unet()
     nets = [ControlNet.from_unet(unet, 3, (8, 16)), ControlNet.from_unet(unet, 1, (8, 16))]
-    model = ControlledUNet(unet, nets)
+    model = ControlledModel(unet, nets)
     x, t, y, ctx, cond = _inputs()
     control = torch.cat([cond, cond[:, :1]], dim=1)  # the two ControlNets' images stacked on channels
     with torch.no_grad():
@@ -124,7 +125,7 @@ def test_the_controlled_unet_is_the_unet_at_initialisation_through_a_sampler() -
 def test_the_controlled_unet_adds_each_controlnets_scaled_residuals() -> None:
     unet = _unet()
     nets = [_perturbed(ControlNet.from_unet(unet, c, (8,)), seed) for c, seed in ((1, 1), (2, 2))]
-    model = ControlledUNet(unet, nets, conditioning_scale=[1.0, 0.5])
+    model = ControlledModel(unet, nets, conditioning_scale=[1.0, 0.5])
     x, t, y, ctx, _ = _inputs()
     c1, c2 = torch.rand(2, 1, 8, 8), torch.rand(2, 2, 8, 8)
     extra = {"mid": torch.randn(2, 64, 4, 4)}  # another adapter's residual
@@ -133,7 +134,7 @@ def test_the_controlled_unet_adds_each_controlnets_scaled_residuals() -> None:
         expected = unet(x, t, y, ctx, residuals={k: r1[k] + r2[k] for k in r1})
         assert torch.equal(model(x, t, y, ctx, control=torch.cat([c1, c2], 1)), expected)
         assert torch.equal(model(x, t, y, ctx, control=[c1, c2]), expected)  # one tensor per ControlNet
-        same = ControlledUNet(unet, MultiControlNet(nets), conditioning_scale=[1.0, 0.5])
+        same = ControlledModel(unet, MultiControlNet(nets), conditioning_scale=[1.0, 0.5])
         assert torch.equal(same(x, t, y, ctx, control=[c1, c2]), expected)
         assert not torch.allclose(expected, unet(x, t, y, ctx))
         r2 = nets[1](x, t, c2, y, ctx, conditioning_scale=2.0)
@@ -150,11 +151,11 @@ def test_the_controlled_unet_from_a_config() -> None:
     cfg = {"type": "controlled_unet", "unet": {"preset": "tiny", "norm_groups": 8, "num_classes": 10, "zero_init": False},
            "controlnets": [{"conditioning_channels": 1, "embedding_channels": [8]}]}
     model = build("model", cfg, in_channels=1)
-    assert isinstance(model, ControlledUNet) and model.unet.in_channels == 1
+    assert isinstance(model, ControlledModel) and model.backbone.in_channels == 1
     x, y = torch.randn(2, 1, 16, 16), torch.tensor([1, 7])
     with torch.no_grad():
         assert torch.equal(model(x, torch.tensor([3.0, 500.0]), y, control=torch.rand(2, 1, 16, 16)),
-                           model.unet(x, torch.tensor([3.0, 500.0]), y))
+                           model.backbone(x, torch.tensor([3.0, 500.0]), y))
     with pytest.raises(ConfigError, match=r"model.unet.chanels: unknown key; did you mean 'channels'"):
         build("model", {**cfg, "unet": {"chanels": 8}}, in_channels=1)
     with pytest.raises(ConfigError, match=r"controlnets\[0\].conditioning_chanels: unknown key"):
@@ -164,17 +165,17 @@ def test_the_controlled_unet_from_a_config() -> None:
 def test_controlled_unet_bad_inputs_are_named() -> None:
     unet = _unet()
     net = ControlNet.from_unet(unet, 1, (8,))
-    with pytest.raises(TypeError, match="the backbone must be a genlab UNet, got ControlNet"):
-        ControlledUNet(net, [net])
-    with pytest.raises(TypeError, match=r"controlnets\[1\] must be a ControlNet, got UNet"):
-        ControlledUNet(unet, [net, unet])
+    with pytest.raises(TypeError, match="the backbone must be a genlab UNet or DiT, got ControlNet"):
+        ControlledModel(net, [net])
+    with pytest.raises(TypeError, match=r"controlnets\[1\] must be a ControlNet \(the backbone is a UNet\), got UNet"):
+        ControlledModel(unet, [net, unet])
     other = ControlNet.from_unet(UNet(**{**CONFIG, "channels": 16}), 1, (8,))
     with pytest.raises(ValueError, match=r"controlnets\[0\] was built for another UNet \(widths \[16, 32\], the "
-                                         r"backbone's \[32, 64\]\); build it with ControlNet.from_unet"):
-        ControlledUNet(unet, other)
+                                         r"UNet's \[32, 64\]\); copy it from this backbone \(ControlNet.from_unet\)"):
+        ControlledModel(unet, other)
     with pytest.raises(ValueError, match=r"one control scale or one per ControlNet \(2\), got 3"):
-        ControlledUNet(unet, [net, net], conditioning_scale=[1.0, 1.0, 1.0])
-    model = ControlledUNet(unet, [net, ControlNet.from_unet(unet, 2, (8, 16))])
+        ControlledModel(unet, [net, net], conditioning_scale=[1.0, 1.0, 1.0])
+    model = ControlledModel(unet, [net, ControlNet.from_unet(unet, 2, (8, 16))])
     x, t, y, ctx, _ = _inputs()
     with pytest.raises(ShapeError, match=r"expected control: \[B, 1 \+ 2, H', W'\] .* got \[2, 2, 8, 8\]"):
         model(x, t, y, ctx, control=torch.rand(2, 2, 8, 8))

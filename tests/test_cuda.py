@@ -53,13 +53,14 @@ def test_samplers_draw_on_cuda_with_a_cuda_generator(name):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_a_controlled_unet_is_the_unet_at_initialisation_and_its_controlnet_learns_on_cuda(dtype):
-    from genlab.adapters.controlnet import ControlledUNet, ControlNet
+    from genlab.adapters.controlled import ControlledModel
+    from genlab.adapters.controlnet import ControlNet
     from genlab.models.unet import UNet
 
     torch.manual_seed(0)
     unet = UNet(preset="tiny", in_channels=1, norm_groups=8, num_classes=10, zero_init=False).to(CUDA).eval()
     net = ControlNet.from_unet(unet, 1, (16,))
-    model = ControlledUNet(unet.requires_grad_(False), net)
+    model = ControlledModel(unet.requires_grad_(False), net)
     g = torch.Generator(device=CUDA).manual_seed(1)
     x, c = torch.randn(8, 1, 16, 16, device=CUDA, generator=g), torch.rand(8, 1, 16, 16, device=CUDA, generator=g)
     t, y = torch.rand(8, device=CUDA, generator=g) * 1000, torch.arange(8, device=CUDA)

@@ -14,9 +14,9 @@ gradients. Several ControlNets add their residuals (``MultiControlNet``)::
     residuals = controlnet(x, t, cond, class_labels, context, conditioning_scale=1.0)
     out = unet(x, t, class_labels, context, residuals=residuals)
 
-``ControlledUNet`` joins them into one model, ``(x, t, class_labels, context, control, control_scale) ->
-out``, which every Denoiser, sampler and guidance wrapper runs unchanged (they pass ``cond`` to the model);
-``controlled_unet`` builds one from a config (model ``controlled_unet``).
+``genlab.adapters.controlled.ControlledModel`` joins them into one model, ``(x, t, class_labels, context,
+control, control_scale) -> out``, which every Denoiser, sampler and guidance wrapper runs unchanged (they
+pass ``cond`` to the model); model ``controlled_unet`` builds one from a config.
 
 The layout and names follow diffusers' ``ControlNetModel`` (``genlab.interop`` converts both ways);
 diffusers' ``guess_mode`` and ``global_pool_conditions`` are not reproduced.
@@ -25,7 +25,6 @@ diffusers' ``guess_mode`` and ``global_pool_conditions`` are not reproduced.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,7 +33,6 @@ from torch import Tensor, nn
 
 from genlab.core.bounds import PositiveInt
 from genlab.core.errors import ShapeError
-from genlab.core.registry import build, register
 from genlab.models.unet import UNet, UNetEncoder
 
 
@@ -99,6 +97,19 @@ class ControlNet(UNetEncoder):
         if self.channels_last:
             self.to(memory_format=torch.channels_last)
 
+    @property
+    def control_factor(self) -> int:
+        """f: the control image is ``f`` times the UNet's input size."""
+        return self.cond_embed.factor
+
+    def mismatch(self, unet: nn.Module) -> str | None:
+        """Where this ControlNet does not fit ``unet`` (a field, its value and the UNet's), or None."""
+        if not isinstance(unet, UNet):
+            return f"backbone {type(unet).__name__}, a ControlNet steers a UNet"
+        ours, theirs = _architecture(self), _architecture(unet)
+        k = next((k for k in ours if ours[k] != theirs[k]), None)
+        return None if k is None else f"{k} {ours[k]}, the UNet's {theirs[k]}"
+
     @classmethod
     def from_unet(cls, unet: UNet, conditioning_channels: PositiveInt = 3,
                   embedding_channels: tuple[PositiveInt, ...] = (16, 32, 96, 256)) -> ControlNet:
@@ -128,9 +139,9 @@ class ControlNet(UNetEncoder):
 
 
 class MultiControlNet(nn.Module):
-    """Several ControlNets on one UNet: ``(x, t, conds: one per ControlNet, class_labels, context,
-    conditioning_scales: one per ControlNet or one for all, interval) -> residuals``, the sum of theirs
-    (diffusers' ``MultiControlNetModel``)."""
+    """Several ControlNets on one backbone (``ControlNet`` s on a UNet, ``DiTControlNet`` s on a DiT): ``(x, t,
+    conds: one per ControlNet, class_labels, context, conditioning_scales: one per ControlNet or one for
+    all, interval) -> residuals``, the sum of theirs (diffusers' ``MultiControlNetModel``)."""
 
     def __init__(self, controlnets: Sequence[ControlNet]) -> None:
         super().__init__()
@@ -153,122 +164,7 @@ class MultiControlNet(nn.Module):
         return total
 
 
-def _unwrapped(module: nn.Module) -> nn.Module:
-    """``module`` without a distributed (``.module``) or torch.compile (``._orig_mod``) wrapper."""
-    module = getattr(module, "module", module)
-    return getattr(module, "_orig_mod", module)
-
-
 def _architecture(net: UNetEncoder) -> dict[str, Any]:
     """What a ControlNet and its UNet must share: the shapes of the way down and of its conditions."""
     keys = ("in_channels", "channels", "num_res_blocks", "num_classes", "cross_attention_dim", "time_embed_dim")
     return {"widths": list(net.widths), **{k: net.config[k] for k in keys}}
-
-
-class ControlledUNet(nn.Module):
-    """A UNet steered by ControlNets, as one model: ``(x: [B, C, H, W], t, class_labels, context, control,
-    control_scale, interval, residuals) -> [B, out_channels, H, W]``,
-
-        out = UNet(x, t; residuals = sum_i s_i ControlNet_i(x, t, c_i))
-
-    (Zhang et al. 2023, Eq. 2 and Sec. 3.2: the locked model's skip and middle features plus the zero
-    convolutions' outputs of each trainable copy). Samplers, Denoisers and guidance wrappers pass their
-    ``cond`` to the model, so they all run it unchanged with ``cond = {"class_labels": ..., "control": ...}``.
-
-    - ``control``: the conditioning images c_i, either one tensor ``[B, C_1 + ... + C_n, f H, f W]`` (the
-      ControlNets' images stacked on channels, in their order: a per-sample tensor like any other
-      condition, which guidance batches as it batches labels; needs one resolution factor f for all), or a
-      sequence of one ``[B, C_i, f_i H, f_i W]`` per ControlNet. None: the UNet alone, no ControlNet runs.
-    - ``control_scale``: s_i, one number for all or one per ControlNet (default: ``conditioning_scale``).
-    - ``residuals``: other adapters' residuals at the UNet's injection points, added to the ControlNets'.
-
-    The modules are held as given (a distributed or compiled wrapper of one too, which the forward
-    goes through): freezing the UNet is the training objective's declaration (objective
-    ``controlnet`` keeps it frozen). With ControlNets fresh from ``ControlNet.from_unet`` (zero
-    convolutions), the output equals the UNet's exactly. TypeError for a backbone that is not a UNet or
-    a ControlNet that is not one; ValueError for a ControlNet built for another UNet or a scale count
-    that is not 1 or the number of ControlNets.
-    """
-
-    def __init__(self, unet: UNet, controlnets: ControlNet | MultiControlNet | Sequence[ControlNet],
-                 conditioning_scale: float | Sequence[float] = 1.0) -> None:
-        super().__init__()
-        if isinstance(controlnets, MultiControlNet):
-            controlnets = list(controlnets.nets)
-        nets = [controlnets] if isinstance(controlnets, nn.Module) else list(controlnets)  # one, maybe wrapped
-        if not isinstance(_unwrapped(unet), UNet):
-            raise TypeError(f"ControlledUNet: the backbone must be a genlab UNet, got {type(unet).__name__}")
-        self._inner = [_unwrapped(net) for net in nets]  # attributes of each ControlNet, not registered twice
-        for i, net in enumerate(self._inner):
-            if not isinstance(net, ControlNet):
-                raise TypeError(f"ControlledUNet: controlnets[{i}] must be a ControlNet, got {type(net).__name__}")
-            ours, theirs = _architecture(net), _architecture(_unwrapped(unet))
-            differs = [k for k in ours if ours[k] != theirs[k]]
-            if differs:
-                k = differs[0]
-                raise ValueError(f"ControlledUNet: controlnets[{i}] was built for another UNet ({k} {ours[k]}, the "
-                                 f"backbone's {theirs[k]}); build it with ControlNet.from_unet(backbone)")
-        self.unet, self.controlnet = unet, MultiControlNet(nets)
-        self.conditioning_scale = self._scales(conditioning_scale)
-
-    @property
-    def num_classes(self) -> int | None:
-        """The backbone's classes (None: unconditional)."""
-        return _unwrapped(self.unet).num_classes
-
-    def _scales(self, scale: float | Sequence[float]) -> list[float]:
-        n = len(self.controlnet.nets)
-        scales = [float(scale)] * n if isinstance(scale, (int, float)) else [float(s) for s in scale]
-        if len(scales) != n:
-            raise ValueError(f"ControlledUNet: expected one control scale or one per ControlNet ({n}), "
-                             f"got {len(scales)}")
-        return scales
-
-    def split_control(self, control: Tensor | Sequence[Tensor]) -> list[Tensor]:
-        """``control`` as one conditioning image per ControlNet (see the class docstring)."""
-        nets = self._inner
-        if not isinstance(control, Tensor):
-            return list(control)  # one per ControlNet; MultiControlNet checks the count, each its shape
-        sizes = [net.conditioning_channels for net in nets]
-        if control.ndim != 4 or control.shape[1] != sum(sizes):
-            raise ShapeError(f"ControlledUNet: expected control: [B, {' + '.join(map(str, sizes))}, H', W'] (the "
-                             f"ControlNets' conditioning channels stacked), got {list(control.shape)}")
-        if len({net.cond_embed.factor for net in nets}) > 1:
-            raise ShapeError("ControlledUNet: these ControlNets take their images at different resolutions; give "
-                             "control as a list of one tensor per ControlNet")
-        return list(control.split(sizes, dim=1))
-
-    def forward(self, x: Tensor, t: Tensor | float, class_labels: Tensor | None = None,
-                context: Tensor | None = None, control: Tensor | Sequence[Tensor] | None = None,
-                control_scale: float | Sequence[float] | None = None, interval: Tensor | float | None = None,
-                residuals: dict[str, Tensor] | None = None) -> Tensor:
-        """See the class docstring; ``t``, ``class_labels``, ``context``, ``interval`` as the UNet's."""
-        residuals = dict(residuals or {})
-        if control is not None:
-            scales = self.conditioning_scale if control_scale is None else self._scales(control_scale)
-            added = self.controlnet(x, t, self.split_control(control), class_labels, context, scales, interval)
-            for name, r in added.items():
-                residuals[name] = residuals[name] + r if name in residuals else r
-        return self.unet(x, t, class_labels, context, residuals=residuals, interval=interval)
-
-
-@dataclass
-class ControlNetSpec:
-    """One ControlNet of a ``controlled_unet`` config: its ``ControlNet`` arguments besides the UNet."""
-
-    conditioning_channels: PositiveInt = 3
-    embedding_channels: tuple[PositiveInt, ...] = (16, 32, 96, 256)
-
-
-@register("model", "controlled_unet")
-def controlled_unet(unet: Mapping[str, Any], controlnets: Sequence[ControlNetSpec] = (ControlNetSpec(),),
-                    conditioning_scale: float | Sequence[float] = 1.0,
-                    in_channels: PositiveInt | None = None) -> ControlledUNet:
-    """A UNet of arguments ``unet`` (model ``unet``'s keys, checked as a ``unet`` section is) with one
-    ControlNet per entry of ``controlnets`` copied from it (``ControlNet.from_unet``: zero convolutions,
-    so it starts as the UNet), as a :class:`ControlledUNet`. ``in_channels``: the data's, unless ``unet``
-    sets it. To train ControlNets on a trained UNet that stays frozen, use objective ``controlnet``."""
-    channels = {} if in_channels is None or "in_channels" in unet else {"in_channels": in_channels}
-    backbone = build("model", {**unet, "type": "unet"}, path="model.unet", **channels)
-    nets = [ControlNet.from_unet(backbone, spec.conditioning_channels, spec.embedding_channels) for spec in controlnets]
-    return ControlledUNet(backbone, nets, conditioning_scale)

@@ -64,6 +64,17 @@ class DiTControlNet(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
+    control_factor = 1  # the control image is at the DiT's input size
+
+    def mismatch(self, dit: nn.Module) -> str | None:
+        """Where this ControlNet does not fit ``dit`` (a field, its value and the DiT's), or None."""
+        if not isinstance(dit, DiT):
+            return f"backbone {type(dit).__name__}, a DiTControlNet steers a DiT"
+        keys = ("input_size", "in_channels", "patch_size", "hidden", "depth", "num_classes", "cross_attention_dim",
+                "per_block_embedding", "interval_embedding")
+        k = next((k for k in keys if self.config[k] != dit.config[k]), None)
+        return None if k is None else f"{k} {self.config[k]}, the DiT's {dit.config[k]}"
+
     @classmethod
     def from_dit(cls, dit: DiT, num_blocks: PositiveInt = 1, conditioning_channels: PositiveInt = 3) -> DiTControlNet:
         """A ControlNet whose patch embedding, embedders and blocks are copies of ``dit``'s first ones (on its
