@@ -244,3 +244,24 @@ def test_dit_controlnet_bad_inputs_are_named() -> None:
     net = DiTControlNet.from_dit(dit, 1, 1)
     with pytest.raises(ShapeError, match=r"expected cond: \[B, C_cond, H, W\] = \[2, 1, 8, 8\], got \[2, 1, 4, 4\]"):
         net(torch.randn(2, 2, 8, 8), 1.0, torch.rand(2, 1, 4, 4), torch.tensor([0, 1]), torch.randn(2, 5, 16))
+
+
+def test_a_controlled_dit_is_the_dit_at_initialisation_and_checks_its_controlnets() -> None:
+    dit = _dit()
+    nets = [DiTControlNet.from_dit(dit, 2, 1), DiTControlNet.from_dit(dit, 1, 2)]
+    model = ControlledModel(dit, nets)
+    g = torch.Generator().manual_seed(3)
+    x, ctx, c = torch.randn(2, 2, 8, 8, generator=g), torch.randn(2, 5, 16, generator=g), torch.rand(2, 3, 8, 8)
+    t, y = torch.tensor([3.0, 700.0]), torch.tensor([1, 4])
+    with torch.no_grad():
+        assert torch.equal(model(x, t, y, ctx, control=c), dit(x, t, y, ctx))
+        _perturbed(nets[1], seed=6)
+        r = nets[1](x, t, c[:, 1:], y, ctx, conditioning_scale=0.5)
+        assert torch.equal(model(x, t, y, ctx, control=c, control_scale=[1.0, 0.5]), dit(x, t, y, ctx, residuals=r))
+    with pytest.raises(TypeError, match=r"controlnets\[0\] must be a DiTControlNet \(the backbone is a DiT\), got "
+                                        "ControlNet"):
+        ControlledModel(dit, ControlNet.from_unet(_unet()))
+    other = DiT(**{**dit.config, "hidden": 64})
+    with pytest.raises(ValueError, match=r"built for another DiT \(hidden 64, the DiT's 32\); copy it from this "
+                                         r"backbone \(DiTControlNet.from_dit\)"):
+        ControlledModel(dit, DiTControlNet.from_dit(other))
