@@ -137,7 +137,8 @@ def test_bad_configs_are_named(base_run, overrides, message) -> None:
 def test_a_controlnet_trained_in_minutes_draws_the_requested_strokes(tmp_path) -> None:
     """The issue's bound: a ControlNet trained briefly on a briefly trained digits UNet draws samples whose
     stroke masks overlap the requested held-out masks far more than the base model's do (same labels,
-    noise and sampler). Measured (600 base steps, 300 ControlNet steps, 200 samples): IoU MEASURED."""
+    noise and sampler). Measured (600 base steps, 300 ControlNet steps, 200 samples): IoU 0.923 against the
+    base's 0.596; 10 min wall on the shared 2-core machine (4 min of CPU time)."""
     base = tmp_path / "base"
     with Trainer(Experiment.from_config(load_config(DIGITS, ["train.steps=600"])), base, progress=False) as t:
         t.fit()
@@ -148,4 +149,4 @@ def test_a_controlnet_trained_in_minutes_draws_the_requested_strokes(tmp_path) -
         m = t.evaluate(rows=True)
     plain = next(r for r in m["rows"] if r["label"] == "base")["control_iou"]
     print(f"stroke IoU: ControlNet {m['control_iou']:.3f}, base alone {plain:.3f}")
-    assert m["control_iou"] >= 0.0 and m["control_iou"] - plain >= 0.0
+    assert m["control_iou"] >= 0.8 and m["control_iou"] - plain >= 0.2
