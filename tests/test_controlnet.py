@@ -148,7 +148,8 @@ def test_the_controlled_unet_adds_each_controlnets_scaled_residuals() -> None:
 
 
 def test_the_controlled_unet_from_a_config() -> None:
-    cfg = {"type": "controlled_unet", "unet": {"preset": "tiny", "norm_groups": 8, "num_classes": 10, "zero_init": False},
+    unet = {"preset": "tiny", "norm_groups": 8, "num_classes": 10, "zero_init": False}
+    cfg = {"type": "controlled_unet", "unet": unet,
            "controlnets": [{"conditioning_channels": 1, "embedding_channels": [8]}]}
     model = build("model", cfg, in_channels=1)
     assert isinstance(model, ControlledModel) and model.backbone.in_channels == 1

@@ -4,7 +4,9 @@ evaluation's stroke IoU next to the base model's, bad configs; (slow) the IoU ga
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,8 +24,10 @@ from genlab.training import evaluation
 from genlab.training.evaluation import requested_controls, requested_labels
 
 ROOT = Path(__file__).resolve().parents[1]
-DIGITS, CONTROLNET = str(ROOT / "configs" / "digits.yaml"), str(ROOT / "configs" / "controlnet" / "controlnet_digits.yaml")
-TINY = ["model.channels=8", "model.norm_groups=4", "train.batch_size=8", "train.eval_samples=20", "train.warmup_steps=1"]
+DIGITS = str(ROOT / "configs" / "digits.yaml")
+CONTROLNET = str(ROOT / "configs" / "controlnet" / "controlnet_digits.yaml")
+TINY = ["model.channels=8", "model.norm_groups=4", "train.batch_size=8", "train.eval_samples=20",
+        "train.warmup_steps=1"]
 
 
 @pytest.fixture(scope="module")
@@ -67,33 +71,6 @@ def test_the_loss_at_initialisation_is_the_base_runs_and_only_the_controlnet_lea
     assert net.zero_convs[0].weight.grad.abs().sum() > 0 and net.mid_conv.weight.grad.abs().sum() > 0
 
 
-def test_a_controlnet_run_trains_checkpoints_and_reports_the_stroke_iou(base_run, tmp_path, capsys,
-                                                                         monkeypatch) -> None:
-    monkeypatch.setattr(evaluation, "image_metrics", lambda *args: {})  # the digits classifier: not this test's
-    out = tmp_path / "controlnet"
-    assert main(["train", CONTROLNET, *TINY, f"objective.base={base_run}", "train.steps=3",
-                 "train.checkpoint_every=3", "--out", str(out), "--quiet"]) == 0
-    text = capsys.readouterr().out
-    assert "training ControlNet (" in text and "IoU of the samples' controls" in text
-    ckpt = latest_checkpoint(out)
-    exp = _experiment(base_run)
-    own = exp.objective.modules()["model"].state_dict()
-    for file in ("model.safetensors", "ema.safetensors"):  # the ControlNet's weights alone
-        assert load_weights(ckpt / file).keys() == own.keys()
-    assert load_weights(ckpt / "model.safetensors")["mid_conv.weight"].abs().max() > 0  # it learned
-    assert not (ckpt / "base.safetensors").exists()  # frozen: read from the base run, never written
-    m = json.loads((out / "samples.json").read_text())
-    assert 0 <= m["control_iou"] <= 1 and [r["label"] for r in m["rows"]] == ["base"]
-    assert 0 <= m["rows"][0]["control_iou"] <= 1
-    # the samples were requested with held-out masks of their labels, the base row with the same ones
-    labels = requested_labels(exp, 2)
-    control, held = requested_controls(exp, labels, 20), exp.heldout_set()
-    for k in range(10):
-        assert torch.equal(control[labels == k], held.control[held.labels == k][:2])
-    assert main(["sample", str(out), "--n", "20", "--out", str(tmp_path / "again")]) == 0  # the run reloads
-    assert json.loads(next((tmp_path / "again").glob("*.json")).read_text())["control_iou"] == m["control_iou"]
-
-
 def test_a_controlnet_on_a_dit_base_starts_at_the_base_and_trains(tmp_path) -> None:
     """The same objective on a DiT: a DiTControlNet copied from the base's first block, the base's loss at
     initialisation, a Trainer step that moves only the ControlNet."""
@@ -118,6 +95,39 @@ def test_a_controlnet_on_a_dit_base_starts_at_the_base_and_trains(tmp_path) -> N
         t.fit()
     assert all(torch.equal(v, before[k]) for k, v in exp.model.state_dict().items())  # the base: frozen
     assert modules["model"].zero_linears[0].weight.abs().max() > 0
+
+
+def test_a_controlnet_run_trains_checkpoints_and_reports_the_stroke_iou(base_run, tmp_path, capsys,
+                                                                         monkeypatch) -> None:
+    """examples/train_controlnet.py on the tiny base (the Trainer over the config), then ``genlab sample``."""
+    monkeypatch.setattr(evaluation, "image_metrics", lambda *args: {})  # the digits classifier: not this test's
+    spec = importlib.util.spec_from_file_location("genlab_example_train_controlnet",
+                                                  ROOT / "examples" / "train_controlnet.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = tmp_path / "controlnet"
+    monkeypatch.setattr(sys, "argv", ["train_controlnet.py", "--base", str(base_run), "--out", str(out), *TINY,
+                                      "train.steps=3", "train.checkpoint_every=3"])
+    example.main()
+    assert "for the base model alone" in capsys.readouterr().out and (out / "controlnet_scales.png").is_file()
+    ckpt = latest_checkpoint(out)
+    exp = _experiment(base_run)
+    own = exp.objective.modules()["model"].state_dict()
+    for file in ("model.safetensors", "ema.safetensors"):  # the ControlNet's weights alone
+        assert load_weights(ckpt / file).keys() == own.keys()
+    assert load_weights(ckpt / "model.safetensors")["mid_conv.weight"].abs().max() > 0  # it learned
+    assert not (ckpt / "base.safetensors").exists()  # frozen: read from the base run, never written
+    m = json.loads((out / "samples.json").read_text())
+    assert 0 <= m["control_iou"] <= 1 and [r["label"] for r in m["rows"]] == ["base"]
+    assert 0 <= m["rows"][0]["control_iou"] <= 1
+    # the samples were requested with held-out masks of their labels, the base row with the same ones
+    labels = requested_labels(exp, 2)
+    control, held = requested_controls(exp, labels, 20), exp.heldout_set()
+    for k in range(10):
+        assert torch.equal(control[labels == k], held.control[held.labels == k][:2])
+    assert main(["sample", str(out), "--n", "20", "--out", str(tmp_path / "again")]) == 0  # the run reloads
+    assert "IoU of the samples' controls" in capsys.readouterr().out
+    assert json.loads(next((tmp_path / "again").glob("*.json")).read_text())["control_iou"] == m["control_iou"]
 
 
 @pytest.mark.parametrize("overrides, message", [

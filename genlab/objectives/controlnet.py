@@ -4,8 +4,9 @@ The base run's UNet (or DiT) is loaded from its run directory (its config valida
 through safetensors, its process checked against the config's) into the config's ``model:`` (which
 must be the base's architecture: inherit the base's config), and kept frozen. A ControlNet is copied
 from it (``ControlNet.from_unet``: the UNet's way down, a conditioning embedding, zero convolutions;
-``DiTControlNet.from_dit``: the DiT's first blocks, zero linears) and is the one trained module, with the base run's own denoising loss (its prediction type, time
-distribution and weighting) of the controlled model
+``DiTControlNet.from_dit``: the DiT's first blocks, zero linears) and is the one trained module, with
+the base run's own denoising loss (its prediction type, time distribution and weighting) of the
+controlled model
 
     L = E_{x0, t, eps, c} w(t) |F_theta(x_t, t, y, c) - target|^2,
     F_theta(x, t, y, c) = UNet(x, t, y; residuals = ControlNet_theta(x, t, c, y))   (the paper's Eq. 5),
