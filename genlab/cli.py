@@ -49,7 +49,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         obj = exp.objective
         others = "".join(f" and {name}: {_described(module)}" for name, module in obj.modules().items()
                          if name != "model" and name not in obj.frozen)
-        print(f"training {_described(exp.model)}{others} on {exp.process!r} for {exp.train.steps} steps -> {out}")
+        trained = obj.modules().get("model", exp.model)
+        print(f"training {_described(trained)}{others} on {exp.process!r} for {exp.train.steps} steps -> {out}")
         trainer.fit()
         if trainer.skipped:
             print(f"skipped {trainer.skipped} steps with a non-finite loss or gradient")
@@ -84,6 +85,8 @@ def report(out: Path, m: dict) -> None:
     if "confident_fraction" in m:
         print(f"classified as some digit with probability > 0.9: {m['confident_fraction']:.1%} of the samples "
               f"(held-out test digits: {m['confident_fraction_data']:.1%})")
+    if "control_iou" in m:
+        print(f"IoU of the samples' controls (made as the data's) with the requested ones: {m['control_iou']:.3f}")
     if m.get("rows"):
         from .training.evaluation import table
 

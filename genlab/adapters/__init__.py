@@ -4,12 +4,16 @@ to a backbone's named injection points (LoRA, ControlNet, T2I-Adapter, GLIGEN, .
 The layer sits above ``genlab.models`` and ``genlab.diffusion`` and below ``genlab.objectives``.
 """
 
+from .controlled import ControlledModel, controlled_unet
+from .controlnet import ControlNet, MultiControlNet
+from .dit_controlnet import DiTControlNet
 from .guidance import (CFG, CFGDenoiser, CFGOnOutputs, ClassifierGuidance, GradientGuidance, GradientGuided, Guidance,
                        GuidedDenoiser, UniversalGuidance, noisy_logits)
 from .lora import (LoRA, LoRAAdapter, LoRAConfig, adapter_names, adapter_parameters, attach_lora, lora_layers,
                    mark_only_adapters_trainable, merge_adapters, remove_adapter, set_adapters, unmerge_adapters)
 
-__all__ = ["CFG", "CFGDenoiser", "CFGOnOutputs", "ClassifierGuidance", "GradientGuidance", "GradientGuided",
-           "Guidance", "GuidedDenoiser", "LoRA", "LoRAAdapter", "LoRAConfig", "UniversalGuidance", "adapter_names",
-           "adapter_parameters", "attach_lora", "lora_layers", "mark_only_adapters_trainable", "merge_adapters",
-           "noisy_logits", "remove_adapter", "set_adapters", "unmerge_adapters"]
+__all__ = ["CFG", "CFGDenoiser", "CFGOnOutputs", "ClassifierGuidance", "ControlNet", "ControlledModel", "DiTControlNet",
+           "GradientGuidance", "GradientGuided", "Guidance", "GuidedDenoiser", "LoRA", "LoRAAdapter", "LoRAConfig",
+           "MultiControlNet", "UniversalGuidance", "adapter_names", "adapter_parameters", "attach_lora",
+           "controlled_unet", "lora_layers", "mark_only_adapters_trainable", "merge_adapters", "noisy_logits",
+           "remove_adapter", "set_adapters", "unmerge_adapters"]

@@ -14,6 +14,10 @@ gradients. Several ControlNets add their residuals (``MultiControlNet``)::
     residuals = controlnet(x, t, cond, class_labels, context, conditioning_scale=1.0)
     out = unet(x, t, class_labels, context, residuals=residuals)
 
+``genlab.adapters.controlled.ControlledModel`` joins them into one model, ``(x, t, class_labels, context,
+control, control_scale) -> out``, which every Denoiser, sampler and guidance wrapper runs unchanged (they
+pass ``cond`` to the model); model ``controlled_unet`` builds one from a config.
+
 The layout and names follow diffusers' ``ControlNetModel`` (``genlab.interop`` converts both ways);
 diffusers' ``guess_mode`` and ``global_pool_conditions`` are not reproduced.
 """
@@ -93,6 +97,19 @@ class ControlNet(UNetEncoder):
         if self.channels_last:
             self.to(memory_format=torch.channels_last)
 
+    @property
+    def control_factor(self) -> int:
+        """f: the control image is ``f`` times the UNet's input size."""
+        return self.cond_embed.factor
+
+    def mismatch(self, unet: nn.Module) -> str | None:
+        """Where this ControlNet does not fit ``unet`` (a field, its value and the UNet's), or None."""
+        if not isinstance(unet, UNet):
+            return f"backbone {type(unet).__name__}, a ControlNet steers a UNet"
+        ours, theirs = _architecture(self), _architecture(unet)
+        k = next((k for k in ours if ours[k] != theirs[k]), None)
+        return None if k is None else f"{k} {ours[k]}, the UNet's {theirs[k]}"
+
     @classmethod
     def from_unet(cls, unet: UNet, conditioning_channels: PositiveInt = 3,
                   embedding_channels: tuple[PositiveInt, ...] = (16, 32, 96, 256)) -> ControlNet:
@@ -122,9 +139,9 @@ class ControlNet(UNetEncoder):
 
 
 class MultiControlNet(nn.Module):
-    """Several ControlNets on one UNet: ``(x, t, conds: one per ControlNet, class_labels, context,
-    conditioning_scales: one per ControlNet or one for all, interval) -> residuals``, the sum of theirs
-    (diffusers' ``MultiControlNetModel``)."""
+    """Several ControlNets on one backbone (``ControlNet`` s on a UNet, ``DiTControlNet`` s on a DiT): ``(x, t,
+    conds: one per ControlNet, class_labels, context, conditioning_scales: one per ControlNet or one for
+    all, interval) -> residuals``, the sum of theirs (diffusers' ``MultiControlNetModel``)."""
 
     def __init__(self, controlnets: Sequence[ControlNet]) -> None:
         super().__init__()
@@ -145,3 +162,9 @@ class MultiControlNet(nn.Module):
             for name, r in net(x, t, cond, class_labels, context, scale, interval).items():
                 total[name] = total[name] + r if name in total else r
         return total
+
+
+def _architecture(net: UNetEncoder) -> dict[str, Any]:
+    """What a ControlNet and its UNet must share: the shapes of the way down and of its conditions."""
+    keys = ("in_channels", "channels", "num_res_blocks", "num_classes", "cross_attention_dim", "time_embed_dim")
+    return {"widths": list(net.widths), **{k: net.config[k] for k in keys}}

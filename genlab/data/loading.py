@@ -129,12 +129,18 @@ class BatchStream(Sampler[list[Any]]):
             epoch, offset = epoch + 1, 0
 
 
+PAIRED = ("source", "control")  # per-item tensors [N, ...] a data set may hold besides data and labels
+
+
 class TensorItems(Dataset):
     """A data set holding its items as tensors, ``data`` [N, ...] and optionally ``labels`` [N], read a
-    batch at a time: ``__getitems__(indices)`` -> ``{"x": [B, ...], "class_labels": [B]}``."""
+    batch at a time: ``__getitems__(indices)`` -> ``{"x": [B, ...], "class_labels": [B]}``, plus the
+    rows of each :data:`PAIRED` tensor it holds: ``source`` (reflow's paired start points) and
+    ``control`` (a ControlNet's conditioning image of each item)."""
 
-    def __init__(self, data: Tensor, labels: Tensor | None = None, source: Tensor | None = None) -> None:
-        self.data, self.labels, self.source = data, labels, source
+    def __init__(self, data: Tensor, labels: Tensor | None = None, source: Tensor | None = None,
+                 control: Tensor | None = None) -> None:
+        self.data, self.labels, self.source, self.control = data, labels, source, control
 
     def __len__(self) -> int:
         return self.data.shape[0]
@@ -147,8 +153,9 @@ class TensorItems(Dataset):
         batch = {"x": self.data[idx]}
         if self.labels is not None:
             batch["class_labels"] = self.labels[idx]
-        if self.source is not None:  # paired start points (reflow)
-            batch["source"] = self.source[idx]
+        for name in PAIRED:
+            if getattr(self, name) is not None:
+                batch[name] = getattr(self, name)[idx]
         return batch
 
 
@@ -189,7 +196,8 @@ class TensorBatches:
 def training_batches(dataset: Any, batch_size: int, *, seed: int = 0, rank: int = 0, world: int = 1,
                      start: int = 0, num_workers: int = 0, labels: bool = True,
                      device: torch.device | str | None = None) -> DataLoader | TensorBatches:
-    """An iterable of training batches ``{"x": [B, ...], "class_labels": [B]}`` in the order of
+    """An iterable of training batches ``{"x": [B, ...], "class_labels": [B]}`` (and the data set's
+    :data:`PAIRED` tensors' rows) in the order of
     :class:`BatchStream` from batch ``start``. A data set with a ``data`` tensor (and ``labels``, used
     when ``labels``) is read by tensor indexing, on ``device`` (:class:`TensorBatches`) when there are
     no workers; any other map-style data set through its items by a DataLoader, with ``num_workers``
@@ -198,11 +206,12 @@ def training_batches(dataset: Any, batch_size: int, *, seed: int = 0, rank: int 
     data = getattr(dataset, "data", None)
     if isinstance(data, Tensor):
         targets = getattr(dataset, "labels", None) if labels else None
-        source = getattr(dataset, "source", None)
-        source = source if isinstance(source, Tensor) else None
+        paired = {name: getattr(dataset, name, None) for name in PAIRED}
+        paired = {name: v if isinstance(v, Tensor) else None for name, v in paired.items()}
         if num_workers == 0 and device is not None:
-            data, targets, source = (None if v is None else v.to(device) for v in (data, targets, source))
-        dataset = TensorItems(data, targets, source)
+            data, targets = (None if v is None else v.to(device) for v in (data, targets))
+            paired = {name: None if v is None else v.to(device) for name, v in paired.items()}
+        dataset = TensorItems(data, targets, **paired)
     stream = BatchStream(len(dataset), batch_size, seed=seed, rank=rank, world=world, start=start,
                          keys=bool(getattr(dataset, "wants_item_keys", False)))
     if isinstance(dataset, TensorItems) and num_workers == 0:

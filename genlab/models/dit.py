@@ -250,6 +250,11 @@ class DiT(nn.Module):
               for time_embed, label_embed in self._embedders()]
         return cs if self.per_block_embedding else cs * len(self.blocks)
 
+    def tokens(self, x: Tensor) -> Tensor:
+        """The token stream the blocks start from, ``[B, N, hidden]``: ``x: [B, C, H, W]`` cut into patches
+        (``patch_embed``) plus the position embedding."""
+        return rearrange(self.patch_embed(x), "b d h w -> b (h w) d").contiguous() + self.pos_embed
+
     def injection_points(self, x_shape: tuple[int, ...] | torch.Size) -> dict[str, torch.Size]:
         """Names and shapes of the residuals ``forward`` accepts for an input of ``x_shape``:
         ``"block.i"`` -> ``[B, N, hidden]``, added to the tokens after block i."""
@@ -264,7 +269,7 @@ class DiT(nn.Module):
         self._check_x(tuple(x.shape))
         cs = self.conditions(x, t, class_labels, interval)  # [B, hidden] per block
         self._check_context(context, x.shape[0])
-        h = rearrange(self.patch_embed(x), "b d h w -> b (h w) d").contiguous() + self.pos_embed
+        h = self.tokens(x)
         extra = self._check_residuals(residuals or {}, h.shape)
         for i, block in enumerate(self.blocks):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():

@@ -5,10 +5,11 @@ The layer sits above ``genlab.models`` and ``genlab.diffusion``; the Trainer (``
 runs any objective and knows nothing of diffusion.
 """
 
-from .base import Batch, BuildContext, Objective, Reference
+from .base import Batch, BuildContext, Objective, Reference, conditions
 from .denoising import DenoisingObjective, FlowMatchingObjective
 from .classifier import NoisyClassifier
 from .consistency import ConsistencyDistillation
+from .controlnet import ControlNetTraining
 from .consistency_training import ConsistencyTraining, EasyConsistencyTuning, ImprovedConsistencyTraining
 from .distillation import ProgressiveDistillation
 from .finetune import FineTune
@@ -16,6 +17,6 @@ from .flow_matching import CFMDraw, ConditionalFlowMatching, check_path_process
 from .meanflow import MeanFlow
 
 __all__ = ["Batch", "BuildContext", "Objective", "CFMDraw", "ConditionalFlowMatching", "ConsistencyDistillation",
-           "ConsistencyTraining", "DenoisingObjective", "EasyConsistencyTuning", "FineTune", "FlowMatchingObjective",
-           "ImprovedConsistencyTraining", "MeanFlow", "NoisyClassifier", "ProgressiveDistillation", "Reference",
-           "check_path_process"]
+           "ConsistencyTraining", "ControlNetTraining", "DenoisingObjective", "EasyConsistencyTuning", "FineTune",
+           "FlowMatchingObjective", "ImprovedConsistencyTraining", "MeanFlow", "NoisyClassifier", "ProgressiveDistillation",
+           "Reference", "check_path_process", "conditions"]

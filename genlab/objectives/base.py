@@ -46,6 +46,12 @@ from torch import Tensor, nn
 from ..core.registry import register_namespace
 
 Batch = dict[str, Tensor]  # "x" [B, ...] and, for labelled data, "class_labels" [B]
+CONDITIONS = ("class_labels", "control")  # a batch's entries that are the model's keyword conditions
+
+
+def conditions(batch: Batch) -> dict[str, Tensor]:
+    """The model's keyword conditions of a batch: its class labels and control images, where it has them."""
+    return {k: batch[k] for k in CONDITIONS if k in batch}
 
 
 @dataclass
@@ -60,6 +66,7 @@ class BuildContext:
     pretrained: Callable[[str], Any] | None = None  # a run or checkpoint directory -> its Experiment, EMA weights loaded
     new_model: Callable[[], nn.Module] | None = None  # another network from ``model:``, freshly initialised
     guidance: Any = None  # the config's ``guidance:`` (``wrap(denoiser)``), applied by :meth:`Objective.guided`
+    data: Any = None  # the training data set (for what an objective reads besides batches: its control images)
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -29,7 +29,7 @@ from ..diffusion.consistency import ConsistencyDenoiser, ConsistencyOnDenoiser
 from ..diffusion.denoiser import Denoiser
 from ..diffusion.levels import combine
 from ..diffusion.samplers.base import Sampler
-from .base import Batch, BuildContext, Objective, Reference
+from .base import Batch, BuildContext, Objective, Reference, conditions
 from .teachers import Teacher, load_teacher
 
 Distance = Literal["l2", "l1", "pseudo_huber"]
@@ -104,11 +104,6 @@ class ConsistencyObjective(Objective):
         denoiser = self.guided(self.denoiser(modules["model"]))
         return self.context.sampler.sample(denoiser, shape=(n, *self.context.data_shape),
                                            steps=steps, generator=generator, progress=False, cond=cond)
-
-
-def conditions(batch: Batch) -> dict[str, Tensor]:
-    """The model's keyword conditions of a batch (its class labels, if any)."""
-    return {"class_labels": batch["class_labels"]} if "class_labels" in batch else {}
 
 
 @register("objective", "consistency_distillation")

@@ -43,8 +43,8 @@ from ..core.bounds import NonNegativeFloat, PositiveFloat, PositiveInt, Range
 from ..core.registry import register
 from ..diffusion.levels import Level, combine
 from ..diffusion.time_distributions import LogNormalSigma
-from .base import Batch, BuildContext
-from .consistency import ConsistencyObjective, Distance, conditions
+from .base import Batch, BuildContext, conditions
+from .consistency import ConsistencyObjective, Distance
 from .teachers import load_teacher
 
 Levels = Annotated[int, Range(ge=2)]  # a number of discretisation levels: at least one interval

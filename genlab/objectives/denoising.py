@@ -20,7 +20,7 @@ from ..diffusion.levels import Level, combine
 from ..diffusion.predictions import PredictionType
 from ..diffusion.processes import Process
 from ..diffusion.time_distributions import TimeDistribution
-from .base import Batch, Objective
+from .base import Batch, Objective, conditions
 
 Weighting = Literal["constant", "snr", "min_snr", "edm"]
 
@@ -54,7 +54,7 @@ class DenoisingObjective(Objective):
     def loss(self, modules: dict[str, nn.Module], batch: Batch, generator: torch.Generator,
              optimizer: str = "model") -> Tensor:
         """:meth:`__call__` on the batch, the model as the objective's Denoiser."""
-        cond = {"class_labels": batch["class_labels"]} if "class_labels" in batch else {}
+        cond = conditions(batch)
         return self(self.denoiser(modules["model"]), batch["x"], generator=generator, **cond)
 
     def sample(self, modules: dict[str, nn.Module], n: int, generator: torch.Generator,

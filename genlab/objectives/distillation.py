@@ -30,7 +30,7 @@ from ..diffusion.levels import combine
 from ..diffusion.grids import GridSpec, TimeGrid
 from ..diffusion.samplers.base import Sampler
 from ..diffusion.samplers.ddim import DDIM
-from .base import Batch, BuildContext, Objective, Reference
+from .base import Batch, BuildContext, Objective, Reference, conditions
 from .teachers import load_teacher
 
 DistillWeighting = Literal["truncated_snr", "snr", "constant"]
@@ -92,7 +92,7 @@ class ProgressiveDistillation(Objective):
     def loss(self, modules: dict[str, nn.Module], batch: Batch, generator: torch.Generator,
              optimizer: str = "model") -> Tensor:
         x0 = batch["x"]
-        cond = {"class_labels": batch["class_labels"]} if "class_labels" in batch else {}
+        cond = conditions(batch)
         n, process = x0.shape[0], self.context.process
         i = torch.randint(self.student_steps, (n,), generator=generator, device=x0.device)
         grid = self.times.to(x0.device)

@@ -69,29 +69,31 @@ class Teacher:
         return solver.integrate(self.denoiser(module, process), x, times=times, cond=cond)
 
 
-def load_teacher(context: BuildContext, source: str | Denoiser, *, student_from_teacher: bool) -> Teacher:
+def load_teacher(context: BuildContext, source: str | Denoiser, *, student_from_teacher: bool,
+                 role: str = "teacher") -> Teacher:
     """The teacher ``source`` names, checked against the experiment: a run's process must be the config's
     (same alpha and sigma); with ``student_from_teacher`` the config's model takes the teacher's EMA
-    weights (it must have the teacher's architecture). ValueError naming the mismatch otherwise."""
+    weights (it must have the teacher's architecture). ValueError naming the mismatch otherwise; ``role``
+    names the run in the messages (a ControlNet's frozen ``base`` is loaded the same way)."""
     if isinstance(source, Denoiser):
         return Teacher(source)
     if context.pretrained is None:
-        raise ValueError("teacher: a run directory needs an experiment to load it from")
+        raise ValueError(f"{role}: a run directory needs an experiment to load it from")
     try:
         run = context.pretrained(str(source))
     except GenlabError as e:
-        raise ValueError(f"teacher: {e}; train the teacher first, or name its run directory") from None
+        raise ValueError(f"{role}: {e}; train the {role} first, or name its run directory") from None
     if not callable(getattr(run.objective, "denoiser", None)):
-        raise ValueError(f"teacher: {source} was trained with objective {type(run.objective).__name__}, which trains "
-                         "no denoiser; a teacher is a diffusion or flow-matching run")
+        raise ValueError(f"{role}: {source} was trained with objective {type(run.objective).__name__}, which trains "
+                         f"no denoiser; a {role} is a diffusion or flow-matching run")
     if not same_process(run.process, context.process):
-        raise ValueError(f"teacher: the teacher was trained on {run.process!r}, the config names {context.process!r}; "
-                         "use the teacher's process")
+        raise ValueError(f"{role}: the {role} was trained on {run.process!r}, the config names {context.process!r}; "
+                         f"use the {role}'s process")
     if student_from_teacher:
         own = context.model.state_dict()
         for key, value in run.model.state_dict().items():
             if key not in own or own[key].shape != value.shape:
-                raise ValueError(f"teacher: the student's model must have the teacher's architecture ('{key}' differs); "
-                                 "use the teacher's model section")
+                raise ValueError(f"{role}: the config's model must have the {role}'s architecture ('{key}' differs); "
+                                 f"use the {role}'s model section")
         context.model.load_state_dict(run.model.state_dict())
     return Teacher(run.model, run.objective, run.sampler)

@@ -5,6 +5,10 @@ distance (:func:`~genlab.metrics.wasserstein2`) on the first ``W2_POINTS`` sampl
 held-out points, each next to its value between two held-out draws. Images: a grid with one
 row per requested class; for digits, a classifier trained by the library gives the accuracy of
 samples on their requested labels and a Frechet distance in its feature space (Heusel et al. 2017).
+Data that gives a control image per item (digits' ``control: stroke``): every sample is requested with
+the control of a held-out item of its label (:func:`requested_controls`), and ``control_iou`` is the mean
+IoU between each sample's control, made as the data set makes its own (its stroke mask), and the
+requested one; the same controls go to every row (the references: a ControlNet's base model alone).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from torch import Tensor, nn
 from ..core.errors import WriteError
 from ..core.io import write_json_atomic
 from ..data import Digits
-from ..metrics import frechet_distance, sliced_wasserstein, train_digits_classifier, wasserstein2
+from ..metrics import frechet_distance, mask_iou, sliced_wasserstein, train_digits_classifier, wasserstein2
 from .experiment import Experiment
 from .plots import plot_image_grid, plot_samples_2d
 
@@ -35,16 +39,34 @@ SampleFn = Callable[[int, torch.Generator, dict[str, Tensor] | None], Tensor]  #
 
 @torch.no_grad()
 def draw(sample: SampleFn, device: torch.device, n: int, generator: torch.Generator,
-         labels: Tensor | None = None) -> Tensor:
-    """``n`` samples [n, *data shape] (float32, CPU) from ``sample`` (for the requested ``labels``)."""
-    cond = None if labels is None else {"class_labels": labels.to(device)}
-    return sample(n, generator, cond).float().cpu()
+         labels: Tensor | None = None, control: Tensor | None = None) -> Tensor:
+    """``n`` samples [n, *data shape] (float32, CPU) from ``sample`` (for the requested ``labels`` and
+    ``control`` images)."""
+    given = {"class_labels": labels, "control": control}
+    cond = {k: v.to(device) for k, v in given.items() if v is not None}
+    return sample(n, generator, cond or None).float().cpu()
 
 
 def requested_labels(exp: Experiment, per_class: int) -> Tensor | None:
     """Labels 0..K-1, each ``per_class`` times (None for an unconditional model)."""
     k = exp.sampled_classes
     return None if k is None else torch.arange(k).repeat_interleave(per_class)
+
+
+def requested_controls(exp: Experiment, labels: Tensor | None, n: int) -> Tensor | None:
+    """The control images ``[n, ...]`` the samples are requested with: for the j-th sample of label k, the
+    control of the j-th held-out item of class k (cycling through them; without labels, of held-out item
+    j); None for data without a control per item."""
+    if getattr(exp.data, "control", None) is None:
+        return None
+    held = exp.heldout_set()
+    if labels is None:
+        return held.control[torch.arange(n) % len(held.control)]
+    pick = torch.empty(n, dtype=torch.long)
+    for k in labels.unique().tolist():
+        where, items = (labels == k).nonzero()[:, 0], (held.labels == k).nonzero()[:, 0]
+        pick[where] = items[torch.arange(len(where)) % len(items)]
+    return held.control[pick]
 
 
 def evaluate(exp: Experiment, modules: dict[str, nn.Module], out: str | os.PathLike, name: str, seed: int,
@@ -123,9 +145,12 @@ def _evaluate(exp: Experiment, sample: SampleFn, device: torch.device, image: Pa
         return metrics
     per_class = max(1, exp.train.eval_samples // (exp.sampled_classes or 1))
     labels = requested_labels(exp, per_class)
-    samples = draw(sample, device, per_class * (exp.sampled_classes or 1), g, labels=labels)
+    control = requested_controls(exp, labels, per_class * (exp.sampled_classes or 1))
+    samples = draw(sample, device, per_class * (exp.sampled_classes or 1), g, labels=labels, control=control)
     metrics["sampling_seconds"] = time.perf_counter() - start
     metrics.update(image_metrics(exp, samples, labels))
+    if control is not None:
+        metrics["control_iou"] = mask_iou(exp.data.make_control(samples), control).mean().item()
     rows = exp.sampled_classes or 10
     plot_image_grid(samples, image, rows=rows, per_row=min(per_class, 10) if labels is not None else None,
                     title=_title(title, metrics))
@@ -166,16 +191,18 @@ def _title(head: str, m: dict[str, Any]) -> str:
     if "confident_fraction" in m:
         parts.append(f"max class prob > 0.9: {m['confident_fraction']:.1%} "
                      f"(test data {m['confident_fraction_data']:.1%})")
+    if "control_iou" in m:
+        parts.append(f"control IoU {m['control_iou']:.3f}")
     return head + ("\n" + " | ".join(parts) if parts else "")
 
 
 def table(rows: list[dict[str, Any]]) -> list[str]:
     """The rows of an evaluation (``metrics["rows"]``) as aligned lines, a header first: label, steps,
-    then classifier accuracy, Frechet distance and confident fraction (digits) or the sliced and exact
-    Wasserstein-2 distances (2-D data), and the sampler."""
+    then classifier accuracy, Frechet distance, confident fraction and control IoU (digits) or the sliced
+    and exact Wasserstein-2 distances (2-D data), and the sampler."""
     columns = [("accuracy", "classifier_accuracy", "{:.1%}"), ("FD", "frechet_distance", "{:.3f}"),
-               ("confident", "confident_fraction", "{:.1%}"), ("sliced W2", "sliced_wasserstein", "{:.4f}"),
-               ("W2", "wasserstein2", "{:.4f}")]
+               ("confident", "confident_fraction", "{:.1%}"), ("IoU", "control_iou", "{:.3f}"),
+               ("sliced W2", "sliced_wasserstein", "{:.4f}"), ("W2", "wasserstein2", "{:.4f}")]
     shown = [c for c in columns if any(c[1] in r for r in rows)]
     width = max([5, *(len(str(r["label"])) for r in rows)])
     lines = [f"{'':<{width}}  steps" + "".join(f"  {head:>10}" for head, _, _ in shown) + "  sampler"]

@@ -106,7 +106,7 @@ class Experiment:
         exp = cls(config, train, process, data, model, objective, sampler, guidance)
         context = BuildContext(model=model, process=process, sampler=sampler, data_shape=exp.data_shape,
                                num_classes=exp.num_classes, pretrained=load_pretrained, new_model=new_model,
-                               guidance=guidance)
+                               guidance=guidance, data=data)
         try:
             objective.build(context)
         except ValueError as e:
@@ -134,23 +134,29 @@ class Experiment:
         return self.num_classes or (getattr(self.guidance, "num_classes", None)
                                     if getattr(self.data, "labels", None) is not None else None)
 
-    def heldout_images(self) -> Tensor:
-        """The data set's test split (images the model never saw), all of it at once: for data sets
-        with a ``split`` and an in-memory ``data`` tensor (digits); GenlabError for a lazy one."""
-        return self.heldout_split().data
-
-    def heldout_split(self) -> Any:
-        """The data set's test split (``data`` [N, ...] and ``labels`` [N] in memory): see :meth:`heldout_images`."""
+    def heldout_set(self) -> Any:
+        """The data set's test split (items the model never saw), built with the config's other data
+        options (a control image per item too): for data sets with a ``split`` (digits)."""
         cfg = self.config.get("data", "toy2d")
         cfg = {"type": cfg} if isinstance(cfg, str) else {k: v for k, v in dict(cfg).items() if k != "n"}
         if "split" not in inspect.signature(lookup("dataset", cfg.get("type"), path="data.type")).parameters:
             raise ConfigError(f"heldout_images: data set {cfg.get('type')!r} has no test split (it takes no `split`); "
                               "held-out images come from data sets such as digits")
-        held = build("dataset", {**cfg, "split": "test"}, path="data")
+        return build("dataset", {**cfg, "split": "test"}, path="data")
+
+    def heldout_split(self) -> Any:
+        """:meth:`heldout_set` with its items in memory (``data`` [N, ...], ``labels`` [N]); GenlabError for a
+        data set that reads its items lazily."""
+        held = self.heldout_set()
         if not isinstance(getattr(held, "data", None), Tensor):
             raise GenlabError(f"heldout_images: data set {type(held).__name__} reads its items lazily and has no "
                               "`data` tensor holding them all; read the images needed with its images(indices)")
         return held
+
+    def heldout_images(self) -> Tensor:
+        """The test split's images [N, ...] (images the model never saw), all of them at once: see
+        :meth:`heldout_split`."""
+        return self.heldout_split().data
 
     def denoiser(self, model: nn.Module | None = None) -> Denoiser:
         """The objective's Denoiser of ``model`` (default: the experiment's), for diffusion families."""
