@@ -12,8 +12,8 @@ images) or real images of another data set (Custom Diffusion's regularisation, K
 Sec. 3.2). What trains:
 
 - DreamBooth: every weight (``trainable`` unset), usually with prior preservation;
-- Custom Diffusion: the cross-attention key and value projections (``trainable: ["*attn2.to_k*",
-  "*attn2.to_v*"]``, the patterns naming a backbone's cross-attention), with a new class or token;
+- Custom Diffusion: the cross-attention key and value projections (``trainable: ["*attn_2.to_k*",
+  "*attn_2.to_v*"]`` for genlab's UNet, ``"*cross_attn.to_[kv]*"`` for its DiT), with a new class or token;
 - textual inversion (Gal et al. 2023): nothing but ``new_classes`` new rows of the backbone's class
   embedding (``trainable: []``), the instance images labelled with the first new class.
 
