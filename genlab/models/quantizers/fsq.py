@@ -48,8 +48,12 @@ class FSQ(Quantizer):
     def quantize(self, h: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         half_width = self._levels // 2
         q = torch.round(h * half_width) / half_width
-        indices = ((torch.round(q * half_width) + half_width).long() * self._basis).sum(-1)
-        return q, indices, {}
+        return q, self.indices_of(q), {}
+
+    def indices_of(self, codes: Tensor) -> Tensor:
+        """The inverse of :meth:`lookup`: codes ``[..., len(levels)]`` (in code space) -> indices ``[...]``."""
+        half_width = self._levels // 2
+        return ((torch.round(codes * half_width) + half_width).long() * self._basis).sum(-1)
 
     def lookup(self, indices: Tensor) -> Tensor:
         level_index = torch.div(rearrange(indices, "... -> ... 1"), self._basis, rounding_mode="floor") % self._levels

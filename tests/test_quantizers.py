@@ -1,0 +1,198 @@
+"""Quantizers: vector-quantize-pytorch as the oracle (indices, quantized values, one EMA step, FSQ / LFQ codes,
+residual VQ, grouped codebooks, the rotation trick's gradient), straight-through gradients, the commitment
+loss's gradient, k-means initialisation, dead-code replacement, two gloo ranks, the config path, bad input."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from genlab.core.errors import ConfigError, ShapeError
+from genlab.core.registry import build
+from genlab.models.quantizers import (FSQ, LFQ, GroupedQuantizer, ResidualQuantizer, VectorQuantizer, rotation_trick,
+                                      straight_through)
+
+vqp = pytest.importorskip("vector_quantize_pytorch")
+
+TOL = dict(atol=1e-6, rtol=0)
+
+
+def _copy_vq(theirs, ours: VectorQuantizer, head: int = 0) -> None:
+    """Their codebook and EMA statistics (and projections) into ours."""
+    cb = theirs._codebook
+    with torch.no_grad():
+        ours.codebook.copy_(cb.embed[head])
+        ours.embed_sum.copy_(cb.embed_avg[head])
+        ours.cluster_size.copy_(cb.cluster_size[head])
+        if ours.projected:
+            ours.project_in.load_state_dict(theirs.project_in.state_dict())
+            ours.project_out.load_state_dict(theirs.project_out.state_dict())
+
+
+def _x(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------- oracle: VectorQuantize, FSQ, LFQ, ResidualVQ
+
+
+@pytest.mark.parametrize("cosine", [False, True], ids=["l2", "cosine"])
+@pytest.mark.parametrize("codebook_dim", [None, 4], ids=["no_projection", "projection"])
+def test_vq_equals_vector_quantize_pytorch(cosine: bool, codebook_dim: int | None) -> None:
+    torch.manual_seed(0)
+    theirs = vqp.VectorQuantize(dim=8, codebook_size=32, codebook_dim=codebook_dim, use_cosine_sim=cosine,
+                                rotation_trick=False, commitment_weight=0.25).eval()
+    ours = VectorQuantizer(8, 32, codebook_dim, distance="cosine" if cosine else "l2", channel_last=True).eval()
+    _copy_vq(theirs, ours)
+    x = _x(4, 50, 8)
+    q_ref, idx_ref, _ = theirs(x)
+    q, idx, _ = ours(x)
+    assert torch.equal(idx, idx_ref) and idx.unique().numel() > 8
+    torch.testing.assert_close(q, q_ref, **TOL)
+    torch.testing.assert_close(ours.codes(idx), theirs.get_output_from_indices(idx), **TOL)
+
+
+def test_vq_image_layout_equals_accept_image_fmap() -> None:
+    torch.manual_seed(0)
+    theirs = vqp.VectorQuantize(dim=6, codebook_size=16, accept_image_fmap=True, rotation_trick=False).eval()
+    ours = VectorQuantizer(6, 16).eval()  # channel-first [B, D, H, W]
+    _copy_vq(theirs, ours)
+    x = _x(2, 6, 5, 7)
+    q_ref, idx_ref, _ = theirs(x)
+    q, idx, _ = ours(x)
+    assert idx.shape == (2, 5, 7) and torch.equal(idx, idx_ref)
+    torch.testing.assert_close(q, q_ref, **TOL)
+    assert torch.equal(ours.codes(idx), q)  # without a gradient, quantized is exactly the codes
+
+
+@pytest.mark.parametrize("cosine", [False, True], ids=["l2", "cosine"])
+def test_one_ema_step_equals_vector_quantize_pytorch(cosine: bool) -> None:
+    """Training mode, decay 0.9: the counts, sums and codebook after one step; the commitment loss."""
+    torch.manual_seed(0)
+    theirs = vqp.VectorQuantize(dim=8, codebook_size=16, decay=0.9, eps=1e-5, use_cosine_sim=cosine,
+                                rotation_trick=False, commitment_weight=0.3).train()
+    ours = VectorQuantizer(8, 16, distance="cosine" if cosine else "l2", decay=0.9, eps=1e-5, beta=0.3,
+                           channel_last=True).train()
+    _copy_vq(theirs, ours)
+    x = _x(4, 40, 8)
+    q_ref, idx_ref, loss_ref = theirs(x)
+    q, idx, losses = ours(x)
+    assert torch.equal(idx, idx_ref)
+    torch.testing.assert_close(q, q_ref, **TOL)
+    torch.testing.assert_close(losses["commitment"], loss_ref, **TOL)
+    cb = theirs._codebook
+    torch.testing.assert_close(ours.cluster_size, cb.cluster_size[0], **TOL)
+    torch.testing.assert_close(ours.embed_sum, cb.embed_avg[0], **TOL)
+    torch.testing.assert_close(ours.codebook, cb.embed[0], **TOL)
+    assert (ours.codebook - x.new_tensor(0)).abs().sum() > 0 and not torch.equal(ours.codebook, ours.embed_sum)
+
+
+def test_grouped_vq_equals_separate_codebooks_per_head() -> None:
+    torch.manual_seed(0)
+    theirs = vqp.VectorQuantize(dim=8, codebook_size=16, codebook_dim=4, heads=2, separate_codebook_per_head=True, decay=0.9,
+                                rotation_trick=False).train()
+    ours = GroupedQuantizer(VectorQuantizer(4, 16, decay=0.9), groups=2, channel_last=True).train()
+    for g, group in enumerate(ours.groups):
+        _copy_vq(theirs, group, head=g)
+    x = _x(3, 20, 8)
+    q_ref, idx_ref, loss_ref = theirs(x)
+    q, idx, losses = ours(x)
+    assert idx.shape == (3, 20, 2) and torch.equal(idx, idx_ref)
+    torch.testing.assert_close(q, q_ref, **TOL)
+    torch.testing.assert_close(losses["commitment"] / 0.25, loss_ref, **TOL)  # theirs: commitment weight 1
+    for g, group in enumerate(ours.groups):
+        torch.testing.assert_close(group.codebook, theirs._codebook.embed[g], **TOL)
+    out = ours.eval()(x)
+    assert torch.equal(ours.codes(out.indices), out.quantized)
+
+
+def test_rotation_trick_equals_vector_quantize_pytorch_forward_and_gradient() -> None:
+    torch.manual_seed(0)
+    theirs = vqp.VectorQuantize(dim=8, codebook_size=16, rotation_trick=True, ema_update=False).train()
+    ours = VectorQuantizer(8, 16, gradient="rotation", channel_last=True).train()
+    _copy_vq(theirs, ours)
+    x, g = _x(2, 30, 8), _x(2, 30, 8, seed=1)
+    x_ref, x_ours = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    q_ref, idx_ref, _ = theirs(x_ref)
+    q, idx, _ = ours(x_ours)
+    (q_ref * g).sum().backward()
+    (q * g).sum().backward()
+    assert torch.equal(idx, idx_ref)
+    torch.testing.assert_close(q, q_ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(x_ours.grad, x_ref.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_rotation_trick_is_a_scaled_rotation() -> None:
+    """Fifty et al. 2024: the Jacobian is |q| / |e| R with R orthogonal and R e_hat = q_hat."""
+    e, q = _x(5, 6), 3 * _x(5, 6, seed=1)
+    e.requires_grad_(True)
+    out = rotation_trick(e, q)
+    torch.testing.assert_close(out, q, atol=1e-5, rtol=1e-5)
+    scale = q.norm(dim=-1, keepdim=True) / e.norm(dim=-1, keepdim=True)
+    (grad,) = torch.autograd.grad(out, e, F.normalize(q, dim=-1), retain_graph=True)
+    torch.testing.assert_close(grad, scale * F.normalize(e.detach(), dim=-1), atol=1e-5, rtol=1e-5)  # R^T q_hat = e_hat
+    g = _x(5, 6, seed=2)
+    (grad,) = torch.autograd.grad(out, e, g)
+    torch.testing.assert_close(grad.norm(dim=-1, keepdim=True), scale * g.norm(dim=-1, keepdim=True))  # a rotation
+    assert not torch.allclose(grad, scale * g, atol=1e-3)  # and not straight-through
+
+
+@pytest.mark.parametrize("levels,dim", [([8, 5, 5, 5], None), ([7, 6, 5], 10)], ids=["8555", "765_projected"])
+def test_fsq_equals_vector_quantize_pytorch(levels: list[int], dim: int | None) -> None:
+    torch.manual_seed(0)
+    theirs = vqp.FSQ(levels, dim=dim)
+    ours = FSQ(levels, dim=dim, channel_last=True)
+    if ours.projected:
+        ours.project_in.load_state_dict(theirs.project_in.state_dict())
+        ours.project_out.load_state_dict(theirs.project_out.state_dict())
+    x = 2 * _x(3, 500, dim or len(levels))
+    q_ref, idx_ref = theirs(x)
+    q, idx, losses = ours(x)
+    assert losses == {} and torch.equal(idx, idx_ref.long()) and idx.unique().numel() > 100
+    torch.testing.assert_close(q, q_ref, **TOL)
+    all_idx = torch.arange(ours.codebook_size).reshape(1, -1)
+    torch.testing.assert_close(ours.codes(all_idx), theirs.indices_to_codes(all_idx), **TOL)
+    codes = ours.lookup(all_idx)  # in code space (before the projection)
+    assert torch.equal(ours.indices_of(codes), all_idx)  # the round trip
+    assert torch.equal(ours.indices_of(codes), theirs.codes_to_indices(codes).long())
+
+
+def test_lfq_equals_vector_quantize_pytorch() -> None:
+    """Codes, indices (first channel most significant) and the entropy + commitment loss, in training mode."""
+    theirs = vqp.LFQ(dim=6, codebook_size=64, entropy_loss_weight=0.1, commitment_loss_weight=0.25,
+                     diversity_gamma=1.3).train()
+    ours = LFQ(6, entropy_weight=0.1, commitment_weight=0.25, diversity_gamma=1.3, channel_last=True).train()
+    x = 0.05 * _x(4, 64, 6)  # small: soft assignments, so the entropy terms matter
+    q_ref, idx_ref, loss_ref = theirs(x)
+    q, idx, losses = ours(x)
+    assert torch.equal(idx, idx_ref) and idx.unique().numel() > 32
+    torch.testing.assert_close(q, q_ref, **TOL)
+    torch.testing.assert_close(losses["entropy"] + losses["commitment"], loss_ref, **TOL)
+    all_idx = torch.arange(64).reshape(1, -1)
+    torch.testing.assert_close(ours.codes(all_idx), theirs.indices_to_codes(all_idx), **TOL)
+    assert torch.equal(ours(ours.codes(all_idx)).indices, all_idx)
+
+
+def test_residual_vq_equals_residual_vq_of_vector_quantize_pytorch() -> None:
+    torch.manual_seed(0)
+    theirs = vqp.ResidualVQ(dim=8, num_quantizers=3, codebook_size=16, decay=0.9, rotation_trick=False,
+                            commitment_weight=0.25)
+    ours = ResidualQuantizer(VectorQuantizer(8, 16, decay=0.9), num_quantizers=3, channel_last=True)
+    for layer, stage in zip(theirs.layers, ours.stages):
+        _copy_vq(layer, stage)
+    x = _x(2, 64, 8)
+    q_ref, idx_ref, _ = theirs.eval()(x)
+    q, idx, _ = ours.eval()(x)
+    assert idx.shape == (2, 64, 3) and torch.equal(idx, idx_ref)
+    torch.testing.assert_close(q, q_ref, **TOL)
+    torch.testing.assert_close(ours.codes(idx), theirs.get_output_from_indices(idx), **TOL)
+    q_ref, idx_ref, losses_ref = theirs.train()(x)  # one EMA step of every stage on its own residuals
+    q, idx, losses = ours.train()(x)
+    assert torch.equal(idx, idx_ref)
+    torch.testing.assert_close(q, q_ref, **TOL)
+    torch.testing.assert_close(losses["commitment"], losses_ref.sum(), **TOL)
+    for layer, stage in zip(theirs.layers, ours.stages):
+        torch.testing.assert_close(stage.codebook, layer._codebook.embed[0], **TOL)
