@@ -196,3 +196,121 @@ def test_residual_vq_equals_residual_vq_of_vector_quantize_pytorch() -> None:
     torch.testing.assert_close(losses["commitment"], losses_ref.sum(), **TOL)
     for layer, stage in zip(theirs.layers, ours.stages):
         torch.testing.assert_close(stage.codebook, layer._codebook.embed[0], **TOL)
+
+
+# ---------------------------------------------------------------- gradients and losses
+
+
+def _quantizers() -> dict[str, object]:
+    torch.manual_seed(0)
+    return {"vq_ema": VectorQuantizer(8, 16), "vq_gradient": VectorQuantizer(8, 16, learning="gradient"),
+            "lfq": LFQ(8), "residual": ResidualQuantizer(VectorQuantizer(8, 16), 3),
+            "grouped": GroupedQuantizer([VectorQuantizer(4, 16), LFQ(4)])}
+
+
+@pytest.mark.parametrize("name", sorted(_quantizers()))
+def test_straight_through_gradient_is_the_identity(name: str) -> None:
+    q = _quantizers()[name].train()
+    z, g = _x(2, 8, 3, 5).requires_grad_(True), _x(2, 8, 3, 5, seed=1)
+    out = q(z)
+    out.quantized.backward(g)
+    assert torch.equal(z.grad, g)
+    with torch.no_grad():  # without a gradient, the value is exactly the codes (of the codebook before the update)
+        q.eval()
+        out = q(z)
+    assert torch.equal(q.codes(out.indices), out.quantized) and out.indices.shape[:3] == (2, 3, 5)
+
+
+def test_fsq_rounds_straight_through_and_bounds_with_tanh() -> None:
+    """The gradient is that of the bound tanh(z + s) h / floor(L / 2) (Mentzer et al. 2023, A.1): the round is skipped."""
+    q = FSQ([8, 5, 5, 5], channel_last=True)
+    z, g = _x(3, 10, 4).requires_grad_(True), _x(3, 10, 4, seed=1)
+    q(z).quantized.backward(g)
+    levels = torch.tensor([8.0, 5, 5, 5])
+    half_l, offset = (levels - 1) * (1 + 1e-3) / 2, torch.tensor([0.5, 0, 0, 0])
+    slope = (1 - torch.tanh(z.detach() + torch.atanh(offset / half_l)) ** 2) * half_l / torch.floor(levels / 2)
+    torch.testing.assert_close(z.grad, g * slope)
+
+
+def test_commitment_loss_trains_the_encoder_only_and_codebook_loss_the_codebook_only() -> None:
+    """Eq. 3 of van den Oord et al.: beta weighs |z - sg(e)|^2 (encoder), not |sg(z) - e|^2 (codebook) as in
+    taming-transformers' legacy quantizer: the codebook's gradient does not change with beta."""
+    grads = {}
+    for beta in (0.25, 1.0):
+        torch.manual_seed(0)
+        q = VectorQuantizer(8, 16, learning="gradient", beta=beta, channel_last=True).train()
+        z = _x(4, 20, 8).requires_grad_(True)
+        out = q(z)
+        codes = q.codes(out.indices).detach()
+        torch.testing.assert_close(out.losses["commitment"], beta * F.mse_loss(z.detach(), codes))
+        torch.testing.assert_close(out.losses["codebook"], F.mse_loss(z.detach(), codes))
+        z_commit, cb_commit = torch.autograd.grad(out.losses["commitment"], (z, q.codebook), retain_graph=True,
+                                                  allow_unused=True)
+        z_book, cb_book = torch.autograd.grad(out.losses["codebook"], (z, q.codebook), retain_graph=True,
+                                              allow_unused=True)
+        assert cb_commit is None and z_book is None  # no path at all
+        torch.testing.assert_close(z_commit, beta * 2 * (z.detach() - codes) / z.numel())
+        assert cb_book.abs().sum() > 0
+        grads[beta] = (z_commit, cb_book)
+    torch.testing.assert_close(grads[1.0][1], grads[0.25][1])  # beta is not on the codebook term
+    torch.testing.assert_close(grads[1.0][0], 4 * grads[0.25][0])
+
+
+# ---------------------------------------------------------------- k-means and dead codes
+
+CENTERS = 4 + torch.randn(16, 8, generator=torch.Generator().manual_seed(0))  # far from the codebook's N(0, I)
+
+
+def _clusters(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (CENTERS[torch.randint(0, 16, (n,), generator=g)] + 0.05 * torch.randn(n, 8, generator=g))[None]
+
+
+def _usage_and_error(q: VectorQuantizer) -> tuple[int, float]:
+    x = _clusters(4096, seed=999)
+    with torch.no_grad():
+        out = q.eval()(x)
+    return out.indices.unique().numel(), F.mse_loss(out.quantized, x).item()
+
+
+def test_kmeans_initialisation_finds_the_clusters_of_the_first_batch() -> None:
+    torch.manual_seed(0)
+    q = VectorQuantizer(8, 16, kmeans_init=True, channel_last=True)
+    random_used, random_error = _usage_and_error(q)  # the random codebook: a few codes near the data
+    q.train()(_clusters(512, seed=1))
+    used, error = _usage_and_error(q)
+    assert bool(q.initialized) and used >= 14 and error < random_error / 50, (used, error, random_error)  # measured: 15, 0.14, 13.9
+    assert random_used <= 6
+
+
+@pytest.mark.parametrize("learning", ["ema", "gradient"])
+def test_dead_code_replacement_keeps_the_codebook_in_use(learning: str) -> None:
+    """16 tight clusters far from a N(0, I) codebook collapse it onto a few codes; with codes whose EMA count
+    falls below 1 replaced by batch vectors, at least 12 of 16 codes stay in use (measured: 16) and the error
+    falls below a quarter of the collapsed one."""
+    results = {}
+    for threshold in (0.0, 1.0):
+        torch.manual_seed(1)
+        q = VectorQuantizer(8, 16, learning=learning, decay=0.9, dead_code_threshold=threshold, channel_last=True)
+        opt = torch.optim.SGD(q.parameters(), lr=1.0) if learning == "gradient" else None
+        for step in range(40):
+            out = q.train()(_clusters(256, seed=step))
+            if opt is not None:
+                opt.zero_grad()
+                out.losses["codebook"].backward()
+                opt.step()
+        results[threshold] = _usage_and_error(q)
+    (plain_used, plain_error), (used, error) = results[0.0], results[1.0]
+    assert plain_used <= 4 and used >= 12 and error < plain_error / 4, results
+
+
+def test_dead_codes_get_batch_vectors_and_fresh_statistics() -> None:
+    torch.manual_seed(0)
+    q = VectorQuantizer(4, 8, decay=0.5, dead_code_threshold=0.8, channel_last=True).train()
+    x = torch.full((1, 10, 4), 5.0) + 0.01 * _x(1, 10, 4)  # one cluster: all codes but one go dead
+    q(x)
+    replaced = q.cluster_size == 0.8
+    assert int(replaced.sum()) >= 6
+    rows = q.codebook[replaced]
+    assert all(bool((row == x[0]).all(-1).any()) for row in rows)  # each one a vector of the batch
+    torch.testing.assert_close(q.embed_sum[replaced], 0.8 * rows)
