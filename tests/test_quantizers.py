@@ -15,7 +15,12 @@ from genlab.core.registry import build
 from genlab.models.quantizers import (FSQ, LFQ, GroupedQuantizer, ResidualQuantizer, VectorQuantizer, rotation_trick,
                                       straight_through)
 
-vqp = pytest.importorskip("vector_quantize_pytorch")
+
+
+@pytest.fixture(scope="module")
+def vqp():
+    """The oracle, imported by the tests that use it only (not by the spawned ranks, which import this module)."""
+    return pytest.importorskip("vector_quantize_pytorch")
 
 TOL = dict(atol=1e-6, rtol=0)
 
@@ -41,7 +46,7 @@ def _x(*shape: int, seed: int = 0) -> torch.Tensor:
 
 @pytest.mark.parametrize("cosine", [False, True], ids=["l2", "cosine"])
 @pytest.mark.parametrize("codebook_dim", [None, 4], ids=["no_projection", "projection"])
-def test_vq_equals_vector_quantize_pytorch(cosine: bool, codebook_dim: int | None) -> None:
+def test_vq_equals_vector_quantize_pytorch(vqp, cosine: bool, codebook_dim: int | None) -> None:
     torch.manual_seed(0)
     theirs = vqp.VectorQuantize(dim=8, codebook_size=32, codebook_dim=codebook_dim, use_cosine_sim=cosine,
                                 rotation_trick=False, commitment_weight=0.25).eval()
@@ -55,7 +60,7 @@ def test_vq_equals_vector_quantize_pytorch(cosine: bool, codebook_dim: int | Non
     torch.testing.assert_close(ours.codes(idx), theirs.get_output_from_indices(idx), **TOL)
 
 
-def test_vq_image_layout_equals_accept_image_fmap() -> None:
+def test_vq_image_layout_equals_accept_image_fmap(vqp) -> None:
     torch.manual_seed(0)
     theirs = vqp.VectorQuantize(dim=6, codebook_size=16, accept_image_fmap=True, rotation_trick=False).eval()
     ours = VectorQuantizer(6, 16).eval()  # channel-first [B, D, H, W]
@@ -69,7 +74,7 @@ def test_vq_image_layout_equals_accept_image_fmap() -> None:
 
 
 @pytest.mark.parametrize("cosine", [False, True], ids=["l2", "cosine"])
-def test_one_ema_step_equals_vector_quantize_pytorch(cosine: bool) -> None:
+def test_one_ema_step_equals_vector_quantize_pytorch(vqp, cosine: bool) -> None:
     """Training mode, decay 0.9: the counts, sums and codebook after one step; the commitment loss."""
     torch.manual_seed(0)
     theirs = vqp.VectorQuantize(dim=8, codebook_size=16, decay=0.9, eps=1e-5, use_cosine_sim=cosine,
@@ -90,7 +95,7 @@ def test_one_ema_step_equals_vector_quantize_pytorch(cosine: bool) -> None:
     assert (ours.codebook - x.new_tensor(0)).abs().sum() > 0 and not torch.equal(ours.codebook, ours.embed_sum)
 
 
-def test_grouped_vq_equals_separate_codebooks_per_head() -> None:
+def test_grouped_vq_equals_separate_codebooks_per_head(vqp) -> None:
     torch.manual_seed(0)
     theirs = vqp.VectorQuantize(dim=8, codebook_size=16, codebook_dim=4, heads=2, separate_codebook_per_head=True, decay=0.9,
                                 rotation_trick=False).train()
@@ -109,7 +114,7 @@ def test_grouped_vq_equals_separate_codebooks_per_head() -> None:
     assert torch.equal(ours.codes(out.indices), out.quantized)
 
 
-def test_rotation_trick_equals_vector_quantize_pytorch_forward_and_gradient() -> None:
+def test_rotation_trick_equals_vector_quantize_pytorch_forward_and_gradient(vqp) -> None:
     torch.manual_seed(0)
     theirs = vqp.VectorQuantize(dim=8, codebook_size=16, rotation_trick=True, ema_update=False).train()
     ours = VectorQuantizer(8, 16, gradient="rotation", channel_last=True).train()
@@ -141,7 +146,7 @@ def test_rotation_trick_is_a_scaled_rotation() -> None:
 
 
 @pytest.mark.parametrize("levels,dim", [([8, 5, 5, 5], None), ([7, 6, 5], 10)], ids=["8555", "765_projected"])
-def test_fsq_equals_vector_quantize_pytorch(levels: list[int], dim: int | None) -> None:
+def test_fsq_equals_vector_quantize_pytorch(vqp, levels: list[int], dim: int | None) -> None:
     torch.manual_seed(0)
     theirs = vqp.FSQ(levels, dim=dim)
     ours = FSQ(levels, dim=dim, channel_last=True)
@@ -160,7 +165,7 @@ def test_fsq_equals_vector_quantize_pytorch(levels: list[int], dim: int | None) 
     assert torch.equal(ours.indices_of(codes), theirs.codes_to_indices(codes).long())
 
 
-def test_lfq_equals_vector_quantize_pytorch() -> None:
+def test_lfq_equals_vector_quantize_pytorch(vqp) -> None:
     """Codes, indices (first channel most significant) and the entropy + commitment loss, in training mode."""
     theirs = vqp.LFQ(dim=6, codebook_size=64, entropy_loss_weight=0.1, commitment_loss_weight=0.25,
                      diversity_gamma=1.3).train()
@@ -176,7 +181,7 @@ def test_lfq_equals_vector_quantize_pytorch() -> None:
     assert torch.equal(ours(ours.codes(all_idx)).indices, all_idx)
 
 
-def test_residual_vq_equals_residual_vq_of_vector_quantize_pytorch() -> None:
+def test_residual_vq_equals_residual_vq_of_vector_quantize_pytorch(vqp) -> None:
     torch.manual_seed(0)
     theirs = vqp.ResidualVQ(dim=8, num_quantizers=3, codebook_size=16, decay=0.9, rotation_trick=False,
                             commitment_weight=0.25)
@@ -314,3 +319,54 @@ def test_dead_codes_get_batch_vectors_and_fresh_statistics() -> None:
     rows = q.codebook[replaced]
     assert all(bool((row == x[0]).all(-1).any()) for row in rows)  # each one a vector of the batch
     torch.testing.assert_close(q.embed_sum[replaced], 0.8 * rows)
+
+
+# ---------------------------------------------------------------- two gloo ranks
+
+
+def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Each rank: the same initial modules, its own data and random draws; k-means, EMA steps, dead codes."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        synced = VectorQuantizer(8, 16, kmeans_init=True, dead_code_threshold=2.0, decay=0.8, channel_last=True)
+        torch.manual_seed(0)
+        plain = VectorQuantizer(8, 16, decay=0.8, channel_last=True)
+        torch.manual_seed(100 + rank)  # different data and different draws on each rank
+        data = torch.stack([2.0 * rank + torch.randn(2, 32, 8) for _ in range(4)])
+        replaced = 0
+        for x in data:
+            synced.train()(x)
+            plain.train()(x)
+            replaced = max(replaced, int((synced.cluster_size == 2.0).sum()))
+        z = 0.05 * torch.randn(2, 32, 6)
+        entropy = LFQ(6, channel_last=True).train()(z).losses["entropy"]
+        torch.save({"synced": synced.codebook, "plain": plain.codebook, "data": data, "replaced": replaced,
+                    "z": z, "entropy": entropy.detach()}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_keep_identical_codebooks(tmp_path) -> None:
+    """k-means initialisation, EMA statistics and dead-code replacement are shared: the ranks' codebooks are
+    identical, and (without k-means and dead codes) equal to one process's on the two ranks' batches together;
+    LFQ's batch entropy is that of both ranks' probabilities."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert r0["replaced"] > 0 and r1["replaced"] == r0["replaced"]  # dead codes were replaced on the way
+    assert torch.equal(r0["synced"], r1["synced"]) and torch.equal(r0["plain"], r1["plain"])
+    torch.manual_seed(0)
+    single = VectorQuantizer(8, 16, decay=0.8, channel_last=True).train()
+    for x0, x1 in zip(r0["data"], r1["data"]):
+        single(torch.cat([x0, x1]))
+    torch.testing.assert_close(r0["plain"], single.codebook, atol=1e-5, rtol=1e-5)
+    entropy = LFQ(6, channel_last=True).train()(torch.cat([r0["z"], r1["z"]])).losses["entropy"]
+    torch.testing.assert_close((r0["entropy"] + r1["entropy"]) / 2, entropy, atol=1e-6, rtol=1e-5)
