@@ -370,3 +370,62 @@ def test_two_gloo_ranks_keep_identical_codebooks(tmp_path) -> None:
     torch.testing.assert_close(r0["plain"], single.codebook, atol=1e-5, rtol=1e-5)
     entropy = LFQ(6, channel_last=True).train()(torch.cat([r0["z"], r1["z"]])).losses["entropy"]
     torch.testing.assert_close((r0["entropy"] + r1["entropy"]) / 2, entropy, atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- configs, layouts, dtypes, bad input
+
+
+def test_built_from_config_with_nested_quantizers() -> None:
+    q = build("quantizer", {"type": "residual", "num_quantizers": 2, "dim": 16,
+                            "quantizer": {"type": "grouped", "groups": 2, "quantizer": {"type": "fsq", "levels": [5, 5]}}})
+    assert isinstance(q, ResidualQuantizer) and q.index_shape == (2, 2) and q.projected
+    stages = [g.groups for g in q.stages]
+    assert all(isinstance(f, FSQ) for groups in stages for f in groups)
+    out = q.eval()(_x(2, 16, 3, 3))
+    assert out.quantized.shape == (2, 16, 3, 3) and out.indices.shape == (2, 3, 3, 2, 2)
+    with torch.no_grad():
+        assert torch.equal(q.codes(out.indices), q(_x(2, 16, 3, 3)).quantized)
+    a, b = build("quantizer", {"type": "grouped", "groups": 2, "quantizer": {"type": "vq", "dim": 4, "codebook_size": 8}}).groups
+    assert not torch.equal(a.codebook, b.codebook)  # copies get fresh codebooks
+    with pytest.raises(ConfigError, match="codebook_sise.*did you mean 'codebook_size'"):
+        build("quantizer", {"type": "vq", "dim": 4, "codebook_sise": 8})
+    with pytest.raises(ConfigError, match="decay: expected float >= 0 and < 1"):
+        build("quantizer", {"type": "vq", "dim": 4, "codebook_size": 8, "decay": 1.0})
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_outputs_keep_the_input_dtype(dtype: torch.dtype) -> None:
+    for name, q in _quantizers().items():
+        out = q.train()(_x(2, 8, 4).to(dtype))
+        assert out.quantized.dtype == dtype and out.indices.dtype == torch.long, name
+        assert all(torch.isfinite(v) for v in out.losses.values()), name
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: VectorQuantizer(8, 0), "codebook_size must be >= 1"),
+    (lambda: VectorQuantizer(8, 16, distance="l1"), "distance must be one of 'l2', 'cosine', got 'l1'"),
+    (lambda: VectorQuantizer(8, 16, learning="adam"), "learning must be one of 'ema', 'gradient'"),
+    (lambda: VectorQuantizer(8, 16, decay=1.0), "decay must be >= 0 and < 1"),
+    (lambda: VectorQuantizer(8, 16, dead_code_threshold=-1.0), "dead_code_threshold must be >= 0"),
+    (lambda: FSQ([8, 2, 5]), "levels must be a non-empty list of ints >= 3"),
+    (lambda: FSQ([]), "levels must be a non-empty list"),
+    (lambda: LFQ(20), "2\\^20 codes per vector; use bits <= 16, entropy_weight=0, or a grouped quantizer"),
+    (lambda: ResidualQuantizer(VectorQuantizer(8, 16, codebook_dim=4), 2), "projects 8 -> 4 itself; build it with dim = 4"),
+    (lambda: ResidualQuantizer([VectorQuantizer(8, 16), VectorQuantizer(4, 16)]), "share one dim, got \\[8, 4\\]"),
+    (lambda: GroupedQuantizer([FSQ([5, 5])], groups=3), "1 quantizers given but n = 3"),
+])
+def test_bad_construction_says_what_is_wrong_and_what_is_right(make, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_bad_inputs_at_call_time() -> None:
+    with pytest.raises(TypeError, match="expected a Quantizer or a non-empty list"):
+        ResidualQuantizer("vq", 2)
+    q = VectorQuantizer(8, 16)
+    with pytest.raises(ShapeError, match=r"expected z: \[B, D, ...\] with D = 8, got \[2, 5, 8\]; pass channel_last=True"):
+        q(_x(2, 5, 8))
+    assert LFQ(20, entropy_weight=0.0)(_x(2, 20)).indices.shape == (2,)
+    r = ResidualQuantizer(VectorQuantizer(8, 16), 3)
+    with pytest.raises(ShapeError, match=r"expected indices: \[B, ..., 3\], got \[2, 4\]"):
+        r.codes(torch.zeros(2, 4, dtype=torch.long))
