@@ -326,10 +326,14 @@ def test_dead_codes_get_batch_vectors_and_fresh_statistics() -> None:
 
 def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     """Each rank: the same initial modules, its own data and random draws; k-means, EMA steps, dead codes."""
+    from datetime import timedelta
+
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # a timeout: ranks that fall out of step (different collectives) fail instead of waiting for ever
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
     try:
         torch.manual_seed(0)
         synced = VectorQuantizer(8, 16, kmeans_init=True, dead_code_threshold=2.0, decay=0.8, channel_last=True)
