@@ -12,8 +12,7 @@ import torch.nn.functional as F
 
 from genlab.core.errors import ConfigError, ShapeError
 from genlab.core.registry import build
-from genlab.models.quantizers import (FSQ, LFQ, GroupedQuantizer, ResidualQuantizer, VectorQuantizer, rotation_trick,
-                                      straight_through)
+from genlab.models.quantizers import FSQ, LFQ, GroupedQuantizer, ResidualQuantizer, VectorQuantizer, rotation_trick
 
 
 

@@ -11,8 +11,9 @@ Inside, every quantizer works on vectors ``h: [B, N, d]`` in its code space: ``p
 ``D -> d`` (a linear map when ``codebook_dim`` differs from ``dim``, as in ViT-VQGAN, Yu et al. 2022), then
 ``vectors(h)`` = ``prepare`` (a normalisation or bound the encoder's gradient passes through), ``quantize``
 (the nearest code, its index and the losses) and the gradient estimator (straight-through by default), and
-``project_out`` maps back ``d -> D``. When no gradient is asked for (``torch.no_grad()`` or a ``z`` that
-does not require one), ``quantized`` is exactly the codes: ``q(z).quantized == q.codes(q(z).indices)``.
+``project_out`` maps back ``d -> D``. When the vectors need no gradient (``torch.no_grad()``, or neither ``z``
+nor a projection requires one), ``quantized`` is exactly the codes: ``q(z).quantized == q.codes(q(z).indices)``
+(in training mode a codebook may change during the call: ``quantized`` holds the codes from before).
 """
 
 from __future__ import annotations
@@ -127,7 +128,8 @@ def replicate(quantizer: Quantizer | list[Quantizer], n: int | None, owner: str)
     for i, q in enumerate(quantizer):
         if q.projected:
             raise ValueError(f"{owner}: quantizer {i} projects {q.dim} -> {q.codebook_dim} itself; build it with "
-                             f"dim = {q.codebook_dim} and no codebook_dim, and give the projection to {owner} (dim=...)")
+                             f"dim = {q.codebook_dim} and no codebook_dim, and give the projection to {owner} "
+                             "(dim=...)")
     return list(quantizer)
 
 

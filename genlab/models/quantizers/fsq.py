@@ -21,6 +21,8 @@ from genlab.core.bounds import PositiveInt, Range
 from genlab.core.registry import register
 from genlab.models.quantizers.base import Quantizer
 
+Epsilon = Annotated[float, Range(ge=0, lt=1)]  # widens the bound slightly so that the end levels are reached
+
 
 @register("quantizer", "fsq")
 class FSQ(Quantizer):
@@ -28,7 +30,7 @@ class FSQ(Quantizer):
     codes): ``z: [B, dim, ...]`` (``dim`` defaults to ``len(levels)``; otherwise linear projections to and from
     ``len(levels)`` channels) -> quantized of the same shape, indices ``[B, ...]`` in ``[0, prod(levels))``."""
 
-    def __init__(self, levels: list[int], dim: PositiveInt | None = None, eps: Annotated[float, Range(ge=0, lt=1)] = 1e-3,
+    def __init__(self, levels: list[int], dim: PositiveInt | None = None, eps: Epsilon = 1e-3,
                  channel_last: bool = False) -> None:
         if not levels or not all(isinstance(n, int) and n >= 3 for n in levels):
             raise ValueError(f"FSQ: levels must be a non-empty list of ints >= 3 (e.g. [8, 5, 5, 5]), got {levels!r}; "

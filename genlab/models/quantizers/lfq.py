@@ -43,7 +43,8 @@ class LFQ(Quantizer):
                              f"{MAX_ENTROPY_BITS}, entropy_weight=0, or a grouped quantizer of several LFQs")
         super().__init__(dim, bits, channel_last)
         self.bits, self.codebook_size = bits, 2 ** bits
-        self.entropy_weight, self.diversity_gamma, self.inv_temperature = entropy_weight, diversity_gamma, inv_temperature
+        self.entropy_weight, self.diversity_gamma = entropy_weight, diversity_gamma
+        self.inv_temperature = inv_temperature
         self.commitment_weight, self.sync = commitment_weight, sync
         self.register_buffer("_powers", 2 ** torch.arange(bits - 1, -1, -1), persistent=False)
 

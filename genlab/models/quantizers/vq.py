@@ -12,7 +12,8 @@ With ``learning="ema"`` (Razavi et al. 2019, Appendix; van den Oord et al. 2017,
 codebook loss; each training forward updates, with counts ``n_i`` and sums ``s_i`` of the vectors assigned
 to code ``i`` in the batch, ``N_i <- decay N_i + (1 - decay) n_i``, ``m_i <- decay m_i + (1 - decay) s_i`` and
 ``e_i = m_i / N~_i`` with Laplace smoothing ``N~_i = (N_i + eps) / (N + K eps) N``, ``N = sum_i N_i``
-(these statistics are kept in both modes: ``cluster_size`` N and ``embed_sum`` m).
+(these statistics are kept in both modes: ``cluster_size`` N and ``embed_sum`` m). The batch is quantized
+with the codebook from before its own update.
 
 ``kmeans_init``: the first training batch's k-means means become the codebook (and its statistics).
 ``dead_code_threshold > 0``: after each update, codes whose ``N_i`` fell below it are replaced by random
@@ -53,12 +54,15 @@ class VectorQuantizer(Quantizer):
                  dead_code_threshold: NonNegativeFloat = 0.0,
                  gradient: Literal["straight_through", "rotation"] = "straight_through",
                  sync: bool = True, channel_last: bool = False) -> None:
-        for name, value, allowed in (("distance", distance, ("l2", "cosine")), ("learning", learning, ("ema", "gradient")),
+        for name, value, allowed in (("distance", distance, ("l2", "cosine")),
+                                     ("learning", learning, ("ema", "gradient")),
                                      ("gradient", gradient, ("straight_through", "rotation"))):
             if value not in allowed:
-                raise ValueError(f"VectorQuantizer: {name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+                raise ValueError(f"VectorQuantizer: {name} must be one of {', '.join(map(repr, allowed))}, "
+                                 f"got {value!r}")
         super().__init__(dim, codebook_dim, channel_last)
-        self.codebook_size, self.cosine, self.learning, self.gradient = codebook_size, distance == "cosine", learning, gradient
+        self.codebook_size, self.cosine = codebook_size, distance == "cosine"
+        self.learning, self.gradient = learning, gradient
         self.beta, self.decay, self.eps, self.sync = beta, decay, eps, sync
         self.kmeans_init, self.kmeans_iters, self.dead_code_threshold = kmeans_init, kmeans_iters, dead_code_threshold
         shape = (codebook_size, self.codebook_dim)
