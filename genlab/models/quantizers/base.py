@@ -114,6 +114,13 @@ class Quantizer(nn.Module):
                 layer.reset_parameters()
 
 
+def add_losses(into: dict[str, Tensor], losses: dict[str, Tensor], scale: float = 1.0) -> dict[str, Tensor]:
+    """``into[k] += scale * losses[k]`` for every key (a missing key counts as 0); returns ``into``."""
+    for k, v in losses.items():
+        into[k] = into[k] + scale * v if k in into else scale * v
+    return into
+
+
 def replicate(quantizer: Quantizer | list[Quantizer], n: int | None, owner: str) -> list[Quantizer]:
     """The stages (or groups) of a composite quantizer: a list as given, or ``n`` copies of one quantizer,
     each with fresh parameters. They must work in their own code space: no projections of their own."""

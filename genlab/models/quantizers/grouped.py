@@ -12,8 +12,7 @@ from torch import Tensor, nn
 
 from genlab.core.bounds import PositiveInt
 from genlab.core.registry import register
-from genlab.models.quantizers.base import Quantizer, replicate
-from genlab.models.quantizers.residual import add_losses
+from genlab.models.quantizers.base import Quantizer, add_losses, replicate
 
 
 @register("quantizer", "grouped")

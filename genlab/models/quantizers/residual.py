@@ -14,15 +14,8 @@ from torch import Tensor, nn
 
 from genlab.core.bounds import PositiveInt
 from genlab.core.registry import register
-from genlab.models.quantizers.base import Quantizer, replicate
+from genlab.models.quantizers.base import Quantizer, add_losses, replicate
 from genlab.models.quantizers.estimators import straight_through
-
-
-def add_losses(into: dict[str, Tensor], losses: dict[str, Tensor], scale: float = 1.0) -> dict[str, Tensor]:
-    """``into[k] += scale * losses[k]`` for every key (a missing key counts as 0); returns ``into``."""
-    for k, v in losses.items():
-        into[k] = into[k] + scale * v if k in into else scale * v
-    return into
 
 
 @register("quantizer", "residual")
