@@ -4,6 +4,7 @@ loss's gradient, k-means initialisation, dead-code replacement, two gloo ranks, 
 
 from __future__ import annotations
 
+import copy
 import socket
 
 import pytest
@@ -432,3 +433,19 @@ def test_bad_inputs_at_call_time() -> None:
     r = ResidualQuantizer(VectorQuantizer(8, 16), 3)
     with pytest.raises(ShapeError, match=r"expected indices: \[B, ..., 3\], got \[2, 4\]"):
         r.codes(torch.zeros(2, 4, dtype=torch.long))
+
+
+def test_autocast_does_not_change_the_codes_or_the_losses() -> None:
+    """Under bf16 autocast the distances, statistics and entropies are still computed in float32."""
+    x = _x(2, 64, 8)
+    for name, q in _quantizers().items():
+        ref_q = copy.deepcopy(q).train()
+        ref = ref_q(x.transpose(1, 2))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = q.train()(x.transpose(1, 2))
+        assert torch.equal(out.indices, ref.indices), name
+        torch.testing.assert_close(out.quantized, ref.quantized, atol=1e-6, rtol=0, msg=name)
+        for key in ref.losses:
+            torch.testing.assert_close(out.losses[key], ref.losses[key], msg=name)
+        for a, b in zip(q.buffers(), ref_q.buffers()):
+            torch.testing.assert_close(a, b, msg=name)

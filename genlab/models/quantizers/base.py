@@ -18,6 +18,7 @@ nor a projection requires one), ``quantized`` is exactly the codes: ``q(z).quant
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import NamedTuple
 
@@ -77,9 +78,11 @@ class Quantizer(nn.Module):
         return straight_through(h, q)
 
     def vectors(self, h: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """``h: [B, N, d]`` in code space -> (quantized ``[B, N, d]``, indices, losses)."""
-        h = self.prepare(h)
-        q, indices, losses = self.quantize(h)
+        """``h: [B, N, d]`` in code space -> (quantized ``[B, N, d]``, indices, losses). The quantization runs
+        in the precision of ``h``, not autocast's: nearest codes and statistics from bf16 matmuls would drift."""
+        with no_autocast(h):
+            h = self.prepare(h)
+            q, indices, losses = self.quantize(h)
         if torch.is_grad_enabled() and h.requires_grad:
             q = self.estimate(h, q)
         return q, indices, losses
@@ -112,6 +115,13 @@ class Quantizer(nn.Module):
         for layer in (self.project_in, self.project_out):
             if isinstance(layer, nn.Linear):
                 layer.reset_parameters()
+
+
+def no_autocast(x: Tensor) -> contextlib.AbstractContextManager:
+    """A context without autocast on ``x``'s device (where autocast exists there)."""
+    if x.device.type in ("cpu", "cuda", "xpu", "mps"):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def add_losses(into: dict[str, Tensor], losses: dict[str, Tensor], scale: float = 1.0) -> dict[str, Tensor]:
