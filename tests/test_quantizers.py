@@ -426,6 +426,12 @@ def test_bad_construction_says_what_is_wrong_and_what_is_right(make, match: str)
 def test_bad_inputs_at_call_time() -> None:
     with pytest.raises(TypeError, match="expected a Quantizer or a non-empty list"):
         ResidualQuantizer("vq", 2)
+    with pytest.raises(TypeError, match="codebook_size must be an int, got 16.0"):
+        VectorQuantizer(8, 16.0)
+    with pytest.raises(TypeError, match="dim must be an int, got 8.0"):
+        LFQ(8.0)
+    with pytest.raises(ValueError, match="the groups' indices differ in shape"):
+        GroupedQuantizer([VectorQuantizer(4, 8), ResidualQuantizer(VectorQuantizer(4, 8), 2)])
     q = VectorQuantizer(8, 16)
     with pytest.raises(ShapeError, match=r"expected z: \[B, D, ...\] with D = 8, got \[2, 5, 8\]; pass channel_last=True"):
         q(_x(2, 5, 8))

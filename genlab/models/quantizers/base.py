@@ -46,6 +46,9 @@ class Quantizer(nn.Module):
 
     def __init__(self, dim: int, codebook_dim: int | None = None, channel_last: bool = False) -> None:
         super().__init__()
+        for name, value in (("dim", dim), ("codebook_dim", codebook_dim)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise TypeError(f"{type(self).__name__}: {name} must be an int, got {value!r}")
         self.dim, self.codebook_dim, self.channel_last = dim, codebook_dim or dim, channel_last
         projected = self.codebook_dim != dim
         self.project_in = nn.Linear(dim, self.codebook_dim) if projected else nn.Identity()

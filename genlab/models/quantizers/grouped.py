@@ -29,6 +29,7 @@ class GroupedQuantizer(Quantizer):
         super().__init__(dim or inner, inner, channel_last)
         self.groups = nn.ModuleList(parts)
         self.splits = [q.dim for q in parts]
+        self.index_shape  # the groups' indices must stack: ValueError now rather than at the first call
 
     @property
     def index_shape(self) -> tuple[int, ...]:

@@ -60,6 +60,8 @@ class VectorQuantizer(Quantizer):
             if value not in allowed:
                 raise ValueError(f"VectorQuantizer: {name} must be one of {', '.join(map(repr, allowed))}, "
                                  f"got {value!r}")
+        if not isinstance(codebook_size, int) or isinstance(codebook_size, bool):
+            raise TypeError(f"VectorQuantizer: codebook_size must be an int, got {codebook_size!r}")
         super().__init__(dim, codebook_dim, channel_last)
         self.codebook_size, self.cosine = codebook_size, distance == "cosine"
         self.learning, self.gradient = learning, gradient
