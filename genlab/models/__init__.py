@@ -4,7 +4,9 @@ from genlab.models.attention import attention, available_backends
 from genlab.models.dit import DiT
 from genlab.models.embeddings import timestep_embedding
 from genlab.models.mlp import MLP, ConcatMLP
+from genlab.models.quantizers import FSQ, LFQ, GroupedQuantizer, Quantizer, ResidualQuantizer, VectorQuantizer
 from genlab.models.time_classifier import TimeClassifier
 from genlab.models.unet import UNet
 
-__all__ = ["ConcatMLP", "DiT", "MLP", "TimeClassifier", "UNet", "attention", "available_backends", "timestep_embedding"]
+__all__ = ["FSQ", "LFQ", "ConcatMLP", "DiT", "GroupedQuantizer", "MLP", "Quantizer", "ResidualQuantizer",
+           "TimeClassifier", "UNet", "VectorQuantizer", "attention", "available_backends", "timestep_embedding"]
