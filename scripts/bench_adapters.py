@@ -10,6 +10,12 @@ Parts (``--parts lora,...``; each adds rows to one table):
   ``merge_adapters`` (genlab). UNet: 64/128/256 channels, 2 ResBlocks per level, cross-attention
   transformers (context [B, 16, 128]) at the two lower levels and the middle, x [8, 4, 32, 32].
 
+- ``controlnet``: a ControlNet training step (UNet frozen, ControlNet trained; forward, MSE, backward)
+  of genlab's ``ControlNet.from_unet`` of the UNet above against diffusers' ``ControlNetModel`` and
+  ``UNet2DConditionModel`` converted from the same modules (``to_diffusers``; outputs checked equal).
+- ``cfg``: one DDIM step with classifier-free guidance (scale 3) of a class-conditional UNet (the same
+  widths): genlab's ``CFG`` (cond and uncond in one batched call) against two separate calls.
+
 Times: the runs alternate (ABBA) with ``bench_models.step_times``; median over repeats after warm-up. On
 the CPU they are this process's CPU seconds (``time.process_time``), which other processes sharing the
 cores do not inflate as they do wall time; on CUDA, wall time.
@@ -112,7 +118,92 @@ def lora_part(args: argparse.Namespace) -> list[Row]:
     return rows
 
 
-PARTS: dict[str, Callable[[argparse.Namespace], list[Row]]] = {"lora": lora_part}
+def controlnet_part(args: argparse.Namespace) -> list[Row]:
+    """A ControlNet training step: genlab's ``ControlNet.from_unet`` + frozen UNet against diffusers'
+    ``ControlNetModel`` + ``UNet2DConditionModel`` converted from them (``to_diffusers``: the same weights)."""
+    from genlab.adapters.controlnet import ControlNet
+    from genlab.interop.diffusers import to_diffusers
+
+    unet, (x, t, _, ctx) = _unet_and_inputs(4 if args.quick else 8)
+    net = ControlNet.from_unet(unet)
+    with torch.no_grad():  # not the zero start: both must compute the control
+        for q in net.parameters():
+            q.add_(0.02 * torch.randn_like(q))
+    their_unet, their_net = to_diffusers(unet).to(DEVICE), to_diffusers(net).to(DEVICE)
+    f = net.control_factor
+    cond = torch.rand(x.shape[0], 3, f * x.shape[-2], f * x.shape[-1], device=DEVICE)
+    target = torch.randn_like(x)
+    for frozen in (unet, their_unet):
+        frozen.requires_grad_(False)
+
+    def ours() -> Tensor:
+        return unet(x, t, None, ctx, residuals=net(x, t, cond, None, ctx))
+
+    def theirs() -> Tensor:
+        down, mid = their_net(x, t, ctx, cond, return_dict=False)
+        return their_unet(x, t, ctx, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+
+    with torch.no_grad():
+        print(f"ControlNet: {sum(q.numel() for q in net.parameters()) / 1e6:.2f} M trainable parameters; "
+              f"max |genlab - diffusers| output {(ours() - theirs()).abs().max().item():.1e}")
+
+    def step(forward: Callable[[], Tensor], params: list[nn.Parameter]) -> Callable[[], None]:
+        def run() -> None:
+            F.mse_loss(forward(), target).backward()
+            for q in params:
+                q.grad = None
+        return run
+
+    runs = [(sync, step(ours, list(net.parameters()))), (sync, step(theirs, list(their_net.parameters())))]
+    times, _ = step_times(runs, args.repeats, args.warmup, CLOCK)
+    t_ours, t_theirs = map(statistics.median, times)
+    return [("ControlNet training step (forward+backward) ms", 1e3 * t_ours, 1e3 * t_theirs, t_ours / t_theirs,
+             "<= 1.00x")]
+
+
+def cfg_part(args: argparse.Namespace) -> list[Row]:
+    """Classifier-free guidance per sampling step: genlab's ``CFG`` (one batched call of 2B) against the
+    conditional and unconditional calls made separately, on the same UNet and DDIM step."""
+    from genlab.adapters.guidance import CFG
+    from genlab.diffusion import DDIM, VP, Denoiser
+
+    torch.manual_seed(0)
+    unet = UNet(in_channels=4, channels=64, channel_mult=(1, 2, 4), num_res_blocks=2, attention_levels=(1, 2),
+                head_dim=32, num_classes=10, zero_init=False).to(DEVICE).eval()
+    batch = 4 if args.quick else 8
+    x, labels = torch.randn(batch, 4, 32, 32, device=DEVICE), torch.arange(batch, device=DEVICE) % 10
+    denoiser = Denoiser(unet, VP(), "eps")
+    guided, sampler = CFG(scale=3.0).wrap(denoiser), DDIM(1)
+
+    class TwoCalls(nn.Module):  # the same guidance from two separate model calls
+        def __init__(self) -> None:
+            super().__init__()
+            self.process = denoiser.process
+
+        def forward(self, x: Tensor, t: Tensor, **cond: Tensor) -> tuple[Tensor, Tensor]:
+            x0_c, eps_c = denoiser(x, t, **cond)
+            x0_u, eps_u = denoiser(x, t, class_labels=torch.full_like(cond["class_labels"], -1))
+            return x0_u + 3.0 * (x0_c - x0_u), eps_u + 3.0 * (eps_c - eps_u)
+
+    cond = {"class_labels": labels}
+
+    def one_step(d: nn.Module) -> Callable[[], None]:
+        return lambda: sampler.sample(d, x.clone(), cond=cond, progress=False)
+
+    with torch.no_grad():
+        diff = (sampler.sample(guided, x.clone(), cond=cond, progress=False)
+                - sampler.sample(TwoCalls(), x.clone(), cond=cond, progress=False)).abs().max().item()
+    print(f"CFG: max |one batched call - two calls| sample {diff:.1e}")
+    with torch.no_grad():
+        times, _ = step_times([(sync, one_step(guided)), (sync, one_step(TwoCalls()))], args.repeats, args.warmup,
+                              CLOCK)
+    t_ours, t_theirs = map(statistics.median, times)
+    return [("CFG sampling step ms (one batched call vs two calls)", 1e3 * t_ours, 1e3 * t_theirs,
+             t_ours / t_theirs, "one call")]
+
+
+PARTS: dict[str, Callable[[argparse.Namespace], list[Row]]] = {"lora": lora_part, "controlnet": controlnet_part,
+                                                                "cfg": cfg_part}
 
 
 def main() -> None:
