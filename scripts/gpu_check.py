@@ -127,7 +127,8 @@ def samplers(device: torch.device) -> None:
 
         sampler, labels = build("sampler", {"type": "ddpm", "steps": 6}), torch.arange(64, device=device) % 3
         times = sampler.timesteps(process)[:, None].expand(-1, 64).to(device)
-        guides = (CFG(scale=3.0, rescale=0.5, interval=(0.5, 50.0)), ClassifierGuidance(classifier, 2.0, model_labels=True))
+        guides = (CFG(scale=3.0, rescale=0.5, interval=(0.5, 50.0)),
+                  ClassifierGuidance(classifier, 2.0, model_labels=True))
         for guide in guides:
             guided = guide.wrap(Denoiser(model, process, "v"))
             for dtype, per_sample in ((torch.float32, False), (torch.bfloat16, False), (torch.float32, True)):

@@ -149,7 +149,8 @@ def test_interval_applies_guidance_only_inside_per_sample():
     x0_g, eps_g = reference_cfg(denoiser, x, t, 4.0, LABELS)
     x0_c, eps_c = denoiser(x, t, class_labels=LABELS)
     inside = torch.tensor([False, False, True, True, False, False])
-    assert torch.allclose(x0[inside], x0_g[inside], atol=1e-10) and torch.allclose(eps[inside], eps_g[inside], atol=1e-10)
+    assert torch.allclose(x0[inside], x0_g[inside], atol=1e-10)
+    assert torch.allclose(eps[inside], eps_g[inside], atol=1e-10)
     assert torch.allclose(x0[~inside], x0_c[~inside], atol=1e-10)
     model.calls.clear()
     outside = guided(x, float(t[0]), class_labels=LABELS)
@@ -229,7 +230,8 @@ def test_rescale_acts_on_the_network_output_step_by_step():
     ({"scale": -1.0}, "scale must be >= 0", r"guidance.scale: expected float >= 0"),
     ({"rescale": 1.5}, "rescale must be >= 0 and <= 1", r"guidance.rescale: expected float >= 0 and <= 1"),
     ({"interval": [2.0, 1.0]}, r"sigma_lo <= sigma_hi, got \[2.0, 1.0\]", r"guidance: CFG: interval must be"),
-    ({"interval": [-1.0, 1.0]}, r"sigma_lo <= sigma_hi, got \[-1.0, 1.0\]", r"guidance.interval: expected list \[float >= 0, float >= 0\]"),
+    ({"interval": [-1.0, 1.0]}, r"sigma_lo <= sigma_hi, got \[-1.0, 1.0\]",
+     r"guidance.interval: expected list \[float >= 0, float >= 0\]"),
     ({"uncond": {"class_labels": "none"}}, r"uncond\['class_labels'\] must be a number, a tensor or None, got str",
      r"guidance: CFG: uncond\['class_labels'\] must be"),
 ])
@@ -254,6 +256,20 @@ def test_rescale_needs_the_network_output():
 DIGITS = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
 SMALL = ["model.channels=8", "model.channel_mult=[1]", "model.attention_levels=[]", "train.eval_samples=20",
          "train.steps=1", "sampler.steps=3"]
+
+
+def test_a_resumed_run_may_change_its_guidance(tmp_path):
+    """Guidance changes how a run samples, not what it learns: resuming with another guidance is allowed."""
+    import yaml
+
+    from genlab.training.trainer import check_resume_config
+
+    saved = {"model": {"type": "unet", "num_classes": 10}, "guidance": {"scale": 2.0}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    check_resume_config(tmp_path, {**saved, "guidance": {"type": "cfg", "scale": 4.0, "interval": [0.5, 5.0]}})
+    check_resume_config(tmp_path, {"model": saved["model"]})
+    with pytest.raises(ConfigError, match="model.num_classes"):
+        check_resume_config(tmp_path, {**saved, "model": {"type": "unet", "num_classes": 5}})
 
 
 @pytest.mark.slow
@@ -300,7 +316,8 @@ def test_classifier_guidance_with_the_exact_classifier_gives_the_class_condition
     from genlab.testing import GaussianMixture, exact_denoiser
 
     mix, process = GaussianMixture.ring(k=3, radius=1.5, std=0.4), VP()
-    guided = ClassifierGuidance(mixture_classifier(mix, process), scale=1.0).wrap(exact_denoiser(mix, process, prediction))
+    guidance = ClassifierGuidance(mixture_classifier(mix, process), scale=1.0)
+    guided = guidance.wrap(exact_denoiser(mix, process, prediction))
     x, t = x_at(4, (B, 2)), torch.linspace(0.2, 0.8, B, dtype=torch.float64)
     for time in (t, 0.5):  # per-sample and shared levels
         x0, eps = guided(x, time, class_labels=LABELS)
@@ -427,7 +444,8 @@ def test_guidance_runs_on_the_meta_device():
 
     labels = torch.tensor([0, 1, 2], device="meta")
     times = torch.linspace(1, 0, 5, dtype=torch.float64)[:, None].expand(5, 3).clamp(min=1e-3).to("meta")
-    for guidance in (CFG(scale=3.0, rescale=0.5, interval=(0.5, 10.0)), ClassifierGuidance(classifier, 2.0, model_labels=True)):
+    guides = (CFG(scale=3.0, rescale=0.5, interval=(0.5, 10.0)), ClassifierGuidance(classifier, 2.0, model_labels=True))
+    for guidance in guides:
         guided = guidance.wrap(Denoiser(model, VP(), "v"))
         with DeviceAudit():
             x = DDIMSampler(4, eta=1.0).sample(guided, shape=(3, 2), generator=generator_on("meta"), progress=False,
