@@ -12,7 +12,7 @@ from genlab.adapters import CFG, CFGDenoiser, CFGOnOutputs
 from genlab.core.errors import ConfigError
 from genlab.core.registry import build, registered
 from genlab.diffusion import DDIM as DDIMSampler
-from genlab.diffusion import VP, Denoiser, DiscreteVP, RectifiedFlow
+from genlab.diffusion import EDM, VE, VP, Denoiser, DiscreteVP, RectifiedFlow
 from genlab.diffusion.denoiser import linear_path
 from genlab.testing.peers import ddpm_times, run_diffusers, set_timesteps_float64, smooth_eps_model
 
@@ -97,11 +97,15 @@ def test_batched_call_equals_two_separate_calls():
     assert (c - u).abs().max() > 1e-3  # the condition matters
 
 
-def test_every_sampler_runs_guided_and_the_fast_path_equals_the_outputs():
+@pytest.mark.parametrize("process, prediction", [(VP(), "v"), (DiscreteVP(), "eps"), (EDM(), "x0"),
+                                                 (RectifiedFlow(), "velocity"), (VE(), "score")],
+                         ids=["vp", "ddpm", "edm", "rectified_flow", "ve"])
+def test_every_sampler_runs_guided_and_the_fast_path_equals_the_outputs(process, prediction):
     """Every registered sampler with the guided denoiser (fast path) equals the same sampler with CFG on a
-    denoiser without one (x0 and eps guided), and the model is called once per model evaluation."""
+    denoiser without one (x0 and eps guided), and the model is called once per model evaluation: as often
+    as unguided, each call on the batch of 2B."""
     model = LabelModel()
-    denoiser = Denoiser(model, VP(), "v")
+    denoiser = Denoiser(model, process, prediction)
 
     class Plain:  # the same denoiser, without a fast path
         process = denoiser.process
@@ -112,15 +116,19 @@ def test_every_sampler_runs_guided_and_the_fast_path_equals_the_outputs():
     cfg = CFG(scale=2.0)
     slow = cfg.wrap(Plain())
     assert isinstance(slow, CFGOnOutputs) and linear_path(slow) is None
+    x = x_at(1) * process.prior((1,), generator=torch.Generator().manual_seed(0)).abs().clamp(min=1)
+    # rectified flow: below t = 1 (alpha = 0), where Karras grids and DEIS's coefficients are undefined
+    times = torch.linspace(0.95, 0.0, 5, dtype=torch.float64) if isinstance(process, RectifiedFlow) else None
     for name in sorted(set(registered("sampler")["sampler"]) - {"ode"}):
         sampler = build("sampler", {"type": name, "steps": 4})
-        runs = []
-        for guided in (cfg.wrap(denoiser), slow):
+        runs, calls = [], []
+        for guided in (denoiser, cfg.wrap(denoiser), slow):
             model.calls.clear()
-            runs.append(sampler.sample(guided, x_at(1), generator=torch.Generator().manual_seed(3), progress=False,
-                                       cond={"class_labels": LABELS}))
-            assert set(model.calls) == {2 * B}, name
-        assert torch.allclose(*runs, atol=1e-9), name
+            runs.append(sampler.sample(guided, x.clone(), generator=torch.Generator().manual_seed(3), progress=False,
+                                       cond={"class_labels": LABELS}, times=times))
+            calls.append(list(model.calls))
+        assert calls[1] == calls[2] == [2 * B] * len(calls[0]), name
+        assert torch.allclose(runs[1], runs[2], atol=1e-9), name
 
 
 def test_scale_one_and_zero_are_one_call_and_exact():
