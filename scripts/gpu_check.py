@@ -10,6 +10,7 @@ of failures. Checks:
 
 1. every registered sampler samples from the prior with a generator on the device (shared grid in
    float32 and bf16, per-sample times in float32); the adaptive ``ode`` sampler and the likelihood;
+   classifier-free guidance (rescale, interval) and classifier guidance (a gradient per step) on the device;
 2. every objective (three time distributions, EDM preconditioning, min-SNR; consistency training: CT,
    iCT and ECT with dropout, whose student-as-target call replays the device's dropout masks) computes a
    loss and a backward pass on the device with a generator there;
@@ -114,6 +115,30 @@ def samplers(device: torch.device) -> None:
         return f"nfe {est.nfe}"
 
     check("likelihood (PF-ODE, Hutchinson)", likelihood)
+
+    def guidance() -> str:
+        from genlab.adapters import CFG, ClassifierGuidance
+
+        def model(x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+            return denoiser.model(x, t) + 0.1 * class_labels[:, None].to(x.dtype)
+
+        def classifier(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return torch.cat([x, x.square()], 1)[:, :3].float() * (1 + 1e-3 * t[:, None])
+
+        sampler, labels = build("sampler", {"type": "ddpm", "steps": 6}), torch.arange(64, device=device) % 3
+        times = sampler.timesteps(process)[:, None].expand(-1, 64).to(device)
+        guides = (CFG(scale=3.0, rescale=0.5, interval=(0.5, 50.0)),
+                  ClassifierGuidance(classifier, 2.0, model_labels=True))
+        for guide in guides:
+            guided = guide.wrap(Denoiser(model, process, "v"))
+            for dtype, per_sample in ((torch.float32, False), (torch.bfloat16, False), (torch.float32, True)):
+                x = sampler.sample(guided, shape=(64, 2), generator=torch.Generator(device=device).manual_seed(0),
+                                   progress=False, dtype=dtype, times=times if per_sample else None,
+                                   cond={"class_labels": labels})
+                assert x.device.type == device.type and x.dtype == dtype and torch.isfinite(x).all(), (guide, dtype)
+        return "cfg and classifier, fp32 / bf16 / per-sample times"
+
+    check("guidance (cfg rescale + interval, classifier)", guidance)
 
 
 def objectives(device: torch.device) -> None:

@@ -12,7 +12,7 @@ from genlab.adapters import CFG, CFGDenoiser, CFGOnOutputs
 from genlab.core.errors import ConfigError
 from genlab.core.registry import build, registered
 from genlab.diffusion import DDIM as DDIMSampler
-from genlab.diffusion import VP, Denoiser, DiscreteVP, RectifiedFlow
+from genlab.diffusion import EDM, VE, VP, Denoiser, DiscreteVP, RectifiedFlow
 from genlab.diffusion.denoiser import linear_path
 from genlab.testing.peers import ddpm_times, run_diffusers, set_timesteps_float64, smooth_eps_model
 
@@ -97,11 +97,15 @@ def test_batched_call_equals_two_separate_calls():
     assert (c - u).abs().max() > 1e-3  # the condition matters
 
 
-def test_every_sampler_runs_guided_and_the_fast_path_equals_the_outputs():
+@pytest.mark.parametrize("process, prediction", [(VP(), "v"), (DiscreteVP(), "eps"), (EDM(), "x0"),
+                                                 (RectifiedFlow(), "velocity"), (VE(), "score")],
+                         ids=["vp", "ddpm", "edm", "rectified_flow", "ve"])
+def test_every_sampler_runs_guided_and_the_fast_path_equals_the_outputs(process, prediction):
     """Every registered sampler with the guided denoiser (fast path) equals the same sampler with CFG on a
-    denoiser without one (x0 and eps guided), and the model is called once per model evaluation."""
+    denoiser without one (x0 and eps guided), and the model is called once per model evaluation: as often
+    as unguided, each call on the batch of 2B."""
     model = LabelModel()
-    denoiser = Denoiser(model, VP(), "v")
+    denoiser = Denoiser(model, process, prediction)
 
     class Plain:  # the same denoiser, without a fast path
         process = denoiser.process
@@ -112,15 +116,19 @@ def test_every_sampler_runs_guided_and_the_fast_path_equals_the_outputs():
     cfg = CFG(scale=2.0)
     slow = cfg.wrap(Plain())
     assert isinstance(slow, CFGOnOutputs) and linear_path(slow) is None
+    x = x_at(1) * process.prior((1,), generator=torch.Generator().manual_seed(0)).abs().clamp(min=1)
+    # rectified flow: below t = 1 (alpha = 0), where Karras grids and DEIS's coefficients are undefined
+    times = torch.linspace(0.95, 0.0, 5, dtype=torch.float64) if isinstance(process, RectifiedFlow) else None
     for name in sorted(set(registered("sampler")["sampler"]) - {"ode"}):
         sampler = build("sampler", {"type": name, "steps": 4})
-        runs = []
-        for guided in (cfg.wrap(denoiser), slow):
+        runs, calls = [], []
+        for guided in (denoiser, cfg.wrap(denoiser), slow):
             model.calls.clear()
-            runs.append(sampler.sample(guided, x_at(1), generator=torch.Generator().manual_seed(3), progress=False,
-                                       cond={"class_labels": LABELS}))
-            assert set(model.calls) == {2 * B}, name
-        assert torch.allclose(*runs, atol=1e-9), name
+            runs.append(sampler.sample(guided, x.clone(), generator=torch.Generator().manual_seed(3), progress=False,
+                                       cond={"class_labels": LABELS}, times=times))
+            calls.append(list(model.calls))
+        assert calls[1] == calls[2] == [2 * B] * len(calls[0]), name
+        assert torch.allclose(runs[1], runs[2], atol=1e-9), name
 
 
 def test_scale_one_and_zero_are_one_call_and_exact():
@@ -149,7 +157,8 @@ def test_interval_applies_guidance_only_inside_per_sample():
     x0_g, eps_g = reference_cfg(denoiser, x, t, 4.0, LABELS)
     x0_c, eps_c = denoiser(x, t, class_labels=LABELS)
     inside = torch.tensor([False, False, True, True, False, False])
-    assert torch.allclose(x0[inside], x0_g[inside], atol=1e-10) and torch.allclose(eps[inside], eps_g[inside], atol=1e-10)
+    assert torch.allclose(x0[inside], x0_g[inside], atol=1e-10)
+    assert torch.allclose(eps[inside], eps_g[inside], atol=1e-10)
     assert torch.allclose(x0[~inside], x0_c[~inside], atol=1e-10)
     model.calls.clear()
     outside = guided(x, float(t[0]), class_labels=LABELS)
@@ -229,7 +238,8 @@ def test_rescale_acts_on_the_network_output_step_by_step():
     ({"scale": -1.0}, "scale must be >= 0", r"guidance.scale: expected float >= 0"),
     ({"rescale": 1.5}, "rescale must be >= 0 and <= 1", r"guidance.rescale: expected float >= 0 and <= 1"),
     ({"interval": [2.0, 1.0]}, r"sigma_lo <= sigma_hi, got \[2.0, 1.0\]", r"guidance: CFG: interval must be"),
-    ({"interval": [-1.0, 1.0]}, r"sigma_lo <= sigma_hi, got \[-1.0, 1.0\]", r"guidance.interval: expected list \[float >= 0, float >= 0\]"),
+    ({"interval": [-1.0, 1.0]}, r"sigma_lo <= sigma_hi, got \[-1.0, 1.0\]",
+     r"guidance.interval: expected list \[float >= 0, float >= 0\]"),
     ({"uncond": {"class_labels": "none"}}, r"uncond\['class_labels'\] must be a number, a tensor or None, got str",
      r"guidance: CFG: uncond\['class_labels'\] must be"),
 ])
@@ -254,6 +264,20 @@ def test_rescale_needs_the_network_output():
 DIGITS = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
 SMALL = ["model.channels=8", "model.channel_mult=[1]", "model.attention_levels=[]", "train.eval_samples=20",
          "train.steps=1", "sampler.steps=3"]
+
+
+def test_a_resumed_run_may_change_its_guidance(tmp_path):
+    """Guidance changes how a run samples, not what it learns: resuming with another guidance is allowed."""
+    import yaml
+
+    from genlab.training.trainer import check_resume_config
+
+    saved = {"model": {"type": "unet", "num_classes": 10}, "guidance": {"scale": 2.0}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    check_resume_config(tmp_path, {**saved, "guidance": {"type": "cfg", "scale": 4.0, "interval": [0.5, 5.0]}})
+    check_resume_config(tmp_path, {"model": saved["model"]})
+    with pytest.raises(ConfigError, match="model.num_classes"):
+        check_resume_config(tmp_path, {**saved, "model": {"type": "unet", "num_classes": 5}})
 
 
 @pytest.mark.slow
@@ -300,7 +324,8 @@ def test_classifier_guidance_with_the_exact_classifier_gives_the_class_condition
     from genlab.testing import GaussianMixture, exact_denoiser
 
     mix, process = GaussianMixture.ring(k=3, radius=1.5, std=0.4), VP()
-    guided = ClassifierGuidance(mixture_classifier(mix, process), scale=1.0).wrap(exact_denoiser(mix, process, prediction))
+    guidance = ClassifierGuidance(mixture_classifier(mix, process), scale=1.0)
+    guided = guidance.wrap(exact_denoiser(mix, process, prediction))
     x, t = x_at(4, (B, 2)), torch.linspace(0.2, 0.8, B, dtype=torch.float64)
     for time in (t, 0.5):  # per-sample and shared levels
         x0, eps = guided(x, time, class_labels=LABELS)
@@ -427,7 +452,8 @@ def test_guidance_runs_on_the_meta_device():
 
     labels = torch.tensor([0, 1, 2], device="meta")
     times = torch.linspace(1, 0, 5, dtype=torch.float64)[:, None].expand(5, 3).clamp(min=1e-3).to("meta")
-    for guidance in (CFG(scale=3.0, rescale=0.5, interval=(0.5, 10.0)), ClassifierGuidance(classifier, 2.0, model_labels=True)):
+    guides = (CFG(scale=3.0, rescale=0.5, interval=(0.5, 10.0)), ClassifierGuidance(classifier, 2.0, model_labels=True))
+    for guidance in guides:
         guided = guidance.wrap(Denoiser(model, VP(), "v"))
         with DeviceAudit():
             x = DDIMSampler(4, eta=1.0).sample(guided, shape=(3, 2), generator=generator_on("meta"), progress=False,

@@ -105,7 +105,8 @@ class CFG(Guidance):
             interval = (float(interval[0]), float(interval[1]))
         uncond = {"class_labels": -1} if uncond is None else dict(uncond)
         for key, value in uncond.items():
-            if not (value is None or torch.is_tensor(value) or (isinstance(value, Real) and not isinstance(value, bool))):
+            number = isinstance(value, Real) and not isinstance(value, bool)
+            if not (value is None or torch.is_tensor(value) or number):
                 raise ValueError(f"CFG: uncond[{key!r}] must be a number, a tensor or None, got {type(value).__name__}")
         self.scale, self.rescale, self.interval, self.uncond = float(scale), float(rescale), interval, uncond
 
@@ -337,7 +338,8 @@ class GradientGuidance(Guidance):
     def wrap(self, denoiser: Any) -> GradientGuided:
         """``denoiser`` with this guidance (a Denoiser with a fast path: the shift acts on its output)."""
         if not isinstance(denoiser, Denoiser) or linear_path(denoiser) is None:
-            raise ValueError(f"{type(self).__name__}: guides a Denoiser's network output; got {type(denoiser).__name__}")
+            raise ValueError(f"{type(self).__name__}: guides a Denoiser's network output (a Denoiser with a fast "
+                             f"path); got {type(denoiser).__name__}")
         return GradientGuided(denoiser, self)
 
     def __repr__(self) -> str:

@@ -18,7 +18,10 @@ data's shape and classes, and a loader of pretrained runs). From then on it answ
   decay may depend on k too;
 - :meth:`~Objective.sample`: how the family draws samples (from the EMA modules), in its own number of
   steps (:meth:`~Objective.sampling_steps`) or in ``steps`` (the evaluation's ``train.eval_steps``);
-- :meth:`~Objective.references`: other models the evaluation reports beside this one (a teacher).
+- :meth:`~Objective.references`: other models the evaluation reports beside this one (a teacher);
+- :meth:`~Objective.guided`: the sampling denoiser wrapped by the config's ``guidance:`` (every
+  family's :meth:`~Objective.sample` calls it); a family that draws no samples (a noise-conditional
+  classifier) sets ``draws_samples = False`` and reports :meth:`~Objective.metrics` instead.
 
 A new family is a subclass::
 
@@ -94,6 +97,7 @@ class Objective:
     EMA copy and one optimizer by default: a family overrides what differs."""
 
     frozen: tuple[str, ...] = ()  # names of modules that are not trained
+    draws_samples: bool = True  # False: the family draws no samples (a classifier); the evaluation reports metrics()
     step: int = 0  # the training step k (0-based) of the latest at_step call
     total_steps: int = 1  # K, the run's number of steps, of the latest at_step call
 
@@ -141,6 +145,13 @@ class Objective:
                cond: dict[str, Tensor] | None = None, steps: int | None = None) -> Tensor:
         """``n`` samples [n, *data shape] from ``modules`` (the EMA copies where there are any), in
         ``steps`` sampling steps (None: :meth:`sampling_steps`)."""
+        raise NotImplementedError
+
+    def metrics(self, modules: dict[str, nn.Module], images: Tensor, labels: Tensor,
+                generator: torch.Generator) -> dict[str, float]:
+        """What the evaluation reports for a family that draws no samples (``draws_samples = False``): numbers
+        on the held-out split (``images`` [N, ...], ``labels`` [N] on the modules' device), draws from
+        ``generator``."""
         raise NotImplementedError
 
     def guided(self, denoiser: Any) -> Any:

@@ -40,7 +40,8 @@ class NoisyClassifier(Objective):
     def build(self, context: BuildContext) -> None:
         super().build(context)
         if context.num_classes is None:
-            raise ValueError("noisy_classifier needs labelled data and a model with num_classes (model: time_classifier)")
+            raise ValueError("noisy_classifier needs labelled data and a model with num_classes "
+                             "(model: time_classifier)")
 
     def noised(self, x0: Tensor, t: Tensor, generator: torch.Generator) -> tuple[Tensor, Any]:
         """(x_t [B, ...], its level) for data x0 [B, ...] at times t [B], the noise drawn from ``generator``."""

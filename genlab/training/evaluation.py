@@ -86,7 +86,7 @@ def evaluate(exp: Experiment, modules: dict[str, nn.Module], out: str | os.PathL
         raise WriteError(f"cannot create {(out / name).parent}: {e.strerror}") from None
     device = next(modules["model"].parameters()).device
     obj = exp.objective
-    if not getattr(obj, "draws_samples", True):  # a family that draws no samples (a classifier) reports its own
+    if not obj.draws_samples:  # a family that draws no samples (a classifier) reports its own metrics
         held = exp.heldout_split()
         g = torch.Generator(device=device).manual_seed(seed)
         metrics = {"step": step, **obj.metrics(modules, held.data.to(device), held.labels.to(device), g)}

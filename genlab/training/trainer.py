@@ -87,9 +87,9 @@ def step_generator(seed: int, step: int, micro: int, rank: int, device: torch.de
 
 
 # keys a resumed run may change: how long it runs and what it logs, samples and keeps, never what it learns
-RESUMABLE = ("name", "sampler", "train.steps", "train.log_every", "train.checkpoint_every", "train.sample_every",
-             "train.eval_samples", "train.eval_steps", "train.tensorboard", "train.max_bad_steps", "train.compile",
-             "train.num_workers")
+RESUMABLE = ("name", "sampler", "guidance", "train.steps", "train.log_every", "train.checkpoint_every",
+             "train.sample_every", "train.eval_samples", "train.eval_steps", "train.tensorboard", "train.max_bad_steps",
+             "train.compile", "train.num_workers")
 
 
 def _flat(cfg: Any, prefix: str = "") -> dict[str, Any]:
