@@ -71,11 +71,15 @@ class Flow(nn.Module):
         self._check(z)
         return self.chain.inverse(z, cond)
 
+    def base_log_prob(self, z: Tensor, cond: Tensor | None = None) -> Tensor:
+        """log p_Z(z | cond) = log N(z; mu_c, diag(sigma_c^2)): [B] nats."""
+        mu, log_sigma = self._base(cond, z.shape[0], z)
+        return normal_log_prob((z - mu) * (-log_sigma).exp()) - log_sigma.flatten(1).sum(1)
+
     def log_prob(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
         """log p_X(x | cond) = log p_Z(f(x)) + log|det df/dx| (change of variables): [B] nats."""
         z, logdet = self(x, cond)
-        mu, log_sigma = self._base(cond, x.shape[0], z)
-        return normal_log_prob((z - mu) * (-log_sigma).exp()) - log_sigma.flatten(1).sum(1) + logdet
+        return self.base_log_prob(z, cond) + logdet
 
     def bits_per_dim(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
         """-log p(x) / (D log 2) of continuous x [B, *shape]: [B] (discrete data: dequantise first, or use
