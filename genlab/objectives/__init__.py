@@ -11,9 +11,10 @@ from .consistency import ConsistencyDistillation
 from .consistency_training import ConsistencyTraining, EasyConsistencyTuning, ImprovedConsistencyTraining
 from .distillation import ProgressiveDistillation
 from .finetune import FineTune
+from .flow_likelihood import FlowLikelihood
 from .flow_matching import CFMDraw, ConditionalFlowMatching, check_path_process
 from .meanflow import MeanFlow
 
 __all__ = ["Batch", "BuildContext", "Objective", "CFMDraw", "ConditionalFlowMatching", "ConsistencyDistillation",
-           "ConsistencyTraining", "DenoisingObjective", "EasyConsistencyTuning", "FineTune", "FlowMatchingObjective",
+           "ConsistencyTraining", "DenoisingObjective", "EasyConsistencyTuning", "FineTune", "FlowLikelihood", "FlowMatchingObjective",
            "ImprovedConsistencyTraining", "MeanFlow", "ProgressiveDistillation", "Reference", "check_path_process"]
