@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ..core.errors import WriteError
 from ..core.io import write_json_atomic
 from ..data import Digits
-from ..metrics import frechet_distance, sliced_wasserstein, train_digits_classifier, wasserstein2
+from ..metrics import Likelihood, bits_per_dim, frechet_distance, sliced_wasserstein, train_digits_classifier, wasserstein2
 from .experiment import Experiment
 from .plots import plot_image_grid, plot_samples_2d
 
@@ -70,6 +70,8 @@ def evaluate(exp: Experiment, modules: dict[str, nn.Module], out: str | os.PathL
 
     metrics = {"step": step, "sampler": repr(exp.sampler), "steps": obj.sampling_steps(), "image": f"{name}.png",
                **_evaluate(exp, model(None), device, out / f"{name}.png", seed, repr(exp.sampler))}
+    if len(exp.data_shape) == 1 and isinstance(modules["model"], Likelihood):  # an exact density (a flow)
+        metrics.update(heldout_nll(modules["model"], exp.heldout(exp.train.eval_samples)))
     wanted = []  # (label, sampler, steps, how to draw)
     if rows:
         wanted += [(label, ref.sampler, ref.steps, functools.partial(ref.sample, modules))
@@ -84,6 +86,14 @@ def evaluate(exp: Experiment, modules: dict[str, nn.Module], out: str | os.PathL
             metrics["rows"].append(row)
     write_json_atomic(out / f"{name}.json", metrics)
     return metrics
+
+
+@torch.no_grad()
+def heldout_nll(model: Likelihood, x: Tensor, batch_size: int = 4096) -> dict[str, float]:
+    """Mean -log p(x) of held-out continuous data x [N, ...] under ``model``, in nats and bits/dim."""
+    device = next(model.parameters()).device
+    log_p = torch.cat([model.log_prob(b.to(device)).double().cpu() for b in x.split(batch_size)])
+    return {"heldout_nll_nats": float(-log_p.mean()), "heldout_bits_per_dim": float(bits_per_dim(log_p, x[0].numel()).mean())}
 
 
 def with_steps(sampler: Any, steps: int) -> Any:
