@@ -1,4 +1,4 @@
-"""Maximum likelihood for normalizing flows (Dinh et al. 2017, eq. 3): the loss of a batch is the
+"""Maximum likelihood for normalizing flows (Dinh et al. 2017, Sec. 3.1): the loss of a batch is the
 negative log-likelihood by the change of variables,
 
     -log p_X(x | c) = -log p_Z(f(x) | c) - log|det df/dx|,

@@ -2,9 +2,9 @@
 autoregressive rational-quadratic spline (Durkan et al. 2019, Sec. 3.3).
 
 Every one is an elementwise bijection u_i -> v_i = tau(u_i; theta_i) whose parameters theta_i come from
-MADE applied to the *conditioning* side. MAF conditions on the data x (forward x -> z in one pass, eq. 5:
+MADE applied to the *conditioning* side. MAF conditions on the data x (forward x -> z in one pass:
 z_i = (x_i - mu_i(x_{<i})) exp(-alpha_i(x_{<i})); the inverse takes D passes). IAF conditions on the
-noise z (Kingma et al. 2016, eq. 10: x_i = mu_i(z_{<i}) + sigma_i(z_{<i}) z_i, one pass from z to x;
+noise z (Kingma et al. 2016: x_i = mu_i(z_{<i}) + sigma_i(z_{<i}) z_i, one pass from z to x;
 forward x -> z takes D passes). log|det dz/dx| = -sum alpha_i (MAF) and -sum log sigma_i (IAF).
 """
 
@@ -70,7 +70,7 @@ class _Affine(_Autoregressive):
 
 @register("flow_transform", "maf")
 class MAF(_Affine):
-    """Masked autoregressive flow (Papamakarios et al. 2017, eq. 5): ``[B, features]``, fast density
+    """Masked autoregressive flow (Papamakarios et al. 2017, Sec. 3): ``[B, features]``, fast density
     (x -> z one pass), slow sampling (D passes). ``reverse`` flips the order (alternate it between
     layers). Ranges: features, hidden, depth >= 1."""
 
@@ -81,7 +81,7 @@ class MAF(_Affine):
 
 @register("flow_transform", "iaf")
 class IAF(_Affine):
-    """Inverse autoregressive flow (Kingma et al. 2016, eq. 10): x = mu(z) + sigma(z) z with sigma = exp(alpha),
+    """Inverse autoregressive flow (Kingma et al. 2016): x = mu(z) + sigma(z) z with sigma = exp(alpha),
     autoregressive in z: fast sampling (z -> x one pass), slow density (D passes). Ranges as MAF's."""
 
     conditions_on_data = False

@@ -1,12 +1,12 @@
 """Masked coupling layers: NICE's additive coupling and diagonal scaling (Dinh et al. 2015) and
 RealNVP's affine coupling with checkerboard and channel masks (Dinh et al. 2017).
 
-With a binary mask b, the coupling keeps x_b = b * x and changes the rest (RealNVP eq. 9):
+With a binary mask b, the coupling keeps x_b = b * x and changes the rest (RealNVP Sec. 3.4, the masked form):
 
-    additive (NICE eq. 5):  y = b * x + (1 - b) * (x + m(b * x)),                    log|det| = 0
-    affine (RealNVP eq. 9): y = b * x + (1 - b) * (x * exp(s(b * x)) + t(b * x)),   log|det| = sum (1 - b) s
+    additive (NICE Sec. 3.2): y = b * x + (1 - b) * (x + m(b * x)),                    log|det| = 0
+    affine (RealNVP):         y = b * x + (1 - b) * (x * exp(s(b * x)) + t(b * x)),   log|det| = sum (1 - b) s
 
-with s = a * tanh(s_raw) (a learned per feature, RealNVP Sec. 4.1 keeps s bounded) and s_raw, t, m
+with s = a * tanh(s_raw) (a learned per feature: a bounded log-scale keeps early training stable) and s_raw, t, m
 from one conditioner network (zero-initialised last layer: a fresh coupling is the identity).
 """
 
@@ -76,7 +76,7 @@ class _MaskedCoupling(FlowTransform):
 
 @register("flow_transform", "additive_coupling")
 class AdditiveCoupling(_MaskedCoupling):
-    """NICE's additive coupling (Dinh et al. 2015, eq. 5): ``y = x + (1 - b) m(b x)``, volume preserving.
+    """NICE's additive coupling (Dinh et al. 2015, Sec. 3.2): ``y = x + (1 - b) m(b x)``, volume preserving.
     ``shape``: an item's [D] or [C, H, W]; ``mask``: ``checkerboard`` or ``channel``; ``parity`` 0 or 1.
     Ranges: hidden, depth >= 1."""
 
@@ -94,8 +94,8 @@ class AdditiveCoupling(_MaskedCoupling):
 
 @register("flow_transform", "affine_coupling")
 class AffineCoupling(_MaskedCoupling):
-    """RealNVP's affine coupling (Dinh et al. 2017, eq. 9): ``y = b x + (1 - b)(x exp(s) + t)`` with
-    (s, t) functions of b x, s = a tanh(s_raw); log|det| = sum (1 - b) s (eq. 6). ``shape``: [D] or
+    """RealNVP's affine coupling (Dinh et al. 2017, Sec. 3.4): ``y = b x + (1 - b)(x exp(s) + t)`` with
+    (s, t) functions of b x, s = a tanh(s_raw); log|det| = sum (1 - b) s (a triangular Jacobian). ``shape``: [D] or
     [C, H, W]; ``mask``: ``checkerboard`` or ``channel``; ``parity`` 0 or 1. Ranges: hidden, depth >= 1."""
 
     def __init__(self, shape: list[int], mask: MaskKind = "checkerboard", parity: Parity = 0,

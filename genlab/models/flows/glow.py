@@ -1,7 +1,7 @@
 """Glow's invertible 1x1 convolution (LU-parameterised), its coupling, and one step of flow
 (Kingma and Dhariwal 2018, Sec. 3 and Table 1): actnorm -> 1x1 conv -> coupling.
 
-1x1 convolution (Sec. 3.2, eq. 10): y = W x at every pixel, W = P L (U + diag(sign_s exp(log_s))) with
+1x1 convolution (Sec. 3.2): y = W x at every pixel, W = P L (U + diag(sign_s exp(log_s))) with
 P a fixed permutation, L unit lower triangular, U strictly upper triangular; log|det| = H W sum log_s.
 
 Coupling (Table 1, written as openai/glow's code computes it): x_a, x_b = split(x) by channels,
@@ -27,7 +27,7 @@ from genlab.models.flows.normalization import ActNorm
 
 @register("flow_transform", "invertible_conv1x1")
 class InvertibleConv1x1(FlowTransform):
-    """Glow's invertible 1x1 convolution with the LU parameterisation (eq. 10), initialised from a random
+    """Glow's invertible 1x1 convolution with the LU parameterisation (Sec. 3.2), initialised from a random
     rotation: ``[B, C, H, W] -> [B, C, H, W]``, or ``[B, D]`` (a learned linear map of the features).
     Range: channels >= 1."""
 

@@ -1,7 +1,7 @@
 """MADE: a masked autoencoder whose output i depends only on inputs before i in an order
 (Germain et al. 2015, Sec. 4): degrees m(d) = d (1..D) for the inputs, hidden degrees cycling over
-1..D-1, masks M^l[k', k] = 1[m^l(k') >= m^{l-1}(k)] (eq. 12) and for the output M^V[d, k] = 1[d > m^L(k)]
-(eq. 13). Output: ``params_per_value`` numbers per input value, ``[B, D, P]``, output (d, p) a function of
+1..D-1, masks M^l[k', k] = 1[m^l(k') >= m^{l-1}(k)] and for the output M^V[d, k] = 1[d > m^L(k)].
+Output: ``params_per_value`` numbers per input value, ``[B, D, P]``, output (d, p) a function of
 x_{<d} (in the order) only.
 """
 

@@ -1,5 +1,5 @@
 """A normalizing flow: a base distribution and a chain of invertible transforms (Rezende and Mohamed
-2015; Dinh et al. 2017, eq. 3). With z = f(x),
+2015; Dinh et al. 2017, Sec. 3.1). With z = f(x),
 
     log p_X(x | c) = log p_Z(f(x) | c) + log|det df/dx|,
 

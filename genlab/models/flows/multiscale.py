@@ -2,7 +2,7 @@
 
 ``Squeeze`` turns each 2x2 block of every channel into 4 channels, [B, C, H, W] -> [B, 4C, H/2, W/2]
 (log|det| = 0, a permutation). ``FactorOut`` keeps the first half of the channels as they are (they
-are latent variables from this scale on, eq. 13-14: z_i = h_i's first half) and runs its inner chain
+are latent variables from this scale on: z_i = h_i's first half) and runs its inner chain
 on the second half only; the output is both halves concatenated, so the latent has x's shape.
 """
 
@@ -34,7 +34,7 @@ class Squeeze(FlowTransform):
 
 @register("flow_transform", "factor_out")
 class FactorOut(FlowTransform):
-    """Multi-scale factoring out (RealNVP eq. 13-14): ``x [B, C, ...]`` -> ``[x_1, f(x_2)]`` with x_1 the
+    """Multi-scale factoring out (RealNVP Sec. 3.6): ``x [B, C, ...]`` -> ``[x_1, f(x_2)]`` with x_1 the
     first floor(C / 2) channels (or features), left as latents, and f = ``transforms`` (a chain on
     the other ceil(C / 2) channels); log|det| is f's."""
 

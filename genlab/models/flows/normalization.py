@@ -74,7 +74,7 @@ Momentum = Annotated[float, Range(gt=0, le=1)]
 
 @register("flow_transform", "batch_norm")
 class BatchNormFlow(FlowTransform):
-    """Batch normalisation as a flow step (RealNVP Sec. 3.7, eq. 12 with a learned scale and shift):
+    """Batch normalisation as a flow step (RealNVP Sec. 3.7, with a learned scale and shift):
 
         y = (x - mu) / sqrt(var + eps) * exp(log_gamma) + beta,   log|det| = H W sum (log_gamma - log(var + eps) / 2)
 

@@ -2,12 +2,12 @@
 
 On [-B, B] the spline has K bins with knots (x^k, y^k) and positive derivatives d^k at the knots;
 outside it is the identity (linear tails, d = 1 at +-B). In bin k, with xi = (x - x^k) / w^k and
-s^k = (y^{k+1} - y^k) / w^k (eq. 4 and App. A):
+s^k = (y^{k+1} - y^k) / w^k (Sec. 3.1 and App. A):
 
     g(x) = y^k + (y^{k+1} - y^k) [s xi^2 + d^k xi (1 - xi)] / [s + (d^{k+1} + d^k - 2 s) xi (1 - xi)]
-    g'(x) = s^2 [d^{k+1} xi^2 + 2 s xi (1 - xi) + d^k (1 - xi)^2] / [s + (d^{k+1} + d^k - 2 s) xi (1 - xi)]^2   (eq. 5)
+    g'(x) = s^2 [d^{k+1} xi^2 + 2 s xi (1 - xi) + d^k (1 - xi)^2] / [s + (d^{k+1} + d^k - 2 s) xi (1 - xi)]^2
 
-and the inverse is the root xi = 2c / (-b - sqrt(b^2 - 4ac)) of a quadratic (eq. 6-8, App. A).
+and the inverse is the root xi = 2c / (-b - sqrt(b^2 - 4ac)) of a quadratic (App. A).
 
 Parameterisation: zuko's (``zuko.transforms.MonotonicRQSTransform``), so that the same unconstrained
 (widths [.., K], heights [.., K], derivatives [.., K - 1]) give the same spline: each is soft-clipped,
