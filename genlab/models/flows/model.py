@@ -4,9 +4,9 @@
     log p_X(x | c) = log p_Z(f(x) | c) + log|det df/dx|,
 
 and sampling draws z ~ p_Z(. | c) and returns f^{-1}(z). p_Z is N(0, I); with ``num_classes`` it is
-N(mu_c, diag(sigma_c^2)) with a learned (mu_c, log sigma_c) per class, zero-initialised (Glow's
-class-conditional prior, Kingma and Dhariwal 2018, Sec. 5). ``temperature`` T scales the base's std
-(Glow Sec. 6: samples from p_Z with std T sigma).
+N(mu_c, diag(sigma_c^2)) with a learned (mu_c, log sigma_c) per class, zero-initialised (as Glow's
+class-conditional prior, Kingma and Dhariwal 2018). ``temperature`` T scales the base's std
+(Glow's reduced-temperature samples: p_Z with std T sigma).
 """
 
 from __future__ import annotations
