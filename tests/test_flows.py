@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from genlab.core.registry import build
+from genlab.metrics.likelihood import bits_per_dim_of, quantize
 from genlab.models.flows import (IAF, MAF, ActNorm, AdditiveCoupling, AffineCoupling, BatchNormFlow, DiagonalScaling,
                                  FactorOut, Flow, FlowChain, FlowTransform, GlowCoupling, GlowStep, InvertibleConv1x1,
                                  SplineAutoregressive, SplineCoupling, Squeeze, rq_spline)
+from genlab.testing.devices import DeviceAudit, generator_on
 
 
 def _perturbed(t: FlowTransform, seed: int = 0, scale: float = 0.3) -> FlowTransform:
@@ -132,6 +134,27 @@ def test_sample_generator_device_dtype_temperature() -> None:
     assert a.dtype == torch.float64 and a.shape == (5, 2)
     torch.testing.assert_close(a, b)
     torch.testing.assert_close(flow.sample(2, temperature=0.0), flow.inverse(torch.zeros(2, 2, dtype=torch.float64))[0])
+
+
+def test_draws_and_tensors_on_the_models_device() -> None:
+    """On the ``meta`` device: every draw on the generator's device, no CPU tensor mixed in, no value read
+    on the host (sampling with the sequential inverses of MAF and the spline, log_prob, IAF's forward)."""
+    flow = Flow([2], [AffineCoupling([2], hidden=4), ActNorm(2), SplineCoupling(2, bins=3, hidden=4), MAF(2, hidden=4),
+                      IAF(2, hidden=4), SplineAutoregressive(2, bins=3, hidden=4), BatchNormFlow(2),
+                      InvertibleConv1x1(2), DiagonalScaling([2])], num_classes=2).eval().to("meta")
+    labels = torch.zeros(3, dtype=torch.long, device="meta")
+    with DeviceAudit() as audit:
+        x = flow.sample(3, labels, generator_on("meta"))
+        log_p = flow.log_prob(x, labels)
+    assert (x.device.type, x.shape, log_p.shape, audit.draws) == ("meta", (3, 2), (3,), 1)
+
+
+def test_bits_per_dim_of_discrete_images() -> None:
+    """A flow is a Likelihood: bits/dim of 8-bit images with uniform dequantisation (the shared helper)."""
+    flow = _perturbed(Flow([1, 2, 2], [AffineCoupling([1, 2, 2], hidden=4), Squeeze(), GlowStep(4, hidden=4)]))
+    x = quantize(_x((1, 2, 2)).clamp(-1, 1), 256)
+    bpd = bits_per_dim_of(flow, x, generator=torch.Generator().manual_seed(0))
+    assert bpd.shape == (3,) and bool(bpd.isfinite().all())
 
 
 def test_class_conditional_base() -> None:

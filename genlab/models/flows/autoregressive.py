@@ -43,7 +43,7 @@ class _Autoregressive(FlowTransform):
         """Solve c = tau(v; MADE(c)) (tau^{-1} when ``inverse``) for c, one dimension per pass in the
         autoregressive order (theta_i needs c_{<i} only); log|dc/dv| = -log|dv/dc| at the solution."""
         c = torch.zeros_like(v)
-        for i in self.made.order.tolist():
+        for i in self.made.order:
             c_new, _ = self._tau(v, self.made(c), inverse)
             c = c.index_copy(1, torch.tensor([i], device=v.device), c_new[:, i:i + 1])
         _, logdet = self._tau(c, self.made(c), not inverse)

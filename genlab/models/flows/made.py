@@ -46,7 +46,7 @@ class MADE(nn.Module):
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
         self.net = nn.Sequential(*layers, last)
-        self.register_buffer("order", degrees_in.argsort(), persistent=False)  # positions in autoregressive order
+        self.order: list[int] = degrees_in.argsort().tolist()  # positions in autoregressive order (host ints)
 
     def forward(self, x: Tensor) -> Tensor:
         return rearrange(self.net(x), "b (d p) -> b d p", p=self.params_per_value)

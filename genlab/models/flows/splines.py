@@ -13,7 +13,7 @@ Parameterisation: zuko's (``zuko.transforms.MonotonicRQSTransform``), so that th
 (widths [.., K], heights [.., K], derivatives [.., K - 1]) give the same spline: each is soft-clipped,
 v / (1 + |2 v / log(slope)|) (derivatives: v / (1 + |v / log(slope)|)), widths and heights go through a
 softmax and cumulate to knots on [-B, B], inner derivatives are exp(v) (in (slope, 1 / slope)) and the
-end derivatives are 1. The arithmetic is done in at least float32 (also under autocast).
+end derivatives are 1. The arithmetic is done in at least float32 (under autocast too).
 """
 
 from __future__ import annotations
@@ -63,26 +63,26 @@ def rq_spline(x: Tensor, params: Tensor, bound: float, inverse: bool = False,
     """The spline g elementwise (or g^{-1} when ``inverse``) on x [...] with ``params [..., 3K - 1]``:
     (y [...], log|g'| [...] (or log|(g^{-1})'|)); the identity with log-derivative 0 outside (-B, B)."""
     dtype = torch.promote_types(x.dtype, torch.float32)
-    with torch.autocast(x.device.type, enabled=False):
-        v, p = x.to(dtype), params.to(dtype)
-        xk, yk, dk = rq_knots(p, bound, slope)
-        inside = (v > -bound) & (v < bound)
-        vc = v.clamp(-bound, bound)  # outside values go through a valid bin too (no NaN in the unused branch)
-        k = _bin(yk if inverse else xk, vc)
-        x0, x1, y0, y1, d0, d1 = _gather(k, xk, yk, dk)
-        w, s = x1 - x0, (y1 - y0) / (x1 - x0)
-        if inverse:
-            dy = vc - y0
-            a = (y1 - y0) * (s - d0) + dy * (d0 + d1 - 2 * s)
-            b = (y1 - y0) * d0 - dy * (d0 + d1 - 2 * s)
-            c = -s * dy
-            xi = (2 * c / (-b - (b.square() - 4 * a * c).clamp_min(0).sqrt())).clamp(0, 1)
-            out = x0 + xi * w
-        else:
-            xi = ((vc - x0) / w).clamp(0, 1)
-            out = y0 + (y1 - y0) * (s * xi.square() + d0 * xi * (1 - xi)) / (s + (d0 + d1 - 2 * s) * xi * (1 - xi))
-        denom = s + (d0 + d1 - 2 * s) * xi * (1 - xi)
-        log_grad = 2 * s.log() + torch.log(d1 * xi.square() + 2 * s * xi * (1 - xi) + d0 * (1 - xi).square()) - 2 * denom.log()
-        log_grad = -log_grad if inverse else log_grad
-        y = torch.where(inside, out, v)
-        return y.to(x.dtype), torch.where(inside, log_grad, torch.zeros_like(log_grad)).to(x.dtype)
+    # elementwise ops only: autocast leaves them in this dtype (it lowers matmuls and convolutions)
+    v, p = x.to(dtype), params.to(dtype)
+    xk, yk, dk = rq_knots(p, bound, slope)
+    inside = (v > -bound) & (v < bound)
+    vc = v.clamp(-bound, bound)  # outside values go through a valid bin too (no NaN in the unused branch)
+    k = _bin(yk if inverse else xk, vc)
+    x0, x1, y0, y1, d0, d1 = _gather(k, xk, yk, dk)
+    w, s = x1 - x0, (y1 - y0) / (x1 - x0)
+    if inverse:
+        dy = vc - y0
+        a = (y1 - y0) * (s - d0) + dy * (d0 + d1 - 2 * s)
+        b = (y1 - y0) * d0 - dy * (d0 + d1 - 2 * s)
+        c = -s * dy
+        xi = (2 * c / (-b - (b.square() - 4 * a * c).clamp_min(0).sqrt())).clamp(0, 1)
+        out = x0 + xi * w
+    else:
+        xi = ((vc - x0) / w).clamp(0, 1)
+        out = y0 + (y1 - y0) * (s * xi.square() + d0 * xi * (1 - xi)) / (s + (d0 + d1 - 2 * s) * xi * (1 - xi))
+    denom = s + (d0 + d1 - 2 * s) * xi * (1 - xi)
+    log_grad = 2 * s.log() + torch.log(d1 * xi.square() + 2 * s * xi * (1 - xi) + d0 * (1 - xi).square()) - 2 * denom.log()
+    log_grad = -log_grad if inverse else log_grad
+    y = torch.where(inside, out, v)
+    return y.to(x.dtype), torch.where(inside, log_grad, torch.zeros_like(log_grad)).to(x.dtype)
