@@ -83,3 +83,12 @@ def test_realnvp_moons_heldout_nll(tmp_path: Path) -> None:
         tr.fit()
         metrics = tr.evaluate()
     assert metrics["heldout_nll_nats"] < 1.95 and metrics["sliced_wasserstein"] < 0.05, metrics
+
+
+def test_evaluation_reports_the_flow_and_its_heldout_nll(tmp_path: Path) -> None:
+    exp = Experiment.from_config(load_config(CONFIG, ["train.steps=1", "train.eval_samples=200"]))
+    with Trainer(exp, tmp_path / "run", progress=False) as tr:
+        metrics = tr.evaluate()
+    assert metrics["sampler"] == "flow inverse (temperature 1)" and metrics["steps"] is None
+    assert metrics["heldout_nll_nats"] == pytest.approx(
+        heldout_nll(tr.sampling_modules()["model"], exp.heldout(200))["heldout_nll_nats"], rel=1e-6)

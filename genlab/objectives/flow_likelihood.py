@@ -45,6 +45,9 @@ class FlowLikelihood(Objective):
     def sampling_steps(self) -> int | None:
         return None  # one pass of f^{-1}
 
+    def sampling_method(self) -> str:
+        return f"flow inverse (temperature {self.temperature:g})"
+
     def loss(self, modules: dict[str, nn.Module], batch: Batch, generator: torch.Generator,
              optimizer: str = "model") -> tuple[Tensor, dict[str, float]]:
         """Mean -log p(x | labels) over the batch (no random draws): (loss, {nll_nats, bits_per_dim})."""

@@ -68,8 +68,9 @@ def evaluate(exp: Experiment, modules: dict[str, nn.Module], out: str | os.PathL
     def model(steps: int | None) -> SampleFn:  # steps only when asked: a family may sample without any
         return lambda n, g, cond: obj.sample(modules, n, g, cond, **({} if steps is None else {"steps": steps}))
 
-    metrics = {"step": step, "sampler": repr(exp.sampler), "steps": obj.sampling_steps(), "image": f"{name}.png",
-               **_evaluate(exp, model(None), device, out / f"{name}.png", seed, repr(exp.sampler))}
+    method = obj.sampling_method() if hasattr(obj, "context") else repr(exp.sampler)
+    metrics = {"step": step, "sampler": method, "steps": obj.sampling_steps(), "image": f"{name}.png",
+               **_evaluate(exp, model(None), device, out / f"{name}.png", seed, method)}
     if len(exp.data_shape) == 1 and isinstance(modules["model"], Likelihood):  # an exact density (a flow)
         metrics.update(heldout_nll(modules["model"], exp.heldout(exp.train.eval_samples)))
     wanted = []  # (label, sampler, steps, how to draw)
