@@ -263,3 +263,25 @@ def test_batch_norm_equals_torch_batch_norm() -> None:
     torch.testing.assert_close(ours(x)[0], ref(x))
     var = ref.running_var
     torch.testing.assert_close(ours(x)[1], (ours.log_gamma - 0.5 * torch.log(var + 1e-3)).sum().expand(16))
+
+
+def _actnorm_rank(rank: int, init_file: str, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(rank)) * (1 + rank) + 3 * rank
+    norm = ActNorm(2)
+    norm(x)
+    torch.save({"log_scale": norm.log_scale.detach(), "bias": norm.bias.detach(), "x": x}, f"{out}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_actnorm_initialises_alike_on_every_process(tmp_path) -> None:
+    """Under torch.distributed (2 gloo processes with different batches) both start from the averaged
+    mean and std, so that data-parallel replicas stay equal."""
+    torch.multiprocessing.spawn(_actnorm_rank, args=(str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"out.{r}") for r in (0, 1))
+    torch.testing.assert_close(r0["log_scale"], r1["log_scale"])
+    torch.testing.assert_close(r0["bias"], r1["bias"])
+    stats = [(r["x"].mean(0), r["x"].std(0, unbiased=False)) for r in (r0, r1)]
+    std = (stats[0][1] + stats[1][1]) / 2
+    torch.testing.assert_close(r0["log_scale"], -torch.log(std + 1e-6))

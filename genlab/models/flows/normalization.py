@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from genlab.core.bounds import PositiveFloat, PositiveInt, Range
@@ -36,7 +37,8 @@ class ActNorm(FlowTransform):
 
     Data-dependent initialisation (Glow Sec. 3.1): the first forward call in training mode sets
     log_scale = -log(std + eps) and bias = -mean exp(log_scale) from that batch, so that it leaves with
-    zero mean and unit variance per channel. ``features``: D or C. Range: features >= 1, eps > 0.
+    zero mean and unit variance per channel (under torch.distributed, with the mean and std averaged over
+    the processes, so that they start alike). ``features``: D or C. Range: features >= 1, eps > 0.
     """
 
     def __init__(self, features: PositiveInt, eps: PositiveFloat = 1e-6) -> None:
@@ -49,6 +51,10 @@ class ActNorm(FlowTransform):
     @torch.no_grad()
     def _initialize(self, x: Tensor) -> None:
         mean, std = x.mean(_dims(x)), x.std(_dims(x), unbiased=False)
+        if dist.is_available() and dist.is_initialized():  # every process starts from the same values
+            stats = torch.stack([mean, std]) / dist.get_world_size()
+            dist.all_reduce(stats)
+            mean, std = stats[0], stats[1]
         log_scale = -torch.log(std + self.eps)
         self.log_scale.copy_(log_scale)
         self.bias.copy_(-mean * log_scale.exp())
