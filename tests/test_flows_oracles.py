@@ -27,6 +27,7 @@ def test_spline_equals_zuko() -> None:
     torch.testing.assert_close(inv_ladj, -ladj_ref, atol=1e-6, rtol=0)
 
 
+@pytest.mark.filterwarnings("ignore:torch.lu is deprecated")  # inside normflows' Invertible1x1Conv
 def test_glow_step_equals_normflows() -> None:
     nf = pytest.importorskip("normflows")
     torch.manual_seed(0)
