@@ -210,7 +210,7 @@ def test_spline_at_and_beyond_the_boundary() -> None:
             assert bool(y.isfinite().all() and ladj.isfinite().all() and grad.isfinite().all()), (dtype, inverse)
             torch.testing.assert_close(y[:len(edge)], v[:len(edge)].detach())  # the identity tails, knots at +-B
             assert float(ladj[:len(edge)].detach().abs().max()) == 0.0
-            assert float((y[len(edge):] - v[len(edge):]).abs().max()) < 1e-5  # continuous at +-B
+            assert float((y[len(edge):] - v[len(edge):]).detach().abs().max()) < 1e-5  # continuous at +-B
 
 
 # --- construction ----------------------------------------------------------------------------------
