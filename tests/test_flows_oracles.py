@@ -28,11 +28,12 @@ def test_spline_equals_zuko() -> None:
 
 
 @pytest.mark.filterwarnings("ignore:torch.lu is deprecated")  # inside normflows' Invertible1x1Conv
-def test_glow_step_equals_normflows() -> None:
+@pytest.mark.parametrize("kind", ["affine", "additive"])
+def test_glow_step_equals_normflows(kind: str) -> None:
     nf = pytest.importorskip("normflows")
     torch.manual_seed(0)
-    ours = _perturbed(GlowStep(4, hidden=8))
-    ref = nf.flows.GlowBlock(4, 8, scale=True, scale_map="sigmoid", split_mode="channel", leaky=0.0,
+    ours = _perturbed(GlowStep(4, hidden=8, coupling=kind))
+    ref = nf.flows.GlowBlock(4, 8, scale=kind == "affine", scale_map="sigmoid", split_mode="channel", leaky=0.0,
                              init_zeros=True, use_lu=True).double()
     coupling, conv, actnorm = ref.flows  # normflows runs z -> x; its inverse is actnorm, conv, coupling
     ours_norm, ours_conv, ours_coupling = ours.transforms
@@ -45,11 +46,12 @@ def test_glow_step_equals_normflows() -> None:
             getattr(conv, name).copy_(getattr(ours_conv, name))
         conv.log_S.copy_(ours_conv.log_s)
         conv.sign_S.copy_(ours_conv.sign_s)
-        # coupling: ours (x_b + t) s, normflows' inverse (x_b - t) s: the shift outputs change sign
+        # coupling: ours (x_b + t) s (or x_b + t), normflows' inverse (x_b - t) s (or x_b - t): the shift
+        # outputs (every other one; all of them for the additive coupling) change sign
         layers = [m for m in ours_coupling.net.net if isinstance(m, torch.nn.Conv2d)]
         ref_layers = [m for m in coupling.flows[1].param_map.net if isinstance(m, torch.nn.Conv2d)]
         sign = torch.ones(layers[-1].out_channels, dtype=torch.float64)
-        sign[0::2] = -1
+        sign[0::2 if kind == "affine" else 1] = -1
         for mine, theirs in zip(layers, ref_layers):
             theirs.weight.copy_(mine.weight)
             theirs.bias.copy_(mine.bias)
