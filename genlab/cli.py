@@ -77,6 +77,9 @@ def report(out: Path, m: dict) -> None:
     if "wasserstein2" in m:
         print(f"exact Wasserstein-2 to held-out data ({m['wasserstein2_points']} points): {m['wasserstein2']:.4f} "
               f"(two held-out draws: {m['wasserstein2_data_vs_data']:.4f})")
+    if "heldout_nll_nats" in m:
+        print(f"held-out negative log-likelihood: {m['heldout_nll_nats']:.4f} nats "
+              f"({m['heldout_bits_per_dim']:.4f} bits/dim)")
     if "classifier_accuracy" in m:
         print(f"digits classifier accuracy on the requested labels: {m['classifier_accuracy']:.1%}")
     if "frechet_distance" in m:

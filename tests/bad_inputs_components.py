@@ -32,6 +32,7 @@ from genlab.objectives import DenoisingObjective
 from genlab.diffusion.ode import ODESampler
 from genlab.diffusion.samplers.restart import RestartInterval
 from genlab.models import DiT, UNet
+from genlab.models.flows import MAF, AffineCoupling, BatchNormFlow, Flow, GlowCoupling, SplineCoupling
 from genlab.models.mlp import MLP
 
 CONFIG_CASES: list[tuple[str, str, str]] = [
@@ -357,4 +358,13 @@ API_CASES: list[tuple[str, Callable[[], object], type[Exception], str]] = [
     ("nan_sdedit", lambda: sdedit(DDIM(3), Denoiser(_nan_model, VP()), X, 0.5, progress=False), NonFiniteError, "DDIM: 4 of 4 samples hold NaN or inf"),
     ("nan_invert", lambda: invert(DDIM(3), Denoiser(_nan_model, VP()), X, progress=False), NonFiniteError, "DDIM: 4 of 4 samples hold NaN or inf"),
     ("nan_likelihood", lambda: DiffusionLikelihood(Denoiser(_nan_model, VP()), method="euler", steps=2).log_prob(X), NonFiniteError, "DiffusionLikelihood: 4 of 4 log-probabilities are NaN or inf"),
+    # normalizing flows
+    ("flow_coupling_parity", lambda: AffineCoupling([2], parity=2), ValueError, "AffineCoupling: parity must be >= 0 and <= 1, got 2"),
+    ("flow_coupling_shape", lambda: AffineCoupling([2, 3]), ValueError, "AffineCoupling: shape must be [D] (vectors) or [C, H, W] (images)"),
+    ("flow_spline_bound_zero", lambda: SplineCoupling(4, bound=0.0), ValueError, "SplineCoupling: bound must be > 0, got 0.0"),
+    ("flow_maf_features_zero", lambda: MAF(0), ValueError, "MAF: features must be >= 1, got 0"),
+    ("flow_glow_one_channel", lambda: GlowCoupling(1), ValueError, "GlowCoupling: channels must be >= 2 (a channel split), got 1"),
+    ("flow_batch_norm_momentum", lambda: BatchNormFlow(2, momentum=0.0), ValueError, "BatchNormFlow: momentum must be > 0 and <= 1, got 0.0"),
+    ("flow_wrong_shape", lambda: Flow([2], []).log_prob(torch.zeros(3, 4)), ShapeError, "Flow: expected x: [B, 2], got [3, 4]"),
+    ("flow_labels_missing", lambda: Flow([2], [], num_classes=3).log_prob(torch.zeros(3, 2)), ValueError, "Flow: cond must be class labels, a long tensor [3] in 0..2, got None"),
 ]

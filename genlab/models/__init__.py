@@ -1,6 +1,7 @@
 """Backbones and layers. Models map ``(x, t_model, cond)`` to a tensor; they know nothing of processes."""
 
 from genlab.models.attention import attention, available_backends
+from genlab.models import flows  # noqa: F401  (registers the flow transforms and the flow model)
 from genlab.models.dit import DiT
 from genlab.models.embeddings import timestep_embedding
 from genlab.models.mlp import MLP, ConcatMLP

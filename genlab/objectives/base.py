@@ -164,6 +164,11 @@ class Objective:
         sampler = getattr(self, "context", None) and self.context.sampler
         return getattr(sampler, "steps", None)
 
+    def sampling_method(self) -> str:
+        """How :meth:`sample` draws, as the evaluation reports it: the experiment's sampler's ``repr``."""
+        sampler = getattr(self, "context", None) and self.context.sampler
+        return repr(sampler)
+
     def references(self) -> dict[str, Reference]:
         """Models the evaluation reports next to this one, by name (a distillation's teacher); none here."""
         return {}

@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from ..core.errors import WriteError
 from ..core.io import write_json_atomic
 from ..data import Digits
-from ..metrics import frechet_distance, mask_iou, sliced_wasserstein, train_digits_classifier, wasserstein2
+from ..metrics import (Likelihood, bits_per_dim, frechet_distance, mask_iou, sliced_wasserstein,
+                       train_digits_classifier, wasserstein2)
 from .experiment import Experiment
 from .plots import plot_image_grid, plot_samples_2d
 
@@ -96,9 +97,12 @@ def evaluate(exp: Experiment, modules: dict[str, nn.Module], out: str | os.PathL
     def model(steps: int | None) -> SampleFn:  # steps only when asked: a family may sample without any
         return lambda n, g, cond: obj.sample(modules, n, g, cond, **({} if steps is None else {"steps": steps}))
 
-    kind = repr(exp.sampler) if exp.guidance is None else f"{exp.sampler!r} with {exp.guidance!r}"
+    method = obj.sampling_method() if hasattr(obj, "context") else repr(exp.sampler)
+    kind = method if exp.guidance is None else f"{method} with {exp.guidance!r}"
     metrics = {"step": step, "sampler": kind, "steps": obj.sampling_steps(), "image": f"{name}.png",
                **_evaluate(exp, model(None), device, out / f"{name}.png", seed, kind)}
+    if len(exp.data_shape) == 1 and isinstance(modules["model"], Likelihood):  # an exact density (a flow)
+        metrics.update(heldout_nll(modules["model"], exp.heldout(exp.train.eval_samples)))
     wanted = []  # (label, sampler, steps, how to draw)
     if rows:
         wanted += [(label, ref.sampler, ref.steps, functools.partial(ref.sample, modules))
@@ -113,6 +117,14 @@ def evaluate(exp: Experiment, modules: dict[str, nn.Module], out: str | os.PathL
             metrics["rows"].append(row)
     write_json_atomic(out / f"{name}.json", metrics)
     return metrics
+
+
+@torch.no_grad()
+def heldout_nll(model: Likelihood, x: Tensor, batch_size: int = 4096) -> dict[str, float]:
+    """Mean -log p(x) of held-out continuous data x [N, ...] under ``model``, in nats and bits/dim."""
+    device = next(model.parameters()).device
+    log_p = torch.cat([model.log_prob(b.to(device)).double().cpu() for b in x.split(batch_size)])
+    return {"heldout_nll_nats": float(-log_p.mean()), "heldout_bits_per_dim": float(bits_per_dim(log_p, x[0].numel()).mean())}
 
 
 def with_steps(sampler: Any, steps: int) -> Any:

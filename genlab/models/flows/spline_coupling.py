@@ -1,0 +1,46 @@
+"""Rational-quadratic spline coupling (Durkan et al. 2019, Sec. 3.1 and 3.3): a coupling layer whose
+elementwise map is the spline of :mod:`.splines`, its 3K - 1 parameters per changed value computed by a
+network of the kept values; y_b = g(x_b; theta(x_a)), log|det| = sum log g'(x_b)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+from genlab.core.bounds import PositiveFloat, PositiveInt, Range
+from genlab.core.registry import register
+from genlab.models.flows.base import FlowTransform, Parity, check_channels
+from genlab.models.flows.nets import DenseNet
+from genlab.models.flows.splines import rq_spline, spline_params_count
+
+@register("flow_transform", "spline_coupling")
+class SplineCoupling(FlowTransform):
+    """Spline coupling on vectors ``[B, features]``: the values with index parity ``parity`` (features
+    i with i % 2 == parity) are kept and condition the spline of the others. ``bins`` K, ``bound`` B (the
+    spline's interval [-B, B]; identity outside). Ranges: features >= 2, bins, hidden, depth >= 1, bound > 0."""
+
+    def __init__(self, features: Annotated[int, Range(ge=2)], bins: PositiveInt = 8, bound: PositiveFloat = 5.0,
+                 parity: Parity = 0, hidden: PositiveInt = 64, depth: PositiveInt = 2) -> None:
+        super().__init__()
+        self.features, self.bins, self.bound = features, bins, bound
+        idx = torch.arange(features)
+        self.register_buffer("kept", idx[idx % 2 == parity], persistent=False)
+        self.register_buffer("changed", idx[idx % 2 != parity], persistent=False)
+        self.net = DenseNet(len(self.kept), len(self.changed) * spline_params_count(bins), hidden, depth)
+
+    def _spline(self, x: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        check_channels(x, self.features, "SplineCoupling")
+        if x.ndim != 2:
+            raise ValueError(f"SplineCoupling: expected vectors [B, {self.features}], got {list(x.shape)}")
+        params = rearrange(self.net(x[:, self.kept]), "b (d p) -> b d p", d=len(self.changed))
+        y_b, log_grad = rq_spline(x[:, self.changed], params, self.bound, inverse=inverse)
+        return x.index_copy(1, self.changed, y_b), log_grad.sum(1)
+
+    def forward(self, x: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self._spline(x, inverse=False)
+
+    def inverse(self, z: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self._spline(z, inverse=True)
