@@ -10,12 +10,10 @@ forward x -> z takes D passes). log|det dz/dx| = -sum alpha_i (MAF) and -sum log
 
 from __future__ import annotations
 
-from typing import Annotated
-
 import torch
 from torch import Tensor
 
-from genlab.core.bounds import PositiveFloat, PositiveInt, Range
+from genlab.core.bounds import PositiveFloat, PositiveInt
 from genlab.core.registry import register
 from genlab.models.flows.base import FlowTransform, check_channels
 from genlab.models.flows.made import MADE
