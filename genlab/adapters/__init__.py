@@ -7,8 +7,8 @@ The layer sits above ``genlab.models`` and ``genlab.diffusion`` and below ``genl
 from .controlled import ControlledModel, controlled_unet
 from .controlnet import ControlNet, MultiControlNet
 from .dit_controlnet import DiTControlNet
-from .guidance import (CFG, CFGDenoiser, CFGOnOutputs, ClassifierGuidance, GradientGuidance, GradientGuided, Guidance,
-                       GuidedDenoiser, UniversalGuidance, noisy_logits)
+from .gradient_guidance import ClassifierGuidance, GradientGuidance, GradientGuided, UniversalGuidance, noisy_logits
+from .guidance import CFG, CFGDenoiser, CFGOnOutputs, Guidance, GuidedDenoiser
 from .lora import (LoRA, LoRAAdapter, LoRAConfig, adapter_names, adapter_parameters, attach_lora, lora_layers,
                    mark_only_adapters_trainable, merge_adapters, remove_adapter, set_adapters, unmerge_adapters)
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..adapters.guidance import noisy_logits
+from ..adapters.gradient_guidance import noisy_logits
 from ..core.bounds import UnitInterval
 from ..core.errors import GenlabError
 from ..core.registry import build, register
