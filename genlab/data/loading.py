@@ -101,6 +101,7 @@ class BatchStream(Sampler[list[Any]]):
     def __iter__(self) -> Iterator[list[Any]]:
         if not self.keys:
             yield from (batch.tolist() for batch in self.index_batches())
+            return  # (never reached: the stream is endless)
         epoch, offset = self.position(self.start)
         batch: list[Any] = []
         while True:
