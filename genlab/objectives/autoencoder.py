@@ -20,9 +20,9 @@ from torch.func import functional_call
 from ..core.bounds import NonNegativeFloat, NonNegativeInt, PositiveInt
 from ..core.registry import build, register
 from ..models.autoencoders.base import Autoencoder
+from ..models.autoencoders.kl import gaussian_kl
 from ..models.autoencoders.discriminator import NLayerDiscriminator  # noqa: F401  (registers patchgan)
 from ..models.autoencoders.perceptual import LPIPS
-from ..models.quantizers import Quantizer
 from .base import Batch, BuildContext, Objective
 
 DELTA = 1e-4  # Eq. 7's delta
@@ -233,16 +233,14 @@ class AutoencoderObjective(Objective):
         if "indices" in stats:
             out.update(self.code_metrics(model, stats["indices"]))
         if "mean" in stats and "logvar" in stats:
-            mean, logvar = stats["mean"].double(), stats["logvar"].double()
-            kl = 0.5 * (mean.square() + logvar.exp() - 1 - logvar).flatten(1).sum(1)
-            out["kl_per_image"] = kl.mean().item()
+            out["kl_per_image"] = gaussian_kl(stats["mean"].double(), stats["logvar"].double()).mean().item()
         out["scaling_factor"] = float(bare(model).scaling_factor)
         return out
 
     @staticmethod
     def code_metrics(model: nn.Module, indices: Tensor) -> dict[str, float]:
         """``codebook_usage`` and ``perplexity`` of ``indices`` [N, ..., *index_shape] under the model's quantizer."""
-        q = next(m for m in bare(model).modules() if isinstance(m, Quantizer))
+        q = bare(model).quantizer
         parts = getattr(q, "stages", None) or getattr(q, "groups", None)
         if parts is None:
             usage, perplexity = code_statistics(indices, q.codebook_size)
