@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from genlab.core.checkpoint import load_weights
@@ -20,6 +21,7 @@ from genlab.core.errors import ConfigError
 from genlab.models.autoencoders import AutoencoderKL, VQAutoencoder
 from genlab.models.autoencoders.discriminator import NLayerDiscriminator
 from genlab.models.autoencoders.kl import gaussian_kl
+from genlab.models.autoencoders.perceptual import LPIPS
 from genlab.objectives import BuildContext
 from genlab.objectives.autoencoder import (AutoencoderObjective, adaptive_weight, code_statistics,
                                            discriminator_loss, generator_loss)
@@ -118,6 +120,21 @@ def test_model_loss_is_reconstruction_regularisation_and_adaptively_weighted_gan
     want_grads = torch.autograd.grad(want, list(model.parameters()))
     for got, w in zip(got_grads, want_grads):
         torch.testing.assert_close(got, w)
+
+
+def test_perceptual_term_from_a_local_file(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    state = {k: v.abs() if k.startswith("lin") else v for k, v in LPIPS().state_dict().items()}  # random weights,
+    save_file(state, str(tmp_path / "lpips.safetensors"))  # lin weights >= 0 as LPIPS's: the term's plumbing
+    model = _kl()
+    obj = _objective(model, perceptual_weights=str(tmp_path / "lpips.safetensors"), perceptual_weight=0.3)
+    assert obj.frozen == ("perceptual",) and set(obj.optimizers()) == {"model"}
+    x = _x()
+    loss = obj.loss(obj.modules(), {"x": x}, _g())
+    x_hat, enc = model(x, _g())
+    lpips = obj.modules()["perceptual"](x_hat, x)
+    assert lpips.shape == (4,) and (lpips > 0).all()
+    torch.testing.assert_close(loss, (x_hat - x).abs().mean() + 0.3 * lpips.mean() + enc.losses["kl"])
 
 
 def test_disc_start_is_respected() -> None:

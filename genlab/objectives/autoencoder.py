@@ -21,7 +21,7 @@ from ..core.bounds import NonNegativeFloat, NonNegativeInt, PositiveInt
 from ..core.registry import build, register
 from ..models.autoencoders.base import Autoencoder
 from ..models.autoencoders.kl import gaussian_kl
-from ..models.autoencoders.discriminator import NLayerDiscriminator  # noqa: F401  (registers patchgan)
+from ..models.autoencoders.discriminator import Discriminator  # (and registers patchgan)
 from ..models.autoencoders.perceptual import LPIPS
 from .base import Batch, BuildContext, Objective
 
@@ -113,7 +113,8 @@ class AutoencoderObjective(Objective):
                 raise ValueError(f"autoencoder: {name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
         self.reconstruction, self.perceptual_weight = reconstruction, perceptual_weight
         self.perceptual = None if perceptual_weights is None else LPIPS.from_file(perceptual_weights)
-        self.discriminator_config, self.discriminator = discriminator, None
+        self.discriminator_config = discriminator
+        self.discriminator: Discriminator | None = None  # built in build()
         self.disc_start, self.disc_weight, self.disc_loss = disc_start, disc_weight, disc_loss
         self.adaptive, self.shown = adaptive_weight, shown
         self.scaling_images, self.scaling_shift = scaling_images, scaling_shift
