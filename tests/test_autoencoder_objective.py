@@ -242,12 +242,17 @@ def _experiment(*overrides: str) -> Experiment:
     return Experiment.from_config(load_config(ROOT / "configs/autoencoders/vae_digits.yaml", [*TINY, *overrides]))
 
 
-def test_trainer_run_two_optimizers_scaling_in_checkpoint_and_exact_resume(tmp_path: Path) -> None:
-    exp = _experiment()
-    initial = {k: v.clone() for k, v in exp.objective.discriminator.state_dict().items()}
-    with Trainer(exp, tmp_path / "run", progress=False) as tr:
-        tr.fit()
-        metrics = tr.evaluate()
+def test_run_two_optimizers_scaling_in_checkpoint_report_and_exact_resume(tmp_path: Path, capsys) -> None:
+    from genlab.cli import main
+
+    initial = _experiment().objective.discriminator.state_dict()  # the run's initial weights: from its seed
+    assert main(["train", str(ROOT / "configs/autoencoders/vae_digits.yaml"), *TINY, "--out", str(tmp_path / "run"),
+                 "--quiet"]) == 0
+    out = capsys.readouterr().out
+    for line in ("picture: ", "held-out reconstruction MSE (pixels in [0, 1]): ", "KL(q(z|x) || N(0, I)) per held-out "
+                 "image: ", "latent scaling factor: "):
+        assert line in out
+    metrics = json.loads((tmp_path / "run" / "samples.json").read_text())
     ckpts = tmp_path / "run" / "checkpoints"
     before = load_weights(ckpts / "step_0000002" / "discriminator.safetensors")
     after = load_weights(ckpts / "step_0000004" / "discriminator.safetensors")

@@ -94,6 +94,11 @@ class AutoencoderObjective(Objective):
         shown: held-out images drawn with their reconstructions in the evaluation's picture.
         scaling_images: training images :meth:`finish` fits the latent scaling factor on
             (:meth:`Autoencoder.fit_scaling`), at the end of training; 0: not fitted.
+        scaling_shift: also fit ``shift_factor`` (the latents' mean; SD3's and FLUX's autoencoders).
+
+    GAN settings as in latent diffusion's KL-f configs: ``discriminator: {type: patchgan, n_layers: 3}``,
+    ``disc_weight: 0.5``, ``disc_start`` late in training (the discriminator's AdamW shares the run's lr and
+    betas: the Trainer has one optimizer setting for all).
 
     It draws no samples; the evaluation reports :meth:`metrics` on the held-out split and a picture of
     originals over reconstructions (:meth:`pictures`).
