@@ -203,7 +203,7 @@ def test_metrics_by_hand() -> None:
     m = obj.metrics({"model": vq.eval()}, x, torch.zeros(6), _g())
     indices = vq.encode(x).stats["indices"]
     assert m["codebook_usage"] == indices.unique().numel() / 16
-    pictures, rows = obj.pictures({"model": vq}, x, torch.zeros(6), _g())
+    pictures, rows, _ = obj.pictures({"model": vq}, x, torch.zeros(6), _g())
     assert rows == 2 and pictures.shape == (12, 1, 16, 16)
 
 

@@ -257,7 +257,8 @@ class AutoencoderObjective(Objective):
 
     @torch.no_grad()
     def pictures(self, modules: dict[str, nn.Module], images: Tensor, labels: Tensor,
-                 generator: torch.Generator) -> tuple[Tensor, int]:
-        """The first ``shown`` held-out images over their reconstructions: ``([2 * shown, C, H, W], 2 rows)``."""
+                 generator: torch.Generator) -> tuple[Tensor, int, str]:
+        """The first ``shown`` held-out images over their reconstructions: ``([2 * shown, C, H, W], 2 rows, title)``."""
         x = images[: self.shown]
-        return torch.cat([x, self.reconstruct(modules["model"], x, generator)[0]]), 2
+        return (torch.cat([x, self.reconstruct(modules["model"], x, generator)[0]]), 2,
+                "held-out images (top) and their reconstructions (bottom)")

@@ -157,10 +157,10 @@ class Objective:
         raise NotImplementedError
 
     def pictures(self, modules: dict[str, nn.Module], images: Tensor, labels: Tensor,
-                 generator: torch.Generator) -> tuple[Tensor, int] | None:
-        """For a family that draws no samples: images ``[N, ...]`` the evaluation draws as a grid of that many
-        rows (an autoencoder's originals over its reconstructions) from the held-out ``images`` and ``labels``,
-        or None (no picture; the default)."""
+                 generator: torch.Generator) -> tuple[Tensor, int, str] | None:
+        """For a family that draws no samples: ``(pictures [N, ...], rows, title)``, images the evaluation draws
+        as a grid of ``rows`` rows (an autoencoder's originals over its reconstructions) from the held-out
+        ``images`` and ``labels``, or None (no picture; the default)."""
         return None
 
     def finish(self, modules: dict[str, nn.Module]) -> None:

@@ -94,7 +94,8 @@ def evaluate(exp: Experiment, modules: dict[str, nn.Module], out: str | os.PathL
         metrics = {"step": step, **obj.metrics(modules, images, labels, g)}
         shown = obj.pictures(modules, images, labels, g.manual_seed(seed))
         if shown is not None:  # e.g. originals over reconstructions
-            plot_image_grid(shown[0].float().cpu(), out / f"{name}.png", per_row=len(shown[0]) // shown[1])
+            pictures, rows, title = shown
+            plot_image_grid(pictures.float().cpu(), out / f"{name}.png", per_row=len(pictures) // rows, title=title)
             metrics["image"] = f"{name}.png"
         write_json_atomic(out / f"{name}.json", metrics)
         return metrics
