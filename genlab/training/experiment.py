@@ -111,6 +111,7 @@ class Experiment:
             objective.build(context)
         except ValueError as e:
             raise ConfigError(f"{source}: objective: {e}") from None
+        check_control(objective, data, source)
         if train.eval_steps and "steps" not in inspect.signature(objective.sample).parameters:
             raise ConfigError(f"{source}: train.eval_steps: objective {type(objective).__name__} samples in no "
                               "number of steps; leave train.eval_steps empty")
@@ -204,6 +205,19 @@ def guidance_from(cfg: Any, source: str = "config") -> Guidance | None:
     if isinstance(cfg, Mapping) and "type" not in cfg:
         cfg = {"type": "cfg", **cfg}
     return build("guidance", cfg, path="guidance", source=source)
+
+
+def check_control(objective: Objective, data: Any, source: str) -> None:
+    """ConfigError when the data set gives control images (``data.control``) that the trained model cannot
+    take: a plain backbone has no ``control`` input, a ControlNet (objective ``controlnet``) adds one."""
+    if getattr(data, "control", None) is None or objective.takes_control:
+        return
+    model = objective.modules()["model"]
+    params = inspect.signature(model.forward).parameters
+    if "control" not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        raise ConfigError(f"{source}: data.control: the data set gives control images, but the model "
+                          f"({type(model).__name__}) takes no control input; train a ControlNet (objective: "
+                          "{type: controlnet, base: RUN}) or drop data.control")
 
 
 def check_section(key: str, value: Any, source: str) -> None:
