@@ -128,7 +128,7 @@ def checkpoint_experiment(path: str, overrides: Sequence[str], *, stored_grids: 
 
 def cmd_sample(args: argparse.Namespace) -> None:
     from .training.evaluation import evaluate
-    from .training.trainer import load_sampling_weights
+    from .training.resume import load_sampling_weights
 
     ckpt, config, exp = checkpoint_experiment(args.path, args.overrides, stored_grids=True, eval_samples=args.n)
     modules = load_sampling_weights(exp, ckpt)
@@ -155,7 +155,7 @@ def _run_lock(run: Path, purpose: str) -> contextlib.AbstractContextManager:
 
 def cmd_learn_grid(args: argparse.Namespace) -> None:
     """Learn time grids for a trained model and its sampler; store them in the checkpoint's grids.json."""
-    from .training.trainer import load_sampling_weights
+    from .training.resume import load_sampling_weights
 
     ckpt, _, exp = checkpoint_experiment(args.path, args.overrides)
     load_sampling_weights(exp, ckpt)
@@ -199,7 +199,7 @@ def cmd_reflow(args: argparse.Namespace) -> None:
 
     from .data.pairs import PAIRS_FILE, save_pairs
     from .objectives.flow_matching import ConditionalFlowMatching, straightness
-    from .training.trainer import load_sampling_weights
+    from .training.resume import load_sampling_weights
 
     ckpt, _, exp = checkpoint_experiment(args.path, args.overrides)
     if not isinstance(exp.objective, ConditionalFlowMatching):
