@@ -10,7 +10,6 @@ from torch.distributions import Normal, kl_divergence
 
 from genlab.core.errors import ConfigError, ShapeError
 from genlab.core.registry import build
-import genlab.data  # noqa: F401  (registers the datasets)
 from genlab.models.autoencoders import AutoencoderKL, VQAutoencoder
 from genlab.models.quantizers import FSQ, VectorQuantizer
 from genlab.training.experiment import model_extra
