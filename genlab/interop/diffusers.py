@@ -4,7 +4,7 @@ Supported: ``UNet2DModel``, ``UNet2DConditionModel`` (Stable Diffusion 1.x layou
 ``DiTTransformer2DModel``, ``ControlNetModel`` (genlab's ``ControlNet``), ``T2IAdapter`` (genlab's
 ``T2IAdapter``), ``AutoencoderKL`` and ``VQModel`` (genlab's ``AutoencoderKL`` and ``VQAutoencoder``), and a
 Stable Diffusion pipeline directory (``model_index.json`` with ``vae/``, ``unet/``, ``text_encoder/``,
-``tokenizer/``, ``scheduler/``: genlab's ``StableDiffusion``). Checkpoints load
+``tokenizer/``, ``scheduler/``: a ``LatentTextToImage``, see ``genlab.interop.stable_diffusion``). Checkpoints load
 through diffusers' ``from_pretrained`` (safetensors); nothing is downloaded unless the path is a hub
 id and diffusers is allowed to fetch it.
 """
@@ -54,16 +54,17 @@ def from_diffusers(model_or_path: nn.Module | str | os.PathLike, subfolder: str 
                    **kwargs: Any) -> UNet | DiT | ControlNet | T2IAdapter | AutoencoderKL | VQAutoencoder | Any:
     """The equivalent genlab model with converted weights (outputs equal to 1e-5 in float32). A Stable
     Diffusion pipeline directory (``model_index.json``, no ``subfolder``) gives a
-    :class:`~genlab.interop.stable_diffusion.StableDiffusion` (``kwargs`` go to its ``from_pretrained``)."""
+    :class:`~genlab.adapters.latent_text_to_image.LatentTextToImage` (``kwargs``: ``dtype``, ``device``; see
+    :func:`~genlab.interop.stable_diffusion.stable_diffusion_from_diffusers`)."""
     from .autoencoder_weights import autoencoder_from_diffusers
     from .dit_weights import dit_from_diffusers
     from .t2i_weights import t2i_adapter_from_diffusers
     from .unet_weights import controlnet_from_diffusers, unet_from_diffusers
 
     if not isinstance(model_or_path, nn.Module) and subfolder is None and (Path(model_or_path) / "model_index.json").is_file():
-        from .stable_diffusion import StableDiffusion
+        from .stable_diffusion import stable_diffusion_from_diffusers
 
-        return StableDiffusion.from_pretrained(model_or_path, **kwargs)
+        return stable_diffusion_from_diffusers(model_or_path, **kwargs)
     if kwargs:
         raise TypeError(f"from_diffusers: unexpected arguments {sorted(kwargs)} (they are for a pipeline directory)")
     model = model_or_path if isinstance(model_or_path, nn.Module) else load_diffusers(model_or_path, subfolder)
