@@ -176,3 +176,13 @@ def test_fit_scaling_gives_unit_std_latents(shift: bool) -> None:
     vq = _vq()
     vq.fit_scaling(x)
     assert abs(float(vq.to_latent(x).detach().double().pow(2).mean().sqrt()) - 1) < 1e-5
+
+
+def test_both_run_on_the_meta_device_with_draws_on_the_generators_device() -> None:
+    from genlab.testing.devices import DeviceAudit, generator_on
+
+    x = torch.empty(2, 3, 16, 16, device="meta")
+    for model in (_kl().to("meta"), _vq(quantizer={"type": "fsq", "levels": [5, 5, 5]}).to("meta")):
+        with DeviceAudit():
+            x_hat, enc = model(x, generator_on("meta"))
+        assert x_hat.device.type == enc.latent.device.type == "meta" and x_hat.shape == x.shape
