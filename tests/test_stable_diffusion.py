@@ -126,3 +126,15 @@ def test_what_genlab_does_not_reproduce_is_refused(tmp_path) -> None:
     with pytest.raises(GenlabError, match="model_index.json"):
         from genlab.interop.stable_diffusion import stable_diffusion_from_diffusers
         stable_diffusion_from_diffusers(tmp_path)
+
+
+def test_the_state_dict_holds_each_weight_once_and_mixed_precision_decodes_in_float32(sd_dirs) -> None:
+    model = from_diffusers(sd_dirs("sd"))
+    assert not any(k.startswith("denoiser.") for k in model.state_dict())
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    full = model.sample(["wider"], steps=3, latents=latents)
+    model.to(torch.float64)
+    model.autoencoder.float()
+    mixed = model.sample(["wider"], steps=3, latents=latents.double())
+    assert mixed.dtype == torch.float32 and next(model.backbone.parameters()).dtype == torch.float64
+    torch.testing.assert_close(mixed, full, rtol=0, atol=1e-4)

@@ -52,7 +52,12 @@ class LatentTextToImage(nn.Module):
             raise ValueError(f"LatentTextToImage: size must be (H, W), multiples of the autoencoder's {f}, got {size}")
         self.backbone, self.autoencoder, self.text_encoder = backbone, autoencoder, text_encoder
         self.process, self.prediction, self.grid, self.t_end, self.size = process, prediction, grid, t_end, tuple(size)
-        self.denoiser = Denoiser(backbone, process, prediction)
+        Denoiser(backbone, process, prediction)  # checks the prediction type now
+
+    @property
+    def denoiser(self) -> Denoiser:
+        """The backbone as a :class:`Denoiser` on the process (made per call: not a second copy in the state dict)."""
+        return Denoiser(self.backbone, self.process, self.prediction)
 
     def timesteps(self, steps: int, sampler: Sampler | None = None) -> Tensor:
         """The default grid [N + 1] for ``steps`` steps: ``grid`` (else the sampler's own), its end moved to
@@ -66,9 +71,10 @@ class LatentTextToImage(nn.Module):
     def guided(self, context: Tensor, negative: Tensor, guidance_scale: float) -> Any:
         """The denoiser, guided with scale w (w = 1: the conditional one) toward ``context`` and away from
         ``negative`` (``[B, L, D]``; the unconditional branch)."""
+        denoiser = self.denoiser
         if guidance_scale == 1:
-            return self.denoiser
-        return CFG(guidance_scale, uncond={"context": negative}).wrap(self.denoiser)
+            return denoiser
+        return CFG(guidance_scale, uncond={"context": negative}).wrap(denoiser)
 
     @torch.no_grad()
     def sample(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None, *, steps: int = 50,
@@ -81,7 +87,9 @@ class LatentTextToImage(nn.Module):
         guidance with scale ``guidance_scale`` (u + w (c - u): diffusers' formula; w = 1 runs the conditional
         model alone, and w < 1 blends toward the negative prompt, where diffusers' pipeline turns guidance off).
         ``sampler`` (default ``DDIM(steps)``) runs on ``times`` (default :meth:`timesteps`) from ``latents``
-        ``[B, c, H / f, W / f]`` (default: a prior draw from ``generator`` for ``size``, default ``self.size``).
+        ``[B, c, H / f, W / f]`` (default: a prior draw from ``generator``, on its device, for ``size``, default
+        ``self.size``). The latents are decoded in the autoencoder's dtype: after ``model.half()``,
+        ``model.autoencoder.float()`` decodes in float32 (what diffusers' ``force_upcast`` asks for).
         """
         prompts = list(prompts)
         negative = [""] * len(prompts) if negative_prompts is None else list(negative_prompts)
@@ -93,7 +101,9 @@ class LatentTextToImage(nn.Module):
             h, w = size or self.size
             f = self.autoencoder.downsample
             shape = (len(prompts), self.autoencoder.latent_channels, h // f, w // f)
-            latents = self.process.prior(shape, generator=generator, dtype=weight.dtype, device=weight.device)
+            device = weight.device if generator is None else generator.device  # a CPU generator on any device
+            latents = self.process.prior(shape, generator=generator, dtype=weight.dtype, device=device)
+            latents = latents.to(weight.device)
         elif latents.shape[0] != len(prompts):
             raise ValueError(f"LatentTextToImage: latents hold {latents.shape[0]} samples for {len(prompts)} prompts")
         context = self.text_encoder(prompts).to(weight)

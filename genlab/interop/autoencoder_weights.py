@@ -84,7 +84,9 @@ def autoencoder_from_diffusers(model: DiffusersKL | VQModel) -> AutoencoderKL | 
         raise TypeError(f"autoencoder_from_diffusers: expected an AutoencoderKL or VQModel, got {kind}")
     state, keys = model.state_dict(), _key_map(ours)
     _check_keys(set(keys.values()) | ({_CODEBOOK} if kind == "VQModel" else set()), set(state), kind)
-    ours.load_state_dict({g: state[d] for g, d in keys.items()}, strict=False)
+    missing = ours.load_state_dict({g: state[d] for g, d in keys.items()}, strict=False).missing_keys
+    if any(not k.startswith("quantizer.") and k not in ("scaling_factor", "shift_factor") for k in missing):
+        raise ValueError(f"autoencoder weight conversion ({kind}): genlab weights not mapped: {missing[:5]}")
     with torch.no_grad():
         if kind == "VQModel":
             ours.quantizer.codebook.copy_(state[_CODEBOOK])

@@ -33,8 +33,10 @@ def gaussian_kl(mean: Tensor, logvar: Tensor) -> Tensor:
 
 @register("model", "autoencoder_kl")
 class AutoencoderKL(ConvAutoencoder):
-    """KL autoencoder (see the module docstring): ``x: [B, in_channels, H, W]`` in [-1, 1] ->
-    latents ``[B, latent_channels, H / f, W / f]``, f = 2^(len(block_out_channels) - 1).
+    """Stable Diffusion's KL autoencoder: images ``x: [B, in_channels, H, W]`` in [-1, 1] -> a diagonal
+    Gaussian posterior over latents ``[B, latent_channels, H / f, W / f]`` and back.
+
+    f = 2^(len(block_out_channels) - 1); see the module docstring for the posterior and the KL term.
 
     Args:
         in_channels: image channels (from the data in a config); ``out_channels``: the decoder's (default

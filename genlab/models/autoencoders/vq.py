@@ -45,9 +45,10 @@ def build_quantizer(spec: QuantizerSpec, dim: int, owner: str) -> Quantizer:
 
 @register("model", "autoencoder_vq")
 class VQAutoencoder(ConvAutoencoder):
-    """VQ autoencoder (see the module docstring): ``x: [B, in_channels, H, W]`` in [-1, 1] -> quantized
-    latents ``[B, embed_dim, H / f, W / f]``, f = 2^(len(block_out_channels) - 1); ``stats["indices"]``
-    ``[B, H / f, W / f, *quantizer.index_shape]``.
+    """VQ autoencoder (VQGAN / LDM): images ``x: [B, in_channels, H, W]`` in [-1, 1] -> latents
+    ``[B, embed_dim, H / f, W / f]`` quantized by any registered quantizer, and back.
+
+    f = 2^(len(block_out_channels) - 1); ``stats["indices"]``: ``[B, H / f, W / f, *quantizer.index_shape]``.
 
     Args:
         in_channels, out_channels, block_out_channels, layers_per_block, norm_groups, mid_attention,
