@@ -63,10 +63,23 @@ def _described(module: Any) -> str:
     return f"{type(module).__name__} ({sum(p.numel() for p in module.parameters()):,} parameters)"
 
 
+RECONSTRUCTION_LINES = (  # an autoencoder's metrics: (key, line)
+    ("reconstruction_mse", "held-out reconstruction MSE (pixels in [0, 1]): {reconstruction_mse:.5f} "
+                           "(PSNR {reconstruction_psnr:.2f} dB)"),
+    ("codebook_usage", "codebook on held-out data: {codebook_usage:.1%} of the codes used, perplexity {perplexity:.1f}"),
+    ("kl_per_image", "KL(q(z|x) || N(0, I)) per held-out image: {kl_per_image:.2f} nats"),
+    ("scaling_factor", "latent scaling factor: {scaling_factor:.5f}"))
+
+
 def report(out: Path, m: dict) -> None:
     """Print where the samples are and the quality numbers of the run."""
-    if "image" in m:
+    if "image" in m and "sampler" in m:
         print(f"samples: {out / m['image']}  ({m['sampler']}, {m['sampling_seconds']:.1f} s)")
+    elif "image" in m:  # a family that draws no samples: its own picture (an autoencoder's reconstructions)
+        print(f"picture: {out / m['image']}")
+    for key, line in RECONSTRUCTION_LINES:
+        if key in m:
+            print(line.format(**m))
     noisy = {k.removeprefix("classifier_accuracy_t"): v for k, v in m.items() if k.startswith("classifier_accuracy_t")}
     if noisy:
         print("classifier accuracy on held-out data noised at t / t_max: "

@@ -6,6 +6,7 @@ runs any objective and knows nothing of diffusion.
 """
 
 from .base import Batch, BuildContext, Objective, Reference, conditions
+from .autoencoder import AutoencoderObjective
 from .denoising import DenoisingObjective, FlowMatchingObjective
 from .classifier import NoisyClassifier
 from .consistency import ConsistencyDistillation
@@ -17,7 +18,7 @@ from .flow_likelihood import FlowLikelihood
 from .flow_matching import CFMDraw, ConditionalFlowMatching, check_path_process
 from .meanflow import MeanFlow
 
-__all__ = ["Batch", "BuildContext", "Objective", "CFMDraw", "ConditionalFlowMatching", "ConsistencyDistillation",
+__all__ = ["AutoencoderObjective", "Batch", "BuildContext", "Objective", "CFMDraw", "ConditionalFlowMatching", "ConsistencyDistillation",
            "ConsistencyTraining", "ControlNetTraining", "DenoisingObjective", "EasyConsistencyTuning", "FineTune",
            "FlowLikelihood", "FlowMatchingObjective", "ImprovedConsistencyTraining", "MeanFlow", "NoisyClassifier",
            "ProgressiveDistillation", "Reference", "check_path_process", "conditions"]

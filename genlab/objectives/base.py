@@ -21,7 +21,9 @@ data's shape and classes, and a loader of pretrained runs). From then on it answ
 - :meth:`~Objective.references`: other models the evaluation reports beside this one (a teacher);
 - :meth:`~Objective.guided`: the sampling denoiser wrapped by the config's ``guidance:`` (every
   family's :meth:`~Objective.sample` calls it); a family that draws no samples (a noise-conditional
-  classifier) sets ``draws_samples = False`` and reports :meth:`~Objective.metrics` instead.
+  classifier, an autoencoder) sets ``draws_samples = False`` and reports :meth:`~Objective.metrics` (and
+  optionally :meth:`~Objective.pictures`) instead;
+- :meth:`~Objective.finish`: called once after the last step, before the final checkpoint.
 
 A new family is a subclass::
 
@@ -154,6 +156,18 @@ class Objective:
         on the held-out split (``images`` [N, ...], ``labels`` [N] on the modules' device), draws from
         ``generator``."""
         raise NotImplementedError
+
+    def pictures(self, modules: dict[str, nn.Module], images: Tensor, labels: Tensor,
+                 generator: torch.Generator) -> tuple[Tensor, int] | None:
+        """For a family that draws no samples: images ``[N, ...]`` the evaluation draws as a grid of that many
+        rows (an autoencoder's originals over its reconstructions) from the held-out ``images`` and ``labels``,
+        or None (no picture; the default)."""
+        return None
+
+    def finish(self, modules: dict[str, nn.Module]) -> None:
+        """Called by the Trainer once after the last training step, before the final checkpoint, with the
+        modules as :meth:`sample` gets them (EMA copies): what a family fits from data once trained (an
+        autoencoder's latent scaling factor) lands in that checkpoint. Nothing by default."""
 
     def guided(self, denoiser: Any) -> Any:
         """``denoiser`` as :meth:`sample` uses it: wrapped by the config's guidance, if it has one."""

@@ -90,7 +90,12 @@ def evaluate(exp: Experiment, modules: dict[str, nn.Module], out: str | os.PathL
     if not obj.draws_samples:  # a family that draws no samples (a classifier) reports its own metrics
         held = exp.heldout_split()
         g = torch.Generator(device=device).manual_seed(seed)
-        metrics = {"step": step, **obj.metrics(modules, held.data.to(device), held.labels.to(device), g)}
+        images, labels = held.data.to(device), held.labels.to(device)
+        metrics = {"step": step, **obj.metrics(modules, images, labels, g)}
+        shown = obj.pictures(modules, images, labels, g.manual_seed(seed))
+        if shown is not None:  # e.g. originals over reconstructions
+            plot_image_grid(shown[0].float().cpu(), out / f"{name}.png", per_row=len(shown[0]) // shown[1])
+            metrics["image"] = f"{name}.png"
         write_json_atomic(out / f"{name}.json", metrics)
         return metrics
 

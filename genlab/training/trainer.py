@@ -319,6 +319,8 @@ class Trainer:
                     self.evaluate(name=f"samples/step_{self.step:07d}")
                 except NonFiniteError as e:  # a picture along the way: say so, keep training
                     warnings.warn(f"step {self.step}: {e}", stacklevel=1)
+            if self.step == tc.steps:  # what the family fits once trained goes into the final checkpoint
+                self.exp.objective.finish(self.sampling_modules())
             if self.step % tc.checkpoint_every == 0 or self.step == tc.steps:
                 self.save()
         bar.close()
