@@ -102,6 +102,49 @@ _TOYS: dict[str, _Toy] = {
 TOY2D_NAMES: tuple[str, ...] = tuple(_TOYS)
 
 
+def _normal_log_prob(x: Tensor, mean: Tensor, std: float) -> Tensor:
+    """log N(x; mean, std^2 I) of x [n, 2] under each mean [k, 2]: [n, k]."""
+    return -(x[:, None] - mean).square().sum(-1) / (2 * std**2) - math.log(2 * math.pi * std**2)
+
+
+def _eight_gaussians_log_prob(x: Tensor) -> Tensor:
+    angle = torch.arange(8, dtype=x.dtype, device=x.device) * (math.pi / 4)
+    centres = _polar(torch.full((8,), _EG_RADIUS, dtype=x.dtype, device=x.device), angle)
+    return _normal_log_prob(x, centres, _EG_STD).logsumexp(1) - math.log(8)
+
+
+def _checkerboard_log_prob(x: Tensor) -> Tensor:
+    cell = (x + 2).floor()
+    inside = ((cell >= 0) & (cell <= 3)).all(1) & ((cell[:, 0] + cell[:, 1]) % 2 == 0)
+    return torch.where(inside, -math.log(8.0), -math.inf).to(x.dtype)
+
+
+def _rings_log_prob(x: Tensor) -> Tensor:
+    """Radius R_k, angle uniform, isotropic noise s: p(x) = exp(-(|x|^2 + R^2) / 2s^2) I_0(|x| R / s^2) / (2 pi s^2)
+    (the angle integrated out), averaged over the 4 radii; I_0(a) = i0e(a) e^a keeps it finite."""
+    r = x.norm(dim=1, keepdim=True)  # [n, 1]
+    radius = torch.arange(1, 5, dtype=x.dtype, device=x.device)  # [4]
+    a = r * radius / _RINGS_NOISE**2  # [n, 4]
+    var = _RINGS_NOISE**2
+    log_k = -(r - radius).square() / (2 * var) + torch.special.i0e(a).log() - math.log(2 * math.pi * var)
+    return log_k.logsumexp(1) - math.log(4)
+
+
+_LOG_PROBS: dict[str, Callable[[Tensor], Tensor]] = {
+    "eight_gaussians": _eight_gaussians_log_prob, "checkerboard": _checkerboard_log_prob, "rings": _rings_log_prob}
+
+
+def toy2d_log_prob(name: str, x: Tensor) -> Tensor | None:
+    """The exact log-density [n] of the named (standardised) toy set at x [n, 2], or None for the sets
+    without a closed form (moons, swiss_roll: noise convolved with a curve): p(x) = p_raw(std x + mean) prod(std)."""
+    if name not in _LOG_PROBS:
+        return None
+    toy = _TOYS[name]
+    mean = torch.tensor(toy.mean, dtype=x.dtype, device=x.device)
+    std = (torch.tensor(toy.second_moment, dtype=x.dtype, device=x.device) - mean**2).sqrt()
+    return _LOG_PROBS[name](x * std + mean) + std.log().sum()
+
+
 def toy2d(name: str, n: int, generator: torch.Generator | None = None) -> Tensor:
     """Draw ``n`` points of the named toy set: ``[n, 2]``, ~zero mean and unit std per coordinate.
 
@@ -133,3 +176,7 @@ class Toy2D(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> Tensor:
         return self.data[index]
+
+    def log_prob(self, x: Tensor) -> Tensor | None:
+        """The set's exact log-density at x [n, 2] ([n] nats; see :func:`toy2d_log_prob`), or None."""
+        return toy2d_log_prob(self.name, x)

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ..core.bounds import NonNegativeFloat
 from ..core.registry import register
 from ..metrics.likelihood import bits_per_dim
-from ..models.flows import Flow
+from ..models.flows import Flow, probes_from
 from .base import Batch, BuildContext, Objective
 
 
@@ -50,12 +50,14 @@ class FlowLikelihood(Objective):
 
     def loss(self, modules: dict[str, nn.Module], batch: Batch, generator: torch.Generator,
              optimizer: str = "model") -> tuple[Tensor, dict[str, float]]:
-        """Mean -log p(x | labels) over the batch (no random draws): (loss, {nll_nats, bits_per_dim})."""
+        """Mean -log p(x | labels) over the batch: (loss, {nll_nats, bits_per_dim}). The only draws are a
+        CNF's Hutchinson probes, from ``generator``."""
         net = modules["model"]
         flow: Flow = getattr(net, "module", net)  # the forward runs through a distributed wrapper, if any
         x = batch["x"]
         cond = batch.get("class_labels") if flow.num_classes is not None else None
-        z, logdet = net(x, cond)
+        with probes_from(generator):
+            z, logdet = net(x, cond)
         log_p = flow.base_log_prob(z, cond) + logdet
         nll = -log_p.mean()
         bpd = bits_per_dim(log_p, flow.dims).mean()

@@ -107,7 +107,11 @@ def evaluate(exp: Experiment, modules: dict[str, nn.Module], out: str | os.PathL
     metrics = {"step": step, "sampler": kind, "steps": obj.sampling_steps(), "image": f"{name}.png",
                **_evaluate(exp, model(None), device, out / f"{name}.png", seed, kind)}
     if len(exp.data_shape) == 1 and isinstance(modules["model"], Likelihood):  # an exact density (a flow)
-        metrics.update(heldout_nll(modules["model"], exp.heldout(exp.train.eval_samples)))
+        held = exp.heldout(exp.train.eval_samples)
+        metrics.update(heldout_nll(modules["model"], held))
+        data_log_p = getattr(exp.data, "log_prob", lambda x: None)(held)  # the data's own density, if known
+        if data_log_p is not None:
+            metrics["heldout_nll_data_nats"] = float(-data_log_p.double().mean())
     wanted = []  # (label, sampler, steps, how to draw)
     if rows:
         wanted += [(label, ref.sampler, ref.steps, functools.partial(ref.sample, modules))

@@ -7,6 +7,7 @@ Every transform maps data to noise, ``forward(x, cond) -> (z, logdet [B])``, and
 
 from genlab.models.flows.autoregressive import IAF, MAF, SplineAutoregressive
 from genlab.models.flows.base import FlowChain, FlowTransform
+from genlab.models.flows.cnf import CNF, probes_from
 from genlab.models.flows.couplings import AdditiveCoupling, AffineCoupling, DiagonalScaling
 from genlab.models.flows.glow import GlowCoupling, GlowStep, InvertibleConv1x1
 from genlab.models.flows.made import MADE
@@ -16,6 +17,6 @@ from genlab.models.flows.normalization import ActNorm, BatchNormFlow
 from genlab.models.flows.spline_coupling import SplineCoupling
 from genlab.models.flows.splines import rq_knots, rq_spline
 
-__all__ = ["IAF", "MADE", "MAF", "ActNorm", "AdditiveCoupling", "AffineCoupling", "BatchNormFlow", "DiagonalScaling",
-           "FactorOut", "Flow", "FlowChain", "FlowTransform", "GlowCoupling", "GlowStep", "InvertibleConv1x1",
-           "SplineAutoregressive", "SplineCoupling", "Squeeze", "rq_knots", "rq_spline"]
+__all__ = ["CNF", "IAF", "MADE", "MAF", "ActNorm", "AdditiveCoupling", "AffineCoupling", "BatchNormFlow",
+           "DiagonalScaling", "FactorOut", "Flow", "FlowChain", "FlowTransform", "GlowCoupling", "GlowStep", "InvertibleConv1x1",
+           "SplineAutoregressive", "SplineCoupling", "Squeeze", "probes_from", "rq_knots", "rq_spline"]
