@@ -14,7 +14,7 @@ from torch import Tensor
 
 from genlab.core.errors import ShapeError
 from genlab.core.registry import register
-from genlab.models.flows.base import FlowChain, FlowTransform
+from genlab.models.flows.base import FlowChain, FlowTransform, zero_logdet
 
 
 @register("flow_transform", "squeeze")
@@ -24,12 +24,12 @@ class Squeeze(FlowTransform):
     def forward(self, x: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
         if x.ndim != 4 or x.shape[2] % 2 or x.shape[3] % 2:
             raise ShapeError(f"Squeeze: expected x: [B, C, H, W] with H and W even, got {list(x.shape)}")
-        return rearrange(x, "b c (h i) (w j) -> b (c i j) h w", i=2, j=2), x.new_zeros(x.shape[0])
+        return rearrange(x, "b c (h i) (w j) -> b (c i j) h w", i=2, j=2), zero_logdet(x)
 
     def inverse(self, z: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
         if z.ndim != 4 or z.shape[1] % 4:
             raise ShapeError(f"Squeeze: expected z: [B, 4C, H, W], got {list(z.shape)}")
-        return rearrange(z, "b (c i j) h w -> b c (h i) (w j)", i=2, j=2), z.new_zeros(z.shape[0])
+        return rearrange(z, "b (c i j) h w -> b c (h i) (w j)", i=2, j=2), zero_logdet(z)
 
 
 @register("flow_transform", "factor_out")
