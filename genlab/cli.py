@@ -79,7 +79,9 @@ def report(out: Path, m: dict) -> None:
               f"(two held-out draws: {m['wasserstein2_data_vs_data']:.4f})")
     if "heldout_nll_nats" in m:
         print(f"held-out negative log-likelihood: {m['heldout_nll_nats']:.4f} nats "
-              f"({m['heldout_bits_per_dim']:.4f} bits/dim)")
+              f"({m['heldout_bits_per_dim']:.4f} bits/dim)"
+              + (f"; the data's true density: {m['heldout_nll_nats_data']:.4f} nats" if "heldout_nll_nats_data" in m
+                 else ""))
     if "classifier_accuracy" in m:
         print(f"digits classifier accuracy on the requested labels: {m['classifier_accuracy']:.1%}")
     if "frechet_distance" in m:

@@ -101,8 +101,8 @@ def evaluate(exp: Experiment, modules: dict[str, nn.Module], out: str | os.PathL
     kind = method if exp.guidance is None else f"{method} with {exp.guidance!r}"
     metrics = {"step": step, "sampler": kind, "steps": obj.sampling_steps(), "image": f"{name}.png",
                **_evaluate(exp, model(None), device, out / f"{name}.png", seed, kind)}
-    if len(exp.data_shape) == 1 and isinstance(modules["model"], Likelihood):  # an exact density (a flow)
-        metrics.update(heldout_nll(modules["model"], exp.heldout(exp.train.eval_samples)))
+    if isinstance(modules["model"], Likelihood):  # an exact density (a flow)
+        metrics.update(heldout_likelihood(exp, modules, device, seed))
     wanted = []  # (label, sampler, steps, how to draw)
     if rows:
         wanted += [(label, ref.sampler, ref.steps, functools.partial(ref.sample, modules))
@@ -117,6 +117,27 @@ def evaluate(exp: Experiment, modules: dict[str, nn.Module], out: str | os.PathL
             metrics["rows"].append(row)
     write_json_atomic(out / f"{name}.json", metrics)
     return metrics
+
+
+def heldout_likelihood(exp: Experiment, modules: dict[str, nn.Module], device: torch.device,
+                       seed: int) -> dict[str, float]:
+    """Held-out NLL of an exact density: vectors, ``train.eval_samples`` fresh points through the objective's
+    ``heldout_likelihood`` (or :func:`heldout_nll`), with the data's true density's NLL beside it where the
+    data set has one (``log_prob``); images, the test split through the objective's ``heldout_likelihood``
+    (a flow's bound on the discrete data), nothing for an objective without one."""
+    obj = exp.objective
+    bound = getattr(obj, "heldout_likelihood", None)
+    g = torch.Generator(device=device).manual_seed(seed)
+    if len(exp.data_shape) == 1:
+        x = exp.heldout(exp.train.eval_samples)
+        out = bound(modules, x, None, g) if bound is not None else heldout_nll(modules["model"], x)
+        if callable(getattr(exp.data, "log_prob", None)) and getattr(exp.data, "has_density", True):
+            out["heldout_nll_nats_data"] = float(-exp.data.log_prob(x.double()).mean())
+        return out
+    if bound is None:
+        return {}
+    held = exp.heldout_split()
+    return bound(modules, held.data, held.labels if exp.num_classes is not None else None, g)
 
 
 @torch.no_grad()

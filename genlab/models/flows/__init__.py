@@ -11,11 +11,11 @@ from genlab.models.flows.couplings import AdditiveCoupling, AffineCoupling, Diag
 from genlab.models.flows.glow import GlowCoupling, GlowStep, InvertibleConv1x1
 from genlab.models.flows.made import MADE
 from genlab.models.flows.model import Flow
-from genlab.models.flows.multiscale import FactorOut, Squeeze
+from genlab.models.flows.multiscale import FactorOut, Squeeze, Unsqueeze
 from genlab.models.flows.normalization import ActNorm, BatchNormFlow
 from genlab.models.flows.spline_coupling import SplineCoupling
 from genlab.models.flows.splines import rq_knots, rq_spline
 
 __all__ = ["IAF", "MADE", "MAF", "ActNorm", "AdditiveCoupling", "AffineCoupling", "BatchNormFlow", "DiagonalScaling",
            "FactorOut", "Flow", "FlowChain", "FlowTransform", "GlowCoupling", "GlowStep", "InvertibleConv1x1",
-           "SplineAutoregressive", "SplineCoupling", "Squeeze", "rq_knots", "rq_spline"]
+           "SplineAutoregressive", "SplineCoupling", "Squeeze", "Unsqueeze", "rq_knots", "rq_spline"]
