@@ -138,3 +138,19 @@ def test_class_conditional_couplings_learn_two_densities() -> None:
             assert float(nll - true) < 0.25, (k, float(nll), float(true))
             gap = (flow.log_prob(x.float(), own) - flow.log_prob(x.float(), 1 - own)).mean()
             assert float(gap) > 2.0, (k, float(gap))
+
+
+def test_conditional_density_integrates_to_one_per_class() -> None:
+    """For every label, the class-conditional density (conditioned couplings and base) integrates to 1."""
+    flow = _perturbed(Flow([2], [AffineCoupling([2], hidden=8, num_classes=2), ActNorm(2),
+                                 SplineCoupling(2, bins=4, bound=3.0, hidden=8, parity=1, num_classes=2),
+                                 MAF(2, hidden=8, num_classes=2)], num_classes=2), scale=0.2)
+    n, lim = 400, 9.0
+    h = 2 * lim / n
+    u = -lim + h * (torch.arange(n, dtype=torch.float64) + 0.5)
+    grid = torch.stack(torch.meshgrid(u, u, indexing="ij"), -1).reshape(-1, 2)
+    masses = []
+    with torch.no_grad():
+        for k in (0, 1):
+            masses.append(float(flow.log_prob(grid, torch.full((len(grid),), k)).exp().sum() * h * h))
+            assert abs(masses[-1] - 1) < 1e-3, (k, masses)
