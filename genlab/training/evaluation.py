@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..core.errors import WriteError
+from ..core.errors import GenlabError, WriteError
 from ..core.io import write_json_atomic
 from ..data import Digits
 from ..metrics import (Likelihood, bits_per_dim, frechet_distance, mask_iou, sliced_wasserstein,
@@ -124,7 +124,7 @@ def heldout_likelihood(exp: Experiment, modules: dict[str, nn.Module], device: t
     """Held-out NLL of an exact density: vectors, ``train.eval_samples`` fresh points through the objective's
     ``heldout_likelihood`` (or :func:`heldout_nll`), with the data's true density's NLL beside it where the
     data set has one (``log_prob``); images, the test split through the objective's ``heldout_likelihood``
-    (a flow's bound on the discrete data), nothing for an objective without one."""
+    (a flow's bound on the discrete data), nothing for an objective without one or data without a test split."""
     obj = exp.objective
     bound = getattr(obj, "heldout_likelihood", None)
     g = torch.Generator(device=device).manual_seed(seed)
@@ -136,7 +136,10 @@ def heldout_likelihood(exp: Experiment, modules: dict[str, nn.Module], device: t
         return out
     if bound is None:
         return {}
-    held = exp.heldout_split()
+    try:
+        held = exp.heldout_split()
+    except GenlabError:  # image data without an in-memory test split (an image folder): no held-out number
+        return {}
     return bound(modules, held.data, held.labels if exp.num_classes is not None else None, g)
 
 
