@@ -91,8 +91,8 @@ def report(out: Path, m: dict) -> None:
         print(f"exact Wasserstein-2 to held-out data ({m['wasserstein2_points']} points): {m['wasserstein2']:.4f} "
               f"(two held-out draws: {m['wasserstein2_data_vs_data']:.4f})")
     if "heldout_nll_nats" in m:
-        own = m.get("heldout_nll_data_nats")  # the data's own density, where the data set has one
-        data = "" if own is None else f"; the data's own density: {own:.4f} nats"
+        own = m.get("heldout_nll_nats_data")  # the data's true density, where the data set has one
+        data = "" if own is None else f"; the data's true density: {own:.4f} nats"
         print(f"held-out negative log-likelihood: {m['heldout_nll_nats']:.4f} nats "
               f"({m['heldout_bits_per_dim']:.4f} bits/dim{data})")
     if "classifier_accuracy" in m:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..core.errors import WriteError
+from ..core.errors import GenlabError, WriteError
 from ..core.io import write_json_atomic
 from ..data import Digits
 from ..metrics import (Likelihood, bits_per_dim, frechet_distance, mask_iou, sliced_wasserstein,
@@ -106,12 +106,8 @@ def evaluate(exp: Experiment, modules: dict[str, nn.Module], out: str | os.PathL
     kind = method if exp.guidance is None else f"{method} with {exp.guidance!r}"
     metrics = {"step": step, "sampler": kind, "steps": obj.sampling_steps(), "image": f"{name}.png",
                **_evaluate(exp, model(None), device, out / f"{name}.png", seed, kind)}
-    if len(exp.data_shape) == 1 and isinstance(modules["model"], Likelihood):  # an exact density (a flow)
-        held = exp.heldout(exp.train.eval_samples)
-        metrics.update(heldout_nll(modules["model"], held))
-        data_log_p = getattr(exp.data, "log_prob", lambda x: None)(held)  # the data's own density, if known
-        if data_log_p is not None:
-            metrics["heldout_nll_data_nats"] = float(-data_log_p.double().mean())
+    if isinstance(modules["model"], Likelihood):  # an exact density (a flow)
+        metrics.update(heldout_likelihood(exp, modules, device, seed))
     wanted = []  # (label, sampler, steps, how to draw)
     if rows:
         wanted += [(label, ref.sampler, ref.steps, functools.partial(ref.sample, modules))
@@ -126,6 +122,30 @@ def evaluate(exp: Experiment, modules: dict[str, nn.Module], out: str | os.PathL
             metrics["rows"].append(row)
     write_json_atomic(out / f"{name}.json", metrics)
     return metrics
+
+
+def heldout_likelihood(exp: Experiment, modules: dict[str, nn.Module], device: torch.device,
+                       seed: int) -> dict[str, float]:
+    """Held-out NLL of an exact density: vectors, ``train.eval_samples`` fresh points through the objective's
+    ``heldout_likelihood`` (or :func:`heldout_nll`), with the data's true density's NLL beside it where the
+    data set has one (``log_prob``); images, the test split through the objective's ``heldout_likelihood``
+    (a flow's bound on the discrete data), nothing for an objective without one or data without a test split."""
+    obj = exp.objective
+    bound = getattr(obj, "heldout_likelihood", None)
+    g = torch.Generator(device=device).manual_seed(seed)
+    if len(exp.data_shape) == 1:
+        x = exp.heldout(exp.train.eval_samples)
+        out = bound(modules, x, None, g) if bound is not None else heldout_nll(modules["model"], x)
+        if callable(getattr(exp.data, "log_prob", None)) and getattr(exp.data, "has_density", True):
+            out["heldout_nll_nats_data"] = float(-exp.data.log_prob(x.double()).mean())
+        return out
+    if bound is None:
+        return {}
+    try:
+        held = exp.heldout_split()
+    except GenlabError:  # image data without an in-memory test split (an image folder): no held-out number
+        return {}
+    return bound(modules, held.data, held.labels if exp.num_classes is not None else None, g)
 
 
 @torch.no_grad()
