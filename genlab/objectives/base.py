@@ -49,11 +49,12 @@ from torch import Tensor, nn
 from ..core.registry import register_namespace
 
 Batch = dict[str, Tensor]  # "x" [B, ...] and, for labelled data, "class_labels" [B]
-CONDITIONS = ("class_labels", "control")  # a batch's entries that are the model's keyword conditions
+CONDITIONS = ("class_labels", "control", "context")  # a batch's entries that are the model's keyword conditions
 
 
 def conditions(batch: Batch) -> dict[str, Tensor]:
-    """The model's keyword conditions of a batch: its class labels and control images, where it has them."""
+    """The model's keyword conditions of a batch: its class labels, control images and cross-attention context
+    (encoded captions), where it has them."""
     return {k: batch[k] for k in CONDITIONS if k in batch}
 
 
