@@ -166,7 +166,8 @@ class CFG(Guidance):
         return f"cfg{self.scale:g}{rescale}{interval}"
 
     def __repr__(self) -> str:
-        return f"CFG(scale={self.scale:g}, rescale={self.rescale:g}, interval={self.interval}, uncond={self.uncond})"
+        uncond = {k: f"tensor{list(v.shape)}" if torch.is_tensor(v) else v for k, v in self.uncond.items()}
+        return f"CFG(scale={self.scale:g}, rescale={self.rescale:g}, interval={self.interval}, uncond={uncond})"
 
 
 def unconditional(cond: Cond, uncond: Mapping[str, Any], x: Tensor) -> Cond:
