@@ -99,6 +99,7 @@ class Objective:
 
     frozen: tuple[str, ...] = ()  # names of modules that are not trained
     draws_samples: bool = True  # False: the family draws no samples (a classifier); the evaluation reports metrics()
+    guidance_as_input: bool = False  # True: the config's guidance sets an input of the model (guided distillation)
     step: int = 0  # the training step k (0-based) of the latest at_step call
     total_steps: int = 1  # K, the run's number of steps, of the latest at_step call
 

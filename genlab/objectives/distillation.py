@@ -31,7 +31,7 @@ from ..diffusion.grids import GridSpec, TimeGrid
 from ..diffusion.samplers.base import Sampler
 from ..diffusion.samplers.ddim import DDIM
 from .base import Batch, BuildContext, Objective, Reference, conditions
-from .guidance_scale import SCALE, ScaleConditioned, check_student, draw_scales, sampling_scale
+from .guidance_scale import SCALE, ScaleConditioned, check_student, described, draw_scales, sampling_scale
 from .teachers import load_teacher
 
 DistillWeighting = Literal["truncated_snr", "snr", "constant"]
@@ -95,7 +95,7 @@ class ProgressiveDistillation(Objective):
         self.guidance_range = self.guidance_range or getattr(self.teacher_.objective, "guidance_range", None)
         if self.guidance_range is not None:
             check_student(context.model, "progressive_distillation")
-            self.scale = sampling_scale(context.guidance)
+            self.scale, self.guidance_as_input = sampling_scale(context.guidance), True
         self.grid = self.grid or self.teacher_.grid or build("grid", "uniform")
         self.times = self.grid(context.process, 2 * self.student_steps).to(torch.float64)  # [2N + 1], the teacher's
 
@@ -142,6 +142,10 @@ class ProgressiveDistillation(Objective):
 
     def sampling_steps(self) -> int:
         return self.student_steps
+
+    def sampling_method(self) -> str:
+        method = super().sampling_method()
+        return method if self.guidance_range is None else described(method, self.scale)
 
     def references(self) -> dict[str, Reference]:
         """The teacher, drawn as its run draws (a previous round's student: in its own steps)."""

@@ -62,3 +62,8 @@ def draw_scales(w_range: tuple[float, float], n: int, generator: torch.Generator
     """w ~ U[w_min, w_max] per example: [n] float64 on ``like``'s device, from ``generator``."""
     lo, hi = w_range
     return lo + (hi - lo) * torch.rand(n, generator=generator, dtype=torch.float64, device=like.device)
+
+
+def described(method: str, scale: float) -> str:
+    """How a guidance-distilled student samples, for the evaluation: ``method`` at its w, one call per step."""
+    return f"{method} at guidance_scale={scale:g} (w an input: one call per step)"

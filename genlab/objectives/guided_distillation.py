@@ -42,8 +42,9 @@ from ..diffusion.levels import Level, combine
 from ..diffusion.time_distributions import TimeDistribution
 from .base import Batch, BuildContext, Objective, Reference, conditions
 from .distillation import DistillWeighting, distillation_weight
-from .guidance_scale import SCALE, ScaleConditioned, check_student, draw_scales, sampling_scale
+from .guidance_scale import SCALE, ScaleConditioned, check_student, described, draw_scales, sampling_scale
 from .teachers import load_teacher
+
 
 @register("objective", "guided_distillation")
 class GuidedDistillation(Objective):
@@ -61,6 +62,7 @@ class GuidedDistillation(Objective):
     """
 
     frozen = ("teacher",)
+    guidance_as_input = True
 
     def __init__(self, teacher: str | Denoiser, w_min: NonNegativeFloat = 1.0, w_max: NonNegativeFloat = 5.0,
                  t_distribution: TimeDistribution | str | dict = "uniform",
@@ -113,6 +115,9 @@ class GuidedDistillation(Objective):
         denoiser = ScaleConditioned(self.denoiser(modules["model"]), self.scale)
         return self.context.sampler.sample(denoiser, shape=(n, *self.context.data_shape), steps=steps,
                                            generator=generator, progress=False, cond=cond)
+
+    def sampling_method(self) -> str:
+        return described(repr(self.context.sampler), self.scale)
 
     def references(self) -> dict[str, Reference]:
         """The teacher with classifier-free guidance at the student's w, with the same sampler and steps (two

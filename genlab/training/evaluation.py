@@ -98,7 +98,7 @@ def evaluate(exp: Experiment, modules: dict[str, nn.Module], out: str | os.PathL
         return lambda n, g, cond: obj.sample(modules, n, g, cond, **({} if steps is None else {"steps": steps}))
 
     method = obj.sampling_method() if hasattr(obj, "context") else repr(exp.sampler)
-    kind = method if exp.guidance is None else f"{method} with {exp.guidance!r}"
+    kind = method if exp.guidance is None or obj.guidance_as_input else f"{method} with {exp.guidance!r}"
     metrics = {"step": step, "sampler": kind, "steps": obj.sampling_steps(), "image": f"{name}.png",
                **_evaluate(exp, model(None), device, out / f"{name}.png", seed, kind)}
     if len(exp.data_shape) == 1 and isinstance(modules["model"], Likelihood):  # an exact density (a flow)
