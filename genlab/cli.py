@@ -145,7 +145,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from .training.evaluation import evaluate
     from .training.resume import load_sampling_weights
 
-    ckpt, config, exp = checkpoint_experiment(args.path, args.overrides, stored_grids=True, eval_samples=args.n)
+    overrides = [prompt_override(o) for o in args.overrides]
+    ckpt, config, exp = checkpoint_experiment(args.path, overrides, stored_grids=True, eval_samples=args.n)
     modules = load_sampling_weights(exp, ckpt)
     exp.sampler.timesteps(exp.process)  # a grid that cannot be made (a damaged grids.json) fails before any write
     run = ckpt.parent.parent
@@ -159,6 +160,17 @@ def cmd_sample(args: argparse.Namespace) -> None:
     # the run's own directory is the run's: sampling into it waits for no one, it refuses while a run holds it
     with _run_lock(run, "sampling") if out.resolve() == run.resolve() else contextlib.nullcontext():
         report(out, evaluate(exp, modules, out, name, args.seed, exp.train.steps))
+
+
+def prompt_override(override: str) -> str:
+    """``prompt=TEXT`` (a text-conditioned run sampled for one prompt) as ``text_encoder.prompts=[TEXT]``; any
+    other override as it is."""
+    key, sep, text = override.partition("=")
+    if not sep or key.strip() != "prompt":
+        return override
+    import json
+
+    return f"text_encoder.prompts={json.dumps([text])}"
 
 
 def _run_lock(run: Path, purpose: str) -> contextlib.AbstractContextManager:

@@ -40,10 +40,10 @@ SampleFn = Callable[[int, torch.Generator, dict[str, Tensor] | None], Tensor]  #
 
 @torch.no_grad()
 def draw(sample: SampleFn, device: torch.device, n: int, generator: torch.Generator,
-         labels: Tensor | None = None, control: Tensor | None = None) -> Tensor:
-    """``n`` samples [n, *data shape] (float32, CPU) from ``sample`` (for the requested ``labels`` and
-    ``control`` images)."""
-    given = {"class_labels": labels, "control": control}
+         labels: Tensor | None = None, control: Tensor | None = None, context: Tensor | None = None) -> Tensor:
+    """``n`` samples [n, *data shape] (float32, CPU) from ``sample`` (for the requested ``labels``,
+    ``control`` images and cross-attention ``context``)."""
+    given = {"class_labels": labels, "control": control, "context": context}
     cond = {k: v.to(device) for k, v in given.items() if v is not None}
     return sample(n, generator, cond or None).float().cpu()
 
@@ -103,7 +103,7 @@ def evaluate(exp: Experiment, modules: dict[str, nn.Module], out: str | os.PathL
         return lambda n, g, cond: obj.sample(modules, n, g, cond, **({} if steps is None else {"steps": steps}))
 
     method = obj.sampling_method() if hasattr(obj, "context") else repr(exp.sampler)
-    kind = method if exp.guidance is None else f"{method} with {exp.guidance!r}"
+    kind = method if exp.guidance is None or obj.guidance_as_input else f"{method} with {exp.guidance!r}"
     metrics = {"step": step, "sampler": kind, "steps": obj.sampling_steps(), "image": f"{name}.png",
                **_evaluate(exp, model(None), device, out / f"{name}.png", seed, kind)}
     if isinstance(modules["model"], Likelihood):  # an exact density (a flow)
@@ -187,8 +187,13 @@ def _evaluate(exp: Experiment, sample: SampleFn, device: torch.device, image: Pa
     per_class = max(1, exp.train.eval_samples // (exp.sampled_classes or 1))
     labels = requested_labels(exp, per_class)
     control = requested_controls(exp, labels, per_class * (exp.sampled_classes or 1))
-    samples = draw(sample, device, per_class * (exp.sampled_classes or 1), g, labels=labels, control=control)
+    context = None if exp.text is None else exp.text.context([exp.prompts[k] for k in labels.tolist()], device)
+    given = labels if exp.text is None or exp.num_classes else None  # a text model is asked by its prompts
+    samples = draw(sample, device, per_class * (exp.sampled_classes or 1), g, labels=given, control=control,
+                   context=context)
     metrics["sampling_seconds"] = time.perf_counter() - start
+    if exp.text is not None and not exp.prompts_name_classes:
+        labels = None  # free prompts: nothing to score them against
     metrics.update(image_metrics(exp, samples, labels))
     if control is not None:
         metrics["control_iou"] = mask_iou(exp.data.make_control(samples), control).mean().item()

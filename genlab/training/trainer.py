@@ -232,6 +232,8 @@ class Trainer:
         # function of the step too, so that a resumed run repeats them
         seed_global_generators(step_seed(tc.seed, self.step, micro, self.acc.process_index) ^ 0x5DEECE66D,
                                batch["x"].device)
+        if self.exp.text is not None:  # captions -> cross-attention context (caption dropout: global generator)
+            batch = self.exp.text.condition(batch)
         with self.acc.autocast():
             out = self.exp.objective.loss(self.modules, batch, g, optimizer)
         return out[0] if isinstance(out, tuple) else out
