@@ -124,9 +124,13 @@ def test_what_genlab_does_not_reproduce_is_refused(tmp_path) -> None:
     process, prediction, grid, t_end = scheduler_process({"trained_betas": [0.1] * 20, "beta_schedule": "custom"})
     assert process.T == 20 and prediction == "eps" and t_end == 0.0
     torch.testing.assert_close(process.alphas_cumprod, 0.9 ** torch.arange(1, 21, dtype=torch.float64))
+    from genlab.interop.stable_diffusion import stable_diffusion_from_diffusers
+
     with pytest.raises(GenlabError, match="model_index.json"):
-        from genlab.interop.stable_diffusion import stable_diffusion_from_diffusers
         stable_diffusion_from_diffusers(tmp_path)
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "DiTPipeline", "transformer": [], "vae": []}))
+    with pytest.raises(GenlabError, match="DiTPipeline names no unet, text_encoder, tokenizer, scheduler"):
+        from_diffusers(tmp_path)
 
 
 def test_the_state_dict_holds_each_weight_once_and_mixed_precision_decodes_in_float32(sd_dirs) -> None:
