@@ -117,6 +117,11 @@ def test_vq_latents_are_the_codes_of_their_indices() -> None:
     assert set(enc.losses) == {"commitment"}
     fsq = VQAutoencoder(**SMALL, latent_channels=3, quantizer=FSQ(levels=[5, 5, 5]))
     assert fsq.encode(x).stats["indices"].max() < 125
+    rvq = VQAutoencoder(**SMALL, embed_dim=4, quantizer={"type": "residual", "num_quantizers": 2,
+                                                        "quantizer": {"type": "vq", "dim": 2, "codebook_size": 8}})
+    assert rvq.quantizer.dim == 4 and rvq.quantizer.projected  # the stages' dim 2, projected from embed_dim
+    enc = rvq.encode(x)
+    assert enc.stats["indices"].shape == (2, 8, 8, 2) and rvq.decode_indices(enc.stats["indices"]).shape == x.shape
 
 
 def test_the_config_path_takes_the_images_channels_from_the_data() -> None:
