@@ -143,3 +143,18 @@ def test_the_state_dict_holds_each_weight_once_and_mixed_precision_decodes_in_fl
     mixed = model.sample(["wider"], steps=3, latents=latents.double())
     assert mixed.dtype == torch.float32 and next(model.backbone.parameters()).dtype == torch.float64
     torch.testing.assert_close(mixed, full, rtol=0, atol=1e-4)
+
+
+def test_bad_arguments_name_what_is_wrong(sd_dirs) -> None:
+    model = from_diffusers(sd_dirs("sd"))
+    parts = (model.backbone, model.autoencoder, model.text_encoder, model.process)
+    with pytest.raises(ValueError, match="t_end must be in"):
+        LatentTextToImage(*parts, t_end=1.5)
+    with pytest.raises(ValueError, match="multiples of the autoencoder's 2"):
+        LatentTextToImage(*parts, size=(31, 32))
+    with pytest.raises(ValueError, match="unknown prediction type 'epsilon'"):
+        LatentTextToImage(*parts, prediction="epsilon")
+    with pytest.raises(ValueError, match="2 prompts but 1 negative prompts"):
+        model.sample(PROMPTS, ["low"], steps=2)
+    with pytest.raises(ValueError, match="latents hold 1 samples for 2 prompts"):
+        model.sample(PROMPTS, steps=2, latents=torch.zeros(1, 4, 16, 16))
