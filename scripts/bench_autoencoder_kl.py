@@ -8,7 +8,7 @@ blocks per level, 4 latent channels, 32 groups; x [4, 3, 64, 64]. Two measuremen
 Steps/s: median over repeats after warm-up, the runs alternating (``bench_models.step_times``); peak memory:
 bytes live during a step above the resident weights (``bench_models.peak_bytes``).
 
-Usage: ``python scripts/bench_autoencoders.py [--quick] [--threads N]``.
+Usage: ``python scripts/bench_autoencoder_kl.py [--quick] [--threads N]``.
 """
 
 from __future__ import annotations
