@@ -51,7 +51,8 @@ def _tiny_sd(root, scheduler: dict) -> None:
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
     vae = diffusers.AutoencoderKL(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
                                   latent_channels=4, sample_size=32,
-                                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+                                  down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2)
     pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
                                              scheduler=diffusers.DDIMScheduler(**scheduler), safety_checker=None,
                                              feature_extractor=None, requires_safety_checker=False)
@@ -123,9 +124,13 @@ def test_what_genlab_does_not_reproduce_is_refused(tmp_path) -> None:
     process, prediction, grid, t_end = scheduler_process({"trained_betas": [0.1] * 20, "beta_schedule": "custom"})
     assert process.T == 20 and prediction == "eps" and t_end == 0.0
     torch.testing.assert_close(process.alphas_cumprod, 0.9 ** torch.arange(1, 21, dtype=torch.float64))
+    from genlab.interop.stable_diffusion import stable_diffusion_from_diffusers
+
     with pytest.raises(GenlabError, match="model_index.json"):
-        from genlab.interop.stable_diffusion import stable_diffusion_from_diffusers
         stable_diffusion_from_diffusers(tmp_path)
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "DiTPipeline", "transformer": [], "vae": []}))
+    with pytest.raises(GenlabError, match="DiTPipeline names no unet, text_encoder, tokenizer, scheduler"):
+        from_diffusers(tmp_path)
 
 
 def test_the_state_dict_holds_each_weight_once_and_mixed_precision_decodes_in_float32(sd_dirs) -> None:
@@ -138,3 +143,18 @@ def test_the_state_dict_holds_each_weight_once_and_mixed_precision_decodes_in_fl
     mixed = model.sample(["wider"], steps=3, latents=latents.double())
     assert mixed.dtype == torch.float32 and next(model.backbone.parameters()).dtype == torch.float64
     torch.testing.assert_close(mixed, full, rtol=0, atol=1e-4)
+
+
+def test_bad_arguments_name_what_is_wrong(sd_dirs) -> None:
+    model = from_diffusers(sd_dirs("sd"))
+    parts = (model.backbone, model.autoencoder, model.text_encoder, model.process)
+    with pytest.raises(ValueError, match="t_end must be in"):
+        LatentTextToImage(*parts, t_end=1.5)
+    with pytest.raises(ValueError, match="multiples of the autoencoder's 2"):
+        LatentTextToImage(*parts, size=(31, 32))
+    with pytest.raises(ValueError, match="unknown prediction type 'epsilon'"):
+        LatentTextToImage(*parts, prediction="epsilon")
+    with pytest.raises(ValueError, match="2 prompts but 1 negative prompts"):
+        model.sample(PROMPTS, ["low"], steps=2)
+    with pytest.raises(ValueError, match="latents hold 1 samples for 2 prompts"):
+        model.sample(PROMPTS, steps=2, latents=torch.zeros(1, 4, 16, 16))

@@ -68,13 +68,10 @@ class LatentTextToImage(nn.Module):
             times = torch.cat([times[times > self.t_end], times.new_full((1,), self.t_end)])
         return times
 
-    def guided(self, context: Tensor, negative: Tensor, guidance_scale: float) -> Any:
-        """The denoiser, guided with scale w (w = 1: the conditional one) toward ``context`` and away from
-        ``negative`` (``[B, L, D]``; the unconditional branch)."""
-        denoiser = self.denoiser
-        if guidance_scale == 1:
-            return denoiser
-        return CFG(guidance_scale, uncond={"context": negative}).wrap(denoiser)
+    def guided(self, negative: Tensor, guidance_scale: float) -> Any:
+        """The denoiser with classifier-free guidance of scale w away from the context ``negative`` ``[B, L, D]``
+        (the unconditional branch; w = 1: the conditional model alone, one call)."""
+        return CFG(guidance_scale, uncond={"context": negative}).wrap(self.denoiser)
 
     @torch.no_grad()
     def sample(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None, *, steps: int = 50,
@@ -107,7 +104,7 @@ class LatentTextToImage(nn.Module):
         elif latents.shape[0] != len(prompts):
             raise ValueError(f"LatentTextToImage: latents hold {latents.shape[0]} samples for {len(prompts)} prompts")
         context = self.text_encoder(prompts).to(weight)
-        guided = self.guided(context, self.text_encoder(negative).to(weight), guidance_scale)
+        guided = self.guided(self.text_encoder(negative).to(weight), guidance_scale)
         times = self.timesteps(steps, sampler) if times is None else times
         z = sampler.sample(guided, latents, times=times, generator=generator, cond={"context": context},
                            progress=progress)

@@ -61,7 +61,8 @@ def from_diffusers(model_or_path: nn.Module | str | os.PathLike, subfolder: str 
     from .t2i_weights import t2i_adapter_from_diffusers
     from .unet_weights import controlnet_from_diffusers, unet_from_diffusers
 
-    if not isinstance(model_or_path, nn.Module) and subfolder is None and (Path(model_or_path) / "model_index.json").is_file():
+    pipeline = not isinstance(model_or_path, nn.Module) and subfolder is None
+    if pipeline and (Path(model_or_path) / "model_index.json").is_file():
         from .stable_diffusion import stable_diffusion_from_diffusers
 
         return stable_diffusion_from_diffusers(model_or_path, **kwargs)

@@ -40,6 +40,7 @@ from .autoencoder_weights import autoencoder_from_diffusers
 from .diffusers import load_diffusers
 from .unet_weights import unet_from_diffusers
 
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 _FIXED = {"clip_sample": (False, None), "thresholding": (False, None), "beta_schedule": ("linear", "scaled_linear"),
           "timestep_spacing": ("leading", "trailing", None), "prediction_type": (*PREDICTIONS, None)}
@@ -73,6 +74,12 @@ def stable_diffusion_from_diffusers(path: str | os.PathLike, dtype: torch.dtype 
     if not (root / "model_index.json").is_file():
         raise GenlabError(f"{root}: no model_index.json; pass a Stable Diffusion pipeline directory (vae/, unet/, "
                           "text_encoder/, tokenizer/, scheduler/)")
+    index = json.loads((root / "model_index.json").read_text())
+    missing = [c for c in COMPONENTS if c not in index]
+    if missing or "text_encoder_2" in index:
+        what = f"names no {', '.join(missing)}" if missing else "has a second text encoder (SDXL)"
+        raise GenlabError(f"{root}: this {index.get('_class_name', 'pipeline')} {what}: not a Stable Diffusion 1.x / "
+                          f"2.x pipeline; pass subfolder=... to convert one of its models")
     config = root / "scheduler" / "scheduler_config.json"
     if not config.is_file():
         raise GenlabError(f"{root}: no scheduler/scheduler_config.json")
