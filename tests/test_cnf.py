@@ -236,3 +236,17 @@ def test_bad_input():
         build("model", {"type": "flow", "shape": [2], "transforms": [{"type": "cnf", "features": 2, "steps": -1}]})
     with pytest.raises(ConfigError, match="unknown model 'nope'"):
         build("flow_transform", {"type": "cnf", "features": 2, "net": {"type": "nope"}})
+
+
+def test_concatsquash_layer_by_hand():
+    """FFJORD's ConcatSquash layer: (W h + b) * sigmoid(A c + a) + B c, and the MLP feeds c = [t]."""
+    torch.manual_seed(0)
+    net = ConcatSquashMLP(2, hidden=4, depth=1, activation="tanh")
+    x, t = torch.randn(3, 2), torch.tensor([0.1, 0.5, 0.9])
+
+    def layer(m, h, c):
+        return (h @ m.layer.weight.T + m.layer.bias) * torch.sigmoid(c @ m.hyper_gate.weight.T + m.hyper_gate.bias) \
+            + c @ m.hyper_bias.weight.T
+
+    c = t[:, None]
+    torch.testing.assert_close(net(x, t), layer(net.layers[1], torch.tanh(layer(net.layers[0], x, c)), c))
