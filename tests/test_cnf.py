@@ -250,3 +250,15 @@ def test_concatsquash_layer_by_hand():
 
     c = t[:, None]
     torch.testing.assert_close(net(x, t), layer(net.layers[1], torch.tanh(layer(net.layers[0], x, c)), c))
+
+
+def test_eval_mode_uses_the_eval_solver():
+    """Training mode solves with ``method`` (one Euler step: z = (I + A) x), eval mode with ``eval_method``
+    (dopri5: expm(A) x)."""
+    cnf, a = linear_cnf(method="euler", steps=1, eval_method="dopri5", rtol=1e-10, atol=1e-10)
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(3), dtype=F64)
+    with torch.no_grad():
+        trained = cnf.train()(x)[0]
+        evaluated = cnf.eval()(x)[0]
+    torch.testing.assert_close(trained, x + x @ a.T)
+    torch.testing.assert_close(evaluated, x @ torch.from_numpy(scipy.linalg.expm(a.numpy())).T, rtol=0, atol=1e-8)
