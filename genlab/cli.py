@@ -63,10 +63,23 @@ def _described(module: Any) -> str:
     return f"{type(module).__name__} ({sum(p.numel() for p in module.parameters()):,} parameters)"
 
 
+RECONSTRUCTION_LINES = (  # an autoencoder's metrics: (key, line)
+    ("reconstruction_mse", "held-out reconstruction MSE (pixels in [0, 1]): {reconstruction_mse:.5f} "
+                           "(PSNR {reconstruction_psnr:.2f} dB)"),
+    ("codebook_usage", "codebook on held-out data: {codebook_usage:.1%} of the codes used, perplexity {perplexity:.1f}"),
+    ("kl_per_image", "KL(q(z|x) || N(0, I)) per held-out image: {kl_per_image:.2f} nats"),
+    ("scaling_factor", "latent scaling factor: {scaling_factor:.5f}"))
+
+
 def report(out: Path, m: dict) -> None:
     """Print where the samples are and the quality numbers of the run."""
-    if "image" in m:
+    if "image" in m and "sampler" in m:
         print(f"samples: {out / m['image']}  ({m['sampler']}, {m['sampling_seconds']:.1f} s)")
+    elif "image" in m:  # a family that draws no samples: its own picture (an autoencoder's reconstructions)
+        print(f"picture: {out / m['image']}")
+    for key, line in RECONSTRUCTION_LINES:
+        if key in m:
+            print(line.format(**m))
     noisy = {k.removeprefix("classifier_accuracy_t"): v for k, v in m.items() if k.startswith("classifier_accuracy_t")}
     if noisy:
         print("classifier accuracy on held-out data noised at t / t_max: "
@@ -78,8 +91,8 @@ def report(out: Path, m: dict) -> None:
         print(f"exact Wasserstein-2 to held-out data ({m['wasserstein2_points']} points): {m['wasserstein2']:.4f} "
               f"(two held-out draws: {m['wasserstein2_data_vs_data']:.4f})")
     if "heldout_nll_nats" in m:
-        own = m.get("heldout_nll_data_nats")  # the data's own density, where the data set has one
-        data = "" if own is None else f"; the data's own density: {own:.4f} nats"
+        own = m.get("heldout_nll_nats_data")  # the data's true density, where the data set has one
+        data = "" if own is None else f"; the data's true density: {own:.4f} nats"
         print(f"held-out negative log-likelihood: {m['heldout_nll_nats']:.4f} nats "
               f"({m['heldout_bits_per_dim']:.4f} bits/dim{data})")
     if "classifier_accuracy" in m:
@@ -130,9 +143,10 @@ def checkpoint_experiment(path: str, overrides: Sequence[str], *, stored_grids: 
 
 def cmd_sample(args: argparse.Namespace) -> None:
     from .training.evaluation import evaluate
-    from .training.trainer import load_sampling_weights
+    from .training.resume import load_sampling_weights
 
-    ckpt, config, exp = checkpoint_experiment(args.path, args.overrides, stored_grids=True, eval_samples=args.n)
+    overrides = [prompt_override(o) for o in args.overrides]
+    ckpt, config, exp = checkpoint_experiment(args.path, overrides, stored_grids=True, eval_samples=args.n)
     modules = load_sampling_weights(exp, ckpt)
     exp.sampler.timesteps(exp.process)  # a grid that cannot be made (a damaged grids.json) fails before any write
     run = ckpt.parent.parent
@@ -148,6 +162,17 @@ def cmd_sample(args: argparse.Namespace) -> None:
         report(out, evaluate(exp, modules, out, name, args.seed, exp.train.steps))
 
 
+def prompt_override(override: str) -> str:
+    """``prompt=TEXT`` (a text-conditioned run sampled for one prompt) as ``text_encoder.prompts=[TEXT]``; any
+    other override as it is."""
+    key, sep, text = override.partition("=")
+    if not sep or key.strip() != "prompt":
+        return override
+    import json
+
+    return f"text_encoder.prompts={json.dumps([text])}"
+
+
 def _run_lock(run: Path, purpose: str) -> contextlib.AbstractContextManager:
     """The lock of ``run`` if it is a run directory (holds ``checkpoints/``), else nothing to lock."""
     from .core.rundir import RunLock
@@ -157,7 +182,7 @@ def _run_lock(run: Path, purpose: str) -> contextlib.AbstractContextManager:
 
 def cmd_learn_grid(args: argparse.Namespace) -> None:
     """Learn time grids for a trained model and its sampler; store them in the checkpoint's grids.json."""
-    from .training.trainer import load_sampling_weights
+    from .training.resume import load_sampling_weights
 
     ckpt, _, exp = checkpoint_experiment(args.path, args.overrides)
     load_sampling_weights(exp, ckpt)
@@ -201,7 +226,7 @@ def cmd_reflow(args: argparse.Namespace) -> None:
 
     from .data.pairs import PAIRS_FILE, save_pairs
     from .objectives.flow_matching import ConditionalFlowMatching, straightness
-    from .training.trainer import load_sampling_weights
+    from .training.resume import load_sampling_weights
 
     ckpt, _, exp = checkpoint_experiment(args.path, args.overrides)
     if not isinstance(exp.objective, ConditionalFlowMatching):

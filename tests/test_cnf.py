@@ -186,7 +186,7 @@ def test_trainer_lowers_the_heldout_nll_and_reports_the_data_density(tmp_path: P
         metrics = tr.evaluate()
     assert after < before - 1.0, (before, after)
     truth = -float(toy2d_log_prob("eight_gaussians", exp.heldout(500)).mean())
-    assert metrics["heldout_nll_data_nats"] == pytest.approx(truth, rel=1e-6)  # float32 data
+    assert metrics["heldout_nll_nats_data"] == pytest.approx(truth, rel=1e-6)  # float32 data
     assert metrics["heldout_nll_nats"] > truth - 0.1  # no model beats the data's own density by much
     assert metrics["sampler"].startswith("flow inverse")
 

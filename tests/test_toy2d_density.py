@@ -30,7 +30,10 @@ def test_density_integrates_to_one_and_matches_the_draws(name):
 
 def test_sets_without_a_closed_form_and_the_dataset_method():
     x = torch.zeros(3, 2)
-    assert toy2d_log_prob("moons", x) is None and toy2d_log_prob("swiss_roll", x) is None
+    for name in ("moons", "swiss_roll"):
+        with pytest.raises(ValueError, match=f"no closed-form density for '{name}'; sets with one: eight_gaussians"):
+            toy2d_log_prob(name, x)
+        assert not Toy2D(name, n=10).has_density
     data = Toy2D("eight_gaussians", n=10)
+    assert data.has_density
     torch.testing.assert_close(data.log_prob(data.data), toy2d_log_prob("eight_gaussians", data.data))
-    assert Toy2D("moons", n=10).log_prob(x) is None

@@ -2,6 +2,7 @@
 
 from genlab.models.attention import attention, available_backends
 from genlab.models import flows  # noqa: F401  (registers the flow transforms and the flow model)
+from genlab.models import autoencoders  # noqa: F401  (registers autoencoder_kl and autoencoder_vq)
 from genlab.models.dit import DiT
 from genlab.models.embeddings import timestep_embedding
 from genlab.models.mlp import MLP, ConcatMLP

@@ -60,15 +60,17 @@ class ResBlock(nn.Module):
     is AdaGN ``GN(h) (1 + scale) + shift`` (ADM Sec. 3). ``resample`` "down"/"up" average-pools /
     nearest-upsamples both paths after the first norm (ADM's ``resblock_updown``). ``skip`` is a
     1x1 conv when channels change. ``x: [B, C_in, H, W], emb: [B, D] -> [B, C_out, H', W']``.
+    ``emb_dim=None`` builds the block without an embedding (no ``emb_proj``; ``emb`` is ignored): the
+    ResNet block of an autoencoder (diffusers' ``ResnetBlock2D`` with ``temb_channels=None``).
     """
 
-    def __init__(self, c_in: int, c_out: int, emb_dim: int, groups: int, eps: float, dropout: float = 0.0,
+    def __init__(self, c_in: int, c_out: int, emb_dim: int | None, groups: int, eps: float, dropout: float = 0.0,
                  scale_shift: bool = False, resample: Literal["down", "up"] | None = None) -> None:
         super().__init__()
         self.scale_shift, self.resample = scale_shift, resample
         self.norm_1 = GroupNorm32(groups, c_in, eps)
         self.conv_1 = nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.emb_proj = nn.Linear(emb_dim, 2 * c_out if scale_shift else c_out)
+        self.emb_proj = None if emb_dim is None else nn.Linear(emb_dim, 2 * c_out if scale_shift else c_out)
         self.norm_2 = GroupNorm32(groups, c_out, eps)
         self.dropout = nn.Dropout(dropout)
         self.conv_2 = nn.Conv2d(c_out, c_out, 3, padding=1)
@@ -79,16 +81,18 @@ class ResBlock(nn.Module):
             return F.avg_pool2d(x, 2)
         return F.interpolate(x, scale_factor=2.0, mode="nearest") if self.resample == "up" else x
 
-    def forward(self, x: Tensor, emb: Tensor, context: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, emb: Tensor | None, context: Tensor | None = None) -> Tensor:
         h = self._resample(F.silu(self.norm_1(x)))
         x = self._resample(x)
         h = self.conv_1(h)
-        e = rearrange(self.emb_proj(F.silu(emb)), "b c -> b c 1 1")
-        if self.scale_shift:
+        if self.emb_proj is None:
+            h = self.norm_2(h)
+        elif self.scale_shift:
+            e = rearrange(self.emb_proj(F.silu(emb)), "b c -> b c 1 1")
             scale, shift = e.chunk(2, dim=1)
             h = modulate(self.norm_2(h), shift, scale)
         else:
-            h = self.norm_2(h + e)
+            h = self.norm_2(h + rearrange(self.emb_proj(F.silu(emb)), "b c -> b c 1 1"))
         h = self.conv_2(self.dropout(F.silu(h)))
         return (x if self.skip is None else self.skip(x)) + h
 

@@ -21,7 +21,9 @@ data's shape and classes, and a loader of pretrained runs). From then on it answ
 - :meth:`~Objective.references`: other models the evaluation reports beside this one (a teacher);
 - :meth:`~Objective.guided`: the sampling denoiser wrapped by the config's ``guidance:`` (every
   family's :meth:`~Objective.sample` calls it); a family that draws no samples (a noise-conditional
-  classifier) sets ``draws_samples = False`` and reports :meth:`~Objective.metrics` instead.
+  classifier, an autoencoder) sets ``draws_samples = False`` and reports :meth:`~Objective.metrics` (and
+  optionally :meth:`~Objective.pictures`) instead;
+- :meth:`~Objective.finish`: called once after the last step, before the final checkpoint.
 
 A new family is a subclass::
 
@@ -49,11 +51,12 @@ from torch import Tensor, nn
 from ..core.registry import register_namespace
 
 Batch = dict[str, Tensor]  # "x" [B, ...] and, for labelled data, "class_labels" [B]
-CONDITIONS = ("class_labels", "control")  # a batch's entries that are the model's keyword conditions
+CONDITIONS = ("class_labels", "control", "context")  # a batch's entries that are the model's keyword conditions
 
 
 def conditions(batch: Batch) -> dict[str, Tensor]:
-    """The model's keyword conditions of a batch: its class labels and control images, where it has them."""
+    """The model's keyword conditions of a batch: its class labels, control images and cross-attention context
+    (encoded captions), where it has them."""
     return {k: batch[k] for k in CONDITIONS if k in batch}
 
 
@@ -98,6 +101,8 @@ class Objective:
 
     frozen: tuple[str, ...] = ()  # names of modules that are not trained
     draws_samples: bool = True  # False: the family draws no samples (a classifier); the evaluation reports metrics()
+    takes_control: bool = False  # True: the family feeds the data's control images to a module of its own (ControlNet)
+    guidance_as_input: bool = False  # True: the config's guidance sets an input of the model (guided distillation)
     step: int = 0  # the training step k (0-based) of the latest at_step call
     total_steps: int = 1  # K, the run's number of steps, of the latest at_step call
 
@@ -153,6 +158,18 @@ class Objective:
         on the held-out split (``images`` [N, ...], ``labels`` [N] on the modules' device), draws from
         ``generator``."""
         raise NotImplementedError
+
+    def pictures(self, modules: dict[str, nn.Module], images: Tensor, labels: Tensor,
+                 generator: torch.Generator) -> tuple[Tensor, int] | None:
+        """For a family that draws no samples: images ``[N, ...]`` the evaluation draws as a grid of that many
+        rows (an autoencoder's originals over its reconstructions) from the held-out ``images`` and ``labels``,
+        or None (no picture; the default)."""
+        return None
+
+    def finish(self, modules: dict[str, nn.Module]) -> None:
+        """Called by the Trainer once after the last training step, before the final checkpoint, with the
+        modules as :meth:`sample` gets them (EMA copies): what a family fits from data once trained (an
+        autoencoder's latent scaling factor) lands in that checkpoint. Nothing by default."""
 
     def guided(self, denoiser: Any) -> Any:
         """``denoiser`` as :meth:`sample` uses it: wrapped by the config's guidance, if it has one."""

@@ -101,7 +101,7 @@ class VectorQuantizer(Quantizer):
         return self.embeddings()[indices]
 
     def quantize(self, h: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        x = h.reshape(-1, h.shape[-1]).float()  # [B N, d]
+        x = h.reshape(-1, h.shape[-1]).to(torch.promote_types(self.codebook.dtype, torch.float32))  # [B N, d]
         if self.training and not bool(self.initialized):
             self._kmeans_(x.detach())
         indices = nearest(x.detach(), self.embeddings().detach(), self.cosine)

@@ -1,0 +1,176 @@
+"""Benchmark genlab's quantizers against vector-quantize-pytorch (vqp) in one process, with the same settings.
+
+Parts (``--parts time,train``):
+
+- ``time``: one training-mode forward + backward of the quantizer alone on an autoencoder's latent
+  ``z [64, 16, 8, 8]`` (channel-first; vqp with ``accept_image_fmap``): VQ (256 codes, EMA decay 0.99,
+  commitment 0.25, straight-through), FSQ (levels 8, 5, 5, 5 on 4 channels, projections from 16) and LFQ
+  (8 bits, entropy weight 0.1, projections from 16). Runs alternate (ABBA, ``bench_models.step_times``);
+  the median of this process's CPU seconds (``time.process_time``: other processes sharing the cores do
+  not inflate it) or, on CUDA, of wall time.
+- ``train``: the same small conv autoencoder (32x32 digits -> 16 x 8 x 8 latents -> 32x32; the same initial
+  weights and batches for both libraries) trained with MSE + the quantizer's losses, Adam lr 1e-3, batch 32,
+  with a 256-code EMA VQ (decay 0.99, commitment 0.25) in three settings: plain, k-means initialisation
+  (10 iterations), dead-code replacement (threshold 1, vqp's ``threshold_ema_dead_code``), each library from
+  its own initial codebook, and plain from vqp's initial codebook in both (the algorithms alone). At steps 30, 150,
+  500 and the end it prints the codebook usage (the fraction of the 256 codes used) and perplexity (exp of
+  the codes' entropy) on the held-out digits, and the held-out reconstruction MSE (pixels in [0, 1]) at the end.
+
+Usage: ``python scripts/bench_autoencoders.py [--parts time,train] [--steps 1500] [--threads 1]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from bench_models import DEVICE, step_times
+from torch import Tensor, nn
+
+from genlab.data import Digits
+from genlab.models.quantizers import FSQ, LFQ, VectorQuantizer
+from genlab.objectives.autoencoder import code_statistics
+
+CODES, DIM, CHECKPOINTS = 256, 16, (30, 150, 500)
+SETTINGS = {"plain": {}, "plain, vqp's init": {"same_init": True}, "k-means": {"kmeans": True},
+            "dead-code": {"dead": 1.0}}
+
+
+def vq_pair(kmeans: bool = False, dead: float = 0.0, same_init: bool = False) -> tuple[nn.Module, nn.Module]:
+    """genlab's VectorQuantizer and vqp's VectorQuantize with the same settings, channel-first images; each
+    with its own initial codebook (genlab N(0, 1), vqp Kaiming-uniform) or, with ``same_init``, vqp's in both."""
+    import vector_quantize_pytorch as vqp
+
+    ours = VectorQuantizer(DIM, CODES, decay=0.99, beta=0.25, kmeans_init=kmeans, kmeans_iters=10,
+                           dead_code_threshold=dead)
+    theirs = vqp.VectorQuantize(dim=DIM, codebook_size=CODES, decay=0.99, commitment_weight=0.25,
+                                kmeans_init=kmeans, kmeans_iters=10, threshold_ema_dead_code=dead,
+                                rotation_trick=False, accept_image_fmap=True)
+    if same_init:
+        with torch.no_grad():
+            ours.codebook.copy_(theirs._codebook.embed[0])
+            ours.embed_sum.copy_(theirs._codebook.embed_avg[0])
+            ours.cluster_size.copy_(theirs._codebook.cluster_size[0])
+    return ours, theirs
+
+
+def quantizer_losses(q: nn.Module, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(quantized, indices, summed losses)`` from either library."""
+    out = q(z)
+    if len(out) == 2:  # vqp's FSQ: no loss
+        return out[0], out[1], z.new_zeros(())
+    if isinstance(out[2], dict):  # genlab: losses by name
+        return out[0], out[1], sum(out[2].values(), z.new_zeros(()))
+    return out[0], out[1], out[2].sum()
+
+
+def time_part(repeats: int, rows: list) -> None:
+    import vector_quantize_pytorch as vqp
+
+    torch.manual_seed(0)
+    z = torch.randn(64, DIM, 8, 8, device=DEVICE)
+    pairs = {"VQ (256 codes, EMA)": vq_pair(),
+             "FSQ (8-5-5-5)": (FSQ([8, 5, 5, 5], dim=DIM), vqp.FSQ(levels=[8, 5, 5, 5], dim=DIM)),
+             "LFQ (8 bits)": (LFQ(DIM, bits=8, entropy_weight=0.1),
+                              vqp.LFQ(dim=DIM, codebook_size=256, entropy_loss_weight=0.1, commitment_loss_weight=0.25))}
+    for name, (ours, theirs) in pairs.items():
+        ours, theirs = ours.to(DEVICE).train(), theirs.to(DEVICE).train()
+
+        def step(q: nn.Module) -> Callable[[], None]:
+            def run() -> None:
+                x = z.detach().requires_grad_(True)
+                quantized, _, loss = quantizer_losses(q, x)
+                (quantized.square().mean() + loss).backward()
+            return run
+
+        clock = time.process_time if DEVICE == "cpu" else time.perf_counter
+        (t_ours, t_theirs), share = step_times([(lambda: None, step(ours)), (lambda: None, step(theirs))],
+                                               repeats, warmup=5, clock=clock)
+        a, b = statistics.median(t_ours), statistics.median(t_theirs)
+        rows.append((f"{name} fwd+bwd ms", f"{a * 1e3:.3f}", f"{b * 1e3:.3f}", f"{a / b:.2f}x",
+                     f"others' CPU share {share:.0%}"))
+
+
+class ConvAutoencoder(nn.Module):
+    """32x32 -> DIM x 8 x 8 -> 32x32: two stride-2 convs down, two transposed convs up."""
+
+    def __init__(self, quantizer: nn.Module) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Conv2d(1, 32, 4, 2, 1), nn.ReLU(), nn.Conv2d(32, 64, 4, 2, 1), nn.ReLU(),
+                                     nn.Conv2d(64, DIM, 1))
+        self.decoder = nn.Sequential(nn.Conv2d(DIM, 64, 3, 1, 1), nn.ReLU(), nn.ConvTranspose2d(64, 32, 4, 2, 1),
+                                     nn.ReLU(), nn.ConvTranspose2d(32, 1, 4, 2, 1))
+        self.quantizer = quantizer
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        quantized, indices, loss = quantizer_losses(self.quantizer, self.encoder(x))
+        return self.decoder(quantized), indices, loss
+
+
+@torch.no_grad()
+def evaluate(model: ConvAutoencoder, held: Tensor) -> tuple[float, float, float]:
+    """Held-out ``(usage, perplexity, MSE in [0, 1] pixel units)``."""
+    model.eval()
+    x_hat, indices, _ = model(held)
+    model.train()
+    usage, perplexity = code_statistics(indices, CODES)
+    return usage, perplexity, ((x_hat.clamp(-1, 1) - held) / 2).square().mean().item()
+
+
+def train_part(steps: int, rows: list) -> None:
+    data, held = Digits(image_size=32).data.to(DEVICE), Digits(image_size=32, split="test").data.to(DEVICE)
+    torch.manual_seed(0)
+    base = ConvAutoencoder(nn.Identity()).to(DEVICE)
+    marks = [s for s in CHECKPOINTS if s < steps] + [steps]
+    for setting, kw in SETTINGS.items():
+        results = {}
+        for lib, q in zip(("genlab", "vqp"), vq_pair(**kw)):
+            model = copy.deepcopy(base)
+            model.quantizer = q.to(DEVICE)
+            opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+            g, out, start = torch.Generator(device=DEVICE).manual_seed(1), [], time.process_time()
+            torch.manual_seed(2)  # the libraries' own draws (k-means, dead codes) from the same global state
+            for step in range(1, steps + 1):
+                x = data[torch.randint(len(data), (32,), generator=g, device=DEVICE)]
+                x_hat, _, loss = model(x)
+                (F.mse_loss(x_hat, x) + loss).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if step in marks:
+                    out.append(evaluate(model, held))
+            results[lib] = (out, time.process_time() - start)
+        for i, step in enumerate(marks):
+            (u, p, mse), (u2, p2, mse2) = results["genlab"][0][i], results["vqp"][0][i]
+            rows.append((f"{setting} step {step}: usage / perplexity", f"{u:.3f} / {p:.1f}", f"{u2:.3f} / {p2:.1f}",
+                         "", ""))
+        rows.append((f"{setting} held-out MSE at {steps}", f"{mse:.5f}", f"{mse2:.5f}", f"{mse / mse2:.2f}x",
+                     f"train CPU s {results['genlab'][1]:.0f} / {results['vqp'][1]:.0f}"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--parts", default="time,train")
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows: list = []
+    if "time" in args.parts:
+        time_part(args.repeats, rows)
+    if "train" in args.parts:
+        train_part(args.steps, rows)
+    header = ("", "genlab", "vqp", "genlab/vqp", "")
+    width = [max(len(str(r[i])) for r in [header, *rows]) for i in range(5)]
+    print(f"device {DEVICE}, {args.threads} thread(s)")
+    for r in [header, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, width)).rstrip())
+
+
+if __name__ == "__main__":
+    main()
