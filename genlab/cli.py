@@ -91,8 +91,10 @@ def report(out: Path, m: dict) -> None:
         print(f"exact Wasserstein-2 to held-out data ({m['wasserstein2_points']} points): {m['wasserstein2']:.4f} "
               f"(two held-out draws: {m['wasserstein2_data_vs_data']:.4f})")
     if "heldout_nll_nats" in m:
+        own = m.get("heldout_nll_nats_data")  # the data's true density, where the data set has one
+        data = "" if own is None else f"; the data's true density: {own:.4f} nats"
         print(f"held-out negative log-likelihood: {m['heldout_nll_nats']:.4f} nats "
-              f"({m['heldout_bits_per_dim']:.4f} bits/dim)")
+              f"({m['heldout_bits_per_dim']:.4f} bits/dim{data})")
     if "classifier_accuracy" in m:
         print(f"digits classifier accuracy on the requested labels: {m['classifier_accuracy']:.1%}")
     if "frechet_distance" in m:
@@ -141,9 +143,10 @@ def checkpoint_experiment(path: str, overrides: Sequence[str], *, stored_grids: 
 
 def cmd_sample(args: argparse.Namespace) -> None:
     from .training.evaluation import evaluate
-    from .training.trainer import load_sampling_weights
+    from .training.resume import load_sampling_weights
 
-    ckpt, config, exp = checkpoint_experiment(args.path, args.overrides, stored_grids=True, eval_samples=args.n)
+    overrides = [prompt_override(o) for o in args.overrides]
+    ckpt, config, exp = checkpoint_experiment(args.path, overrides, stored_grids=True, eval_samples=args.n)
     modules = load_sampling_weights(exp, ckpt)
     exp.sampler.timesteps(exp.process)  # a grid that cannot be made (a damaged grids.json) fails before any write
     run = ckpt.parent.parent
@@ -159,6 +162,17 @@ def cmd_sample(args: argparse.Namespace) -> None:
         report(out, evaluate(exp, modules, out, name, args.seed, exp.train.steps))
 
 
+def prompt_override(override: str) -> str:
+    """``prompt=TEXT`` (a text-conditioned run sampled for one prompt) as ``text_encoder.prompts=[TEXT]``; any
+    other override as it is."""
+    key, sep, text = override.partition("=")
+    if not sep or key.strip() != "prompt":
+        return override
+    import json
+
+    return f"text_encoder.prompts={json.dumps([text])}"
+
+
 def _run_lock(run: Path, purpose: str) -> contextlib.AbstractContextManager:
     """The lock of ``run`` if it is a run directory (holds ``checkpoints/``), else nothing to lock."""
     from .core.rundir import RunLock
@@ -168,7 +182,7 @@ def _run_lock(run: Path, purpose: str) -> contextlib.AbstractContextManager:
 
 def cmd_learn_grid(args: argparse.Namespace) -> None:
     """Learn time grids for a trained model and its sampler; store them in the checkpoint's grids.json."""
-    from .training.trainer import load_sampling_weights
+    from .training.resume import load_sampling_weights
 
     ckpt, _, exp = checkpoint_experiment(args.path, args.overrides)
     load_sampling_weights(exp, ckpt)
@@ -212,7 +226,7 @@ def cmd_reflow(args: argparse.Namespace) -> None:
 
     from .data.pairs import PAIRS_FILE, save_pairs
     from .objectives.flow_matching import ConditionalFlowMatching, straightness
-    from .training.trainer import load_sampling_weights
+    from .training.resume import load_sampling_weights
 
     ckpt, _, exp = checkpoint_experiment(args.path, args.overrides)
     if not isinstance(exp.objective, ConditionalFlowMatching):

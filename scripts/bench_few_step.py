@@ -1,10 +1,11 @@
 """Few-step generation on digits, side by side: the teacher at 25 steps against consistency distillation
-(1, 2, 4 steps), progressive distillation (rounds down to 1 step) and MeanFlow (1, 2, 4 steps).
+and easy consistency tuning (1, 2, 4 steps), progressive distillation (rounds down to 1 step) and MeanFlow
+(1, 2, 4 steps).
 
 Every model is trained here, one after the other, by the configs the README names, each timed (wall
 clock; time benchmarks only on an otherwise idle machine): the digits main job (``configs/digits.yaml``,
 the teacher; or ``--teacher RUN``, an existing run, then untimed), ``configs/consistency/cd_digits.yaml``,
-``configs/distill/progressive_digits.yaml`` (``genlab distill``) and
+``configs/consistency/ect_digits.yaml`` (started from the teacher run), ``configs/distill/progressive_digits.yaml`` (``genlab distill``) and
 ``configs/flow_matching/meanflow_digits.yaml``. Each run's final evaluation (400 samples, 40 per digit,
 seed 1234) gives the classifier accuracy on the requested labels and the Frechet distance in the digits
 classifier's feature space (10.28 between as many real training images and the test split); the table
@@ -13,7 +14,7 @@ lists every model at every step count next to the teacher's 25, and ``--csv`` wr
 Targets (the issue's): consistency distillation at 2 steps has FD <= 2x the teacher's at 25 and
 accuracy >= 85%.
 
-Usage: ``python scripts/bench_few_step.py [--teacher runs/digits] [--out bench-few-step] [--only cd,pd,meanflow]
+Usage: ``python scripts/bench_few_step.py [--teacher runs/digits] [--out bench-few-step] [--only cd,ect,pd,meanflow]
 [--csv few_step.csv] [OVERRIDE ...]`` (overrides go to every student's config, e.g. ``train.steps=50`` for a
 smoke run).
 """
@@ -32,12 +33,14 @@ from genlab.cli import main as genlab
 from genlab.core.io import atomic_open
 
 ROOT = Path(__file__).resolve().parents[1]
-JOBS = {  # name -> (command, config); the teacher is passed as objective.teacher where the config has one
-    "cd": ("train", "configs/consistency/cd_digits.yaml", True),
-    "pd": ("distill", "configs/distill/progressive_digits.yaml", True),
-    "meanflow": ("train", "configs/flow_matching/meanflow_digits.yaml", False),
+JOBS = {  # name -> (command, config, the objective's key naming the teacher run, if it has one)
+    "cd": ("train", "configs/consistency/cd_digits.yaml", "teacher"),
+    "ect": ("train", "configs/consistency/ect_digits.yaml", "pretrained"),
+    "pd": ("distill", "configs/distill/progressive_digits.yaml", "teacher"),
+    "meanflow": ("train", "configs/flow_matching/meanflow_digits.yaml", None),
 }
-LABELS = {"cd": "consistency distillation", "pd": "progressive distillation", "meanflow": "MeanFlow"}
+LABELS = {"cd": "consistency distillation", "ect": "easy consistency tuning", "pd": "progressive distillation",
+          "meanflow": "MeanFlow"}
 
 
 def run(args: list[str]) -> float:
@@ -87,8 +90,8 @@ def main() -> None:
         teacher_seconds = run(["train", str(ROOT / "configs" / "digits.yaml"), "--out", teacher, "--quiet"])
     rows.append(row("teacher (DDPM)", 25, metrics(Path(teacher)), teacher_seconds))
     for name in jobs:
-        command, config, taught = JOBS[name]
-        extra = [f"objective.teacher={teacher}"] if taught else []
+        command, config, key = JOBS[name]
+        extra = [f"objective.{key}={teacher}"] if key else []
         seconds = run([command, str(ROOT / config), *extra, *args.overrides, "--out", str(out / name), "--quiet"])
         rows += student_rows(name, out / name, seconds)
     print(f"\n{'model':<38} {'steps':>5} {'accuracy':>9} {'FD':>8} {'train':>8}")

@@ -10,7 +10,6 @@ from torch.distributions import Normal, kl_divergence
 
 from genlab.core.errors import ConfigError, ShapeError
 from genlab.core.registry import build
-import genlab.data  # noqa: F401  (registers the datasets)
 from genlab.models.autoencoders import AutoencoderKL, VQAutoencoder
 from genlab.models.quantizers import FSQ, VectorQuantizer
 from genlab.training.experiment import model_extra
@@ -96,11 +95,15 @@ def test_float64_and_the_decoders_last_layer() -> None:
 
 
 def test_checkpointing_gives_the_same_values_and_gradients() -> None:
-    plain, ckpt = _kl(), _kl(checkpointing=True)
-    x = _x(2, 3, 16, 16)
+    plain, ckpt = _kl(), _kl(gradient_checkpointing=True)
+    x, calls = _x(2, 3, 16, 16), []
     for m in (plain, ckpt):
+        block = m.decoder.up[0].blocks[0]
+        hook = block.register_forward_pre_hook(lambda *_, m=m: calls.append(m is ckpt))
         x_hat, enc = m.train()(x, _g())
         (x_hat.square().mean() + enc.losses["kl"]).backward()
+        hook.remove()
+    assert calls == [False, True, True]  # checkpointed blocks run again in the backward pass
     for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
 
@@ -114,6 +117,11 @@ def test_vq_latents_are_the_codes_of_their_indices() -> None:
     assert set(enc.losses) == {"commitment"}
     fsq = VQAutoencoder(**SMALL, latent_channels=3, quantizer=FSQ(levels=[5, 5, 5]))
     assert fsq.encode(x).stats["indices"].max() < 125
+    rvq = VQAutoencoder(**SMALL, embed_dim=4, quantizer={"type": "residual", "num_quantizers": 2,
+                                                        "quantizer": {"type": "vq", "dim": 2, "codebook_size": 8}})
+    assert rvq.quantizer.dim == 4 and rvq.quantizer.projected  # the stages' dim 2, projected from embed_dim
+    enc = rvq.encode(x)
+    assert enc.stats["indices"].shape == (2, 8, 8, 2) and rvq.decode_indices(enc.stats["indices"]).shape == x.shape
 
 
 def test_the_config_path_takes_the_images_channels_from_the_data() -> None:
@@ -177,3 +185,13 @@ def test_fit_scaling_gives_unit_std_latents(shift: bool) -> None:
     vq = _vq()
     vq.fit_scaling(x)
     assert abs(float(vq.to_latent(x).detach().double().pow(2).mean().sqrt()) - 1) < 1e-5
+
+
+def test_both_run_on_the_meta_device_with_draws_on_the_generators_device() -> None:
+    from genlab.testing.devices import DeviceAudit, generator_on
+
+    x = torch.empty(2, 3, 16, 16, device="meta")
+    for model in (_kl().to("meta"), _vq(quantizer={"type": "fsq", "levels": [5, 5, 5]}).to("meta")):
+        with DeviceAudit():
+            x_hat, enc = model(x, generator_on("meta"))
+        assert x_hat.device.type == enc.latent.device.type == "meta" and x_hat.shape == x.shape

@@ -95,6 +95,8 @@ CLI_CASES: list[tuple[str, ...]] = [
     (f"{T} data=true", "data: expected a component name or a mapping with 'type', got bool True"),
     (f"{T} objective=[]", "objective: expected a component name or a mapping with 'type', got list []"),
     (f"{T} model.type=5", "model.type: unknown model '5'"),
+    ("train {digits} data.control=stroke --out {new}", "data.control: the data set gives control images, but the "
+     "model (UNet) takes no control input"),
     # the train section: ranges declared on TrainConfig
     (f"{T} train.grad_accum=0", "train.grad_accum: expected int >= 1, got int 0"),
     (f"{T} train.grad_clip=-1", "train.grad_clip: expected float > 0 or None, got int -1"),

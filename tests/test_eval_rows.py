@@ -87,7 +87,7 @@ def test_the_table():
 
 
 def test_the_few_step_digits_configs_run_from_a_digits_teacher(tmp_path, capsys):
-    """``configs/consistency/cd_digits.yaml`` and ``configs/distill/progressive_digits.yaml`` with a tiny
+    """``configs/consistency/cd_digits.yaml``, ``ect_digits.yaml`` and ``configs/distill/progressive_digits.yaml`` with a tiny
     teacher (the main job's architecture, 8 channels) and one training step: the table has the teacher
     at its 25 DDPM steps and the student at 1, 2 and 4 steps; the rounds halve 8 steps down to 1."""
     small = ["model.channels=8", "model.channel_mult=[1]", "model.attention_levels=[]", "train.eval_samples=20"]
@@ -101,6 +101,11 @@ def test_the_few_step_digits_configs_run_from_a_digits_teacher(tmp_path, capsys)
     lines = out[out.index("next to the references"):].splitlines()[1:6]
     assert lines[0].split() == ["steps", "accuracy", "FD", "confident", "sampler"]
     assert [line.split()[:2] for line in lines[1:]] == [["teacher", "25"], ["model", "1"], ["model", "2"], ["model", "4"]]
+    assert main(["train", str(ROOT / "configs" / "consistency" / "ect_digits.yaml"), *small, "train.steps=1",
+                 f"objective.pretrained={teacher}", "--out", str(tmp_path / "ect"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    lines = out[out.index("sampler"):].splitlines()[1:4]
+    assert [line.split()[:2] for line in lines] == [["model", "1"], ["model", "2"], ["model", "4"]]
     config = load_config(ROOT / "configs" / "distill" / "progressive_digits.yaml", [f"objective.teacher={teacher}"])
     plan = plan_rounds(config, tmp_path / "pd", config["distill"]["rounds"])
     assert [r.steps for r in plan] == [8, 4, 2, 1]

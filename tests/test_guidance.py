@@ -270,7 +270,7 @@ def test_a_resumed_run_may_change_its_guidance(tmp_path):
     """Guidance changes how a run samples, not what it learns: resuming with another guidance is allowed."""
     import yaml
 
-    from genlab.training.trainer import check_resume_config
+    from genlab.training.resume import check_resume_config
 
     saved = {"model": {"type": "unet", "num_classes": 10}, "guidance": {"scale": 2.0}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))

@@ -132,10 +132,11 @@ class CFG(Guidance):
             return self.scale if level.facts(("cfg_interval", lo, hi), inside)[1] else None
         return torch.where(inside(level), self.scale, 1.0).to(level.sigma.dtype)
 
-    def guide(self, fn: Callable[..., Any], x: Tensor, level: Level, cond: Cond) -> Any:
+    def guide(self, fn: Callable[..., Any], x: Tensor, level: Level, cond: Cond, scale: Tensor | None = None) -> Any:
         """``fn(x, level, **cond)`` (a tensor [B, ...] or a tuple of them) guided: each tensor out_u + w (out_c
-        - out_u) (then rescaled), from one batched call of ``fn`` on the condition and ``uncond``."""
-        w = self.weights(level)
+        - out_u) (then rescaled), from one batched call of ``fn`` on the condition and ``uncond``. ``scale``: a
+        per-sample w [B] instead of the setting's (both branches always run; guided distillation's targets)."""
+        w = self.weights(level) if scale is None else scale
         if w is None or (isinstance(w, float) and w == 1.0):
             return fn(x, level, **cond)
         uncond = unconditional(cond, self.uncond, x)
@@ -165,7 +166,8 @@ class CFG(Guidance):
         return f"cfg{self.scale:g}{rescale}{interval}"
 
     def __repr__(self) -> str:
-        return f"CFG(scale={self.scale:g}, rescale={self.rescale:g}, interval={self.interval}, uncond={self.uncond})"
+        uncond = {k: f"tensor{list(v.shape)}" if torch.is_tensor(v) else v for k, v in self.uncond.items()}
+        return f"CFG(scale={self.scale:g}, rescale={self.rescale:g}, interval={self.interval}, uncond={uncond})"
 
 
 def unconditional(cond: Cond, uncond: Mapping[str, Any], x: Tensor) -> Cond:

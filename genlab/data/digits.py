@@ -21,6 +21,9 @@ from genlab.core.registry import register
 from genlab.data.images import LabelledImages
 
 DIGITS_SIZES: tuple[int, ...] = (8, 16, 32)
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+CAPTION_TEMPLATES = ("a handwritten digit {word}", "the number {digit}", "a handwritten {word}",
+                     "the digit {digit}", "{word}")  # the first is the prompt a class is sampled with
 _SPLITS = ("train", "test", "all")
 
 
@@ -75,6 +78,12 @@ class Digits(LabelledImages):
     is of the resized image, not the 8x8 original, so that :meth:`make_control` of a sample (the
     same threshold) is comparable with it pixel for pixel (the stroke IoU of the evaluation).
 
+    ``captions="templates"`` also gives each item a caption (``captions``: a list of N strings) for a
+    text-conditioned model: one of :data:`CAPTION_TEMPLATES` filled with the digit as a word ("seven") or a
+    numeral ("7"), the template drawn from (``seed``, the image's index among the 1797), so an image keeps
+    its caption across splits and options. :meth:`prompt` is a class's caption for sampling ("a
+    handwritten digit seven").
+
     Ranges: test_fraction in (0, 1), seed in [0, 2^32) (sklearn's random_state), n >= 1, digits in 0..9,
     stroke_threshold in (-1, 1).
     """
@@ -90,6 +99,7 @@ class Digits(LabelledImages):
         unlabelled: list[int] | None = None,
         control: Literal["stroke"] | None = None,
         stroke_threshold: Annotated[float, Range(gt=-1, lt=1)] = 0.0,
+        captions: Literal["templates"] | None = None,
     ) -> None:
         if image_size not in DIGITS_SIZES:
             raise ConfigError(f"digits: image_size must be one of 8, 16, 32, got {image_size!r}")
@@ -113,6 +123,11 @@ class Digits(LabelledImages):
         self.class_names = tuple(str(d) for d in range(10))
         self.stroke_threshold = stroke_threshold
         self.control = None if control is None else self.make_control(self.data)
+        self.captions = None if captions is None else [digit_caption(int(targets[i]), int(i), seed) for i in index]
+
+    def prompt(self, label: int) -> str:
+        """The caption class ``label`` is sampled with (the first template: "a handwritten digit seven")."""
+        return CAPTION_TEMPLATES[0].format(word=DIGIT_WORDS[label], digit=label)
 
     def make_control(self, images: Tensor) -> Tensor:
         """The control image of ``images: [N, 1, S, S]`` in [-1, 1] (samples too), made as the items'
@@ -124,3 +139,10 @@ def stroke_mask(images: Tensor, threshold: float = 0.0) -> Tensor:
     """1 where ``images: [N, C, H, W]`` exceed ``threshold``, else 0 (same shape, dtype and device):
     the ink of a digit drawn light on dark."""
     return (images > threshold).to(images.dtype)
+
+
+def digit_caption(digit: int, index: int, seed: int = 0) -> str:
+    """The caption of image ``index`` (among the 1797) showing ``digit``: a template of
+    :data:`CAPTION_TEMPLATES` drawn from (``seed``, ``index``), filled with the digit."""
+    template = CAPTION_TEMPLATES[int(np.random.default_rng((seed, index)).integers(len(CAPTION_TEMPLATES)))]
+    return template.format(word=DIGIT_WORDS[digit], digit=digit)

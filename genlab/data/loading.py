@@ -20,7 +20,7 @@ a data set returns the item without augmentation.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -137,11 +137,13 @@ class TensorItems(Dataset):
     """A data set holding its items as tensors, ``data`` [N, ...] and optionally ``labels`` [N], read a
     batch at a time: ``__getitems__(indices)`` -> ``{"x": [B, ...], "class_labels": [B]}``, plus the
     rows of each :data:`PAIRED` tensor it holds: ``source`` (reflow's paired start points) and
-    ``control`` (a ControlNet's conditioning image of each item)."""
+    ``control`` (a ControlNet's conditioning image of each item), and with ``captions`` (a string per item)
+    ``"caption"``: the batch's captions, a list of B strings."""
 
     def __init__(self, data: Tensor, labels: Tensor | None = None, source: Tensor | None = None,
-                 control: Tensor | None = None) -> None:
+                 control: Tensor | None = None, captions: Sequence[str] | None = None) -> None:
         self.data, self.labels, self.source, self.control = data, labels, source, control
+        self.captions = captions
 
     def __len__(self) -> int:
         return self.data.shape[0]
@@ -157,6 +159,8 @@ class TensorItems(Dataset):
         for name in PAIRED:
             if getattr(self, name) is not None:
                 batch[name] = getattr(self, name)[idx]
+        if self.captions is not None:
+            batch["caption"] = [self.captions[i] for i in idx.tolist()]
         return batch
 
 
@@ -212,7 +216,7 @@ def training_batches(dataset: Any, batch_size: int, *, seed: int = 0, rank: int 
         if num_workers == 0 and device is not None:
             data, targets = (None if v is None else v.to(device) for v in (data, targets))
             paired = {name: None if v is None else v.to(device) for name, v in paired.items()}
-        dataset = TensorItems(data, targets, **paired)
+        dataset = TensorItems(data, targets, **paired, captions=getattr(dataset, "captions", None))
     stream = BatchStream(len(dataset), batch_size, seed=seed, rank=rank, world=world, start=start,
                          keys=bool(getattr(dataset, "wants_item_keys", False)))
     if isinstance(dataset, TensorItems) and num_workers == 0:

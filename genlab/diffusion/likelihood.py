@@ -9,7 +9,8 @@ It is solved in the variables of :mod:`genlab.diffusion.ode` (y = x / (alpha + s
 the x -> y rescaling adds D log(alpha + sigma) at each end. The divergence is ``"exact"`` (D
 backward passes per evaluation: small D) or ``"hutchinson"``: E_v[v^T J v] with ``n_probes``
 Rademacher or Gaussian probes v held fixed over the solve (Hutchinson 1990; Grathwohl et al. 2019,
-FFJORD, Sec. 3.1). Each probe gives an unbiased estimate of the whole integral along the same
+FFJORD, Sec. 3.1); solver and estimators are :mod:`genlab.core.ode`'s, shared with the continuous
+normalizing flow. Each probe gives an unbiased estimate of the whole integral along the same
 (probe-free) path, so their spread gives the estimate's standard error.
 
 The prior: by default the process's own N(0, prior_std^2 I), the distribution samplers start from,
@@ -27,14 +28,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
+from ..core.ode import Divergence, Method, Probe, check_divergence, check_method, draw_probes, solve_unit, with_divergence
 from ..metrics.likelihood import Likelihood, normal_log_prob
 from .levels import combine, log
-from .ode import Method, ProbabilityFlow, check_method, path_scale, reaches_data, solve_unit
+from .ode import ProbabilityFlow, path_scale, reaches_data
 from .samplers.base import DenoiserLike, non_finite, non_finite_error
 
 
@@ -65,19 +67,14 @@ class DiffusionLikelihood(Likelihood):
         prior: log-density of x_end [B, ...] -> [B]; default N(0, process.prior_std()^2 I).
     """
 
-    def __init__(self, denoiser: DenoiserLike, divergence: Literal["exact", "hutchinson"] = "exact",
-                 probe: Literal["rademacher", "gaussian"] = "rademacher", n_probes: int = 1,
+    def __init__(self, denoiser: DenoiserLike, divergence: Divergence = "exact",
+                 probe: Probe = "rademacher", n_probes: int = 1,
                  method: Method = "dopri5", rtol: float = 1e-5, atol: float = 1e-5, steps: int = 100,
                  t_start: float | None = None, t_end: float | None = None,
                  prior: Callable[[Tensor], Tensor] | None = None) -> None:
         process = denoiser.process
-        if divergence not in ("exact", "hutchinson"):
-            raise ValueError(f"unknown divergence {divergence!r}; expected 'exact' or 'hutchinson'")
-        if probe not in ("rademacher", "gaussian"):
-            raise ValueError(f"unknown probe {probe!r}; expected 'rademacher' or 'gaussian'")
-        if n_probes < 1 or steps < 1:
-            raise ValueError(f"n_probes and steps must be >= 1, got n_probes={n_probes}, steps={steps}")
-        check_method(method, rtol, atol)
+        check_divergence(divergence, probe, n_probes)
+        check_method(method, rtol, atol, steps)
         self.t_start = process.t_min if t_start is None else t_start
         self.t_end = process.t_max if t_end is None else t_end
         if not 0 <= self.t_start < self.t_end <= process.t_max:
@@ -103,18 +100,12 @@ class DiffusionLikelihood(Likelihood):
         process = self.denoiser.process
         start, end = process.level(self.t_start), process.level(self.t_end)
         flow = ProbabilityFlow(self.denoiser, start, end, cond)
-        probes = self.draw_probes(x, generator)
+        probes = None if self.divergence == "exact" else draw_probes(x, self.n_probes, self.probe, generator)
         columns = 1 if probes is None else len(probes)
-
-        def augmented(tau: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-            with torch.enable_grad():
-                y = state[0].detach().requires_grad_(True)
-                v = flow(tau, y)
-                return v.detach(), self.divergence_of(v, y, probes)
-
         y0 = combine((1 / path_scale(start), x))
         zero = x.new_zeros(x.shape[0], columns)
-        y1, integral = solve_unit(augmented, (y0, zero), self.method, self.rtol, self.atol, steps=self.steps)
+        y1, integral = solve_unit(with_divergence(flow, probes), (y0, zero), self.method, self.rtol, self.atol,
+                                  steps=self.steps)
         x_end = combine((path_scale(end), y1))
         d = x[0].numel()
         rescale = d * (log(path_scale(end)) - log(path_scale(start)))
@@ -127,24 +118,3 @@ class DiffusionLikelihood(Likelihood):
         if check_finite and non_finite(log_prob):
             raise non_finite_error("DiffusionLikelihood: {} of {} log-probabilities are NaN or inf", log_prob, x)
         return LogProbEstimate(log_prob, stderr, flow.nfe, x_end)
-
-    def draw_probes(self, x: Tensor, generator: torch.Generator | None) -> Tensor | None:
-        """Hutchinson probes [n_probes, B, ...] (E v v^T = I), or None for the exact divergence."""
-        if self.divergence == "exact":
-            return None
-        shape = (self.n_probes, *x.shape)
-        if self.probe == "gaussian":
-            return torch.randn(shape, generator=generator, dtype=x.dtype, device=x.device)
-        return torch.randint(0, 2, shape, generator=generator, device=x.device).to(x.dtype) * 2 - 1
-
-    @staticmethod
-    def divergence_of(v: Tensor, y: Tensor, probes: Tensor | None) -> Tensor:
-        """div_y v per sample: [B, 1] exactly (the D basis vectors as probes: small D), or [B, n_probes]
-        Hutchinson estimates p^T (dv/dy) p. One vectorised backward pass (``is_grads_batched``)
-        for all probes. Assumes sample b's output depends on y_b only (no batch statistics)."""
-        if probes is None:
-            d = v[0].numel()
-            basis = torch.eye(d, dtype=v.dtype, device=v.device).reshape(d, 1, *v.shape[1:]).expand(d, *v.shape)
-            return DiffusionLikelihood.divergence_of(v, y, basis).sum(1, keepdim=True)
-        vjps = torch.autograd.grad(v, y, probes, is_grads_batched=True)[0]  # [n, B, ...]: p^T dv/dy
-        return (vjps * probes).flatten(2).sum(2).T

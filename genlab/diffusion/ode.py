@@ -16,39 +16,30 @@ One solve covers one segment between two levels in normalised time tau in [0, 1]
 r(tau) = r_a + tau (r_b - r_a) (per sample when levels are [B]), so solver steps never leave the
 segment; the level at an intermediate r comes from ``process.t_of_sigma_edm(r / (1 - r))``.
 
-Solver: torchdiffeq (Chen et al. 2018) for adaptive (dopri5, ...) and fixed-step (euler, midpoint,
-rk4, ...) Runge-Kutta methods: batched tensors on any device and dtype, tuple states for the
-likelihood's augmented ODE, maintained. scipy's solve_ivp would need a numpy round trip per
-evaluation and a flat float64 state.
+Solver: :func:`genlab.core.ode.solve_unit` (torchdiffeq: Chen et al. 2018) for adaptive (dopri5, ...)
+and fixed-step (euler, midpoint, rk4, ...) Runge-Kutta methods: batched tensors on any device and
+dtype, tuple states for the likelihood's augmented ODE, maintained; the continuous normalizing flow
+shares it. scipy's solve_ivp would need a numpy round trip per evaluation and a flat float64 state.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any
 
 import torch
 from torch import Tensor
-from torchdiffeq import odeint
 
 from ..core.bounds import PositiveFloat, PositiveInt
+from ..core.ode import FIXED_STEP_NFE, Method, check_method, solve_unit
 from ..core.registry import register
 from .grids import GridSpec
 from .levels import Level, Scalar, combine, where
 from .processes import Process
 from .samplers.base import DenoiserLike, Sampler, StepContext
 
-Method = Literal["dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun", "euler", "midpoint", "heun2", "heun3",
-                 "rk4"]
-FIXED_STEP_NFE = {"euler": 1, "midpoint": 2, "heun2": 2, "heun3": 3, "rk4": 4}  # model calls per step
-
-
-def check_method(method: str, rtol: float, atol: float) -> None:
-    """Raise a clear error for an unknown solver or a non-positive tolerance."""
-    if method not in get_args(Method):
-        raise ValueError(f"unknown ODE method {method!r}; expected one of {', '.join(get_args(Method))}")
-    if not (rtol > 0 and atol > 0):
-        raise ValueError(f"rtol and atol must be positive, got rtol={rtol}, atol={atol}")
+__all__ = ["FIXED_STEP_NFE", "Method", "ODESampler", "ProbabilityFlow", "check_method", "path_scale", "path_time",
+           "reaches_data", "solve_unit"]  # the solver's names stay importable from here
 
 
 def path_time(level: Level) -> Tensor:
@@ -99,21 +90,6 @@ class ProbabilityFlow:
         x0, eps = self.denoiser(combine((path_scale(level), y)), level, **self.cond)
         self.nfe, self.x0 = self.nfe + 1, x0
         return combine((self.dr, eps), (-self.dr, x0))
-
-
-def solve_unit(func: Any, y0: Tensor | tuple[Tensor, ...], method: Method, rtol: float, atol: float,
-               steps: int = 1) -> Tensor | tuple[Tensor, ...]:
-    """y at tau = 1 of dy/dtau = func(tau, y), y(0) = y0, with torchdiffeq's ``method``: fixed-step
-    methods take ``steps`` equal steps; adaptive ones are made to land on tau = 1 (``step_t``)
-    instead of stepping past it and interpolating back."""
-    if method in FIXED_STEP_NFE:
-        t, options = torch.linspace(0, 1, steps + 1, dtype=torch.float64), None
-    else:
-        t = torch.tensor([0.0, 1.0], dtype=torch.float64)
-        options = {"step_t": t[1:]}
-    first = y0 if torch.is_tensor(y0) else y0[0]
-    out = odeint(func, y0, t.to(first.device), rtol=rtol, atol=atol, method=method, options=options)
-    return out[-1] if torch.is_tensor(out) else tuple(o[-1] for o in out)
 
 
 @dataclass

@@ -94,14 +94,16 @@ _BLOCKS_2D = ({"DownBlock2D"}, {"AttnDownBlock2D"}, {"UpBlock2D"}, {"AttnUpBlock
 _BLOCKS_CONDITION = ({"DownBlock2D"}, {"CrossAttnDownBlock2D"}, {"UpBlock2D"}, {"CrossAttnUpBlock2D"})
 
 
-def diffusers_key_map(unet: UNetEncoder) -> dict[str, str]:
-    """genlab state-dict key -> diffusers state-dict key, for every parameter of ``unet`` (a UNet or ControlNet)."""
+def diffusers_key_map(unet: nn.Module, renames: dict[type, dict[str, str]] | None = None) -> dict[str, str]:
+    """genlab state-dict key -> diffusers state-dict key, for every parameter of ``unet`` (a UNet or ControlNet;
+    another model with its own table of child names per class, ``renames``, over the UNet's)."""
     keys: dict[str, str] = {}
+    table = _RENAMES if renames is None else {**_RENAMES, **renames}
 
     def walk(module: nn.Module, g: str, d: str) -> None:
         for name, _ in module.named_parameters(recurse=False):
             keys[g + name] = d + name
-        renames = _RENAMES.get(type(module), {})
+        renames = table.get(type(module), {})
         for name, child in module.named_children():
             new = renames.get(name, name)
             walk(child, f"{g}{name}.", f"{d}{new}." if new else d)
@@ -110,12 +112,12 @@ def diffusers_key_map(unet: UNetEncoder) -> dict[str, str]:
     return keys
 
 
-def _check_fixed(cfg: Any, fixed: dict[str, tuple], kind: str) -> None:
+def _check_fixed(cfg: Any, fixed: dict[str, tuple], kind: str, target: str = "genlab's UNet") -> None:
     for name, allowed in fixed.items():
         value = cfg.get(name, allowed[0])
         values = value if isinstance(value, (list, tuple)) else [value]
         if any(v not in allowed for v in values):
-            raise ValueError(f"{kind}: option {name}={value!r} is not supported by genlab's UNet "
+            raise ValueError(f"{kind}: option {name}={value!r} is not supported by {target} "
                              f"(supported: {', '.join(map(repr, allowed))})")
 
 
@@ -356,7 +358,7 @@ def _check_keys(mapped: set[str], actual: set[str], source: str) -> None:
     """Every mapped diffusers key exists in the diffusers state dict and vice versa."""
     missing, unexpected = sorted(actual - mapped), sorted(mapped - actual)
     if missing or unexpected:
-        raise ValueError(f"unet weight conversion ({source}): diffusers keys not produced by the mapping: "
+        raise ValueError(f"weight conversion ({source}): diffusers keys not produced by the mapping: "
                          f"{missing[:5]}; mapped keys absent in diffusers: {unexpected[:5]}")
 
 

@@ -30,21 +30,49 @@ def host_cost(who: str, cost: Tensor) -> np.ndarray:
     return m
 
 
+def entropic_potentials(cost: np.ndarray, iterations: int = 30) -> np.ndarray:
+    """Row potentials u [n] of a square cost [n, n], from ``iterations`` Sinkhorn iterations (Cuturi 2013)
+    at a blur eps of 3% of the mean row-reduced cost, then the c-transform u_i = min_j (C_ij - g_j) of the
+    column potentials g = eps log b (the row minima where float32 overflows). Approximate duals of the assignment problem, a warm start: how close
+    they are only changes the solver's time, never its answer (Sinkhorn in float32 on the CPU)."""
+    c = torch.from_numpy(cost)
+    reduced = c - c.min(dim=1, keepdim=True).values
+    eps = 0.03 * float(reduced.mean())
+    if not eps > 0:
+        return c.min(dim=1).values.numpy()
+    kernel = torch.exp(reduced.float() / -eps)
+    b = torch.ones(len(cost), dtype=torch.float32)
+    for _ in range(iterations):  # uniform marginals; the 1/n factors cancel in g up to a constant
+        a = 1.0 / (kernel @ b).clamp_min(1e-30)
+        b = 1.0 / (kernel.T @ a).clamp_min(1e-30)
+    g = eps * torch.log(b).double()
+    u = (c - g).min(dim=1).values
+    return u.numpy() if bool(torch.isfinite(u).all()) else c.min(dim=1).values.numpy()  # float32 over/underflow
+
+
+WARM_START = 64  # square costs from this size up start from entropic potentials
+
+
 def assignment(cost: np.ndarray) -> np.ndarray:
     """For a cost [n1, n0] with n1 <= n0 (rows: x1, columns: x0 candidates), the column given to each row
     [n1] by the exact minimum-cost assignment (``scipy.optimize.linear_sum_assignment``; each column at
     most once).
 
-    The cost is reduced first: each row's minimum subtracted, and (square costs only, where every column
-    is used) then each column's. Every assignment's total changes by the same constant, so the optimum is
-    the same; the solver, which starts from zero potentials, ran 1.2-4x faster on it (squared distances,
-    B = 1024)."""
+    The cost is reduced first, C_ij - u_i - v_j: every assignment's total changes by the same constant, so
+    the optimum is the same, and the solver, which starts from zero potentials, has less to do the closer
+    (u, v) are to the optimal duals. u is each row's minimum (or, for square costs of n >= 64,
+    :func:`entropic_potentials`), and (square costs only, where every column is used) v the c-transform,
+    each column's minimum of C_ij - u_i. Measured (``scripts/bench_couplings.py``): the row and column
+    minima ran the solver 1.2-4x faster on squared distances at B = 1024; the entropic start another 2-4x
+    on clustered 2-D batches."""
     from scipy.optimize import linear_sum_assignment
 
     if cost.size == 0:
         return np.zeros(cost.shape[0], dtype=np.int64)
-    cost = cost - cost.min(axis=1, keepdims=True)
-    if cost.shape[0] == cost.shape[1]:
+    square = cost.shape[0] == cost.shape[1]
+    u = entropic_potentials(cost) if square and len(cost) >= WARM_START else cost.min(axis=1)
+    cost = cost - u[:, None]
+    if square:
         cost -= cost.min(axis=0, keepdims=True)
     rows, cols = linear_sum_assignment(cost)
     out = np.empty(cost.shape[0], dtype=np.int64)

@@ -120,7 +120,8 @@ class DiT(nn.Module):
     their own time (and label) embedder (``blocks.i.time_embed``, ``blocks.i.label_embed``), as a DiT
     trained with diffusers has; block 0 and the final layer use the model's. Labels are dropped
     (``class_dropout``) once per sample for all embedders; an interval embedding is added to every
-    block's conditioning. ``time_embedding="fourier"`` embeds ``t`` with 256 random Fourier features
+    block's conditioning, and so is the guidance weight's with ``guidance_embedding`` (``guidance_scale`` w,
+    a guidance-distilled student: Meng et al. 2023, Sec. 4.1; zero-initialised). ``time_embedding="fourier"`` embeds ``t`` with 256 random Fourier features
     of scale ``fourier_scale`` instead of sinusoids (for times of order 1). ``config`` holds the resolved
     arguments: ``DiT(**model.config)``.
 
@@ -154,6 +155,7 @@ class DiT(nn.Module):
         gradient_checkpointing: bool | Literal["selective"] = False,
         interval_embedding: bool = False,
         per_block_embedding: bool = False,
+        guidance_embedding: bool = False,
     ) -> None:
         super().__init__()
         if preset is not None and preset not in PRESETS:
@@ -169,7 +171,8 @@ class DiT(nn.Module):
             cross_attention_dim=cross_attention_dim, qkv_bias=qkv_bias, time_freq_shift=time_freq_shift,
             time_embedding=time_embedding, fourier_scale=fourier_scale, mlp_norm_eps=mlp_norm_eps,
             attention_backend=attention_backend, gradient_checkpointing=gradient_checkpointing,
-            interval_embedding=interval_embedding, per_block_embedding=per_block_embedding)
+            interval_embedding=interval_embedding, per_block_embedding=per_block_embedding,
+            guidance_embedding=guidance_embedding)
         self.input_size, self.in_channels, self.patch_size, self.hidden = input_size, in_channels, p, hidden
         self.out_channels = pred_channels * (2 if learn_sigma else 1)
         self.num_classes, self.cross_attention_dim = num_classes, cross_attention_dim
@@ -199,6 +202,7 @@ class DiT(nn.Module):
         self.reset_parameters()
         if interval_embedding:  # after reset_parameters: its zero output layer stays zero
             self.interval_embed = self.time_embed.interval_twin()
+        self.guidance_embed = self.time_embed.interval_twin() if guidance_embedding else None  # zero output too
 
     @staticmethod
     def _validate(input_size: int, p: int, hidden: int, num_heads: int, mlp_ratio: float) -> None:
@@ -241,12 +245,13 @@ class DiT(nn.Module):
         return [(self.time_embed, self.label_embed), *own]
 
     def conditions(self, x: Tensor, t: Tensor | float, class_labels: Tensor | None = None,
-                   interval: Tensor | float | None = None) -> list[Tensor]:
+                   interval: Tensor | float | None = None, guidance_scale: Tensor | float | None = None) -> list[Tensor]:
         """The conditioning ``c`` of each block, ``[B, hidden]`` each, for ``x: [B, C, H, W]`` (see
         ``forward``); block 0's also drives the final layer. Without ``per_block_embedding`` all are one."""
         if self.per_block_embedding and self.training and self.class_dropout > 0 and class_labels is not None:
             class_labels = drop_labels(class_labels, self.class_dropout)  # one draw for every embedder
-        cs = [condition_embedding(time_embed, label_embed, x, t, class_labels, "DiT", self.interval_embed, interval)
+        cs = [condition_embedding(time_embed, label_embed, x, t, class_labels, "DiT", self.interval_embed, interval,
+                                  self.guidance_embed, guidance_scale)
               for time_embed, label_embed in self._embedders()]
         return cs if self.per_block_embedding else cs * len(self.blocks)
 
@@ -264,10 +269,10 @@ class DiT(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor | float, class_labels: Tensor | None = None,
                 context: Tensor | None = None, residuals: dict[str, Tensor] | None = None,
-                interval: Tensor | float | None = None) -> Tensor:
+                interval: Tensor | float | None = None, guidance_scale: Tensor | float | None = None) -> Tensor:
         """See the class docstring; returns ``[B, out_channels, H, W]``."""
         self._check_x(tuple(x.shape))
-        cs = self.conditions(x, t, class_labels, interval)  # [B, hidden] per block
+        cs = self.conditions(x, t, class_labels, interval, guidance_scale)  # [B, hidden] per block
         self._check_context(context, x.shape[0])
         h = self.tokens(x)
         extra = self._check_residuals(residuals or {}, h.shape)

@@ -67,9 +67,10 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(self.act(self.linear_1(emb)))
 
     def interval_twin(self) -> TimestepEmbedding:
-        """A new embedding of this one's configuration for a second time input (the interval t - r of a
-        two-time model, :func:`condition_embedding`), with a zero output layer: a backbone that gains it
-        computes what it computed before until the interval's weights are trained."""
+        """A new embedding of this one's configuration for a second scalar input (the interval t - r of a
+        two-time model, the guidance weight w of a guidance-distilled one: :func:`condition_embedding`), with
+        a zero output layer: a backbone that gains it computes what it computed before until the new
+        input's weights are trained."""
         twin = TimestepEmbedding(self.linear_2.out_features, self.freq_dim, self.max_period, self.freq_shift,
                                  self.flip_sin_to_cos, self.kind, self.fourier_scale)
         nn.init.zeros_(twin.linear_2.weight)
@@ -107,14 +108,14 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return torch.addcmul(shift, x, 1 + scale)
 
 
-def batch_times(t: Tensor | float, x: Tensor, model: str) -> Tensor:
+def batch_times(t: Tensor | float, x: Tensor, model: str, name: str = "t") -> Tensor:
     """The model time as ``[B]`` for x [B, ...] from a scalar, ``[1]`` or ``[B]``; ``model`` names the
     caller in the error."""
     t = torch.as_tensor(t, device=x.device)
     if t.ndim == 0 or t.shape == (1,):
         t = t.reshape(1).expand(x.shape[0])
     if t.shape != (x.shape[0],):
-        raise ShapeError(f"{model}: expected t: [B] = [{x.shape[0]}] or a scalar, got {list(t.shape)}")
+        raise ShapeError(f"{model}: expected {name}: [B] = [{x.shape[0]}] or a scalar, got {list(t.shape)}")
     return t
 
 
@@ -132,9 +133,13 @@ def batch_labels(class_labels: Tensor | None, x: Tensor, num_classes: int, model
     return class_labels.long()
 
 
+GUIDANCE_INPUT_SCALE = 1000.0  # w is embedded as 1000 w, a time-like range (diffusers' FluxTransformer2DModel)
+
+
 def condition_embedding(time_embed: nn.Module, label_embed: LabelEmbedding | None, x: Tensor, t: Tensor | float,
                         class_labels: Tensor | None, model: str, interval_embed: nn.Module | None = None,
-                        interval: Tensor | float | None = None) -> Tensor:
+                        interval: Tensor | float | None = None, guidance_embed: nn.Module | None = None,
+                        guidance_scale: Tensor | float | None = None) -> Tensor:
     """The conditioning of a backbone: ``time_embed(t) + label_embed(class_labels)`` -> ``[B, D]`` for
     ``x: [B, ...]``, ``t`` a scalar, ``[1]`` or ``[B]``, ``class_labels: [B]`` or None (the null class).
     Without ``label_embed`` (a model built with ``num_classes=None``) it is the time embedding alone,
@@ -143,8 +148,22 @@ def condition_embedding(time_embed: nn.Module, label_embed: LabelEmbedding | Non
     Two-time models (MeanFlow's u(z, r, t), Geng et al. 2025, Sec. 4: the network sees (t, t - r)) add
     ``interval_embed(interval)``, ``interval`` the model-time difference t_in(t) - t_in(r) as a scalar,
     ``[1]`` or ``[B]``; None means r = t (interval 0: the instantaneous velocity). An interval given to a
-    model built without ``interval_embedding`` is an error."""
+    model built without ``interval_embedding`` is an error.
+
+    Guidance-distilled models (Meng et al. 2023, "On Distillation of Guided Diffusion Models", Sec. 4.1: the
+    student takes the guidance weight w as an input, Fourier-embedded like the time) add
+    ``guidance_embed(1000 w)`` for ``guidance_scale`` w as a scalar, ``[1]`` or ``[B]`` (genlab's scale:
+    w = 1 is the conditional model); such a model needs w, and any other model refuses it."""
     c = time_embed(batch_times(t, x, model))
+    if guidance_embed is not None:
+        if guidance_scale is None:
+            raise ValueError(f"{model}: this model was built with guidance_embedding=True and needs guidance_scale "
+                             "(the guidance weight w, a scalar or [B])")
+        w = batch_times(guidance_scale, x, model, "guidance_scale")
+        c = c + guidance_embed(GUIDANCE_INPUT_SCALE * w.to(torch.float32))
+    elif guidance_scale is not None:
+        raise ValueError(f"{model}: guidance_scale given, but the model was built with guidance_embedding=False; "
+                         "build it with guidance_embedding=True for a guidance-distilled student")
     if interval_embed is not None:
         c = c + interval_embed(batch_times(0.0 if interval is None else interval, x, model))
     elif interval is not None:

@@ -50,7 +50,8 @@ class MLP(nn.Module):
     the null class (index ``num_classes`` of :class:`~genlab.models.layers.LabelEmbedding`), added to
     the time embedding. ``interval_embedding=True`` makes a two-time model u(x, r, t) (MeanFlow): a second
     embedding of ``interval`` = t_in(t) - t_in(r), zero-initialised, is added too
-    (:func:`~genlab.models.layers.condition_embedding`). Ranges: dim, hidden, depth, num_classes >= 1; time_dim >= 2 (even for
+    (:func:`~genlab.models.layers.condition_embedding`); ``guidance_embedding=True`` likewise embeds the
+    guidance weight ``guidance_scale`` of a guidance-distilled student (Meng et al. 2023, Sec. 4.1). Ranges: dim, hidden, depth, num_classes >= 1; time_dim >= 2 (even for
     ``fourier``); dropout in [0, 1); fourier_scale > 0.
     """
 
@@ -65,6 +66,7 @@ class MLP(nn.Module):
         time_embedding: TimeEmbeddingKind = "sinusoidal",
         fourier_scale: PositiveFloat = 16.0,
         interval_embedding: bool = False,
+        guidance_embedding: bool = False,
     ) -> None:
         super().__init__()
         if time_embedding == "fourier" and time_dim % 2:
@@ -79,15 +81,17 @@ class MLP(nn.Module):
         self.inp = nn.Linear(dim, hidden)
         self.blocks = nn.ModuleList(ResidualBlock(hidden, dropout) for _ in range(depth))
         self.out = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, dim))
+        self.guidance_embed = self.time_embed.interval_twin() if guidance_embedding else None  # last: a seed's weights kept
 
     def forward(self, x: Tensor, t: Tensor | float, class_labels: Tensor | None = None,
-                interval: Tensor | float | None = None) -> Tensor:
+                interval: Tensor | float | None = None, guidance_scale: Tensor | float | None = None) -> Tensor:
         """``x: [B, dim]``, ``t: [B]`` or scalar, ``class_labels: [B]`` long (-1 = null), ``interval``: [B] or
-        scalar (two-time models only, see ``interval_embedding``) -> ``[B, dim]``."""
+        scalar (two-time models only, see ``interval_embedding``), ``guidance_scale``: [B] or scalar
+        (``guidance_embedding`` models) -> ``[B, dim]``."""
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ShapeError(f"MLP: expected x: [B, dim] = [B, {self.dim}], got {list(x.shape)}")
         emb = self.emb_act(condition_embedding(self.time_embed, self.label_embed, x, t, class_labels, "MLP",
-                                               self.interval_embed, interval))
+                                               self.interval_embed, interval, self.guidance_embed, guidance_scale))
         h = self.inp(x)  # [B, hidden]
         for block in self.blocks:
             h = block(h, emb)

@@ -104,15 +104,17 @@ class UNetEncoder(nn.Module):
 
     def encode(self, x: Tensor, t: Tensor | float, class_labels: Tensor | None = None, context: Tensor | None = None,
                interval: Tensor | float | None = None, hint: Tensor | None = None,
-               intra: Mapping[int, Tensor] | None = None) -> tuple[Tensor, Tensor, list[Tensor]]:
+               intra: Mapping[int, Tensor] | None = None,
+               guidance_scale: Tensor | float | None = None) -> tuple[Tensor, Tensor, list[Tensor]]:
         """The way down for ``x: [B, C, H, W]`` (other arguments as ``UNet.forward``): the embedding ``emb:
         [B, time_embed_dim]``, the middle block's output ``[B, widths[-1], H / 2^L, W / 2^L]`` and the skip
         features (``down.{k}`` of ``injection_points``). ``hint: [B, channels, H, W]`` is added to
         ``conv_in``'s output (a ControlNet's conditioning); ``intra[k]`` is added to the way down's
-        feature where skip ``k`` is saved, before it is saved and passed on (``intra.{k}``)."""
+        feature where skip ``k`` is saved, before it is saved and passed on (``intra.{k}``); ``guidance_scale``:
+        the guidance weight w of a ``guidance_embedding`` model."""
         self.injection_points(x.shape)
         emb = condition_embedding(self.time_embed, self.label_embed, x, t, class_labels, type(self).__name__,
-                                  self.interval_embed, interval)
+                                  self.interval_embed, interval, getattr(self, "guidance_embed", None), guidance_scale)
         self._check_context(context, x)
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         if self.channels_last:
@@ -180,7 +182,9 @@ class UNet(UNetEncoder):
     Fourier features of scale ``fourier_scale`` (score_sde's NCSN++; for times of order 1, such as
     ``edm``'s log(sigma) / 4). With ``num_classes``, labels ``0..num_classes-1`` are classes and
     ``-1`` (or ``None``) is the null class; ``class_dropout`` nulls labels while training (Ho &
-    Salimans 2022).
+    Salimans 2022). ``guidance_embedding=True`` makes a guidance-distilled student (Meng et al. 2023,
+    Sec. 4.1): ``guidance_scale`` w is embedded as the time is (zero-initialised output layer: a student
+    loaded from its teacher starts equal to it) and added to the time embedding.
     The output conv and the last layer of every residual branch start at zero (ADM) unless
     ``zero_init=False``.
 
@@ -262,6 +266,7 @@ class UNet(UNetEncoder):
         channels_last: bool = False,
         attention_backend: Backend = "auto",
         interval_embedding: bool = False,
+        guidance_embedding: bool = False,
     ) -> None:
         super().__init__()
         cfg = _architecture(preset, channels=channels, channel_mult=channel_mult,
@@ -280,7 +285,8 @@ class UNet(UNetEncoder):
             time_embedding=time_embedding, fourier_scale=fourier_scale, norm_groups=norm_groups,
             norm_eps=norm_eps, mid_attention=mid_attention, mid_attention_norm=mid_attention_norm,
             gradient_checkpointing=gradient_checkpointing, channels_last=channels_last,
-            attention_backend=attention_backend, interval_embedding=interval_embedding)
+            attention_backend=attention_backend, interval_embedding=interval_embedding,
+            guidance_embedding=guidance_embedding)
         source = "channels_per_level" if cfg["channels_per_level"] else "channels * channel_mult"
         self._validate(c, ch, levels, cfg["num_heads"], cfg["head_dim"], norm_groups, source)
         if time_embedding == "fourier" and c % 2:
@@ -294,6 +300,8 @@ class UNet(UNetEncoder):
         self.conv_out = nn.Conv2d(ch[0], out_channels, 3, padding=1)
         if zero_init:
             self._zero_init()
+        # last: the other weights of a seed are those of the model without it; zero output: it starts at no change
+        self.guidance_embed = self.time_embed.interval_twin() if guidance_embedding else None
         self.set_attention_backend(attention_backend)
         if channels_last:
             self.to(memory_format=torch.channels_last)
@@ -331,13 +339,14 @@ class UNet(UNetEncoder):
 
     def forward(self, x: Tensor, t: Tensor | float, class_labels: Tensor | None = None,
                 context: Tensor | None = None, residuals: dict[str, Tensor] | None = None,
-                interval: Tensor | float | None = None) -> Tensor:
+                interval: Tensor | float | None = None, guidance_scale: Tensor | float | None = None) -> Tensor:
         """``x: [B, C, H, W]``, ``t: [B]`` or scalar, ``class_labels: [B]`` long (-1 = null) or None,
         ``context: [B, L, cross_attention_dim]``, ``residuals``: see the class docstring, ``interval``: [B]
-        or scalar (``interval_embedding`` models) -> ``[B, out_channels, H, W]``."""
+        or scalar (``interval_embedding`` models), ``guidance_scale``: [B] or scalar (``guidance_embedding``
+        models) -> ``[B, out_channels, H, W]``."""
         residuals = self._check_residuals(residuals or {}, self.injection_points(x.shape, intra=True))
         intra = {int(name[len("intra."):]): r for name, r in residuals.items() if name.startswith("intra.")}
-        emb, h, skips = self.encode(x, t, class_labels, context, interval, intra=intra)  # emb: [B, time_embed_dim]
+        emb, h, skips = self.encode(x, t, class_labels, context, interval, intra=intra, guidance_scale=guidance_scale)  # emb: [B, time_embed_dim]
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         skips = [s + residuals[f"down.{k}"] if f"down.{k}" in residuals else s for k, s in enumerate(skips)]
         h = h + residuals["mid"] if "mid" in residuals else h

@@ -14,11 +14,12 @@ from .controlnet import ControlNetTraining
 from .consistency_training import ConsistencyTraining, EasyConsistencyTuning, ImprovedConsistencyTraining
 from .distillation import ProgressiveDistillation
 from .finetune import FineTune
+from .guided_distillation import GuidedDistillation
 from .flow_likelihood import FlowLikelihood
 from .flow_matching import CFMDraw, ConditionalFlowMatching, check_path_process
 from .meanflow import MeanFlow
 
 __all__ = ["AutoencoderObjective", "Batch", "BuildContext", "Objective", "CFMDraw", "ConditionalFlowMatching", "ConsistencyDistillation",
            "ConsistencyTraining", "ControlNetTraining", "DenoisingObjective", "EasyConsistencyTuning", "FineTune",
-           "FlowLikelihood", "FlowMatchingObjective", "ImprovedConsistencyTraining", "MeanFlow", "NoisyClassifier",
+           "FlowLikelihood", "FlowMatchingObjective", "GuidedDistillation", "ImprovedConsistencyTraining", "MeanFlow", "NoisyClassifier",
            "ProgressiveDistillation", "Reference", "check_path_process", "conditions"]

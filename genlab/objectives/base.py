@@ -51,11 +51,12 @@ from torch import Tensor, nn
 from ..core.registry import register_namespace
 
 Batch = dict[str, Tensor]  # "x" [B, ...] and, for labelled data, "class_labels" [B]
-CONDITIONS = ("class_labels", "control")  # a batch's entries that are the model's keyword conditions
+CONDITIONS = ("class_labels", "control", "context")  # a batch's entries that are the model's keyword conditions
 
 
 def conditions(batch: Batch) -> dict[str, Tensor]:
-    """The model's keyword conditions of a batch: its class labels and control images, where it has them."""
+    """The model's keyword conditions of a batch: its class labels, control images and cross-attention context
+    (encoded captions), where it has them."""
     return {k: batch[k] for k in CONDITIONS if k in batch}
 
 
@@ -100,6 +101,8 @@ class Objective:
 
     frozen: tuple[str, ...] = ()  # names of modules that are not trained
     draws_samples: bool = True  # False: the family draws no samples (a classifier); the evaluation reports metrics()
+    takes_control: bool = False  # True: the family feeds the data's control images to a module of its own (ControlNet)
+    guidance_as_input: bool = False  # True: the config's guidance sets an input of the model (guided distillation)
     step: int = 0  # the training step k (0-based) of the latest at_step call
     total_steps: int = 1  # K, the run's number of steps, of the latest at_step call
 

@@ -57,6 +57,8 @@ class ControlNetTraining(Objective):
     the ControlNet's conditioning channels.
     """
 
+    takes_control = True
+
     frozen = ("base",)
 
     def __init__(self, base: str, embedding_channels: tuple[PositiveInt, ...] = (16,), num_blocks: PositiveInt = 1,

@@ -56,11 +56,12 @@ class Teacher:
 
     def parameterisation(self, model: nn.Module, process: Any) -> Denoiser:
         """``model`` (a student) as a Denoiser in the teacher's parameterisation: the teacher run's
-        objective's, or the prediction type and preconditioning of a teacher given as a Denoiser."""
+        objective's, or the prediction type, preconditioning and time input of a teacher given as a Denoiser."""
         if self.objective is not None:
             return self.objective.denoiser(model, process)
         d = self.module
-        return Denoiser(model, process, d.prediction, d.preconditioning, d.sigma_data)
+        time = None if d.preconditioning == "edm" else d.model_time  # the teacher's time input (an analytic one's t)
+        return Denoiser(model, process, d.prediction, d.preconditioning, d.sigma_data, model_time=time)
 
     @torch.no_grad()
     def solve(self, module: nn.Module, solver: Any, process: Any, x: Tensor, times: Tensor,
@@ -69,11 +70,15 @@ class Teacher:
         return solver.integrate(self.denoiser(module, process), x, times=times, cond=cond)
 
 
+STUDENT_ONLY = ("guidance_embed.",)  # a student's zero-initialised extra inputs (guided distillation's w)
+
+
 def load_teacher(context: BuildContext, source: str | Denoiser, *, student_from_teacher: bool,
                  role: str = "teacher") -> Teacher:
     """The teacher ``source`` names, checked against the experiment: a run's process must be the config's
     (same alpha and sigma); with ``student_from_teacher`` the config's model takes the teacher's EMA
-    weights (it must have the teacher's architecture). ValueError naming the mismatch otherwise; ``role``
+    weights (it must have the teacher's architecture, plus at most the zero-initialised inputs of
+    ``STUDENT_ONLY``: a guidance-distilled student's w embedding, which keeps its initial weights). ValueError naming the mismatch otherwise; ``role``
     names the run in the messages (a ControlNet's frozen ``base`` is loaded the same way)."""
     if isinstance(source, Denoiser):
         return Teacher(source)
@@ -90,10 +95,14 @@ def load_teacher(context: BuildContext, source: str | Denoiser, *, student_from_
         raise ValueError(f"{role}: the {role} was trained on {run.process!r}, the config names {context.process!r}; "
                          f"use the {role}'s process")
     if student_from_teacher:
-        own = context.model.state_dict()
-        for key, value in run.model.state_dict().items():
+        own, theirs = context.model.state_dict(), run.model.state_dict()
+        for key, value in theirs.items():
             if key not in own or own[key].shape != value.shape:
                 raise ValueError(f"{role}: the config's model must have the {role}'s architecture ('{key}' differs); "
                                  f"use the {role}'s model section")
-        context.model.load_state_dict(run.model.state_dict())
+        extra = [k for k in own if k not in theirs and not k.startswith(STUDENT_ONLY)]
+        if extra:
+            raise ValueError(f"{role}: the config's model must have the {role}'s architecture ('{extra[0]}' is not "
+                             f"in the {role}); use the {role}'s model section")
+        context.model.load_state_dict({**own, **theirs})  # a student's own inputs (STUDENT_ONLY) keep their init
     return Teacher(run.model, run.objective, run.sampler)

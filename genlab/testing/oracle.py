@@ -38,6 +38,28 @@ def exact_denoiser(mixture: GaussianMixture, process: Process, prediction: Predi
     return Denoiser(model, process, prediction, model_time=lambda t: t)
 
 
+def exact_class_denoiser(mixture: GaussianMixture, process: Process, prediction: PredictionType = "eps") -> Denoiser:
+    """The class-conditional model of the mixture as a :class:`Denoiser`: class k is component k
+    (p(x0 | c = k) = N(mu_k, Sigma_k)) and the null class -1 (or no labels) the whole mixture
+    (p(x0) = sum_k w_k N(mu_k, Sigma_k)), so ``model(x [B, D], t, class_labels [B])`` returns each sample's
+    exact ``prediction`` and classifier-free guidance of it has a closed form. The model is given t itself."""
+    parts = {-1: exact_denoiser(mixture, process, prediction).model}
+    for k in range(mixture.k):
+        component = GaussianMixture(torch.ones(1), mixture.means[k:k + 1], mixture.covs[k:k + 1])
+        parts[k] = exact_denoiser(component, process, prediction).model
+
+    def model(x: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        labels = torch.full((len(x),), -1, device=x.device) if class_labels is None else class_labels
+        t = t.reshape(-1).expand(len(x)) if t.numel() == 1 else t
+        out = torch.empty_like(x)
+        for k in labels.unique().tolist():
+            where = labels == k
+            out[where] = parts[k](x[where], t[where])
+        return out
+
+    return Denoiser(model, process, prediction, model_time=lambda t: t)
+
+
 def exact_ode_solution(mixture: GaussianMixture, process: Process, x: Tensor, t_start: float, t_end: float,
                        rtol: float = 1e-11, atol: float = 1e-11) -> Tensor:
     """Solve the probability-flow ODE from x [B, D] at t_start to t_end (> 0 or 0).

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..core.errors import WriteError
+from ..core.errors import GenlabError, WriteError
 from ..core.io import write_json_atomic
 from ..data import Digits
 from ..metrics import (Likelihood, bits_per_dim, frechet_distance, mask_iou, sliced_wasserstein,
@@ -40,10 +40,10 @@ SampleFn = Callable[[int, torch.Generator, dict[str, Tensor] | None], Tensor]  #
 
 @torch.no_grad()
 def draw(sample: SampleFn, device: torch.device, n: int, generator: torch.Generator,
-         labels: Tensor | None = None, control: Tensor | None = None) -> Tensor:
-    """``n`` samples [n, *data shape] (float32, CPU) from ``sample`` (for the requested ``labels`` and
-    ``control`` images)."""
-    given = {"class_labels": labels, "control": control}
+         labels: Tensor | None = None, control: Tensor | None = None, context: Tensor | None = None) -> Tensor:
+    """``n`` samples [n, *data shape] (float32, CPU) from ``sample`` (for the requested ``labels``,
+    ``control`` images and cross-attention ``context``)."""
+    given = {"class_labels": labels, "control": control, "context": context}
     cond = {k: v.to(device) for k, v in given.items() if v is not None}
     return sample(n, generator, cond or None).float().cpu()
 
@@ -104,11 +104,11 @@ def evaluate(exp: Experiment, modules: dict[str, nn.Module], out: str | os.PathL
         return lambda n, g, cond: obj.sample(modules, n, g, cond, **({} if steps is None else {"steps": steps}))
 
     method = obj.sampling_method() if hasattr(obj, "context") else repr(exp.sampler)
-    kind = method if exp.guidance is None else f"{method} with {exp.guidance!r}"
+    kind = method if exp.guidance is None or obj.guidance_as_input else f"{method} with {exp.guidance!r}"
     metrics = {"step": step, "sampler": kind, "steps": obj.sampling_steps(), "image": f"{name}.png",
                **_evaluate(exp, model(None), device, out / f"{name}.png", seed, kind)}
-    if len(exp.data_shape) == 1 and isinstance(modules["model"], Likelihood):  # an exact density (a flow)
-        metrics.update(heldout_nll(modules["model"], exp.heldout(exp.train.eval_samples)))
+    if isinstance(modules["model"], Likelihood):  # an exact density (a flow)
+        metrics.update(heldout_likelihood(exp, modules, device, seed))
     wanted = []  # (label, sampler, steps, how to draw)
     if rows:
         wanted += [(label, ref.sampler, ref.steps, functools.partial(ref.sample, modules))
@@ -123,6 +123,30 @@ def evaluate(exp: Experiment, modules: dict[str, nn.Module], out: str | os.PathL
             metrics["rows"].append(row)
     write_json_atomic(out / f"{name}.json", metrics)
     return metrics
+
+
+def heldout_likelihood(exp: Experiment, modules: dict[str, nn.Module], device: torch.device,
+                       seed: int) -> dict[str, float]:
+    """Held-out NLL of an exact density: vectors, ``train.eval_samples`` fresh points through the objective's
+    ``heldout_likelihood`` (or :func:`heldout_nll`), with the data's true density's NLL beside it where the
+    data set has one (``log_prob``); images, the test split through the objective's ``heldout_likelihood``
+    (a flow's bound on the discrete data), nothing for an objective without one or data without a test split."""
+    obj = exp.objective
+    bound = getattr(obj, "heldout_likelihood", None)
+    g = torch.Generator(device=device).manual_seed(seed)
+    if len(exp.data_shape) == 1:
+        x = exp.heldout(exp.train.eval_samples)
+        out = bound(modules, x, None, g) if bound is not None else heldout_nll(modules["model"], x)
+        if callable(getattr(exp.data, "log_prob", None)) and getattr(exp.data, "has_density", True):
+            out["heldout_nll_nats_data"] = float(-exp.data.log_prob(x.double()).mean())
+        return out
+    if bound is None:
+        return {}
+    try:
+        held = exp.heldout_split()
+    except GenlabError:  # image data without an in-memory test split (an image folder): no held-out number
+        return {}
+    return bound(modules, held.data, held.labels if exp.num_classes is not None else None, g)
 
 
 @torch.no_grad()
@@ -164,8 +188,13 @@ def _evaluate(exp: Experiment, sample: SampleFn, device: torch.device, image: Pa
     per_class = max(1, exp.train.eval_samples // (exp.sampled_classes or 1))
     labels = requested_labels(exp, per_class)
     control = requested_controls(exp, labels, per_class * (exp.sampled_classes or 1))
-    samples = draw(sample, device, per_class * (exp.sampled_classes or 1), g, labels=labels, control=control)
+    context = None if exp.text is None else exp.text.context([exp.prompts[k] for k in labels.tolist()], device)
+    given = labels if exp.text is None or exp.num_classes else None  # a text model is asked by its prompts
+    samples = draw(sample, device, per_class * (exp.sampled_classes or 1), g, labels=given, control=control,
+                   context=context)
     metrics["sampling_seconds"] = time.perf_counter() - start
+    if exp.text is not None and not exp.prompts_name_classes:
+        labels = None  # free prompts: nothing to score them against
     metrics.update(image_metrics(exp, samples, labels))
     if control is not None:
         metrics["control_iou"] = mask_iou(exp.data.make_control(samples), control).mean().item()

@@ -16,12 +16,14 @@ from ..core.errors import ConfigError, GenlabError
 from ..core.registry import build, construct, lookup
 from ..core.checkpoint import check_fits, load_weights, resolve_checkpoint
 from ..core.config import load_config
-from ..adapters.guidance import Guidance
+from ..adapters.guidance import CFG, Guidance
 from ..diffusion import Denoiser, Process, Sampler
 from ..objectives import BuildContext, Objective
 from .adapters import attach_adapters
+from .text_conditioning import TextConditioning, TextConfig
 
-SECTIONS = ("name", "process", "model", "adapters", "objective", "sampler", "guidance", "data", "train", "distill")
+SECTIONS = ("name", "process", "model", "adapters", "objective", "sampler", "guidance", "data", "train", "distill",
+            "text_encoder")
 
 
 @checked
@@ -70,6 +72,7 @@ class Experiment:
     objective: Objective
     sampler: Sampler
     guidance: Guidance | None = None  # the config's ``guidance:``, applied when sampling
+    text: TextConditioning | None = None  # the config's ``text_encoder:``: captions -> cross-attention context
 
     @classmethod
     def from_config(cls, config: ConfigDict) -> Experiment:
@@ -85,6 +88,7 @@ class Experiment:
         objective = build("objective", config.get("objective", "denoising"), path="objective", source=source)
         sampler = build("sampler", config.get("sampler", "unipc"), path="sampler", source=source)
         guidance = guidance_from(config.get("guidance"), source)
+        text = text_from(config, data, guidance, source)
         if guidance is not None:
             try:
                 guidance.build(load_pretrained)
@@ -93,7 +97,7 @@ class Experiment:
 
         def new_model() -> nn.Module:  # initialised from the global generator
             return build("model", config.get("model", "mlp"), path="model", source=source,
-                         **model_extra(config, data, source))
+                         **model_extra(config, data, source, text))
 
         torch.manual_seed(train.seed)
         model = new_model()  # an objective's further networks (new_model) are drawn after it, from the same seed
@@ -103,7 +107,7 @@ class Experiment:
             sampler.timesteps(process)
         except ValueError as e:
             raise ConfigError(f"{source}: sampler: {e}") from None
-        exp = cls(config, train, process, data, model, objective, sampler, guidance)
+        exp = cls(config, train, process, data, model, objective, sampler, guidance, text)
         context = BuildContext(model=model, process=process, sampler=sampler, data_shape=exp.data_shape,
                                num_classes=exp.num_classes, pretrained=load_pretrained, new_model=new_model,
                                guidance=guidance, data=data)
@@ -111,6 +115,7 @@ class Experiment:
             objective.build(context)
         except ValueError as e:
             raise ConfigError(f"{source}: objective: {e}") from None
+        check_control(objective, data, source)
         if train.eval_steps and "steps" not in inspect.signature(objective.sample).parameters:
             raise ConfigError(f"{source}: train.eval_steps: objective {type(objective).__name__} samples in no "
                               "number of steps; leave train.eval_steps empty")
@@ -131,8 +136,25 @@ class Experiment:
     def sampled_classes(self) -> int | None:
         """Classes samples are requested in: the model's (:attr:`num_classes`), else those of a guidance that
         makes an unconditional model class-conditional (classifier guidance)."""
+        if self.text is not None:
+            return len(self.prompts)
         return self.num_classes or (getattr(self.guidance, "num_classes", None)
                                     if getattr(self.data, "labels", None) is not None else None)
+
+    @property
+    def prompts(self) -> list[str]:
+        """A text-conditioned experiment's prompts for sampling, one per class of :attr:`sampled_classes` (see
+        :meth:`~genlab.training.text_conditioning.TextConditioning.requested`); [] without text."""
+        if self.text is None:
+            return []
+        labelled = getattr(self.data, "labels", None) is not None
+        return self.text.requested(self.data, getattr(self.data, "num_classes", None) if labelled else None)
+
+    @property
+    def prompts_name_classes(self) -> bool:
+        """Whether prompt k is class k's (its samples are scored as class k): the data set's class prompts."""
+        return self.text is not None and not self.text.cfg.prompts and callable(getattr(self.data, "prompt", None)) \
+            and getattr(self.data, "labels", None) is not None
 
     def heldout_set(self) -> Any:
         """The data set's test split (items the model never saw), built with the config's other data
@@ -206,12 +228,42 @@ def guidance_from(cfg: Any, source: str = "config") -> Guidance | None:
     return build("guidance", cfg, path="guidance", source=source)
 
 
+def check_control(objective: Objective, data: Any, source: str) -> None:
+    """ConfigError when the data set gives control images (``data.control``) that the trained model cannot
+    take: a plain backbone has no ``control`` input, a ControlNet (objective ``controlnet``) adds one."""
+    if getattr(data, "control", None) is None or objective.takes_control:
+        return
+    model = objective.modules()["model"]
+    params = inspect.signature(model.forward).parameters
+    if "control" not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        raise ConfigError(f"{source}: data.control: the data set gives control images, but the model "
+                          f"({type(model).__name__}) takes no control input; train a ControlNet (objective: "
+                          "{type: controlnet, base: RUN}) or drop data.control")
+
+
+def text_from(config: Mapping, data: Any, guidance: Guidance | None, source: str) -> TextConditioning | None:
+    """The ``text_encoder:`` section built (None without one), checked against the data (it must give captions);
+    a classifier-free guidance without its own ``uncond`` gets the empty prompt's context as the unconditional
+    branch."""
+    section = config.get("text_encoder")
+    if section is None:
+        return None
+    if getattr(data, "captions", None) is None:
+        raise ConfigError(f"{source}: text_encoder: data set {type(data).__name__} gives no captions; use a captioned "
+                          "data set (digits: data.captions: templates)")
+    text = TextConditioning(construct(TextConfig, section, path="text_encoder", source=source), source)
+    given = config.get("guidance")
+    if isinstance(guidance, CFG) and not (isinstance(given, Mapping) and "uncond" in given):
+        guidance.uncond = {"context": text.null(1)}
+    return text
+
+
 def check_section(key: str, value: Any, source: str) -> None:
     """``name`` is a string; ``train`` a mapping; a component section a name or a mapping with ``type``."""
     if key == "name":
         ok, wanted = isinstance(value, str), "a string"
-    elif key in ("train", "distill", "adapters"):
-        what = {"train": "training", "distill": "distillation", "adapters": "adapter"}[key]
+    elif key in ("train", "distill", "adapters", "text_encoder"):
+        what = {"train": "training", "distill": "distillation", "adapters": "adapter", "text_encoder": "text encoder"}[key]
         ok, wanted = value is None or isinstance(value, Mapping), f"a mapping of {what} settings"
     else:
         ok, wanted = isinstance(value, (str, Mapping)), "a component name or a mapping with 'type'"
@@ -232,12 +284,18 @@ def item_shape(data: Any) -> tuple[int, ...]:
     return tuple((item[0] if isinstance(item, (tuple, list)) else item).shape)
 
 
-def model_extra(config: dict, data: Any, source: str = "config") -> dict[str, Any]:
+def model_extra(config: dict, data: Any, source: str = "config", text: TextConditioning | None = None) -> dict[str, Any]:
     """Arguments the data decides unless the config sets them: ``dim`` for vector data,
-    ``in_channels`` (and ``input_size``) for images."""
+    ``in_channels`` (and ``input_size``) for images; with a text encoder, ``cross_attention_dim`` (its width,
+    which a given value must equal)."""
     cfg = config.get("model", "mlp")
     cfg = {"type": cfg} if isinstance(cfg, str) else cfg
     params = inspect.signature(lookup("model", cfg.get("type", "mlp"), path="model.type", source=source)).parameters
     shape = item_shape(data)
     known = {"dim": shape[0]} if len(shape) == 1 else {"in_channels": shape[0], "input_size": shape[-1]}
+    if text is not None:
+        known["cross_attention_dim"] = text.hidden_size
+        if cfg.get("cross_attention_dim", text.hidden_size) != text.hidden_size:
+            raise ConfigError(f"{source}: model.cross_attention_dim: {cfg['cross_attention_dim']} differs from the text "
+                              f"encoder's width {text.hidden_size}; leave it out (the encoder sets it)")
     return {k: v for k, v in known.items() if k in params and k not in cfg}

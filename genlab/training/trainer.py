@@ -35,105 +35,19 @@ from tqdm.auto import tqdm
 
 from ..core.checkpoint import (check_fits, intact_checkpoint, latest_checkpoint, load_optimizer, load_state,
                                load_weights, save_checkpoint)
-from ..core.config import load_config, save_config
-from ..core.errors import ConfigError, GenlabError, NonFiniteError
+from ..core.config import save_config
+from ..core.errors import GenlabError, NonFiniteError
 from ..core.rundir import RunLock, check_run_dir, is_main_rank
 from ..data.loading import training_batches
 from .ema import EMA
 from .evaluation import evaluate
 from .experiment import Experiment
 from .plots import plot_losses
-
-
-def lr_at(step: int, exp: Experiment) -> float:
-    """Linear warm-up to ``lr``, then cosine decay to lr / 10 at the last step."""
-    tc = exp.train
-    if step < tc.warmup_steps:
-        return tc.lr * (step + 1) / tc.warmup_steps
-    progress = (step - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps)
-    return tc.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
+from .resume import check_resume_config, weights_file
+from .steps import adamw, lr_at, seed_global_generators, step_generator, step_seed
 
 
 _PLAIN = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)  # clip by torch's own
-
-
-def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over ``params``, the fused kernel where the parameters' device has one (CPU and CUDA do:
-    on the CPU a small model's whole step is about 30% faster than with the per-tensor loop)."""
-    try:
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
-    except RuntimeError:  # a device or dtype without the fused kernel
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-
-
-def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
-    """The seed of every random draw of micro-batch ``micro`` of step ``step`` on ``rank``."""
-    return ((seed * 1_000_003 + step) * 64 + micro) * 1024 + rank
-
-
-def seed_global_generators(seed: int, device: torch.device) -> None:
-    """Seed torch's CPU generator and, for an accelerator, that device's: what dropout draws from.
-    (``torch.manual_seed`` would also queue a lazy seeding of every CUDA device, with a stack trace,
-    which costs about as much as a small model's training step.)"""
-    torch.default_generator.manual_seed(seed)
-    if device.type == "cuda":
-        torch.cuda.manual_seed(seed)
-    elif device.type not in ("cpu", "meta") and hasattr(getattr(torch, device.type, None), "manual_seed"):
-        getattr(torch, device.type).manual_seed(seed)
-
-
-def step_generator(seed: int, step: int, micro: int, rank: int, device: torch.device) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(step_seed(seed, step, micro, rank))
-
-
-# keys a resumed run may change: how long it runs and what it logs, samples and keeps, never what it learns
-RESUMABLE = ("name", "sampler", "guidance", "train.steps", "train.log_every", "train.checkpoint_every",
-             "train.sample_every", "train.eval_samples", "train.eval_steps", "train.tensorboard", "train.max_bad_steps",
-             "train.compile", "train.num_workers")
-
-
-def _flat(cfg: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(cfg, dict):
-        return {prefix: cfg}
-    out: dict[str, Any] = {}
-    for key, value in cfg.items():
-        out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
-
-
-def check_resume_config(ckpt: Path, config: dict[str, Any]) -> None:
-    """ConfigError naming the first key where ``config`` differs from the checkpoint's ``config.yaml``,
-    except the :data:`RESUMABLE` keys: a resumed run learns exactly what the interrupted one did."""
-    saved, now = _flat(load_config(ckpt / "config.yaml")), _flat(config)
-    for key in sorted(saved.keys() | now.keys()):
-        resumable = any(key == r or key.startswith(r + ".") for r in RESUMABLE)
-        if resumable or (key in saved and key in now and saved[key] == now[key]):
-            continue
-        before = repr(saved[key]) if key in saved else "not set"
-        after = repr(now[key]) if key in now else "not set"
-        raise ConfigError(f"--resume: {key} is {before} in the run ({ckpt / 'config.yaml'}) and {after} now; a "
-                          f"resumed run keeps its config except {', '.join(RESUMABLE)} (start a new run to change it)")
-
-
-def weights_file(name: str, ema: bool = False) -> str:
-    """The checkpoint file of trained module ``name`` (``model.safetensors`` / ``ema.safetensors`` for
-    the sampled model, ``NAME.safetensors`` / ``ema_NAME.safetensors`` for others)."""
-    if name == "model":
-        return "ema.safetensors" if ema else "model.safetensors"
-    return f"ema_{name}.safetensors" if ema else f"{name}.safetensors"
-
-
-def load_sampling_weights(exp: Experiment, ckpt: Path) -> dict[str, torch.nn.Module]:
-    """The objective's modules with the weights a checkpoint ``ckpt`` samples with, each file checked to fit
-    its module first: the EMA copy of every module that has one, the trained weights of the other trained
-    modules, frozen ones as built; all in eval mode. What :meth:`Trainer.sampling_modules` holds in a run."""
-    obj = exp.objective
-    modules, ema = obj.modules(), obj.ema_modules()
-    for name, module in modules.items():
-        if name not in obj.frozen:
-            module.load_state_dict(load_weights(ckpt / weights_file(name, ema=name in ema), module))
-        module.eval()
-    return modules
 
 
 class Trainer:
@@ -318,6 +232,8 @@ class Trainer:
         # function of the step too, so that a resumed run repeats them
         seed_global_generators(step_seed(tc.seed, self.step, micro, self.acc.process_index) ^ 0x5DEECE66D,
                                batch["x"].device)
+        if self.exp.text is not None:  # captions -> cross-attention context (caption dropout: global generator)
+            batch = self.exp.text.condition(batch)
         with self.acc.autocast():
             out = self.exp.objective.loss(self.modules, batch, g, optimizer)
         return out[0] if isinstance(out, tuple) else out

@@ -33,8 +33,10 @@ def gaussian_kl(mean: Tensor, logvar: Tensor) -> Tensor:
 
 @register("model", "autoencoder_kl")
 class AutoencoderKL(ConvAutoencoder):
-    """KL autoencoder (see the module docstring): ``x: [B, in_channels, H, W]`` in [-1, 1] ->
-    latents ``[B, latent_channels, H / f, W / f]``, f = 2^(len(block_out_channels) - 1).
+    """Stable Diffusion's KL autoencoder: images ``x: [B, in_channels, H, W]`` in [-1, 1] -> a diagonal
+    Gaussian posterior over latents ``[B, latent_channels, H / f, W / f]`` and back.
+
+    f = 2^(len(block_out_channels) - 1); see the module docstring for the posterior and the KL term.
 
     Args:
         in_channels: image channels (from the data in a config); ``out_channels``: the decoder's (default
@@ -46,15 +48,17 @@ class AutoencoderKL(ConvAutoencoder):
         mid_attention: self-attention in the middle blocks.
         quant_conv, post_quant_conv: the 1x1 convs around the bottleneck (Stable Diffusion has both).
         kl_weight: the weight of ``losses["kl"]``.
-        checkpointing: gradient checkpointing of every block.
+        gradient_checkpointing: gradient checkpointing of every block while training.
     """
 
     def __init__(self, in_channels: PositiveInt = 3, out_channels: PositiveInt | None = None,
                  latent_channels: PositiveInt = 4,
                  block_out_channels: Sequence[PositiveInt] = (128, 256, 512, 512), layers_per_block: PositiveInt = 2,
                  norm_groups: PositiveInt = 32, mid_attention: bool = True, quant_conv: bool = True,
-                 post_quant_conv: bool = True, kl_weight: NonNegativeFloat = 1e-6, checkpointing: bool = False) -> None:
-        c, sizes = latent_channels, (block_out_channels, layers_per_block, norm_groups, mid_attention, checkpointing)
+                 post_quant_conv: bool = True, kl_weight: NonNegativeFloat = 1e-6,
+                 gradient_checkpointing: bool = False) -> None:
+        c = latent_channels
+        sizes = (block_out_channels, layers_per_block, norm_groups, mid_attention, gradient_checkpointing)
         super().__init__(Encoder(in_channels, 2 * c, *sizes), Decoder(c, out_channels or in_channels, *sizes),
                          nn.Conv2d(2 * c, 2 * c, 1) if quant_conv else None,
                          nn.Conv2d(c, c, 1) if post_quant_conv else None, c)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -61,12 +62,17 @@ def check_sizes(owner: str, block_out_channels: Sequence[int], norm_groups: int)
     ints >= 1, each divisible by ``norm_groups``."""
     widths = tuple(block_out_channels) if isinstance(block_out_channels, (list, tuple)) else ()
     if not widths or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in widths):
-        raise ValueError(f"{owner}: block_out_channels must be a non-empty list of ints >= 1, got {block_out_channels!r}")
-    bad = [c for c in widths if c % norm_groups]
-    if bad:
-        raise ValueError(f"{owner}: every entry of block_out_channels must be divisible by norm_groups = {norm_groups}, "
-                         f"got {list(widths)}; change norm_groups or the widths")
+        raise ValueError(f"{owner}: block_out_channels must be a non-empty list of ints >= 1, "
+                         f"got {block_out_channels!r}")
+    if any(c % norm_groups for c in widths):
+        raise ValueError(f"{owner}: every entry of block_out_channels must be divisible by norm_groups = "
+                         f"{norm_groups}, got {list(widths)}; change norm_groups or the widths")
     return widths
+
+
+def checkpointed(module: nn.Module) -> bool:
+    """Whether ``module`` checkpoints its blocks now: ``gradient_checkpointing``, training, autograd on."""
+    return module.gradient_checkpointing and module.training and torch.is_grad_enabled()
 
 
 def _middle(width: int, norm_groups: int, attention: bool) -> MidBlock:
@@ -79,13 +85,13 @@ def _middle(width: int, norm_groups: int, attention: bool) -> MidBlock:
 class Encoder(nn.Module):
     """``x: [B, in_channels, H, W] -> [B, out_channels, H / f, W / f]``, ``f = 2^(len(block_out_channels) - 1)``
     (see the module docstring). ``mid_attention=False`` drops the middle's self-attention;
-    ``checkpointing`` runs each block through gradient checkpointing."""
+    ``gradient_checkpointing`` runs each block through gradient checkpointing when training with autograd."""
 
     def __init__(self, in_channels: int, out_channels: int, block_out_channels: Sequence[int], layers_per_block: int,
-                 norm_groups: int, mid_attention: bool = True, checkpointing: bool = False) -> None:
+                 norm_groups: int, mid_attention: bool = True, gradient_checkpointing: bool = False) -> None:
         super().__init__()
         widths = check_sizes(type(self).__name__, block_out_channels, norm_groups)
-        self.checkpointing = checkpointing
+        self.gradient_checkpointing = gradient_checkpointing
         self.conv_in = nn.Conv2d(in_channels, widths[0], 3, padding=1)
         levels, c_in = [], widths[0]
         for i, c in enumerate(widths):
@@ -98,10 +104,10 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(widths[-1], out_channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv_in(x)
+        h, ckpt = self.conv_in(x), checkpointed(self)
         for level in self.down:
-            h = level(h, self.checkpointing)
-        h = self.mid(h, None, None, self.checkpointing)
+            h = level(h, ckpt)
+        h = self.mid(h, None, None, ckpt)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
@@ -110,10 +116,10 @@ class Decoder(nn.Module):
     module docstring), with ``layers_per_block + 1`` ResNet blocks per level."""
 
     def __init__(self, in_channels: int, out_channels: int, block_out_channels: Sequence[int], layers_per_block: int,
-                 norm_groups: int, mid_attention: bool = True, checkpointing: bool = False) -> None:
+                 norm_groups: int, mid_attention: bool = True, gradient_checkpointing: bool = False) -> None:
         super().__init__()
         widths = check_sizes(type(self).__name__, block_out_channels, norm_groups)[::-1]
-        self.checkpointing = checkpointing
+        self.gradient_checkpointing = gradient_checkpointing
         self.conv_in = nn.Conv2d(in_channels, widths[0], 3, padding=1)
         self.mid = _middle(widths[0], norm_groups, mid_attention)
         levels, c_in = [], widths[0]
@@ -126,9 +132,10 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(widths[-1], out_channels, 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
-        h = self.mid(self.conv_in(z), None, None, self.checkpointing)
+        ckpt = checkpointed(self)
+        h = self.mid(self.conv_in(z), None, None, ckpt)
         for level in self.up:
-            h = level(h, self.checkpointing)
+            h = level(h, ckpt)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 

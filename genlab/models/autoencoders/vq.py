@@ -45,13 +45,14 @@ def build_quantizer(spec: QuantizerSpec, dim: int, owner: str) -> Quantizer:
 
 @register("model", "autoencoder_vq")
 class VQAutoencoder(ConvAutoencoder):
-    """VQ autoencoder (see the module docstring): ``x: [B, in_channels, H, W]`` in [-1, 1] -> quantized
-    latents ``[B, embed_dim, H / f, W / f]``, f = 2^(len(block_out_channels) - 1); ``stats["indices"]``
-    ``[B, H / f, W / f, *quantizer.index_shape]``.
+    """VQ autoencoder (VQGAN / LDM): images ``x: [B, in_channels, H, W]`` in [-1, 1] -> latents
+    ``[B, embed_dim, H / f, W / f]`` quantized by any registered quantizer, and back.
+
+    f = 2^(len(block_out_channels) - 1); ``stats["indices"]``: ``[B, H / f, W / f, *quantizer.index_shape]``.
 
     Args:
         in_channels, out_channels, block_out_channels, layers_per_block, norm_groups, mid_attention,
-            checkpointing: as :class:`~genlab.models.autoencoders.kl.AutoencoderKL`.
+            gradient_checkpointing: as :class:`~genlab.models.autoencoders.kl.AutoencoderKL`.
         latent_channels: the encoder's output channels (and the decoder's input after ``post_quant_conv``).
         embed_dim: the channels the quantizer sees (default ``latent_channels``; diffusers' ``vq_embed_dim``).
         quantizer: a quantizer config (``{type: vq, codebook_size: 256, ...}``; ``dim`` is ``embed_dim``) or a
@@ -62,9 +63,10 @@ class VQAutoencoder(ConvAutoencoder):
                  latent_channels: PositiveInt = 3, embed_dim: PositiveInt | None = None,
                  quantizer: QuantizerSpec | None = None,
                  block_out_channels: Sequence[PositiveInt] = (128, 256, 512), layers_per_block: PositiveInt = 2,
-                 norm_groups: PositiveInt = 32, mid_attention: bool = True, checkpointing: bool = False) -> None:
+                 norm_groups: PositiveInt = 32, mid_attention: bool = True,
+                 gradient_checkpointing: bool = False) -> None:
         c, e = latent_channels, embed_dim or latent_channels
-        sizes = (block_out_channels, layers_per_block, norm_groups, mid_attention, checkpointing)
+        sizes = (block_out_channels, layers_per_block, norm_groups, mid_attention, gradient_checkpointing)
         q = build_quantizer(DEFAULT_QUANTIZER if quantizer is None else quantizer, e, type(self).__name__)
         super().__init__(Encoder(in_channels, c, *sizes), Decoder(c, out_channels or in_channels, *sizes),
                          nn.Conv2d(c, e, 1), nn.Conv2d(e, c, 1), e)

@@ -6,6 +6,8 @@ MADE applied to the *conditioning* side. MAF conditions on the data x (forward x
 z_i = (x_i - mu_i(x_{<i})) exp(-alpha_i(x_{<i})); the inverse takes D passes). IAF conditions on the
 noise z (Kingma et al. 2016: x_i = mu_i(z_{<i}) + sigma_i(z_{<i}) z_i, one pass from z to x;
 forward x -> z takes D passes). log|det dz/dx| = -sum alpha_i (MAF) and -sum log sigma_i (IAF).
+With ``num_classes`` (class labels) or ``context`` (a context vector's features), MADE sees cond too:
+theta_i = MADE(c_{<i}, cond) (Papamakarios et al. 2017, Sec. 3.4; :mod:`.context`).
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from genlab.core.bounds import PositiveFloat, PositiveInt
+from genlab.core.bounds import NonNegativeInt, PositiveFloat, PositiveInt
 from genlab.core.registry import register
-from genlab.models.flows.base import FlowTransform, check_channels
+from genlab.models.flows.base import FlowTransform, check_channels, sum_except_batch
+from genlab.models.flows.context import Context
 from genlab.models.flows.made import MADE
 from genlab.models.flows.splines import rq_spline, spline_params_count
 
@@ -26,34 +29,38 @@ class _Autoregressive(FlowTransform):
 
     conditions_on_data = True
 
-    def __init__(self, features: int, params_per_value: int, hidden: int, depth: int, reverse: bool) -> None:
+    def __init__(self, features: int, params_per_value: int, hidden: int, depth: int, reverse: bool,
+                 context: int = 0, num_classes: int | None = None) -> None:
         super().__init__()
         self.features = features
-        self.made = MADE(features, params_per_value, hidden, depth, reverse)
+        self.context = Context(context, num_classes, type(self).__name__)
+        self.made = MADE(features, params_per_value, hidden, depth, reverse, self.context.features)
 
     def _tau(self, u: Tensor, theta: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
-    def _one_pass(self, c: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
-        return self._tau(c, self.made(c), inverse)
+    def _one_pass(self, c: Tensor, ctx: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
+        return self._tau(c, self.made(c, ctx), inverse)
 
-    def _sequential(self, v: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+    def _sequential(self, v: Tensor, ctx: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
         """Solve c = tau(v; MADE(c)) (tau^{-1} when ``inverse``) for c, one dimension per pass in the
         autoregressive order (theta_i needs c_{<i} only); log|dc/dv| = -log|dv/dc| at the solution."""
         c = torch.zeros_like(v)
         for i in self.made.order:
-            c_new, _ = self._tau(v, self.made(c), inverse)
+            c_new, _ = self._tau(v, self.made(c, ctx), inverse)
             c = c.index_copy(1, torch.tensor([i], device=v.device), c_new[:, i:i + 1])
-        _, logdet = self._tau(c, self.made(c), not inverse)
+        _, logdet = self._tau(c, self.made(c, ctx), not inverse)
         return c, -logdet
 
     def forward(self, x: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
         check_channels(x, self.features, type(self).__name__)
-        return self._one_pass(x, False) if self.conditions_on_data else self._sequential(x, False)
+        ctx = self.context(cond, x)
+        return self._one_pass(x, ctx, False) if self.conditions_on_data else self._sequential(x, ctx, False)
 
     def inverse(self, z: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
         check_channels(z, self.features, type(self).__name__)
-        return self._sequential(z, True) if self.conditions_on_data else self._one_pass(z, True)
+        ctx = self.context(cond, z)
+        return self._sequential(z, ctx, True) if self.conditions_on_data else self._one_pass(z, ctx, True)
 
 
 class _Affine(_Autoregressive):
@@ -62,19 +69,20 @@ class _Affine(_Autoregressive):
     def _tau(self, u: Tensor, theta: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
         mu, alpha = theta[..., 0], theta[..., 1]
         if inverse:
-            return u * alpha.exp() + mu, alpha.sum(1)
-        return (u - mu) * (-alpha).exp(), -alpha.sum(1)
+            return u * alpha.exp() + mu, sum_except_batch(alpha)
+        return (u - mu) * (-alpha).exp(), -sum_except_batch(alpha)
 
 
 @register("flow_transform", "maf")
 class MAF(_Affine):
     """Masked autoregressive flow (Papamakarios et al. 2017, Sec. 3): ``[B, features]``, fast density
     (x -> z one pass), slow sampling (D passes). ``reverse`` flips the order (alternate it between
-    layers). Ranges: features, hidden, depth >= 1."""
+    layers); ``num_classes`` or ``context``: a conditional MAF. Ranges: features, hidden, depth >= 1,
+    context >= 0, num_classes >= 1."""
 
     def __init__(self, features: PositiveInt, hidden: PositiveInt = 64, depth: PositiveInt = 2,
-                 reverse: bool = False) -> None:
-        super().__init__(features, 2, hidden, depth, reverse)
+                 reverse: bool = False, context: NonNegativeInt = 0, num_classes: PositiveInt | None = None) -> None:
+        super().__init__(features, 2, hidden, depth, reverse, context, num_classes)
 
 
 @register("flow_transform", "iaf")
@@ -85,19 +93,20 @@ class IAF(_Affine):
     conditions_on_data = False
 
     def __init__(self, features: PositiveInt, hidden: PositiveInt = 64, depth: PositiveInt = 2,
-                 reverse: bool = False) -> None:
-        super().__init__(features, 2, hidden, depth, reverse)
+                 reverse: bool = False, context: NonNegativeInt = 0, num_classes: PositiveInt | None = None) -> None:
+        super().__init__(features, 2, hidden, depth, reverse, context, num_classes)
 
 
 @register("flow_transform", "spline_autoregressive")
 class SplineAutoregressive(_Autoregressive):
     """Autoregressive rational-quadratic spline flow (Durkan et al. 2019, Sec. 3.3), MAF-style:
-    z_i = g(x_i; theta_i(x_{<i})) on [-B, B], identity outside. Ranges: features, bins, hidden, depth >= 1;
-    bound > 0."""
+    z_i = g(x_i; theta_i(x_{<i})) on [-B, B], identity outside; ``num_classes`` or ``context`` as MAF's.
+    Ranges: features, bins, hidden, depth >= 1; bound > 0, context >= 0, num_classes >= 1."""
 
     def __init__(self, features: PositiveInt, bins: PositiveInt = 8, bound: PositiveFloat = 5.0,
-                 hidden: PositiveInt = 64, depth: PositiveInt = 2, reverse: bool = False) -> None:
-        super().__init__(features, spline_params_count(bins), hidden, depth, reverse)
+                 hidden: PositiveInt = 64, depth: PositiveInt = 2, reverse: bool = False,
+                 context: NonNegativeInt = 0, num_classes: PositiveInt | None = None) -> None:
+        super().__init__(features, spline_params_count(bins), hidden, depth, reverse, context, num_classes)
         self.bound = bound
 
     def _tau(self, u: Tensor, theta: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:

@@ -32,14 +32,27 @@ class FlowTransform(nn.Module):
         raise NotImplementedError
 
 
+def logdet_dtype(x: Tensor) -> torch.dtype:
+    """The dtype of log-determinants of x: x's, at least float32 (under float16 / bfloat16 autocast a
+    sum over thousands of log-scales in half precision would lose the likelihood's digits)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def sum_except_batch(x: Tensor) -> Tensor:
-    """``x [B, ...] -> [B]``: the sum over every dimension but the first (a log-determinant)."""
-    return x.flatten(1).sum(1)
+    """``x [B, ...] -> [B]``: the sum over every dimension but the first (a log-determinant), in at
+    least float32."""
+    return x.flatten(1).to(logdet_dtype(x)).sum(1)
 
 
 def batch_logdet(value: Tensor, x: Tensor) -> Tensor:
-    """A log-determinant that does not depend on the sample (``value``: a scalar) as ``[B]`` on x's device."""
-    return value.to(x.dtype).expand(x.shape[0])
+    """A log-determinant that does not depend on the sample (``value``: a scalar) as ``[B]`` on x's device,
+    in at least float32."""
+    return value.to(logdet_dtype(x)).expand(x.shape[0])
+
+
+def zero_logdet(x: Tensor) -> Tensor:
+    """log|det| = 0 of a volume-preserving step as ``[B]`` (in at least float32)."""
+    return torch.zeros(x.shape[0], dtype=logdet_dtype(x), device=x.device)
 
 
 def check_channels(x: Tensor, features: int, who: str) -> None:
@@ -61,14 +74,14 @@ class FlowChain(FlowTransform):
         self.transforms = nn.ModuleList(transforms)
 
     def forward(self, x: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        total = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+        total = zero_logdet(x)
         for t in self.transforms:
             x, logdet = t(x, cond)
             total = total + logdet
         return x, total
 
     def inverse(self, z: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        total = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
+        total = zero_logdet(z)
         for t in reversed(self.transforms):
             z, logdet = t.inverse(z, cond)
             total = total + logdet

@@ -18,9 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from genlab.core.bounds import PositiveInt
+from genlab.core.bounds import NonNegativeInt, PositiveInt
 from genlab.core.registry import register
-from genlab.models.flows.base import FlowChain, FlowTransform, batch_logdet, check_channels, sum_except_batch
+from genlab.models.flows.base import (FlowChain, FlowTransform, batch_logdet, check_channels, sum_except_batch,
+                                      zero_logdet)
+from genlab.models.flows.context import Context, with_context
 from genlab.models.flows.nets import ConvNet
 from genlab.models.flows.normalization import ActNorm
 
@@ -69,19 +71,24 @@ class InvertibleConv1x1(FlowTransform):
 @register("flow_transform", "glow_coupling")
 class GlowCoupling(FlowTransform):
     """Glow's affine (or ``additive``) coupling on channels: ``[B, C, H, W]``, C >= 2; the first
-    ceil(C / 2) channels condition the rest. Range: channels >= 2 (checked), hidden >= 1."""
+    ceil(C / 2) channels condition the rest; with ``num_classes`` (class labels) or ``context`` (a context
+    tensor's features) NN sees cond too (:mod:`.context`). Range: channels >= 2 (checked), hidden >= 1,
+    context >= 0, num_classes >= 1."""
 
     def __init__(self, channels: PositiveInt, hidden: PositiveInt = 128,
-                 kind: Literal["affine", "additive"] = "affine") -> None:
+                 kind: Literal["affine", "additive"] = "affine", context: NonNegativeInt = 0,
+                 num_classes: PositiveInt | None = None) -> None:
         super().__init__()
         if channels < 2:
             raise ValueError(f"GlowCoupling: channels must be >= 2 (a channel split), got {channels}")
         self.channels, self.kind = channels, kind
         self.split = (channels + 1) // 2
-        self.net = ConvNet(self.split, (2 if kind == "affine" else 1) * (channels - self.split), hidden)
+        self.context = Context(context, num_classes, "GlowCoupling")
+        self.net = ConvNet(self.split + self.context.features, (2 if kind == "affine" else 1) * (channels - self.split),
+                           hidden)
 
-    def _t_log_s(self, x_a: Tensor) -> tuple[Tensor, Tensor | None]:
-        h = self.net(x_a)
+    def _t_log_s(self, x_a: Tensor, cond: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        h = self.net(with_context(x_a, self.context(cond, x_a)))
         if self.kind == "additive":
             return h, None
         return h[:, 0::2], F.logsigmoid(h[:, 1::2] + 2)
@@ -89,26 +96,29 @@ class GlowCoupling(FlowTransform):
     def forward(self, x: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
         check_channels(x, self.channels, "GlowCoupling")
         x_a, x_b = x[:, :self.split], x[:, self.split:]
-        t, log_s = self._t_log_s(x_a)
+        t, log_s = self._t_log_s(x_a, cond)
         if log_s is None:
-            return torch.cat([x_a, x_b + t], 1), x.new_zeros(x.shape[0])
+            return torch.cat([x_a, x_b + t], 1), zero_logdet(x)
         return torch.cat([x_a, (x_b + t) * log_s.exp()], 1), sum_except_batch(log_s)
 
     def inverse(self, z: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
         check_channels(z, self.channels, "GlowCoupling")
         z_a, z_b = z[:, :self.split], z[:, self.split:]
-        t, log_s = self._t_log_s(z_a)
+        t, log_s = self._t_log_s(z_a, cond)
         if log_s is None:
-            return torch.cat([z_a, z_b - t], 1), z.new_zeros(z.shape[0])
+            return torch.cat([z_a, z_b - t], 1), zero_logdet(z)
         return torch.cat([z_a, z_b * (-log_s).exp() - t], 1), -sum_except_batch(log_s)
 
 
 @register("flow_transform", "glow_step")
 class GlowStep(FlowChain):
     """One step of flow (Glow Fig. 2a): actnorm -> invertible 1x1 conv -> coupling, on ``[B, C, H, W]``.
-    Submodules ``transforms.0`` (ActNorm), ``.1`` (InvertibleConv1x1), ``.2`` (GlowCoupling).
-    Range: channels >= 2, hidden >= 1."""
+    Submodules ``transforms.0`` (ActNorm), ``.1`` (InvertibleConv1x1), ``.2`` (GlowCoupling, conditioned on
+    ``num_classes`` labels or a ``context`` tensor if given). Range: channels >= 2, hidden >= 1, context >= 0,
+    num_classes >= 1."""
 
     def __init__(self, channels: PositiveInt, hidden: PositiveInt = 128,
-                 coupling: Literal["affine", "additive"] = "affine") -> None:
-        super().__init__([ActNorm(channels), InvertibleConv1x1(channels), GlowCoupling(channels, hidden, coupling)])
+                 coupling: Literal["affine", "additive"] = "affine", context: NonNegativeInt = 0,
+                 num_classes: PositiveInt | None = None) -> None:
+        super().__init__([ActNorm(channels), InvertibleConv1x1(channels),
+                          GlowCoupling(channels, hidden, coupling, context, num_classes)])

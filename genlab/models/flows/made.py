@@ -27,16 +27,19 @@ class MaskedLinear(nn.Linear):
 class MADE(nn.Module):
     """``x [B, D] -> [B, D, params_per_value]`` autoregressive in the order ``reverse`` (False: 1..D,
     True: D..1); ``depth`` hidden layers of ``hidden`` units (hidden >= D - 1 keeps every connection
-    possible). The output layer starts at zero (the flow starts as the identity)."""
+    possible). The output layer starts at zero (the flow starts as the identity). ``context`` F extra
+    inputs ``ctx [B, F]`` of degree 0 reach every hidden unit (a conditional MADE, Papamakarios et al. 2017,
+    Sec. 3.4): output (d, p) is a function of x_{<d} and ctx."""
 
-    def __init__(self, features: int, params_per_value: int, hidden: int, depth: int, reverse: bool = False) -> None:
+    def __init__(self, features: int, params_per_value: int, hidden: int, depth: int, reverse: bool = False,
+                 context: int = 0) -> None:
         super().__init__()
         self.features, self.params_per_value = features, params_per_value
         degrees_in = torch.arange(1, features + 1)
         if reverse:
             degrees_in = degrees_in.flip(0)
         layers: list[nn.Module] = []
-        prev = degrees_in
+        prev = torch.cat([degrees_in, torch.zeros(context, dtype=torch.long)])
         for _ in range(depth):
             deg = torch.arange(hidden) % max(features - 1, 1) + 1
             layers += [MaskedLinear(len(prev), hidden, deg[:, None] >= prev[None, :]), nn.ReLU()]
@@ -48,5 +51,6 @@ class MADE(nn.Module):
         self.net = nn.Sequential(*layers, last)
         self.order: list[int] = degrees_in.argsort().tolist()  # positions in autoregressive order (host ints)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return rearrange(self.net(x), "b (d p) -> b d p", p=self.params_per_value)
+    def forward(self, x: Tensor, ctx: Tensor | None = None) -> Tensor:
+        h = x if ctx is None else torch.cat([x, ctx], 1)
+        return rearrange(self.net(h), "b (d p) -> b d p", p=self.params_per_value)

@@ -7,6 +7,10 @@ and sampling draws z ~ p_Z(. | c) and returns f^{-1}(z). p_Z is N(0, I); with ``
 N(mu_c, diag(sigma_c^2)) with a learned (mu_c, log sigma_c) per class, zero-initialised (as Glow's
 class-conditional prior, Kingma and Dhariwal 2018). ``temperature`` T scales the base's std
 (Glow's reduced-temperature samples: p_Z with std T sigma).
+
+The same ``cond`` goes to every transform: those built with ``num_classes`` condition their networks on
+the labels too (a conditional flow, :mod:`.context`), and they need the flow's ``num_classes``; those
+built with ``context`` F take a context tensor [B, F, ...] as cond (then the base is N(0, I)).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from genlab.core.errors import ShapeError
 from genlab.core.registry import register
 from genlab.metrics.likelihood import bits_per_dim, normal_log_prob
 from genlab.models.flows.base import FlowChain, FlowTransform
+from genlab.models.flows.context import Context
 
 
 @register("model", "flow")
@@ -36,6 +41,12 @@ class Flow(nn.Module):
             raise ValueError("Flow: shape must be one item's shape, [D] or [C, H, W], got []")
         self.shape, self.num_classes = tuple(shape), num_classes
         self.chain = FlowChain(transforms)
+        contexts = [m for m in self.chain.modules() if isinstance(m, Context) and m.features]
+        wrong = [m.who for m in contexts if m.num_classes is not None and m.num_classes != num_classes]
+        if wrong:
+            raise ValueError(f"Flow: {wrong[0]} is conditioned on {contexts[0].num_classes} classes, the flow on "
+                             f"num_classes={num_classes}; set the flow's num_classes to the transforms'")
+        self.takes_context = any(m.num_classes is None for m in contexts)  # a context tensor as cond
         dims = self.dims
         self.prior = nn.Embedding(num_classes, 2 * dims) if num_classes is not None else None
         if self.prior is not None:
@@ -49,8 +60,9 @@ class Flow(nn.Module):
     def _base(self, cond: Tensor | None, n: int, like: Tensor) -> tuple[Tensor, Tensor]:
         """(mu, log sigma) of p_Z, each [n, *shape] (zeros without classes)."""
         if self.prior is None:
-            if cond is not None:
-                raise ValueError("Flow: cond (class labels) given, but the flow has num_classes=None")
+            if cond is not None and not self.takes_context:
+                raise ValueError("Flow: cond (class labels) given, but the flow has num_classes=None and no "
+                                 "transform takes a context")
             zero = torch.zeros((n, *self.shape), dtype=like.dtype, device=like.device)
             return zero, zero
         if cond is None or cond.shape != (n,) or cond.dtype != torch.long:

@@ -9,7 +9,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 
-def _zeroed(layer: nn.Module) -> nn.Module:
+def zeroed(layer: nn.Module) -> nn.Module:
+    """``layer`` with its weight and bias set to zero (its output starts at zero)."""
     nn.init.zeros_(layer.weight)
     nn.init.zeros_(layer.bias)
     return layer
@@ -24,7 +25,7 @@ class DenseNet(nn.Module):
         for _ in range(depth - 1):
             layers += [nn.ReLU(), nn.Linear(hidden, hidden)]
         last = nn.Linear(hidden, features_out)
-        self.net = nn.Sequential(*layers, nn.ReLU(), _zeroed(last) if zero_init else last)
+        self.net = nn.Sequential(*layers, nn.ReLU(), zeroed(last) if zero_init else last)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -38,7 +39,7 @@ class ConvNet(nn.Module):
         super().__init__()
         last = nn.Conv2d(hidden, channels_out, 3, padding=1)
         self.net = nn.Sequential(nn.Conv2d(channels_in, hidden, 3, padding=1), nn.ReLU(),
-                                 nn.Conv2d(hidden, hidden, 1), nn.ReLU(), _zeroed(last) if zero_init else last)
+                                 nn.Conv2d(hidden, hidden, 1), nn.ReLU(), zeroed(last) if zero_init else last)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)

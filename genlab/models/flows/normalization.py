@@ -38,7 +38,9 @@ class ActNorm(FlowTransform):
     Data-dependent initialisation (Glow Sec. 3.1): the first forward call in training mode sets
     log_scale = -log(std + eps) and bias = -mean exp(log_scale) from that batch, so that it leaves with
     zero mean and unit variance per channel (under torch.distributed, with the mean and std averaged over
-    the processes, so that they start alike). ``features``: D or C. Range: features >= 1, eps > 0.
+    the processes, so that they start alike). A channel whose batch gives no spread (a batch of one
+    vector, or a constant channel) keeps log_scale 0 and is only centred: -log(eps) would blow it up by
+    1 / eps. ``features``: D or C. Range: features >= 1, eps > 0.
     """
 
     def __init__(self, features: PositiveInt, eps: PositiveFloat = 1e-6) -> None:
@@ -55,7 +57,8 @@ class ActNorm(FlowTransform):
             stats = torch.stack([mean, std]) / dist.get_world_size()
             dist.all_reduce(stats)
             mean, std = stats[0], stats[1]
-        log_scale = -torch.log(std + self.eps)
+        spread = (x[:, 0].numel() > 1) & (std > self.eps)
+        log_scale = torch.where(spread, -torch.log(std + self.eps), torch.zeros_like(std))
         self.log_scale.copy_(log_scale)
         self.bias.copy_(-mean * log_scale.exp())
         self.initialized.fill_(True)

@@ -10,37 +10,45 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from genlab.core.bounds import PositiveFloat, PositiveInt, Range
+from genlab.core.bounds import NonNegativeInt, PositiveFloat, PositiveInt, Range
 from genlab.core.registry import register
 from genlab.models.flows.base import FlowTransform, Parity, check_channels
+from genlab.models.flows.context import Context, with_context
 from genlab.models.flows.nets import DenseNet
 from genlab.models.flows.splines import rq_spline, spline_params_count
+
 
 @register("flow_transform", "spline_coupling")
 class SplineCoupling(FlowTransform):
     """Spline coupling on vectors ``[B, features]``: the values with index parity ``parity`` (features
     i with i % 2 == parity) are kept and condition the spline of the others. ``bins`` K, ``bound`` B (the
-    spline's interval [-B, B]; identity outside). Ranges: features >= 2, bins, hidden, depth >= 1, bound > 0."""
+    spline's interval [-B, B]; identity outside); ``num_classes`` (class labels) or ``context`` (a context
+    vector's features): the spline's parameters see cond too (:mod:`.context`). Ranges: features >= 2, bins,
+    hidden, depth >= 1, bound > 0, context >= 0, num_classes >= 1."""
 
     def __init__(self, features: Annotated[int, Range(ge=2)], bins: PositiveInt = 8, bound: PositiveFloat = 5.0,
-                 parity: Parity = 0, hidden: PositiveInt = 64, depth: PositiveInt = 2) -> None:
+                 parity: Parity = 0, hidden: PositiveInt = 64, depth: PositiveInt = 2, context: NonNegativeInt = 0,
+                 num_classes: PositiveInt | None = None) -> None:
         super().__init__()
         self.features, self.bins, self.bound = features, bins, bound
         idx = torch.arange(features)
         self.register_buffer("kept", idx[idx % 2 == parity], persistent=False)
         self.register_buffer("changed", idx[idx % 2 != parity], persistent=False)
-        self.net = DenseNet(len(self.kept), len(self.changed) * spline_params_count(bins), hidden, depth)
+        self.context = Context(context, num_classes, "SplineCoupling")
+        self.net = DenseNet(len(self.kept) + self.context.features, len(self.changed) * spline_params_count(bins),
+                            hidden, depth)
 
-    def _spline(self, x: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+    def _spline(self, x: Tensor, cond: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
         check_channels(x, self.features, "SplineCoupling")
         if x.ndim != 2:
             raise ValueError(f"SplineCoupling: expected vectors [B, {self.features}], got {list(x.shape)}")
-        params = rearrange(self.net(x[:, self.kept]), "b (d p) -> b d p", d=len(self.changed))
+        h = with_context(x[:, self.kept], self.context(cond, x))
+        params = rearrange(self.net(h), "b (d p) -> b d p", d=len(self.changed))
         y_b, log_grad = rq_spline(x[:, self.changed], params, self.bound, inverse=inverse)
-        return x.index_copy(1, self.changed, y_b), log_grad.sum(1)
+        return x.index_copy(1, self.changed, y_b.to(x.dtype)), log_grad.sum(1)
 
     def forward(self, x: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        return self._spline(x, inverse=False)
+        return self._spline(x, cond, inverse=False)
 
     def inverse(self, z: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        return self._spline(z, inverse=True)
+        return self._spline(z, cond, inverse=True)

@@ -61,7 +61,8 @@ def _gather(k: Tensor, *tables: Tensor) -> list[Tensor]:
 def rq_spline(x: Tensor, params: Tensor, bound: float, inverse: bool = False,
               slope: float = 1e-3) -> tuple[Tensor, Tensor]:
     """The spline g elementwise (or g^{-1} when ``inverse``) on x [...] with ``params [..., 3K - 1]``:
-    (y [...], log|g'| [...] (or log|(g^{-1})'|)); the identity with log-derivative 0 outside (-B, B)."""
+    (y [...], log|g'| [...] (or log|(g^{-1})'|)); the identity with log-derivative 0 outside (-B, B).
+    y has x's dtype, log|g'| at least float32 (it enters a log-determinant)."""
     dtype = torch.promote_types(x.dtype, torch.float32)
     # elementwise ops only: autocast leaves them in this dtype (it lowers matmuls and convolutions)
     v, p = x.to(dtype), params.to(dtype)
@@ -85,4 +86,4 @@ def rq_spline(x: Tensor, params: Tensor, bound: float, inverse: bool = False,
     log_grad = 2 * s.log() + torch.log(d1 * xi.square() + 2 * s * xi * (1 - xi) + d0 * (1 - xi).square()) - 2 * denom.log()
     log_grad = -log_grad if inverse else log_grad
     y = torch.where(inside, out, v)
-    return y.to(x.dtype), torch.where(inside, log_grad, torch.zeros_like(log_grad)).to(x.dtype)
+    return y.to(x.dtype), torch.where(inside, log_grad, torch.zeros_like(log_grad))
