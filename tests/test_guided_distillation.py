@@ -165,19 +165,27 @@ DIGITS_SMALL = ["model.channels=8", "model.channel_mult=[1]", "model.attention_l
                 "train.steps=2", "sampler.steps=3", "train.checkpoint_every=2"]
 
 
-def test_guided_digits_then_stage_two_from_the_command_line(tmp_path, capsys):
-    """A tiny digits teacher, the stage-one config distilled from it, then stage two (progressive distillation)
-    from the stage-one run: w stays a condition (its range read from the teacher run), the evaluation rows name
-    the teacher with CFG, ``genlab sample RUN guidance.scale=5`` sets w, and settings a w-student cannot honour
-    are one line on stderr."""
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory):
+    """A tiny digits teacher run and the stage-one config distilled from it (two steps each): the stage-one run."""
+    from genlab.cli import main
+
+    root = tmp_path_factory.mktemp("guided")
+    teacher, stage1 = root / "teacher", root / "stage1"
+    assert main(["train", str(CONFIGS / "digits.yaml"), *DIGITS_SMALL, "--out", str(teacher), "--quiet"]) == 0
+    assert main(["train", str(CONFIGS / "distill" / "guided_digits.yaml"), *DIGITS_SMALL,
+                 f"objective.teacher={teacher}", "--out", str(stage1), "--quiet"]) == 0
+    return stage1
+
+
+def test_guided_digits_then_stage_two(stage1, tmp_path, capsys):
+    """The stage-one run of a tiny teacher, then stage two (progressive distillation) from it: w stays a condition
+    (its range read from the teacher run), the evaluation rows name the teacher with CFG, ``genlab sample RUN
+    guidance.scale=5`` sets w, and settings a w-student cannot honour are one line on stderr."""
     from genlab.cli import main
     from genlab.core.config import load_config
     from genlab.training import Experiment
 
-    teacher, stage1 = tmp_path / "teacher", tmp_path / "stage1"
-    assert main(["train", str(CONFIGS / "digits.yaml"), *DIGITS_SMALL, "--out", str(teacher), "--quiet"]) == 0
-    assert main(["train", str(CONFIGS / "distill" / "guided_digits.yaml"), *DIGITS_SMALL,
-                 f"objective.teacher={teacher}", "--out", str(stage1), "--quiet"]) == 0
     metrics = json.loads((stage1 / "samples.json").read_text())
     assert "at guidance_scale=3 (w an input" in metrics["sampler"] and "CFG" not in metrics["sampler"]
     assert [r["label"] for r in metrics["rows"]] == ["teacher"] and "CFG(scale=3" in metrics["rows"][0]["sampler"]
@@ -203,6 +211,20 @@ def test_guided_digits_then_stage_two_from_the_command_line(tmp_path, capsys):
     samples = exp.objective.sample(exp.objective.modules(), 4, torch.Generator().manual_seed(0),
                                    cond={"class_labels": torch.arange(4)})
     assert samples.shape == (4, 1, 16, 16) and seen[-1] == 3.0  # sampled at guidance.scale
+
+
+@pytest.mark.slow
+def test_genlab_distill_runs_stage_two_rounds(stage1, tmp_path, capsys):
+    """``genlab distill`` of the stage-two config: two rounds (2 -> 1 DDIM steps), each student sampled at the
+    config's w in one call per step."""
+    from genlab.cli import main
+
+    config = CONFIGS / "distill" / "guided_progressive_digits.yaml"
+    assert main(["distill", str(config), *DIGITS_SMALL, f"objective.teacher={stage1}", "objective.student_steps=2",
+                 "--rounds", "2", "--out", str(tmp_path / "stage2"), "--quiet"]) == 0
+    for r in (1, 2):
+        metrics = json.loads((tmp_path / "stage2" / f"round_{r}" / "samples.json").read_text())
+        assert "at guidance_scale=3 (w an input" in metrics["sampler"] and metrics["steps"] == 2 // r
 
 
 def test_stage_two_needs_a_student_that_takes_w():

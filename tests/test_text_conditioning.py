@@ -107,3 +107,19 @@ def test_a_text_conditioned_config_trains_and_samples_prompts(clip_dir, tmp_path
                  "--out", str(tmp_path / "s")]) == 0
     out = json.loads((tmp_path / "s" / "samples-ddpm-3steps-cfg3-seed1234.json").read_text())
     assert "classifier_accuracy" not in out and "frechet_distance" in out
+
+
+def test_a_dit_takes_the_captions_as_its_context(clip_dir):
+    """The same section conditions a DiT: its cross_attention_dim is the encoder's, a conditioned batch's loss
+    has a gradient on the cross-attention."""
+    config = load_config(DIGITS, text_overrides(clip_dir))
+    config["model"] = {"type": "dit", "hidden": 32, "depth": 1, "num_heads": 2, "patch_size": 4, "class_dropout": 0.0}
+    exp = Experiment.from_config(ConfigDict(config))
+    assert exp.model.cross_attention_dim == 16
+    with torch.no_grad():  # the zero-initialised cross-attention output would hide the context's gradient
+        exp.model.blocks[0].cross_attn.to_out.weight.normal_()
+        exp.model.blocks[0].modulation[-1].weight.normal_(std=0.1)
+        exp.model.proj_out.weight.normal_(std=0.1)
+    batch = exp.text.condition({"x": exp.data.data[:8], "caption": exp.data.captions[:8]})
+    exp.objective.loss(exp.objective.modules(), batch, torch.Generator().manual_seed(0)).backward()
+    assert exp.model.blocks[0].cross_attn.to_q.weight.grad.abs().sum() > 0
