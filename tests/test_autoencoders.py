@@ -12,7 +12,7 @@ from genlab.core.errors import ConfigError, ShapeError
 from genlab.core.registry import build
 from genlab.models.autoencoders import AutoencoderKL, VQAutoencoder
 from genlab.models.quantizers import FSQ, VectorQuantizer
-from genlab.training.experiment import model_extra
+from genlab.training.experiment import item_shape, model_extra
 
 SMALL = dict(block_out_channels=(16, 32), layers_per_block=1, norm_groups=8)
 
@@ -129,7 +129,7 @@ def test_the_config_path_takes_the_images_channels_from_the_data() -> None:
               "model": {"type": "autoencoder_vq", "quantizer": {"type": "vq", "codebook_size": 64, "beta": 0.5},
                         "block_out_channels": [16, 32], "norm_groups": 8, "layers_per_block": 1}}
     data = build("dataset", config["data"])
-    extra = model_extra(config, data)
+    extra = model_extra(config, item_shape(data))
     assert extra == {"in_channels": 1}
     model = build("model", config["model"], path="model", **extra)
     assert isinstance(model.quantizer, VectorQuantizer) and model.quantizer.dim == 3 and model.quantizer.beta == 0.5

@@ -140,7 +140,7 @@ def heldout_likelihood(exp: Experiment, modules: dict[str, nn.Module], device: t
         if callable(getattr(exp.data, "log_prob", None)) and getattr(exp.data, "has_density", True):
             out["heldout_nll_nats_data"] = float(-exp.data.log_prob(x.double()).mean())
         return out
-    if bound is None:
+    if bound is None or exp.latent is not None:  # a density of latents is none of the images
         return {}
     try:
         held = exp.heldout_split()
@@ -170,7 +170,9 @@ def _evaluate(exp: Experiment, sample: SampleFn, device: torch.device, image: Pa
     g = torch.Generator(device=device).manual_seed(seed)
     start = time.perf_counter()
     metrics: dict[str, Any] = {}
-    if len(exp.data_shape) == 1:
+    if exp.latent is not None:  # latents -> images: every picture and metric below is of images
+        sample = exp.latent.decoding(sample)
+    if len(exp.image_shape) == 1:
         n = exp.train.eval_samples
         samples = draw(sample, device, n, g)
         metrics["sampling_seconds"] = time.perf_counter() - start
@@ -212,7 +214,7 @@ def image_metrics(exp: Experiment, samples: Tensor, labels: Tensor | None) -> di
     if not isinstance(exp.data, Digits):
         return {}
 
-    size = exp.data_shape[-1]
+    size = exp.image_shape[-1]
     clf = train_digits_classifier(image_size=size)
     held = exp.heldout_images()
     out = {"frechet_distance": frechet_distance(clf.features(samples), clf.features(held))}

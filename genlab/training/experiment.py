@@ -20,10 +20,11 @@ from ..adapters.guidance import CFG, Guidance
 from ..diffusion import Denoiser, Process, Sampler
 from ..objectives import BuildContext, Objective
 from .adapters import attach_adapters
+from .latent import LatentSpace, latent_from
 from .text_conditioning import TextConditioning, TextConfig
 
 SECTIONS = ("name", "process", "model", "adapters", "objective", "sampler", "guidance", "data", "train", "distill",
-            "text_encoder")
+            "text_encoder", "latent")
 
 
 @checked
@@ -73,6 +74,7 @@ class Experiment:
     sampler: Sampler
     guidance: Guidance | None = None  # the config's ``guidance:``, applied when sampling
     text: TextConditioning | None = None  # the config's ``text_encoder:``: captions -> cross-attention context
+    latent: LatentSpace | None = None  # the config's ``latent:``: the frozen autoencoder the model works behind
 
     @classmethod
     def from_config(cls, config: ConfigDict) -> Experiment:
@@ -89,6 +91,8 @@ class Experiment:
         sampler = build("sampler", config.get("sampler", "unipc"), path="sampler", source=source)
         guidance = guidance_from(config.get("guidance"), source)
         text = text_from(config, data, guidance, source)
+        latent = latent_from(config, item_shape(data), data, source)
+        shape = item_shape(data) if latent is None else latent.shape
         if guidance is not None:
             try:
                 guidance.build(load_pretrained)
@@ -97,7 +101,7 @@ class Experiment:
 
         def new_model() -> nn.Module:  # initialised from the global generator
             return build("model", config.get("model", "mlp"), path="model", source=source,
-                         **model_extra(config, data, source, text))
+                         **model_extra(config, shape, source, text))
 
         torch.manual_seed(train.seed)
         model = new_model()  # an objective's further networks (new_model) are drawn after it, from the same seed
@@ -107,7 +111,7 @@ class Experiment:
             sampler.timesteps(process)
         except ValueError as e:
             raise ConfigError(f"{source}: sampler: {e}") from None
-        exp = cls(config, train, process, data, model, objective, sampler, guidance, text)
+        exp = cls(config, train, process, data, model, objective, sampler, guidance, text, latent)
         context = BuildContext(model=model, process=process, sampler=sampler, data_shape=exp.data_shape,
                                num_classes=exp.num_classes, pretrained=load_pretrained, new_model=new_model,
                                guidance=guidance, data=data)
@@ -123,7 +127,13 @@ class Experiment:
 
     @property
     def data_shape(self) -> tuple[int, ...]:
-        """The shape of one data item (``[D]`` or ``[C, H, W]``); see :func:`item_shape`."""
+        """The shape of what the model sees: one data item (``[D]`` or ``[C, H, W]``, see :func:`item_shape`),
+        or its latent ``[c, h, w]`` behind a ``latent:`` autoencoder."""
+        return self.image_shape if self.latent is None else self.latent.shape
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """The shape of one data item, what samples are evaluated as (latents decoded)."""
         return item_shape(self.data)
 
     @property
@@ -262,8 +272,9 @@ def check_section(key: str, value: Any, source: str) -> None:
     """``name`` is a string; ``train`` a mapping; a component section a name or a mapping with ``type``."""
     if key == "name":
         ok, wanted = isinstance(value, str), "a string"
-    elif key in ("train", "distill", "adapters", "text_encoder"):
-        what = {"train": "training", "distill": "distillation", "adapters": "adapter", "text_encoder": "text encoder"}[key]
+    elif key in ("train", "distill", "adapters", "text_encoder", "latent"):
+        what = {"train": "training", "distill": "distillation", "adapters": "adapter", "text_encoder": "text encoder",
+                "latent": "latent space"}[key]
         ok, wanted = value is None or isinstance(value, Mapping), f"a mapping of {what} settings"
     else:
         ok, wanted = isinstance(value, (str, Mapping)), "a component name or a mapping with 'type'"
@@ -284,14 +295,14 @@ def item_shape(data: Any) -> tuple[int, ...]:
     return tuple((item[0] if isinstance(item, (tuple, list)) else item).shape)
 
 
-def model_extra(config: dict, data: Any, source: str = "config", text: TextConditioning | None = None) -> dict[str, Any]:
-    """Arguments the data decides unless the config sets them: ``dim`` for vector data,
-    ``in_channels`` (and ``input_size``) for images; with a text encoder, ``cross_attention_dim`` (its width,
-    which a given value must equal)."""
+def model_extra(config: dict, shape: tuple[int, ...], source: str = "config",
+                text: TextConditioning | None = None) -> dict[str, Any]:
+    """Arguments the shape of the model's input (``shape``: a data item or its latent) decides unless the
+    config sets them: ``dim`` for vectors, ``in_channels`` (and ``input_size``) for images; with a text
+    encoder, ``cross_attention_dim`` (its width, which a given value must equal)."""
     cfg = config.get("model", "mlp")
     cfg = {"type": cfg} if isinstance(cfg, str) else cfg
     params = inspect.signature(lookup("model", cfg.get("type", "mlp"), path="model.type", source=source)).parameters
-    shape = item_shape(data)
     known = {"dim": shape[0]} if len(shape) == 1 else {"in_channels": shape[0], "input_size": shape[-1]}
     if text is not None:
         known["cross_attention_dim"] = text.hidden_size

@@ -234,6 +234,8 @@ class Trainer:
                                batch["x"].device)
         if self.exp.text is not None:  # captions -> cross-attention context (caption dropout: global generator)
             batch = self.exp.text.condition(batch)
+        if self.exp.latent is not None:  # images -> latents of the frozen autoencoder (posterior draws: g)
+            batch = self.exp.latent.encode(batch, g)
         with self.acc.autocast():
             out = self.exp.objective.loss(self.modules, batch, g, optimizer)
         return out[0] if isinstance(out, tuple) else out
