@@ -14,7 +14,7 @@ from ..core.bounds import NonNegativeFloat, NonNegativeInt, PositiveFloat, Posit
 from ..core.config import ConfigDict, check_keys, show_value
 from ..core.errors import ConfigError, GenlabError
 from ..core.registry import build, construct, lookup
-from ..core.checkpoint import check_fits, load_weights, resolve_checkpoint
+from ..core.checkpoint import load_run_weights, resolve_checkpoint
 from ..core.config import load_config
 from ..adapters.guidance import CFG, Guidance
 from ..diffusion import Denoiser, Process, Sampler
@@ -211,9 +211,7 @@ def load_pretrained(path: str) -> Experiment:
     pretrained component an objective names in its config."""
     ckpt = resolve_checkpoint(path)
     exp = Experiment.from_config(ConfigDict(load_config(ckpt / "config.yaml"), source=str(ckpt / "config.yaml")))
-    weights = ckpt / "ema.safetensors"
-    check_fits(weights, exp.model)
-    exp.model.load_state_dict(load_weights(weights))
+    load_run_weights(exp.model, ckpt)
     exp.model.eval().requires_grad_(False)
     return exp
 
