@@ -95,6 +95,11 @@ def load_teacher(context: BuildContext, source: str | Denoiser, *, student_from_
     if not same_process(run.process, context.process):
         raise ValueError(f"{role}: the {role} was trained on {run.process!r}, the config names {context.process!r}; "
                          f"use the {role}'s process")
+    if student_from_teacher and run.model is not run.objective.modules().get("model", run.model):
+        base = getattr(run.objective, "base_source", "its base run")
+        raise ValueError(f"{role}: {source} was trained with objective {type(run.objective).__name__}: its model is a "
+                         f"network on a frozen base, which the config's model cannot start from; name the base run "
+                         f"({base}) and combine the networks when sampling (ControlledModel takes several ControlNets)")
     if student_from_teacher:  # a student's own inputs (STUDENT_ONLY) keep their init
         try:
             load_run_weights(context.model, source, keep=STUDENT_ONLY)
