@@ -73,7 +73,7 @@ class DigitsClassifierLoss(GuidanceLoss):
 class MaskedL2(GuidanceLoss):
     """(1/2) sum_i m_i (x0_i - v_i)^2 [B] for x0: [B, C, H, W] (Bansal et al. 2023's inpainting constraint):
     m is 1 inside ``box`` = [top, bottom, left, right] (fractions of the height and width; default: the whole
-    image), v = ``value`` (e.g. -1, the digits' background). From Python ``mask`` and ``target`` may be tensors
+    image, and every coordinate of any x0 [B, ...]), v = ``value`` (e.g. -1, the digits' background). From Python ``mask`` and ``target`` may be tensors
     broadcastable to x0 (any shape [B, ...]); they replace the box and the value."""
 
     def __init__(self, value: float = -1.0, box: tuple[UnitInterval, UnitInterval, UnitInterval, UnitInterval] = (0.0, 1.0, 0.0, 1.0),
@@ -85,7 +85,9 @@ class MaskedL2(GuidanceLoss):
         self.value, self.box, self.mask, self.target = value, tuple(box), mask, target
 
     def box_mask(self, x0: Tensor) -> Tensor:
-        """The box as a mask [1, 1, H, W] on x0's device and dtype."""
+        """The box as a mask [1, 1, H, W] on x0's device and dtype (the default box: 1 for any x0 [B, ...])."""
+        if self.box == (0.0, 1.0, 0.0, 1.0):
+            return torch.ones((), device=x0.device, dtype=x0.dtype)
         if x0.ndim != 4:
             raise ShapeError(f"masked_l2: a box needs images x0: [B, C, H, W], got {list(x0.shape)}; give a mask tensor")
         (h, w), (top, bottom, left, right) = x0.shape[-2:], self.box
