@@ -197,21 +197,24 @@ def _learn_grids(args: argparse.Namespace, ckpt: Path, exp: Experiment) -> None:
     from .diffusion.learned_grid import learn_grid, reference_solve, rms_error
     from .training.evaluation import requested_labels
 
-    denoiser, sampler = exp.denoiser(), exp.sampler
+    denoiser, sampler = exp.objective.guided(exp.denoiser()), exp.sampler  # the run's sampler, guided as it samples
+    classes = exp.sampled_classes if exp.text is None else None  # labels (a classifier guidance's too), not prompts
     g = torch.Generator().manual_seed(args.seed)
     sets = []
     for n in (max(args.pool, args.samples), args.heldout):  # the training pool, then held-out noise
-        labels = requested_labels(exp, -(-n // exp.num_classes))[:n] if exp.num_classes else None
+        labels = requested_labels(exp, -(-n // classes))[:n] if classes else None
         cond = None if labels is None else {"class_labels": labels}
         x = exp.process.prior((n, *exp.data_shape), generator=g)
         sets.append((x, cond, *reference_solve(denoiser, x, args.reference_steps, cond)))
     (x, cond, ref, ref_rms), (x_test, cond_test, ref_test, _) = sets
-    print(f"reference: DPM-Solver++ 3M, {args.reference_steps} steps, estimated RMS error {ref_rms:.2e}")
+    guided = "" if exp.guidance is None else f", guided by the run's {exp.guidance!r}"
+    print(f"reference: DPM-Solver++ 3M, {args.reference_steps} steps{guided}, estimated RMS error {ref_rms:.2e}")
     for nfe in args.nfe or [sampler.steps * sampler.nfe_per_step]:
         fit = learn_grid(denoiser, sampler, nfe, x=x, reference=ref, samples=args.samples,
                          evaluations=args.evaluations, cond=cond)
         fit.reference_rms = ref_rms
-        file = save_grid(ckpt, fit.entry(sampler, denoiser, nfe, len(x)))
+        file = save_grid(ckpt, {**fit.entry(sampler, denoiser, nfe, len(x)),
+                                "guidance": None if exp.guidance is None else exp.guidance.tag})
         start, learned = (rms_error(sampler, denoiser, t, x_test, ref_test, cond_test) for t in (fit.start, fit.times))
         print(f"NFE {nfe} ({len(fit.times) - 1} steps of {sampler!r}): RMS to the reference on held-out noise "
               f"{start:.3e} -> {learned:.3e} ({start / learned:.1f}x); training pool {fit.rms_start:.3e} -> "
@@ -232,8 +235,11 @@ def cmd_reflow(args: argparse.Namespace) -> None:
     if not isinstance(exp.objective, ConditionalFlowMatching):
         raise GenlabError(f"reflow: {args.path} was trained with objective {type(exp.objective).__name__}; reflow "
                           "needs a flow-matching run (objective: cfm)")
-    modules = load_sampling_weights(exp, ckpt)
-    denoiser = exp.objective.denoiser(modules["model"], score=modules.get("score"))
+    if exp.guidance is not None and exp.sampled_classes is not None:
+        raise GenlabError(f"reflow: {args.path} samples with {exp.guidance!r} for class labels, which the pairs file "
+                          "does not store; draw unguided pairs (add guidance=null) or train the next flow guided")
+    modules = load_sampling_weights(exp, ckpt)  # pairs from the run's sampler, guided as it samples
+    denoiser = exp.objective.guided(exp.objective.denoiser(modules["model"], score=modules.get("score")))
     g = torch.Generator().manual_seed(args.seed)
     sources, samples = [], []
     for start in range(0, args.pairs, args.batch):

@@ -6,18 +6,19 @@ written as a shift of the network output ``raw``, so x0, eps and the fast path s
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..core.bounds import NonNegativeFloat
-from ..core.registry import name_of, register
+from ..core.registry import build, name_of, register
 from ..diffusion.denoiser import Denoiser, linear_path, time_input
 from ..diffusion.levels import Level, combine
 from ..diffusion.processes import Process
 from .guidance import Cond, Guidance, GuidedDenoiser
+from .guidance_losses import GuidanceLoss
 
 
 def noisy_logits(classifier: Callable[..., Tensor], process: Process, x: Tensor, level: Level) -> Tensor:
@@ -165,17 +166,35 @@ class ClassifierGuidance(GradientGuidance):
         return f"ClassifierGuidance(scale={self.scale:g}, classifier={type(self.classifier).__name__})"
 
 
+@register("guidance", "universal")
 class UniversalGuidance(GradientGuidance):
     """Universal guidance, forward form (Bansal et al. 2023, "Universal guidance for diffusion models",
     Eq. 6): f = -loss(x0_hat(x_t), **cond) for any differentiable ``loss(x0 [B, ...], **cond) -> [B]``,
     its gradient taken through the denoiser. (Their backward guidance and self-recurrence are not here.)
-    Python only: a config never names code."""
+
+    ``loss``: a callable (Python), or in a config a registered loss of namespace ``guidance_loss``
+    (:mod:`.guidance_losses`: ``digits_classifier``, ``masked_l2``), e.g. ``guidance: {type: universal,
+    scale: 2, loss: {type: digits_classifier, label: 3}}``; a config never names code.
+    """
 
     through_denoiser = True
 
-    def __init__(self, loss: Callable[..., Tensor], scale: NonNegativeFloat = 1.0) -> None:
+    def __init__(self, loss: dict[str, Any] | Callable[..., Tensor], scale: NonNegativeFloat = 1.0) -> None:
         super().__init__(scale)
+        if isinstance(loss, Mapping):
+            loss = build("guidance_loss", loss, path="guidance.loss")
+        if not callable(loss):
+            raise TypeError(f"UniversalGuidance: loss must be a callable loss(x0, **cond) -> [B] or a guidance_loss "
+                            f"section, got {type(loss).__name__}")
         self.loss = loss
+
+    def build(self, pretrained: Callable[[str], Any]) -> None:
+        if isinstance(self.loss, GuidanceLoss):
+            self.loss.build(pretrained)
 
     def log_likelihood(self, x: Tensor, level: Level, x0: Tensor | None, cond: Cond, process: Process) -> Tensor:
         return -self.loss(x0, **cond)
+
+    def __repr__(self) -> str:
+        name = name_of("guidance_loss", type(self.loss)) if isinstance(self.loss, GuidanceLoss) else "callable"
+        return f"UniversalGuidance(scale={self.scale:g}, loss={name})"

@@ -35,8 +35,8 @@ from .config import save_config
 from .errors import CheckpointError, GenlabError, NonFiniteError, WriteError
 from .io import atomic_write, fsync_directory, new_file_mode, write_json_atomic
 
-__all__ = ["GRIDS_FILE", "check_fits", "intact_checkpoint", "latest_checkpoint", "load_optimizer", "load_state",
-           "load_weights", "resolve_checkpoint", "save_checkpoint", "verify_checkpoint", "write_json_atomic"]
+__all__ = ["GRIDS_FILE", "check_fits", "intact_checkpoint", "latest_checkpoint", "load_optimizer", "load_run_weights",
+           "load_state", "load_weights", "resolve_checkpoint", "save_checkpoint", "verify_checkpoint", "write_json_atomic"]
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 GRIDS_FILE = "grids.json"
@@ -158,19 +158,21 @@ def _read_header(path: Path) -> dict[str, list[int]]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-def check_fits(path: str | os.PathLike, module: nn.Module) -> None:
+def check_fits(path: str | os.PathLike, module: nn.Module, keep: tuple[str, ...] = ()) -> None:
     """CheckpointError if the tensors in safetensors file ``path`` are not, by name and shape, those of
-    ``module``'s state dict (read from the file's header; nothing is loaded)."""
+    ``module``'s state dict (read from the file's header; nothing is loaded); the module's tensors whose
+    names start with one of ``keep`` may be absent from the file."""
     stored = _read_header(Path(path))
     wanted = {k: list(v.shape) for k, v in module.state_dict().items()}
-    missing, extra = sorted(wanted.keys() - stored.keys()), sorted(stored.keys() - wanted.keys())
+    missing = sorted(k for k in wanted.keys() - stored.keys() if not k.startswith(keep))
+    extra = sorted(stored.keys() - wanted.keys())
     why = "it was written for another model; build the model with the run's config"
     if missing:
         raise CheckpointError(f"{path}: no tensor '{missing[0]}' of the model ({len(missing)} missing); {why}")
     if extra:
         raise CheckpointError(f"{path}: tensor '{extra[0]}' is not in the model ({len(extra)} more); {why}")
     for k, shape in wanted.items():
-        if stored[k] != shape:
+        if k in stored and stored[k] != shape:
             raise CheckpointError(f"{path}: '{k}' has shape {stored[k]} in the file and {shape} in the model; {why}")
 
 
@@ -187,6 +189,20 @@ def load_weights(path: str | os.PathLike, module: nn.Module | None = None) -> di
     if bad:
         raise CheckpointError(f"{path}: non-finite values in '{bad[0]}'")
     return tensors
+
+
+def load_run_weights(module: nn.Module, source: str | os.PathLike, keep: tuple[str, ...] = ()) -> Path:
+    """Start ``module`` from the EMA weights of run or checkpoint directory ``source`` (resolved and
+    verified by :func:`resolve_checkpoint`, checked to fit by :func:`check_fits`, read through
+    safetensors); its tensors named with a prefix of ``keep`` that the run lacks keep their values.
+    The one way genlab starts a model from a run (``load_pretrained``, ``adapters.base``, a teacher's
+    student, ``finetune``'s and ``controlnet``'s ``base``). Returns the checkpoint directory;
+    GenlabError (CheckpointError for weights of another model) naming what is wrong."""
+    ckpt = resolve_checkpoint(source)
+    weights = ckpt / "ema.safetensors"
+    check_fits(weights, module, keep)
+    module.load_state_dict({**module.state_dict(), **load_weights(weights)})
+    return ckpt
 
 
 def load_state(directory: str | os.PathLike) -> dict[str, Any]:

@@ -100,7 +100,10 @@ class ControlNetTraining(Objective):
         return {"model": self.controlnet, "base": self.context.model}
 
     def controlled(self, modules: dict[str, nn.Module]) -> ControlledModel:
-        """The base model with the ControlNet of ``modules`` (as the Trainer holds them), one model."""
+        """The base model with the ControlNet of ``modules`` (as the Trainer holds them), one model; a
+        ``model`` that is one already (this run loaded whole, ``load_pretrained``) as it is."""
+        if isinstance(modules["model"], ControlledModel):
+            return modules["model"]
         return ControlledModel(modules["base"], modules["model"], self.conditioning_scale)
 
     def denoiser(self, model: Any, process: Any = None) -> Denoiser:

@@ -89,7 +89,7 @@ class FineTune(Objective):
 
     def build(self, context: BuildContext) -> None:
         super().build(context)
-        self.teacher: Teacher = load_teacher(context, self.base, student_from_teacher=True)
+        self.teacher: Teacher = load_teacher(context, self.base, student_from_teacher=True, role="base")
         if not isinstance(self.teacher.objective, DenoisingObjective):
             raise ValueError(f"finetune: {self.base} was trained with {type(self.teacher.objective).__name__}; "
                              "fine-tuning continues a denoising (diffusion) run")

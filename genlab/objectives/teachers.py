@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..core.errors import GenlabError
+from ..core.checkpoint import load_run_weights
+from ..core.errors import CheckpointError, GenlabError
 from ..diffusion.denoiser import Denoiser
 from .base import BuildContext, Reference
 
@@ -94,15 +95,15 @@ def load_teacher(context: BuildContext, source: str | Denoiser, *, student_from_
     if not same_process(run.process, context.process):
         raise ValueError(f"{role}: the {role} was trained on {run.process!r}, the config names {context.process!r}; "
                          f"use the {role}'s process")
-    if student_from_teacher:
-        own, theirs = context.model.state_dict(), run.model.state_dict()
-        for key, value in theirs.items():
-            if key not in own or own[key].shape != value.shape:
-                raise ValueError(f"{role}: the config's model must have the {role}'s architecture ('{key}' differs); "
-                                 f"use the {role}'s model section")
-        extra = [k for k in own if k not in theirs and not k.startswith(STUDENT_ONLY)]
-        if extra:
-            raise ValueError(f"{role}: the config's model must have the {role}'s architecture ('{extra[0]}' is not "
-                             f"in the {role}); use the {role}'s model section")
-        context.model.load_state_dict({**own, **theirs})  # a student's own inputs (STUDENT_ONLY) keep their init
+    if student_from_teacher and run.model is not run.objective.modules().get("model", run.model):
+        base = getattr(run.objective, "base_source", "its base run")
+        raise ValueError(f"{role}: {source} was trained with objective {type(run.objective).__name__}: its model is a "
+                         f"network on a frozen base, which the config's model cannot start from; name the base run "
+                         f"({base}) and combine the networks when sampling (ControlledModel takes several ControlNets)")
+    if student_from_teacher:  # a student's own inputs (STUDENT_ONLY) keep their init
+        try:
+            load_run_weights(context.model, source, keep=STUDENT_ONLY)
+        except CheckpointError as e:
+            raise ValueError(f"{role}: the config's model must have the {role}'s architecture ({e}); "
+                             f"use the {role}'s model section") from None
     return Teacher(run.model, run.objective, run.sampler)

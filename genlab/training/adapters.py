@@ -22,7 +22,7 @@ from typing import Any
 from torch import nn
 
 from ..adapters.lora import LoRAConfig, attach_lora, mark_only_adapters_trainable
-from ..core.checkpoint import check_fits, load_weights, resolve_checkpoint
+from ..core.checkpoint import load_run_weights
 from ..core.errors import ConfigError, GenlabError
 from ..core.registry import construct
 
@@ -40,11 +40,9 @@ def attach_adapters(model: nn.Module, section: Mapping[str, Any], source: str) -
     cfg = construct(AdaptersConfig, section, path="adapters", source=source)
     if cfg.base is not None:
         try:
-            weights = resolve_checkpoint(cfg.base) / "ema.safetensors"
-            check_fits(weights, model)
+            load_run_weights(model, cfg.base)
         except GenlabError as e:
             raise ConfigError(f"{source}: adapters.base: {e}") from None
-        model.load_state_dict(load_weights(weights))
     if cfg.lora is not None:
         try:
             attach_lora(model, cfg.lora)

@@ -14,7 +14,7 @@ from ..core.bounds import NonNegativeFloat, NonNegativeInt, PositiveFloat, Posit
 from ..core.config import ConfigDict, check_keys, show_value
 from ..core.errors import ConfigError, GenlabError
 from ..core.registry import build, construct, lookup
-from ..core.checkpoint import check_fits, load_weights, resolve_checkpoint
+from ..core.checkpoint import load_run_weights, resolve_checkpoint
 from ..core.config import load_config
 from ..adapters.guidance import CFG, Guidance
 from ..diffusion import Denoiser, Process, Sampler
@@ -218,12 +218,20 @@ class Experiment:
 def load_pretrained(path: str) -> Experiment:
     """The Experiment of a trained run (a run directory or a checkpoint directory, verified), its model
     holding the EMA weights (loaded through safetensors), in eval mode and frozen: a teacher, or any
-    pretrained component an objective names in its config."""
+    pretrained component an objective names in its config. A ControlNet run (objective ``controlnet``)
+    loads whole: its model is the base with the ControlNet (a ``ControlledModel``, which takes ``control``)."""
     ckpt = resolve_checkpoint(path)
     exp = Experiment.from_config(ConfigDict(load_config(ckpt / "config.yaml"), source=str(ckpt / "config.yaml")))
-    weights = ckpt / "ema.safetensors"
-    check_fits(weights, exp.model)
-    exp.model.load_state_dict(load_weights(weights))
+    if exp.objective.modules().get("model", exp.model) is exp.model:
+        load_run_weights(exp.model, ckpt)
+    else:  # the run trained another network on the frozen model: loaded whole, as it samples
+        from .resume import load_sampling_weights
+
+        whole = getattr(exp.objective, "controlled", None)
+        if whole is None:
+            raise GenlabError(f"{path}: objective {type(exp.objective).__name__} trains a network beside the config's "
+                              "model, which genlab cannot load as one pretrained model; sample it with genlab sample")
+        exp.model = whole(load_sampling_weights(exp, ckpt))  # a ControlNet run: its base with the ControlNet
     exp.model.eval().requires_grad_(False)
     return exp
 
