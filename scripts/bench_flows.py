@@ -120,10 +120,10 @@ def bench_glow(steps: int, k: int, hidden: int, batch: int) -> list[str]:
 
 # --- NSF on toy sets ---------------------------------------------------------------------------------
 
-def nsf_sides(dim: int, k: int, bins: int, hidden: int) -> list[Side]:
+def nsf_sides(dim: int, k: int, bins: int, hidden: int, seed: int) -> list[Side]:
     import zuko
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     theirs = zuko.flows.NSF(dim, bins=bins, transforms=k, passes=2, hidden_features=(hidden, hidden))
     target = sum(p.numel() for p in theirs.parameters())
 
@@ -131,24 +131,24 @@ def nsf_sides(dim: int, k: int, bins: int, hidden: int) -> list[Side]:
         return Flow([dim], [SplineCoupling(dim, bins, 5.0, parity=i % 2, hidden=width, depth=2) for i in range(k)])
 
     width = min(range(8, 4 * hidden), key=lambda w: abs(sum(p.numel() for p in ours_with(w).parameters()) - target))
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     ours = ours_with(width)
     return [Side("genlab", ours, ours.log_prob), Side("zuko", theirs, lambda x: theirs().log_prob(x))]
 
 
-def bench_nsf(steps: int, k: int, bins: int, hidden: int, batch: int) -> list[str]:
+def bench_nsf(steps: int, k: int, bins: int, hidden: int, batch: int, seed: int = 0) -> list[str]:
     mixture = GaussianMixture.random(8, 6, torch.Generator().manual_seed(0), scale=0.5)
     sets: dict[str, tuple[Callable[[int, torch.Generator], Tensor], Callable[[Tensor], Tensor], int]] = {
         "eight_gaussians": (lambda n, g: toy2d("eight_gaussians", n, g), lambda x: toy2d_log_prob("eight_gaussians", x), 2),
         "rings": (lambda n, g: toy2d("rings", n, g), lambda x: toy2d_log_prob("rings", x), 2),
         "mixture_8d": (lambda n, g: mixture.sample(n, g, torch.float32), mixture.log_prob, 8),
     }
-    lines = [f"coupling NSF, {k} layers, {bins} bins, zuko hidden ({hidden}, {hidden}), batch {batch}, {steps} steps; "
-             "held-out NLL (nats) of 20000 points",
+    lines = [f"coupling NSF, {k} layers, {bins} bins, zuko hidden ({hidden}, {hidden}), batch {batch}, {steps} steps, "
+             f"seed {seed}; held-out NLL (nats) of 20000 points",
              f"{'set':<16} {'side':<7} {'params':>7} {'NLL':>8} {'true NLL':>9} {'ms/step':>8} {'time ratio':>11}"]
     for name, (draw, true_log_prob, dim) in sets.items():
-        g = torch.Generator().manual_seed(0)
-        sides = nsf_sides(dim, k, bins, hidden)
+        g = torch.Generator().manual_seed(seed)
+        sides = nsf_sides(dim, k, bins, hidden, seed)
         race(sides, lambda _: draw(batch, g), steps)
         held = draw(20000, torch.Generator().manual_seed(123))
         true = float(-true_log_prob(held.double()).mean())
@@ -167,13 +167,14 @@ def main() -> None:
     parser.add_argument("--part", choices=["glow", "nsf", "all"], default="all")
     parser.add_argument("--steps-glow", type=int, default=600)
     parser.add_argument("--steps-nsf", type=int, default=1500)
+    parser.add_argument("--seed", type=int, default=0, help="the NSF part's initialisation and batches")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.part in ("glow", "all"):
         print("\n".join(bench_glow(args.steps_glow, k=8, hidden=64, batch=64)), flush=True)
     if args.part in ("nsf", "all"):
-        print("\n".join(bench_nsf(args.steps_nsf, k=4, bins=8, hidden=64, batch=256)), flush=True)
+        print("\n".join(bench_nsf(args.steps_nsf, k=4, bins=8, hidden=64, batch=256, seed=args.seed)), flush=True)
 
 
 if __name__ == "__main__":
