@@ -10,10 +10,12 @@ on both alike).
   zero-initialised last convolution) and ``Squeeze``. Reported: bits/dim of the discrete test split
   (the dequantization bound with the bin-count term, same noise draws) and the training step time.
 - ``nsf``: coupling neural spline flows (Durkan et al. 2019) on 2-D toy sets with exact densities and on an
-  8-D Gaussian mixture. genlab: K ``SplineCoupling`` (even / odd features alternating); zuko:
+  8-D Gaussian mixture. genlab: K ``SplineCoupling`` (even / odd features alternating, ``kept_spline``:
+  the kept half through an unconditional learned spline, as zuko's coupling does); zuko:
   ``zuko.flows.NSF(passes=2)`` (halves of the features, its order reversed in every other layer).
   Both splines on [-5, 5] with the same bins; genlab's hidden width is chosen so that the parameter
-  counts match (zuko's coupling also carries unconditional splines of the kept half). Reported:
+  counts match (zuko's count includes its masked-out weights). ``--no-kept-spline``: genlab's coupling
+  leaves the kept half unchanged (Durkan et al.'s coupling). Reported:
   held-out NLL (nats) next to the true density's, and the training step time.
 
 Times are the total wall time of each side's training steps (one torch thread unless ``--threads``);
@@ -120,35 +122,37 @@ def bench_glow(steps: int, k: int, hidden: int, batch: int) -> list[str]:
 
 # --- NSF on toy sets ---------------------------------------------------------------------------------
 
-def nsf_sides(dim: int, k: int, bins: int, hidden: int) -> list[Side]:
+def nsf_sides(dim: int, k: int, bins: int, hidden: int, seed: int, kept_spline: bool = True) -> list[Side]:
     import zuko
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     theirs = zuko.flows.NSF(dim, bins=bins, transforms=k, passes=2, hidden_features=(hidden, hidden))
     target = sum(p.numel() for p in theirs.parameters())
 
     def ours_with(width: int) -> Flow:
-        return Flow([dim], [SplineCoupling(dim, bins, 5.0, parity=i % 2, hidden=width, depth=2) for i in range(k)])
+        return Flow([dim], [SplineCoupling(dim, bins, 5.0, parity=i % 2, hidden=width, depth=2, kept_spline=kept_spline)
+                            for i in range(k)])
 
     width = min(range(8, 4 * hidden), key=lambda w: abs(sum(p.numel() for p in ours_with(w).parameters()) - target))
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     ours = ours_with(width)
     return [Side("genlab", ours, ours.log_prob), Side("zuko", theirs, lambda x: theirs().log_prob(x))]
 
 
-def bench_nsf(steps: int, k: int, bins: int, hidden: int, batch: int) -> list[str]:
+def bench_nsf(steps: int, k: int, bins: int, hidden: int, batch: int, seed: int = 0,
+              kept_spline: bool = True) -> list[str]:
     mixture = GaussianMixture.random(8, 6, torch.Generator().manual_seed(0), scale=0.5)
     sets: dict[str, tuple[Callable[[int, torch.Generator], Tensor], Callable[[Tensor], Tensor], int]] = {
         "eight_gaussians": (lambda n, g: toy2d("eight_gaussians", n, g), lambda x: toy2d_log_prob("eight_gaussians", x), 2),
         "rings": (lambda n, g: toy2d("rings", n, g), lambda x: toy2d_log_prob("rings", x), 2),
         "mixture_8d": (lambda n, g: mixture.sample(n, g, torch.float32), mixture.log_prob, 8),
     }
-    lines = [f"coupling NSF, {k} layers, {bins} bins, zuko hidden ({hidden}, {hidden}), batch {batch}, {steps} steps; "
-             "held-out NLL (nats) of 20000 points",
+    lines = [f"coupling NSF, {k} layers, {bins} bins, zuko hidden ({hidden}, {hidden}), batch {batch}, {steps} steps, "
+             f"seed {seed}, genlab kept_spline={kept_spline}; held-out NLL (nats) of 20000 points",
              f"{'set':<16} {'side':<7} {'params':>7} {'NLL':>8} {'true NLL':>9} {'ms/step':>8} {'time ratio':>11}"]
     for name, (draw, true_log_prob, dim) in sets.items():
-        g = torch.Generator().manual_seed(0)
-        sides = nsf_sides(dim, k, bins, hidden)
+        g = torch.Generator().manual_seed(seed)
+        sides = nsf_sides(dim, k, bins, hidden, seed, kept_spline)
         race(sides, lambda _: draw(batch, g), steps)
         held = draw(20000, torch.Generator().manual_seed(123))
         true = float(-true_log_prob(held.double()).mean())
@@ -167,13 +171,16 @@ def main() -> None:
     parser.add_argument("--part", choices=["glow", "nsf", "all"], default="all")
     parser.add_argument("--steps-glow", type=int, default=600)
     parser.add_argument("--steps-nsf", type=int, default=1500)
+    parser.add_argument("--seed", type=int, default=0, help="the NSF part's initialisation and batches")
+    parser.add_argument("--no-kept-spline", action="store_true", help="genlab's coupling leaves the kept half as is")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.part in ("glow", "all"):
         print("\n".join(bench_glow(args.steps_glow, k=8, hidden=64, batch=64)), flush=True)
     if args.part in ("nsf", "all"):
-        print("\n".join(bench_nsf(args.steps_nsf, k=4, bins=8, hidden=64, batch=256)), flush=True)
+        print("\n".join(bench_nsf(args.steps_nsf, k=4, bins=8, hidden=64, batch=256, seed=args.seed,
+                                   kept_spline=not args.no_kept_spline)), flush=True)
 
 
 if __name__ == "__main__":

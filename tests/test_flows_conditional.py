@@ -38,6 +38,8 @@ CASES: dict[str, tuple[Callable[[], FlowTransform], tuple[int, ...], torch.Tenso
                                LABELS.flip(0)),
     "spline_coupling_context": (lambda: SplineCoupling(3, bins=4, bound=2.0, hidden=8, parity=1, context=2), (3,),
                                 _ctx(2), -_ctx(2)),
+    "spline_coupling_kept_spline": (lambda: SplineCoupling(4, bins=5, bound=2.0, hidden=8, num_classes=3,
+                                                           kept_spline=True), (4,), LABELS, LABELS.flip(0)),
     "maf_labels": (lambda: MAF(3, hidden=8, num_classes=3), (3,), LABELS, LABELS.flip(0)),
     "iaf_context": (lambda: IAF(3, hidden=8, reverse=True, context=2), (3,), _ctx(2), -_ctx(2)),
     "spline_autoregressive_labels": (lambda: SplineAutoregressive(3, bins=4, bound=2.0, hidden=8, num_classes=3),

@@ -104,4 +104,4 @@ def test_actnorm_init_from_a_batch_of_one() -> None:
     torch.testing.assert_close(z.std((0, 2, 3), unbiased=False), torch.ones(2, dtype=torch.float64), atol=1e-5, rtol=0)
     flat = ActNorm(1)  # a constant channel: centred, not scaled by 1 / eps
     z, _ = flat(torch.full((4, 1, 2, 2), 0.5))
-    assert float(flat.log_scale) == 0.0 and float(z.abs().max()) == 0.0
+    assert float(flat.log_scale.detach()) == 0.0 and float(z.detach().abs().max()) == 0.0

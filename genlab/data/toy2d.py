@@ -149,10 +149,11 @@ def toy2d(name: str, n: int, generator: torch.Generator | None = None) -> Tensor
     return (_TOYS[name].sample(n, generator) - mean) / std
 
 
-def _standardisation(name: str) -> tuple[Tensor, Tensor]:
+def _standardisation(name: str, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """The set's exact mean and std per coordinate, [2] each, in ``dtype`` (torch's default if None)."""
     toy = _TOYS[name]
-    mean = torch.tensor(toy.mean)
-    return mean, (torch.tensor(toy.second_moment) - mean**2).sqrt()
+    mean = torch.tensor(toy.mean, dtype=dtype)
+    return mean, (torch.tensor(toy.second_moment, dtype=dtype) - mean**2).sqrt()
 
 
 def toy2d_log_prob(name: str, x: Tensor) -> Tensor:
@@ -162,7 +163,7 @@ def toy2d_log_prob(name: str, x: Tensor) -> Tensor:
     if name not in _TOYS or _TOYS[name].log_prob is None:
         exact = ", ".join(k for k, t in _TOYS.items() if t.log_prob is not None)
         raise ValueError(f"toy2d: no closed-form density for {name!r}; sets with one: {exact}")
-    mean, std = (v.to(x) for v in _standardisation(name))
+    mean, std = (v.to(x) for v in _standardisation(name, torch.float64))
     return _TOYS[name].log_prob(mean + std * x) + std.log().sum()
 
 
