@@ -25,6 +25,8 @@ shared, so the codebooks of all ranks stay identical.
 
 from __future__ import annotations
 
+import math
+
 from typing import Annotated, Literal
 
 import torch
@@ -78,10 +80,16 @@ class VectorQuantizer(Quantizer):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """A standard normal codebook (unit rows if cosine), ``N_i = 1``, ``m_i = e_i``; k-means still to run."""
+        """A small uniform codebook, U(-b, b) with b = sqrt(6 / (K d)) (kaiming-uniform over the whole table, as
+        vector-quantize-pytorch; unit rows if cosine), ``N_i = 1``, ``m_i = e_i``; k-means still to run. Small
+        codes are chosen by the direction of a vector more than by its norm, so a fresh codebook is spread over
+        many codes: with N(0, 1) codes (|e|^2 ~ d) a plain VQ autoencoder used 1-2% of 256 codes along training
+        on digits, against 8-15% for this start (``scripts/bench_autoencoders.py``)."""
         super().reset_parameters()
         with torch.no_grad():
-            e = torch.randn(self.codebook.shape, device=self.codebook.device)
+            k, d = self.codebook.shape
+            bound = math.sqrt(6.0 / (k * d))
+            e = torch.empty(self.codebook.shape, device=self.codebook.device).uniform_(-bound, bound)
             self.codebook.copy_(F.normalize(e, dim=-1) if self.cosine else e)
             self.cluster_size.fill_(1.0)
             self.embed_sum.copy_(self.codebook)
