@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..core.bounds import PositiveInt, UnitInterval
 from ..core.errors import ShapeError
-from ..core.registry import register, register_namespace
+from ..core.registry import name_of, register, register_namespace
 
 
 class GuidanceLoss:
@@ -55,6 +55,17 @@ def wanted_labels(label: int | None, x0: Tensor, cond: dict[str, Any], name: str
     if labels is None:
         raise ValueError(f"{name}: sampling gives no class_labels; set the loss's label")
     return labels
+
+
+def load_noisy_classifier(pretrained: Callable[[str], Any], run: str, who: str) -> tuple[torch.nn.Module, Any]:
+    """(the classifier, its process) of ``run``, which must be a ``noisy_classifier`` run; ValueError naming
+    the objective it was trained with otherwise (``who``: the component, for the message)."""
+    exp = pretrained(run)
+    trained = name_of("objective", type(exp.objective))
+    if trained != "noisy_classifier":
+        raise ValueError(f"{who}: {run} was trained with objective {trained!r}; {who} needs a run of objective "
+                         "noisy_classifier")
+    return exp.model, exp.process
 
 
 @register("guidance_loss", "digits_classifier")
@@ -93,14 +104,7 @@ class ClassifierRunLoss(GuidanceLoss):
         self.classifier: torch.nn.Module | None = None
 
     def build(self, pretrained: Callable[[str], Any]) -> None:
-        from ..core.registry import name_of
-
-        exp = pretrained(self.run)
-        trained = name_of("objective", type(exp.objective))
-        if trained != "noisy_classifier":
-            raise ValueError(f"classifier loss: {self.run} was trained with objective {trained!r}; name a run of "
-                             "objective noisy_classifier")
-        self.classifier, self.process = exp.model, exp.process
+        self.classifier, self.process = load_noisy_classifier(pretrained, self.run, "classifier loss")
 
     def __call__(self, x0: Tensor, **cond: Any) -> Tensor:
         from .gradient_guidance import noisy_logits
