@@ -26,12 +26,18 @@ def _merged(tensors: dict[str, torch.Tensor], key: str, weight: torch.Tensor) ->
     return tensors[f"{key}.dora_scale"] * w / norm
 
 
-def test_dora_round_trip_through_kohya_and_lycoris_formula(tmp_path) -> None:
+def _from_peft(tmp_path) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
+    """(the base UNet, a peft DoRA model of it, a genlab copy of the base with the peft adapter loaded)."""
     base, theirs = _peft_model(dora=True)
-    x = _inputs(base)
     theirs.save_pretrained(tmp_path / "peft")
     model = copy.deepcopy(base)
     load_lora(model, tmp_path / "peft")
+    return base, theirs, model
+
+
+def test_dora_round_trip_through_kohya_and_lycoris_formula(tmp_path) -> None:
+    base, theirs, model = _from_peft(tmp_path)
+    x = _inputs(base)
     y = theirs(*x)
     file = save_lora(model, tmp_path / "dora.safetensors", format="kohya")
     assert detect_format(file) == "kohya"
@@ -56,10 +62,7 @@ def test_dora_round_trip_through_kohya_and_lycoris_formula(tmp_path) -> None:
 
 
 def test_input_axis_dora_scale_is_refused(tmp_path) -> None:
-    base, theirs = _peft_model(dora=True)
-    theirs.save_pretrained(tmp_path / "peft")
-    model = copy.deepcopy(base)
-    load_lora(model, tmp_path / "peft")
+    base, _, model = _from_peft(tmp_path)
     tensors = load_file(save_lora(model, tmp_path / "k.safetensors", format="kohya"))
     key = next(k for k in tensors if k.endswith("to_k.dora_scale"))
     rows = tensors[f"{key.removesuffix('.dora_scale')}.lora_down.weight"].shape[1]
