@@ -185,6 +185,10 @@ def cmd_learn_grid(args: argparse.Namespace) -> None:
     from .training.resume import load_sampling_weights
 
     ckpt, _, exp = checkpoint_experiment(args.path, args.overrides)
+    if exp.objective.takes_control:  # its denoiser would be the base alone, without the control it samples with
+        raise GenlabError(f"learn-grid: {args.path} samples with control images (objective controlnet); learn the grid "
+                          f"on its base run ({getattr(exp.objective, 'base_source', 'BASE')}) and sample with "
+                          "sampler.grid.type=learned sampler.grid.path=BASE")
     load_sampling_weights(exp, ckpt)
     with _run_lock(ckpt.parent.parent, "learn-grid"):  # grids.json goes into the checkpoint
         _learn_grids(args, ckpt, exp)

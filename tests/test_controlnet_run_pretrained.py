@@ -1,6 +1,7 @@
 """A ControlNet run (objective ``controlnet``) where genlab loads trained runs: ``load_pretrained`` gives the
 base with the ControlNet as one model (what the run samples), ``genlab sample RUN`` draws with the held-out
-controls, and as the ``base`` of another ControlNet or fine-tuning run it is a one-line error naming the base."""
+controls, and as the ``base`` of another ControlNet or fine-tuning run (or for learn-grid) it is a one-line error
+naming the base."""
 
 from __future__ import annotations
 
@@ -66,3 +67,9 @@ def test_a_controlnet_run_as_a_base_names_its_base(runs, objective) -> None:
     extra = [] if objective == "controlnet" else ["objective.type=finetune", "objective.trainable=null"]
     with pytest.raises(ConfigError, match=rf"base: {cn} was trained with objective ControlNetTraining.*name the base run \({base}\)"):
         Experiment.from_config(load_config(config, [*TINY, *extra, f"objective.base={cn}"]))
+
+
+def test_learn_grid_sends_a_controlnet_run_to_its_base(runs, capsys) -> None:
+    base, cn = runs
+    assert main(["learn-grid", str(cn), "--nfe", "2"]) == 2
+    assert f"learn the grid on its base run ({base})" in capsys.readouterr().err

@@ -57,3 +57,15 @@ def test_reflow_draws_its_pairs_guided(flow_run, tmp_path) -> None:
     norm = {name: p[sample_key].norm(dim=-1).mean().item() for name, p in pairs.items()}
     assert norm["guided"] < 0.8 * norm["plain"]  # pulled towards the origin
 
+
+
+def test_reflow_refuses_guidance_for_class_labels(flow_run, tmp_path, capsys, monkeypatch) -> None:
+    """A run that samples guided per class (here the moons run told it draws 2 classes) cannot store its labels
+    in the pairs file: one line naming guidance=null."""
+    from genlab.training import Experiment
+
+    monkeypatch.setattr(Experiment, "sampled_classes", property(lambda self: 2))
+    assert main(["reflow", str(flow_run), *TO_ORIGIN, "--pairs", "8"]) == 2
+    assert "which the pairs file does not store; draw unguided pairs (add guidance=null)" in capsys.readouterr().err
+    assert main(["reflow", str(flow_run), *TO_ORIGIN, "guidance=null", "--pairs", "8",
+                 "--out", str(tmp_path / PAIRS_FILE)]) == 0  # unguided pairs, as the message says

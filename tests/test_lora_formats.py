@@ -144,10 +144,6 @@ def test_bad_files_name_the_key(tmp_path) -> None:
         dit = _dit()
         attach_lora(dit, LoRAConfig("*to_q"))
         save_lora(dit, tmp_path / "dit", format="diffusers")
-    dora = _unet()
-    attach_lora(dora, LoRAConfig("*to_q", dora=True))
-    with pytest.raises(ValueError, match="kohya format has no DoRA"):
-        save_lora(dora, tmp_path / "dora.safetensors", format="kohya")
     with pytest.raises(ValueError, match="did you mean 'peft'"):
         save_lora(model, tmp_path / "x", format="pefт")
     assert len(lora_layers(_unet())) == 0

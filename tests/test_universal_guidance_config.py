@@ -80,3 +80,22 @@ def test_a_config_names_universal_guidance() -> None:
     assert repr(exp.guidance) == "UniversalGuidance(scale=2, loss=digits_classifier)"
     with pytest.raises(ConfigError, match="guidance.loss.type"):
         Experiment.from_config(load_config(DIGITS, ["guidance.type=universal", "guidance.loss.type=nope"]))
+
+
+def test_a_classifier_runs_loss(tmp_path) -> None:
+    """Loss ``classifier``: -log p(y | x0) of a noisy_classifier run's classifier at t_min, built from the run."""
+    from genlab.adapters.gradient_guidance import noisy_logits
+    from genlab.training import Trainer
+
+    config = str(Path(DIGITS).parent / "guidance" / "classifier_digits.yaml")
+    tiny = ["model.channels=8", "model.norm_groups=4", "train.steps=2", "train.batch_size=8", "train.warmup_steps=1"]
+    with Trainer(Experiment.from_config(load_config(config, tiny)), tmp_path / "clf", progress=False) as t:
+        t.fit()
+    exp = Experiment.from_config(load_config(DIGITS, [
+        "model.channels=8", "model.norm_groups=4", "guidance.type=universal",
+        "guidance.loss.type=classifier", f"guidance.loss.run={tmp_path / 'clf'}"]))
+    loss = exp.guidance.loss
+    x0, labels = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(4)) * 2 - 1, torch.tensor([1, 5, -1])
+    level = loss.process.level(torch.full((3,), loss.process.t_min))
+    logp = torch.log_softmax(noisy_logits(loss.classifier, loss.process, x0, level), -1)
+    torch.testing.assert_close(loss(x0, class_labels=labels), torch.stack([-logp[0, 1], -logp[1, 5], logp[2, 0] * 0]))

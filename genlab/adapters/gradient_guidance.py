@@ -18,7 +18,7 @@ from ..diffusion.denoiser import Denoiser, linear_path, time_input
 from ..diffusion.levels import Level, combine
 from ..diffusion.processes import Process
 from .guidance import Cond, Guidance, GuidedDenoiser
-from .guidance_losses import GuidanceLoss
+from .guidance_losses import GuidanceLoss, load_noisy_classifier
 
 
 def noisy_logits(classifier: Callable[..., Tensor], process: Process, x: Tensor, level: Level) -> Tensor:
@@ -124,12 +124,7 @@ class ClassifierGuidance(GradientGuidance):
     def build(self, pretrained: Callable[[str], Any]) -> None:
         if not isinstance(self.classifier, str):
             return
-        run = pretrained(self.classifier)
-        trained = name_of("objective", type(run.objective))
-        if trained != "noisy_classifier":
-            raise ValueError(f"classifier: {self.classifier} was trained with objective {trained!r}; classifier "
-                             "guidance needs a run of objective noisy_classifier")
-        self.classifier, self.process = run.model, run.process
+        self.classifier, self.process = load_noisy_classifier(pretrained, self.classifier, "classifier")
 
     @property
     def num_classes(self) -> int | None:

@@ -7,6 +7,7 @@ differentiable in x0; :meth:`GuidanceLoss.build` loads what it needs before samp
 
 - ``digits_classifier``: -log p(y | x0) of genlab's digits classifier (:mod:`genlab.metrics.classifier`,
   trained in seconds on the digits' training split), y a fixed ``label`` or each sample's class label;
+- ``classifier``: -log p(y | x0) of a trained ``noisy_classifier`` run's classifier at t_min;
 - ``masked_l2``: (1/2) sum_i m_i (x0_i - v_i)^2, the inpainting / editing constraint of universal guidance
   (Bansal et al. 2023, Sec. 3): a target ``value`` inside a ``box`` of the image, or, from Python, any mask
   and target tensors.
@@ -23,7 +24,7 @@ from torch import Tensor
 
 from ..core.bounds import PositiveInt, UnitInterval
 from ..core.errors import ShapeError
-from ..core.registry import register, register_namespace
+from ..core.registry import name_of, register, register_namespace
 
 
 class GuidanceLoss:
@@ -37,7 +38,34 @@ class GuidanceLoss:
 
 
 register_namespace("guidance_loss", GuidanceLoss,
-                   "guidance_loss: a loss of the x0 estimate for universal guidance (digits_classifier, masked_l2)")
+                   "guidance_loss: a loss of the x0 estimate for universal guidance (digits_classifier, classifier, masked_l2)")
+
+
+def log_prob(logits: Tensor, labels: Tensor) -> Tensor:
+    """log softmax(logits)[labels] [B] (logits [B, K], labels [B]); 0 where a label is -1 (the null class)."""
+    logp = torch.log_softmax(logits, dim=-1).gather(1, labels.long().clamp(min=0)[:, None])[:, 0]
+    return logp * (labels >= 0)
+
+
+def wanted_labels(label: int | None, x0: Tensor, cond: dict[str, Any], name: str) -> Tensor:
+    """The labels [B] a classifier loss guides to: ``label`` for all, or (None) the condition's ``class_labels``."""
+    if label is not None:
+        return torch.full((len(x0),), label, device=x0.device)
+    labels = cond.get("class_labels")
+    if labels is None:
+        raise ValueError(f"{name}: sampling gives no class_labels; set the loss's label")
+    return labels
+
+
+def load_noisy_classifier(pretrained: Callable[[str], Any], run: str, who: str) -> tuple[torch.nn.Module, Any]:
+    """(the classifier, its process) of ``run``, which must be a ``noisy_classifier`` run; ValueError naming
+    the objective it was trained with otherwise (``who``: the component, for the message)."""
+    exp = pretrained(run)
+    trained = name_of("objective", type(exp.objective))
+    if trained != "noisy_classifier":
+        raise ValueError(f"{who}: {run} was trained with objective {trained!r}; {who} needs a run of objective "
+                         "noisy_classifier")
+    return exp.model, exp.process
 
 
 @register("guidance_loss", "digits_classifier")
@@ -61,12 +89,31 @@ class DigitsClassifierLoss(GuidanceLoss):
     def __call__(self, x0: Tensor, **cond: Any) -> Tensor:
         if self.classifier is None:
             self.build(lambda path: None)
-        labels = cond.get("class_labels") if self.label is None else torch.full((len(x0),), self.label, device=x0.device)
-        if labels is None:
-            raise ValueError("digits_classifier: sampling gives no class_labels; set the loss's label")
-        classifier = self.classifier.to(device=x0.device, dtype=x0.dtype)
-        logp = torch.log_softmax(classifier(x0), dim=-1).gather(1, labels.long().clamp(min=0)[:, None])[:, 0]
-        return -logp * (labels >= 0)
+        labels = wanted_labels(self.label, x0, cond, "digits_classifier")
+        return -log_prob(self.classifier.to(device=x0.device, dtype=x0.dtype)(x0), labels)
+
+
+@register("guidance_loss", "classifier")
+class ClassifierRunLoss(GuidanceLoss):
+    """-log p(y | x0) [B] of the time-conditioned classifier of ``run`` (a ``noisy_classifier`` run, e.g.
+    ``configs/guidance/classifier_digits.yaml``), shown x0 at its process's t_min (nearly clean); y as
+    ``digits_classifier``'s. Unlike classifier guidance (f of x_t), the gradient flows through x0_hat."""
+
+    def __init__(self, run: str, label: int | None = None) -> None:
+        self.run, self.label = run, label
+        self.classifier: torch.nn.Module | None = None
+
+    def build(self, pretrained: Callable[[str], Any]) -> None:
+        self.classifier, self.process = load_noisy_classifier(pretrained, self.run, "classifier loss")
+
+    def __call__(self, x0: Tensor, **cond: Any) -> Tensor:
+        from .gradient_guidance import noisy_logits
+
+        if self.classifier is None:
+            raise ValueError(f"classifier loss: the run {self.run} is not loaded; call build(pretrained)")
+        level = self.process.level(torch.full((len(x0),), self.process.t_min, device=x0.device))
+        labels = wanted_labels(self.label, x0, cond, "classifier loss")
+        return -log_prob(noisy_logits(self.classifier, self.process, x0, level).float(), labels)
 
 
 @register("guidance_loss", "masked_l2")

@@ -12,8 +12,12 @@
   ``UNet2DConditionModel.load_lora_adapter`` read it. Reading also takes the older layouts diffusers reads
   (``.lora.down.weight`` / ``.lora.up.weight``, ``.processor.to_q_lora.down.weight``, ``.alpha`` keys).
 - ``"kohya"``: one ``.safetensors`` file with ``lora_unet_<diffusers name, dots as _>.lora_down.weight``
-  (A), ``.lora_up.weight`` (B) and ``.alpha`` (sd-scripts; no DoRA; rsLoRA is written as the plain alpha
-  ``alpha * sqrt(r)`` giving the same scale).
+  (A), ``.lora_up.weight`` (B) and ``.alpha`` (sd-scripts; rsLoRA is written as the plain alpha
+  ``alpha * sqrt(r)`` giving the same scale), and for DoRA ``.dora_scale``: LyCORIS's magnitude with
+  ``wd_on_out`` (``[out, 1]``, a conv ``[out, 1, 1, 1]``), the merged weight being
+  ``dora_scale * W' / ||W'||`` with ``W' = W + (alpha / r) up @ down`` and the norm over all but the output
+  axis, which is peft's DoRA (the magnitude genlab keeps). LyCORIS's other layout (``wd_on_out: false``,
+  ``[1, in, ...]``: norms per input column) is refused with its shape named.
 
 The diffusers and kohya names are those of the UNet ``genlab.interop.to_diffusers`` makes
 (``UNet2DModel`` / ``UNet2DConditionModel``), from the weight-name map of ``unet_weights``; they need a
@@ -114,9 +118,6 @@ def save_lora(model: nn.Module, path: str | os.PathLike, name: str = "default", 
     path = Path(path)
     tensors: dict[str, Tensor] = {}
     if format == "kohya":
-        if dora:
-            raise ValueError("save_lora: the kohya format has no DoRA magnitudes here; use format='peft' or "
-                             "'diffusers'")
         if path.suffix != ".safetensors":
             raise ValueError(f"save_lora: the kohya format is one .safetensors file, got {path}")
         for n, e in entries.items():
@@ -124,6 +125,8 @@ def save_lora(model: nn.Module, path: str | os.PathLike, name: str = "default", 
             alpha = e["alpha"] * math.sqrt(e["rank"]) if rslora else e["alpha"]  # the same scale as alpha / r
             tensors |= {f"{k}.lora_down.weight": e["A"], f"{k}.lora_up.weight": e["B"],
                         f"{k}.alpha": torch.tensor(alpha, dtype=e["A"].dtype)}
+            if e["m"] is not None:  # LyCORIS's dora_scale on the output axis: [out, 1(, 1, 1)]
+                tensors[f"{k}.dora_scale"] = e["m"].view(-1, *[1] * (e["A"].ndim - 1))
         file, metadata = path, None
     else:
         prefix = _PEFT_PREFIX if format == "peft" else _UNET_PREFIX
@@ -198,9 +201,7 @@ def _parse(path: Path, fmt: str) -> tuple[dict[str, dict[str, Tensor]], dict[str
         file = path
         tensors, _ = _read(file)
         config, prefix = {}, ""
-        kinds = {".lora_down.weight": "A", ".lora_up.weight": "B", ".alpha": "alpha"}
-        if any(k.endswith(".dora_scale") for k in tensors):
-            raise ValueError(f"load_lora: {file} holds kohya DoRA scales (dora_scale), which genlab does not read")
+        kinds = {".lora_down.weight": "A", ".lora_up.weight": "B", ".alpha": "alpha", ".dora_scale": "m"}
     found: dict[str, dict[str, Tensor]] = {}
     for key, value in tensors.items():
         if not key.startswith(prefix):
@@ -243,6 +244,10 @@ def load_lora(model: nn.Module, path: str | os.PathLike, name: str = "default", 
         rank, out = A.shape[0], layer.weight.shape[0]
         a_shape = (rank, *layer.weight.shape[1:]) if isinstance(layer, nn.Conv2d) else (rank, layer.weight.shape[1])
         b_shape = (out, rank, 1, 1) if isinstance(layer, nn.Conv2d) else (out, rank)
+        if fmt == "kohya" and "m" in e and (e["m"].shape[0] != out or e["m"].numel() != out):
+            raise ValueError(f"load_lora: {source}: {foreign!r} has dora_scale {list(e['m'].shape)}, LyCORIS's "
+                             f"magnitudes per input column (wd_on_out: false); genlab's DoRA (peft's) keeps one per "
+                             f"output, dora_scale [{out}, 1{', 1, 1' if A.ndim == 4 else ''}]: train it with wd_on_out")
         if tuple(A.shape) != a_shape or tuple(B.shape) != b_shape or ("m" in e and e["m"].numel() != out):
             got = {k: list(v.shape) for k, v in e.items() if k != "alpha"}
             raise ValueError(f"load_lora: {source}: {foreign!r} has shapes {got}; the layer {n!r} "

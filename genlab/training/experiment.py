@@ -277,13 +277,16 @@ def text_from(config: Mapping, data: Any, guidance: Guidance | None, source: str
 
 
 def check_section(key: str, value: Any, source: str) -> None:
-    """``name`` is a string; ``train`` a mapping; a component section a name or a mapping with ``type``."""
+    """``name`` is a string; ``train`` a mapping; a component section a name or a mapping with ``type``
+    (``guidance`` may be null: none)."""
     if key == "name":
         ok, wanted = isinstance(value, str), "a string"
     elif key in ("train", "distill", "adapters", "text_encoder", "latent"):
         what = {"train": "training", "distill": "distillation", "adapters": "adapter", "text_encoder": "text encoder",
                 "latent": "latent space"}[key]
         ok, wanted = value is None or isinstance(value, Mapping), f"a mapping of {what} settings"
+    elif key == "guidance":  # null: sample unguided (`genlab sample RUN guidance=null`)
+        ok, wanted = value is None or isinstance(value, (str, Mapping)), "null, a guidance name or a mapping"
     else:
         ok, wanted = isinstance(value, (str, Mapping)), "a component name or a mapping with 'type'"
     if not ok:
