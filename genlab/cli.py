@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import sys
 import warnings
 from collections.abc import Sequence
@@ -156,7 +157,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
     sampler = config.get("sampler", {})
     kind = sampler if isinstance(sampler, str) else sampler.get("type", "sampler")
     guided = "" if exp.guidance is None else f"-{exp.guidance.tag}"
-    name = f"samples-{kind}-{exp.sampler.steps}steps{guided}-seed{args.seed}"
+    prompts = exp.text.cfg.prompts if exp.text is not None else []
+    prompted = "-" + re.sub(r"[^a-z0-9]+", "_", " ".join(prompts).lower()).strip("_")[:48] if prompts else ""
+    name = f"samples-{kind}-{exp.sampler.steps}steps{guided}{prompted}-seed{args.seed}"
     # the run's own directory is the run's: sampling into it waits for no one, it refuses while a run holds it
     with _run_lock(run, "sampling") if out.resolve() == run.resolve() else contextlib.nullcontext():
         report(out, evaluate(exp, modules, out, name, args.seed, exp.train.steps))

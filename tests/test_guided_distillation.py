@@ -225,6 +225,7 @@ def test_genlab_distill_runs_stage_two_rounds(stage1, tmp_path, capsys):
     for r in (1, 2):
         metrics = json.loads((tmp_path / "stage2" / f"round_{r}" / "samples.json").read_text())
         assert "at guidance_scale=3 (w an input" in metrics["sampler"] and metrics["steps"] == 2 // r
+        assert "at guidance_scale=3 (w an input" in metrics["rows"][0]["sampler"]  # the teacher: a w-student too
 
 
 def test_stage_two_needs_a_student_that_takes_w():

@@ -105,7 +105,7 @@ def test_a_text_conditioned_config_trains_and_samples_prompts(clip_dir, tmp_path
     capsys.readouterr()
     assert main(["sample", str(run), "prompt=the number 7", "guidance.scale=3", "--n", "4",
                  "--out", str(tmp_path / "s")]) == 0
-    out = json.loads((tmp_path / "s" / "samples-ddpm-3steps-cfg3-seed1234.json").read_text())
+    out = json.loads((tmp_path / "s" / "samples-ddpm-3steps-cfg3-the_number_7-seed1234.json").read_text())
     assert "classifier_accuracy" not in out and "frechet_distance" in out
 
 

@@ -49,7 +49,7 @@ class Teacher:
                    cond: dict[str, Tensor] | None = None) -> Tensor:
             return objective.sample({"model": modules[name]}, n, generator, cond)
 
-        return {name: Reference(repr(self.sampler), objective.sampling_steps(), sample)}
+        return {name: Reference(objective.sampling_method(), objective.sampling_steps(), sample)}
 
     def denoiser(self, module: nn.Module, process: Any) -> Denoiser:
         """The teacher's Denoiser of ``module`` (the frozen module as the Trainer holds it)."""
