@@ -54,9 +54,12 @@ class SplineCoupling(FlowTransform):
             x_a, log_grad_a = rq_spline(x_a, self.kept_params, self.bound, inverse=True)
         h = with_context(x_a, self.context(cond, x))
         params = rearrange(self.net(h), "b (d p) -> b d p", d=len(self.changed))
+        if self.kept_params is not None and not inverse:  # both halves' splines in one evaluation
+            theta = params.new_zeros(x.shape[0], self.features, params.shape[-1]).index_copy(1, self.changed, params)
+            theta = theta.index_copy(1, self.kept, self.kept_params.to(params.dtype).expand(x.shape[0], -1, -1))
+            y, log_grad = rq_spline(x, theta, self.bound)
+            return y, log_grad.sum(1)
         y_b, log_grad = rq_spline(x[:, self.changed], params, self.bound, inverse=inverse)
-        if self.kept_params is not None and not inverse:
-            x_a, log_grad_a = rq_spline(x_a, self.kept_params, self.bound)
         y = x.index_copy(1, self.changed, y_b.to(x.dtype))
         if log_grad_a is None:
             return y, log_grad.sum(1)
