@@ -91,6 +91,26 @@ def bench_train_step(dims: int, batch: int, repeats: int, hidden: int, tol: floa
     return {"dims": dims, **{f"ms_{k}": 1e3 * statistics.median(v) for k, v in times.items()}}
 
 
+def cnf_lines(batch: int = 1000, repeats: int = 3, hidden: int = 64, dims: tuple[int, ...] = (2, 8)) -> list[str]:
+    """The two tables (log p at three tolerances, a training step) as printed lines."""
+    lines = [f"log p of {batch} points, float32, dopri5, exact divergence; genlab / zuko "
+             f"(torch {torch.__version__}, one thread, median of {repeats})",
+             "| D | tol | NFE genlab | NFE zuko | ms genlab | ms zuko | time ratio | max err genlab | max err zuko |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for d in dims:
+        for tol in (1e-3, 1e-4, 1e-5):  # float32: tighter tolerances sit at its rounding (1.2e-7)
+            r = bench_log_prob(d, tol, batch, repeats, hidden)
+            lines.append(f"| {d} | {tol:g} | {r['nfe_genlab']} | {r['nfe_zuko']} | {r['ms_genlab']:.0f} | "
+                         f"{r['ms_zuko']:.0f} | {r['ms_genlab'] / r['ms_zuko']:.2f} | {r['err_genlab']:.1e} | "
+                         f"{r['err_zuko']:.1e} |")
+    lines += [f"\ntraining step (log p of {batch // 4} points, backward), tol 1e-5: genlab backpropagates through "
+              "the solver, zuko's adaptive checkpoint adjoint", "| D | ms genlab | ms zuko | time ratio |", "|---|---|---|---|"]
+    for d in dims:
+        r = bench_train_step(d, batch // 4, repeats, hidden)
+        lines.append(f"| {d} | {r['ms_genlab']:.0f} | {r['ms_zuko']:.0f} | {r['ms_genlab'] / r['ms_zuko']:.2f} |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=1000)
@@ -99,22 +119,7 @@ def main() -> None:
     parser.add_argument("--dims", type=int, nargs="+", default=[2, 8])
     args = parser.parse_args()
     torch.set_num_threads(1)
-    print(f"log p of {args.batch} points, float32, dopri5, exact divergence; genlab / zuko "
-          f"(torch {torch.__version__}, one thread, median of {args.repeats})")
-    print("| D | tol | NFE genlab | NFE zuko | ms genlab | ms zuko | time ratio | max err genlab | max err zuko |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for dims in args.dims:
-        for tol in (1e-3, 1e-4, 1e-5):  # float32: tighter tolerances sit at its rounding (1.2e-7)
-            r = bench_log_prob(dims, tol, args.batch, args.repeats, args.hidden)
-            print(f"| {dims} | {tol:g} | {r['nfe_genlab']} | {r['nfe_zuko']} | {r['ms_genlab']:.0f} | {r['ms_zuko']:.0f} "
-                  f"| {r['ms_genlab'] / r['ms_zuko']:.2f} | {r['err_genlab']:.1e} | {r['err_zuko']:.1e} |")
-    print(f"\ntraining step (log p of {args.batch // 4} points, backward), tol 1e-5: genlab backpropagates through "
-          "the solver, zuko's adaptive checkpoint adjoint")
-    print("| D | ms genlab | ms zuko | time ratio |")
-    print("|---|---|---|---|")
-    for dims in args.dims:
-        r = bench_train_step(dims, args.batch // 4, args.repeats, args.hidden)
-        print(f"| {dims} | {r['ms_genlab']:.0f} | {r['ms_zuko']:.0f} | {r['ms_genlab'] / r['ms_zuko']:.2f} |")
+    print("\n".join(cnf_lines(args.batch, args.repeats, args.hidden, tuple(args.dims))))
 
 
 if __name__ == "__main__":

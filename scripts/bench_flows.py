@@ -21,7 +21,10 @@ on both alike).
 Times are the total wall time of each side's training steps (one torch thread unless ``--threads``);
 ratio = genlab's / the peer's (below 1: genlab faster).
 
-Usage: ``nice python scripts/bench_flows.py --part glow|nsf|all [--steps-glow 600] [--steps-nsf 1500]``
+- ``cnf``: the continuous flow (FFJORD) against zuko's CNF on the same vector field: ``scripts/bench_cnf.py``'s
+  tables (NFE, time and error of log p at three tolerances; a training step).
+
+Usage: ``nice python scripts/bench_flows.py --part glow|nsf|cnf|all [--steps-glow 600] [--steps-nsf 1500]``
 """
 
 from __future__ import annotations
@@ -168,7 +171,7 @@ def bench_nsf(steps: int, k: int, bins: int, hidden: int, batch: int, seed: int 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=["glow", "nsf", "all"], default="all")
+    parser.add_argument("--part", choices=["glow", "nsf", "cnf", "all"], default="all")
     parser.add_argument("--steps-glow", type=int, default=600)
     parser.add_argument("--steps-nsf", type=int, default=1500)
     parser.add_argument("--seed", type=int, default=0, help="the NSF part's initialisation and batches")
@@ -181,6 +184,10 @@ def main() -> None:
     if args.part in ("nsf", "all"):
         print("\n".join(bench_nsf(args.steps_nsf, k=4, bins=8, hidden=64, batch=256, seed=args.seed,
                                    kept_spline=args.kept_spline)), flush=True)
+    if args.part in ("cnf", "all"):
+        from bench_cnf import cnf_lines  # scripts/ is on the path when this script runs
+
+        print("\n".join(cnf_lines()), flush=True)
 
 
 if __name__ == "__main__":
