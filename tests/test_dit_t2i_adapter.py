@@ -157,3 +157,4 @@ def test_errors() -> None:
         unet_points(DiT(**CONFIG))  # type: ignore[arg-type]
     preset = DiTT2IAdapter({"preset": "S/8", "input_size": 32}, channels=(8,))  # resolves the preset
     assert preset.blocks == tuple(range(6)) and preset.factor == 8 and preset.projections[0].out_features == 384
+    assert next(DiTT2IAdapter.from_dit(DiT(**CONFIG).double(), channels=(8,)).parameters()).dtype == torch.float64
