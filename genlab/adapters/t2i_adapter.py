@@ -30,11 +30,11 @@ follow diffusers' ``T2IAdapter`` (``genlab.interop`` converts both ways) with it
 quarter of the width around 3x3 residual blocks, one block more than ``channels``) and
 ``full_adapter_xl`` (SDXL: only the third block downsamples).
 
-DiT: not supported. The adapter is a pyramid matched to the UNet's resolutions (its point is that
-features at 1/8 ... 1/64 of the image meet the encoder's features of the same scale); a DiT's tokens
-have one resolution at every block, so the pyramid has no place to go. A DiT counterpart is a
-single-scale network whose outputs are added at ``block.{i}``, i.e. a different adapter (PixArt's
-ControlNet-Transformer), not this one.
+DiT: ``genlab.adapters.dit_t2i_adapter.DiTT2IAdapter``. This adapter's pyramid is matched to the UNet's
+resolutions (features at 1/8 ... 1/64 of the image meet the encoder's features of the same scale); a
+DiT's tokens have one resolution at every block, so its adapter is the single-scale form of this one
+(the same stem and residual blocks, no downsampling) with a zero-initialised projection per
+``block.{i}``.
 """
 
 from __future__ import annotations
@@ -116,28 +116,13 @@ class T2IAdapter(nn.Module):
                  adapter_type: AdapterType = "full_adapter") -> None:
         super().__init__()
         channels = tuple(channels)
-        if adapter_type not in ADAPTER_TYPES:
-            raise ValueError(f"T2IAdapter: unknown adapter_type {adapter_type!r}; expected one of "
-                             f"{', '.join(ADAPTER_TYPES)}")
-        light = adapter_type == "light_adapter"
-        if not channels or any(c < (4 if light else 1) for c in channels):
-            raise ValueError(f"T2IAdapter: channels must be a non-empty list of widths >= {4 if light else 1}"
-                             f"{' (light_adapter works at width // 4)' if light else ''}, got {list(channels)}")
         if adapter_type == "full_adapter_xl" and any(c != channels[2] for c in channels[3:]):
             raise ValueError(f"T2IAdapter: full_adapter_xl keeps the width after its third block, got channels="
                              f"{list(channels)}; give channels[3:] equal to channels[2]")
         self.in_channels, self.channels, self.num_res_blocks = in_channels, channels, num_res_blocks
         self.downscale_factor, self.adapter_type = downscale_factor, adapter_type
-        unshuffled = in_channels * downscale_factor**2
-        self.conv_in = None if light else nn.Conv2d(unshuffled, channels[0], 3, padding=1)
-        if light:  # (c_in, c_out, down) per block
-            plan = [(unshuffled, channels[0], False), *((a, b, True) for a, b in zip(channels, channels[1:])),
-                    (channels[-1], channels[-1], True)]
-        elif adapter_type == "full_adapter_xl":
-            plan = [(channels[max(i - 1, 0)], c, i == 2) for i, c in enumerate(channels)]
-        else:
-            plan = [(channels[max(i - 1, 0)], c, i > 0) for i, c in enumerate(channels)]
-        self.body = nn.ModuleList(AdapterBlock(a, b, num_res_blocks, down, light) for a, b, down in plan)
+        self.conv_in, self.body = adapter_layers(in_channels * downscale_factor**2, channels, num_res_blocks,
+                                                 adapter_type, "T2IAdapter")
 
     @property
     def total_downscale_factor(self) -> int:
@@ -151,13 +136,7 @@ class T2IAdapter(nn.Module):
         if cond.ndim != 4 or cond.shape[1] != self.in_channels or cond.shape[2] % f or cond.shape[3] % f:
             raise ShapeError(f"T2IAdapter: expected cond: [B, {self.in_channels}, H, W] with H and W divisible by "
                              f"downscale_factor={f}, got {list(cond.shape)}")
-        h = F.pixel_unshuffle(cond, f)
-        h = h if self.conv_in is None else self.conv_in(h)
-        out = []
-        for block in self.body:
-            h = block(h)
-            out.append(h)
-        return out
+        return adapter_features(cond, f, self.conv_in, self.body)
 
     def forward(self, cond: Tensor, unet: UNetEncoder, conditioning_scale: float = 1.0) -> dict[str, Tensor]:
         """``residuals`` for ``unet``: ``conditioning_scale`` times the features, at ``unet_points(unet)``."""
@@ -202,9 +181,8 @@ def unet_points(unet: UNetEncoder) -> list[str]:
     the level has attention, else of its last layer (the downsampler's, if any); then ``mid``. See the
     module docstring (diffusers' ``down_intrablock_additional_residuals``)."""
     if not isinstance(unet, UNetEncoder):
-        raise TypeError(f"T2IAdapter: expected a genlab UNet, got {type(unet).__name__} (a DiT has one "
-                        "resolution at every block, where the adapter's pyramid has no place; see "
-                        "genlab.adapters.t2i_adapter)")
+        raise TypeError(f"T2IAdapter: expected a genlab UNet, got {type(unet).__name__} (for a DiT, use "
+                        "genlab.adapters.dit_t2i_adapter.DiTT2IAdapter)")
     points, k = [], 1  # skip 0 is conv_in's output
     for level in unet.down:
         saved = len(level.blocks) + (level.downsample is not None)
@@ -222,3 +200,38 @@ def adapter_residuals(features: Sequence[Tensor], unet: UNetEncoder, conditionin
         raise ValueError(f"T2IAdapter: {len(features)} features for a UNet with {len(points) - 1} levels; expected at "
                          f"most {len(points)} (one per level, then the middle block)")
     return {name: f * conditioning_scale for name, f in zip(points, features)}
+
+
+def adapter_layers(unshuffled: int, channels: tuple[int, ...], num_res_blocks: int, adapter_type: str, owner: str,
+                   single_scale: bool = False) -> tuple[nn.Conv2d | None, nn.ModuleList]:
+    """``conv_in`` (None for light_adapter) and ``body`` (one ``AdapterBlock`` per feature) of a T2I-Adapter
+    whose pixel-unshuffled input has ``unshuffled`` channels; layouts in ``T2IAdapter``'s docstring. With
+    ``single_scale`` no block downsamples and light_adapter has no extra block (``DiTT2IAdapter``: every
+    feature at the DiT's token grid). ValueError, naming ``owner``, for an unknown type or too small widths."""
+    types = ("full_adapter", "light_adapter") if single_scale else ADAPTER_TYPES
+    if adapter_type not in types:
+        raise ValueError(f"{owner}: unknown adapter_type {adapter_type!r}; expected one of {', '.join(types)}")
+    light = adapter_type == "light_adapter"
+    if not channels or any(c < (4 if light else 1) for c in channels):
+        raise ValueError(f"{owner}: channels must be a non-empty list of widths >= {4 if light else 1}"
+                         f"{' (light_adapter works at width // 4)' if light else ''}, got {list(channels)}")
+    conv_in = None if light else nn.Conv2d(unshuffled, channels[0], 3, padding=1)
+    if light:  # (c_in, c_out, down) per block
+        plan = [(unshuffled, channels[0], False), *((a, b, not single_scale) for a, b in zip(channels, channels[1:]))]
+        plan += [] if single_scale else [(channels[-1], channels[-1], True)]
+    elif adapter_type == "full_adapter_xl":
+        plan = [(channels[max(i - 1, 0)], c, i == 2) for i, c in enumerate(channels)]
+    else:
+        plan = [(channels[max(i - 1, 0)], c, i > 0 and not single_scale) for i, c in enumerate(channels)]
+    return conv_in, nn.ModuleList(AdapterBlock(a, b, num_res_blocks, down, light) for a, b, down in plan)
+
+
+def adapter_features(cond: Tensor, factor: int, conv_in: nn.Module | None, body: Sequence[nn.Module]) -> list[Tensor]:
+    """Every block's output for ``cond: [B, C, H, W]``: pixel unshuffle by ``factor``, ``conv_in``, ``body``."""
+    h = F.pixel_unshuffle(cond, factor)
+    h = h if conv_in is None else conv_in(h)
+    out = []
+    for block in body:
+        h = block(h)
+        out.append(h)
+    return out
