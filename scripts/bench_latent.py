@@ -7,8 +7,9 @@ Two Trainers in one process, built from their configs as ``genlab train`` builds
 each batch first). A step is the Trainer's ``train_step`` (the batch read, for the latent model its encoding,
 forward, backward, AdamW, EMA); the two alternate, and the median of ``--repeats`` steps after ``--warmup`` is
 printed (wall and this process's CPU time: on shared cores the CPU time is the steadier) with the
-ratios, the latent step's encoding alone beside them. With ``--runs PIXEL LATENT`` (two finished
-runs' directories) their evaluations (``samples.json``) are printed under the times: the quality each reached.
+ratios, the latent step's encoding alone beside them. With ``--runs RUN ...`` (finished runs'
+directories, or the JSON a ``genlab sample`` wrote) their evaluations are printed under the times: the quality each
+reached.
 
 Usage: ``python scripts/bench_latent.py --autoencoder runs/vae_digits [--repeats 30] [--threads 1]
 [--runs runs/digits32 runs/ldm_digits]``.
@@ -50,7 +51,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--runs", nargs=2, metavar=("PIXEL", "LATENT"), help="finished runs whose quality to print")
+    parser.add_argument("--runs", nargs="+", metavar="RUN",
+                        help="finished runs (samples.json) or evaluations (a genlab sample JSON) whose quality to print")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -78,11 +80,13 @@ def main() -> None:
     print(f"latent step / pixel step: wall {med['latent'] / med['pixel']:.2f}, CPU {cpu['latent'] / cpu['pixel']:.2f} "
           f"(of the latent step, encoding the batch: wall {med['encode']:.1f} ms, CPU {cpu['encode']:.1f} ms)")
     if args.runs:
-        print(f"{'run':<8} {'steps':>6} {'accuracy':>9} {'FD':>8} {'FD data':>8} {'confident':>9}  sampler")
-        for name, run in zip(("pixel", "latent"), args.runs):
-            m = json.loads((Path(run) / "samples.json").read_text())
-            print(f"{name:<8} {m['step']:>6} {m['classifier_accuracy']:>9.1%} {m['frechet_distance']:>8.3f} "
-                  f"{m['frechet_distance_data_vs_data']:>8.3f} {m['confident_fraction']:>9.1%}  {m['sampler']}")
+        # no step column: genlab sample records the config's train.steps, not the checkpoint's step
+        print(f"{'accuracy':>9} {'FD':>8} {'FD data':>8} {'confident':>9}  run")
+        for run in args.runs:
+            file = Path(run) / "samples.json" if Path(run).is_dir() else Path(run)
+            m = json.loads(file.read_text())
+            print(f"{m['classifier_accuracy']:>9.1%} {m['frechet_distance']:>8.3f} "
+                  f"{m['frechet_distance_data_vs_data']:>8.3f} {m['confident_fraction']:>9.1%}  {run}")
 
 
 if __name__ == "__main__":
