@@ -6,8 +6,10 @@ Two Trainers in one process, built from their configs as ``genlab train`` builds
 (configs/latent/ldm_digits.yaml: a UNet on the [4, 8, 8] latents of a trained vae_digits run, which encodes
 each batch first). A step is the Trainer's ``train_step`` (the batch read, for the latent model its encoding,
 forward, backward, AdamW, EMA); the two alternate, and the median of ``--repeats`` steps after ``--warmup`` is
-printed with the ratio, the latent step's encoding alone beside it. With ``--runs PIXEL LATENT`` (two finished
-runs' directories) their evaluations (``samples.json``) are printed under the times: the quality each reached.
+printed (wall and this process's CPU time: on shared cores the CPU time is the steadier) with the
+ratios, the latent step's encoding alone beside them. With ``--runs RUN ...`` (finished runs'
+directories, or the JSON a ``genlab sample`` wrote) their evaluations are printed under the times: the quality each
+reached.
 
 Usage: ``python scripts/bench_latent.py --autoencoder runs/vae_digits [--repeats 30] [--threads 1]
 [--runs runs/digits32 runs/ldm_digits]``.
@@ -36,10 +38,11 @@ def trainer(config: Path, overrides: list[str], out: Path) -> Trainer:
     return Trainer(Experiment.from_config(load_config(config, overrides)), out, progress=False)
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
+def timed(fn) -> tuple[float, float]:
+    """(wall, CPU) seconds of ``fn()``: on shared cores the CPU time of this process is the steadier one."""
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def main() -> None:
@@ -48,7 +51,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--runs", nargs=2, metavar=("PIXEL", "LATENT"), help="finished runs whose quality to print")
+    parser.add_argument("--runs", nargs="+", metavar="RUN",
+                        help="finished runs (samples.json) or evaluations (a genlab sample JSON) whose quality to print")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -63,23 +67,26 @@ def main() -> None:
                 for key, t in zip(times, (t_pixel, t_latent, t_encode)):
                     times[key].append(t)
         pixel.close(), latent.close()
-    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    med = {k: statistics.median(w for w, _ in v) * 1e3 for k, v in times.items()}
+    cpu = {k: statistics.median(c for _, c in v) * 1e3 for k, v in times.items()}
     params = {n: sum(p.numel() for p in t.exp.model.parameters()) for n, t in (("pixel", pixel), ("latent", latent))}
     shapes = {"pixel": pixel.exp.data_shape, "latent": latent.exp.data_shape}
     batch_size = latent.exp.train.batch_size
     print(f"training step, batch {batch_size}, {args.threads} thread(s), median of {args.repeats} "
           f"({'cuda' if torch.cuda.is_available() else 'cpu'}):")
-    print(f"{'model':<8} {'input':>12} {'params':>9} {'step ms':>9}")
+    print(f"{'model':<8} {'input':>12} {'params':>9} {'wall ms':>9} {'CPU ms':>9}")
     for name in ("pixel", "latent"):
-        print(f"{name:<8} {'x'.join(map(str, shapes[name])):>12} {params[name]:>9,} {med[name]:>9.1f}")
-    print(f"latent step / pixel step: {med['latent'] / med['pixel']:.2f} (of the latent step, encoding the batch: "
-          f"{med['encode']:.1f} ms)")
+        print(f"{name:<8} {'x'.join(map(str, shapes[name])):>12} {params[name]:>9,} {med[name]:>9.1f} {cpu[name]:>9.1f}")
+    print(f"latent step / pixel step: wall {med['latent'] / med['pixel']:.2f}, CPU {cpu['latent'] / cpu['pixel']:.2f} "
+          f"(of the latent step, encoding the batch: wall {med['encode']:.1f} ms, CPU {cpu['encode']:.1f} ms)")
     if args.runs:
-        print(f"{'run':<8} {'steps':>6} {'accuracy':>9} {'FD':>8} {'FD data':>8} {'confident':>9}  sampler")
-        for name, run in zip(("pixel", "latent"), args.runs):
-            m = json.loads((Path(run) / "samples.json").read_text())
-            print(f"{name:<8} {m['step']:>6} {m['classifier_accuracy']:>9.1%} {m['frechet_distance']:>8.3f} "
-                  f"{m['frechet_distance_data_vs_data']:>8.3f} {m['confident_fraction']:>9.1%}  {m['sampler']}")
+        # no step column: genlab sample records the config's train.steps, not the checkpoint's step
+        print(f"{'accuracy':>9} {'FD':>8} {'FD data':>8} {'confident':>9}  run")
+        for run in args.runs:
+            file = Path(run) / "samples.json" if Path(run).is_dir() else Path(run)
+            m = json.loads(file.read_text())
+            print(f"{m['classifier_accuracy']:>9.1%} {m['frechet_distance']:>8.3f} "
+                  f"{m['frechet_distance_data_vs_data']:>8.3f} {m['confident_fraction']:>9.1%}  {run}")
 
 
 if __name__ == "__main__":
