@@ -67,12 +67,12 @@ def test_the_warm_started_assignment_is_exact_on_clustered_and_extreme_costs(sca
     if clustered:  # 4 tight clusters of sources, data on a circle
         x0 = 3 * torch.randn(4, 2, generator=g, dtype=torch.float64)[torch.arange(n) % 4] + 0.01 * x0
     m = pot_cost(scale * x0, scale * x1)
-    sigma = assignment(m)
+    sigma = assignment(m, solver="scipy")
     assert sorted(sigma.tolist()) == list(range(n))
     cost = m[np.arange(n), sigma].sum()
     assert cost <= float((ot.emd(ot.unif(n), ot.unif(n), m) * m).sum()) * n * (1 + 1e-9)
     monkeypatch.setattr(transport, "WARM_START", n + 1)
-    plain = assignment(m)
+    plain = assignment(m, solver="scipy")
     assert abs(cost - m[np.arange(n), plain].sum()) <= 1e-12 * cost
     u = entropic_potentials(m)
     assert u.shape == (n,) and np.isfinite(u).all()

@@ -17,16 +17,14 @@ Registered in namespace ``coupling``:
 
 **Solver.** With equal batch sizes and uniform weights the OT polytope's vertices are the
 permutation matrices / B (Birkhoff-von Neumann), so the linear program min <P, M> has an optimal
-permutation: the problem *is* the linear assignment problem. We solve it with
-``scipy.optimize.linear_sum_assignment`` (Crouse 2016's shortest-augmenting-path form of
-Jonker-Volgenant; exact, O(B^3) worst case) started from approximate duals (:func:`assignment`: 30
-float32 Sinkhorn iterations and a c-transform give potentials (u, v), and the solver runs on the reduced
-cost C_ij - u_i - v_j, which has the same optimal permutations), rather than with the general network
-simplex of POT's ``ot.emd`` (what torchcfm's ``OTPlanSampler("exact")`` calls): it needs no POT at run
-time (SciPy comes with scikit-learn, a genlab dependency), and it is faster than ``ot.emd`` on
-high-dimensional batches (784-D, B = 1024: about 4x) and, with the entropic start, level with it on
-low-dimensional clustered ones (2-D mixtures, 8 gaussians -> moons at B = 1024), where the solver started
-from row minima alone was 2-3x slower than ``ot.emd``. ``scripts/bench_couplings.py`` measures both.
+permutation: the problem *is* the linear assignment problem. We solve it exactly with
+:func:`genlab.metrics.transport.assignment`: where numba is installed (a genlab dependency), a compiled
+epsilon-scaling auction (Bertsekas 1988) whose prices are finished by shortest augmenting paths
+(:mod:`genlab.metrics.auction`), else ``scipy.optimize.linear_sum_assignment`` (Crouse 2016's
+shortest-augmenting-path Jonker-Volgenant) on the cost reduced by entropic potentials, rather than with
+the general network simplex of POT's ``ot.emd`` (what torchcfm's ``OTPlanSampler("exact")`` calls). On
+clustered 2-D batches (8 gaussians -> moons, B = 1024), where many pairs are near ties, the auction runs in
+a fraction of ``ot.emd``'s time and SciPy's solver near it; ``scripts/bench_couplings.py`` measures them.
 The cost matrix is computed with torch on the inputs' device in float64 (``torch.cdist(...) ** 2`` on the flattened rows; float32 on
 devices without float64); only that [B, B] matrix moves to the CPU.
 
