@@ -39,12 +39,21 @@ AVAILABLE = numba is not None
 
 THETA = 5.0  # eps shrinks by this factor per phase
 START = 0.05  # eps0 = START * (max C - min C)
-STOP = 1e-6  # eps_min = STOP * (max C - min C)
+STOP = 1e-5  # eps_min = STOP * (max C - min C)
 
 
 def _compiled(f: Callable) -> Callable:
     """``numba.njit`` (cached on disk, GIL released) where numba is installed; the plain function otherwise."""
     return numba.njit(cache=True, nogil=True)(f) if AVAILABLE else f
+
+
+@_compiled
+def _spread(cost: np.ndarray) -> float:
+    """max C - min C in one pass."""
+    low, high = np.inf, -np.inf
+    for x in cost.flat:
+        low, high = min(low, x), max(high, x)
+    return high - low
 
 
 @_compiled
@@ -175,7 +184,7 @@ def solve(cost: np.ndarray, start: float = START, stop: float = STOP, theta: flo
         raise ValueError(f"auction.solve: expected a square cost [n, n], got {list(cost.shape)}")
     cost = np.ascontiguousarray(cost, dtype=np.float64)
     n = len(cost)
-    spread = float(cost.max() - cost.min()) if n else 0.0
+    spread = _spread(cost) if n else 0.0
     if not spread > 0:  # every permutation costs the same
         return np.arange(n, dtype=np.int64)
     col4row, prices = _auction(cost, start * spread, stop * spread, theta)

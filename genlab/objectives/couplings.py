@@ -166,8 +166,8 @@ class ExactOT(Coupling):
     def permutation(self, x0: Tensor, x1: Tensor) -> Tensor:
         """sigma [B] (int64, the inputs' device): x1_j's partner is x0_sigma(j) in the OT plan."""
         _rows("exact_ot", x0, x1)
-        cost = host_cost("exact_ot", squared_distances(x0, x1))
-        return torch.as_tensor(assignment(cost.T), device=x1.device)
+        cost = host_cost("exact_ot", squared_distances(x1, x0))  # [B1, B0]: a row per x1, contiguous
+        return torch.as_tensor(assignment(cost), device=x1.device)
 
     def indices(self, x0: Tensor, x1: Tensor, generator: torch.Generator | None = None,
                 labels0: Tensor | None = None, labels1: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -258,13 +258,14 @@ class Trainer:
                         for n in self.opt_modules[name]:
                             stack.enter_context(self.acc.no_sync(self.modules[n]))
                     loss = self.micro_loss(micro, batch, name) / tc.grad_accum
-                    if not torch.isfinite(loss):
+                    value = loss.item()  # one read of the loss (a device sync), for the check and the sum
+                    if not math.isfinite(value):
                         self._zero_grad()
                         return float("nan")
                     self.acc.backward(loss)
-                total += loss.item()
+                total += value
             norm = self._clip_grad_norm(params, tc.grad_clip or math.inf)
-            if self.acc.scaler is None and norm is not None and not torch.isfinite(norm):
+            if self.acc.scaler is None and norm is not None and not math.isfinite(norm.item()):
                 self._zero_grad()
                 return float("nan")
             if self.acc.scaler is None and self.acc.distributed_type in _PLAIN:
