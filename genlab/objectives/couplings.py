@@ -141,6 +141,12 @@ class Independent(Coupling):
         k = torch.arange(b, device=x1.device)
         return k, k
 
+    def pair(self, x0: Tensor, x1: Tensor, generator: torch.Generator | None = None,
+             labels0: Tensor | None = None, labels1: Tensor | None = None) -> Pairs:
+        """The rows themselves (no copy)."""
+        _rows("independent", x0, x1, labels0, labels1, features=False)
+        return Pairs(x0, x1, labels0, labels1)
+
     def plan(self, x0: Tensor, x1: Tensor, generator: torch.Generator | None = None,
              labels0: Tensor | None = None, labels1: Tensor | None = None) -> Tensor:
         """The product plan 1 / B^2 everywhere (of which the given pairs are a draw)."""
