@@ -104,3 +104,6 @@ def test_assignment_uses_the_auction_for_square_costs_and_scipy_for_rectangular_
     assert calls == [(5, 5)] and cols.tolist() == [1]
     assignment(np.random.default_rng(0).random((5, 5)), solver="scipy")
     assert calls == [(5, 5)]
+    monkeypatch.setattr(auction, "AVAILABLE", False)  # without numba: SciPy, the same optimum
+    cost = np.random.default_rng(1).random((70, 70))
+    assert calls == [(5, 5)] and abs(total(cost, assignment(cost)) - optimum(cost)) < 1e-12
