@@ -48,3 +48,16 @@ def test_training_steps_equal_vector_quantize_pytorch(setting: str) -> None:
         replaced += int((ours.cluster_size == dead).sum()) if dead else 0
     if dead:
         assert replaced > 50, replaced  # the replacement path ran, many times
+
+
+def test_initial_codebook_is_vector_quantize_pytorchs_draw() -> None:
+    """The same seed gives the same initial codebook (kaiming-uniform over the table) and statistics, so the
+    two libraries' starts are draws from one distribution: genlab from seed s trains exactly as vqp from s."""
+    vqp = pytest.importorskip("vector_quantize_pytorch")
+    torch.manual_seed(3)
+    ours = VectorQuantizer(8, 32)
+    torch.manual_seed(3)
+    theirs = vqp.VectorQuantize(dim=8, codebook_size=32)
+    cb = theirs._codebook
+    assert torch.equal(ours.codebook, cb.embed[0]) and ours.codebook.abs().max() > 0.05
+    assert torch.equal(ours.cluster_size, cb.cluster_size[0]) and torch.equal(ours.embed_sum, cb.embed_avg[0])
