@@ -15,8 +15,13 @@ Parts (``--parts time,train``):
   its own initial codebook, and plain from vqp's initial codebook in both (the algorithms alone). At steps 30, 150,
   500 and the end it prints the codebook usage (the fraction of the 256 codes used) and perplexity (exp of
   the codes' entropy) on the held-out digits, and the held-out reconstruction MSE (pixels in [0, 1]) at the end.
+  The algorithms are the same step for step (``tests/test_quantizers_vqp_training.py``), so rows from
+  independent starts differ by the draw: ``--seeds S`` then repeats plain, k-means and dead-code S times,
+  each library drawing its own initial codebook and its own random draws (k-means seeds, replacement
+  vectors) per seed, and prints the mean over seeds with [min, max] (the model's initial weights and the
+  batches stay the same).
 
-Usage: ``python scripts/bench_autoencoders.py [--parts time,train] [--steps 1500] [--threads 1]``.
+Usage: ``python scripts/bench_autoencoders.py [--parts time,train] [--steps 1500] [--seeds 3] [--threads 1]``.
 """
 
 from __future__ import annotations
@@ -39,15 +44,23 @@ from genlab.objectives.autoencoder import code_statistics
 CODES, DIM, CHECKPOINTS = 256, 16, (30, 150, 500)
 SETTINGS = {"plain": {}, "plain, vqp's init": {"same_init": True}, "k-means": {"kmeans": True},
             "dead-code": {"dead": 1.0}}
+SEEDED = ("plain", "k-means", "dead-code")  # the settings from independent starts, repeated with --seeds
 
 
-def vq_pair(kmeans: bool = False, dead: float = 0.0, same_init: bool = False) -> tuple[nn.Module, nn.Module]:
+def vq_pair(kmeans: bool = False, dead: float = 0.0, same_init: bool = False,
+            seeds: tuple[int, int] | None = None) -> tuple[nn.Module, nn.Module]:
     """genlab's VectorQuantizer and vqp's VectorQuantize with the same settings, channel-first images; each
-    with its own initial codebook (genlab N(0, 1), vqp Kaiming-uniform) or, with ``same_init``, vqp's in both."""
+    with its own initial codebook (both Kaiming-uniform, drawn one after the other from the global generator,
+    or, with ``seeds``, genlab's after ``torch.manual_seed(seeds[0])`` and vqp's after ``seeds[1]``) or, with
+    ``same_init``, vqp's in both."""
     import vector_quantize_pytorch as vqp
 
+    if seeds:
+        torch.manual_seed(seeds[0])
     ours = VectorQuantizer(DIM, CODES, decay=0.99, beta=0.25, kmeans_init=kmeans, kmeans_iters=10,
                            dead_code_threshold=dead)
+    if seeds:
+        torch.manual_seed(seeds[1])
     theirs = vqp.VectorQuantize(dim=DIM, codebook_size=CODES, decay=0.99, commitment_weight=0.25,
                                 kmeans_init=kmeans, kmeans_iters=10, threshold_ema_dead_code=dead,
                                 rotation_trick=False, accept_image_fmap=True)
@@ -122,34 +135,64 @@ def evaluate(model: ConvAutoencoder, held: Tensor) -> tuple[float, float, float]
     return usage, perplexity, ((x_hat.clamp(-1, 1) - held) / 2).square().mean().item()
 
 
-def train_part(steps: int, rows: list) -> None:
+def train(base: ConvAutoencoder, q: nn.Module, data: Tensor, held: Tensor, marks: list[int],
+          seed: int) -> tuple[list[tuple[float, float, float]], float]:
+    """Train a copy of ``base`` with quantizer ``q`` for ``marks[-1]`` steps (the same batches every time; the
+    library's own draws after ``torch.manual_seed(seed)``) -> ``evaluate`` at each mark, training CPU s."""
+    model = copy.deepcopy(base)
+    model.quantizer = q.to(DEVICE)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    g, out, start = torch.Generator(device=DEVICE).manual_seed(1), [], time.process_time()
+    torch.manual_seed(seed)
+    for step in range(1, marks[-1] + 1):
+        x = data[torch.randint(len(data), (32,), generator=g, device=DEVICE)]
+        x_hat, _, loss = model(x)
+        (F.mse_loss(x_hat, x) + loss).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step in marks:
+            out.append(evaluate(model, held))
+    return out, time.process_time() - start
+
+
+def spread(values: list[float], fmt: str) -> str:
+    """``mean [min, max]`` (the value alone for one)."""
+    if len(values) == 1:
+        return format(values[0], fmt)
+    return f"{format(statistics.mean(values), fmt)} [{format(min(values), fmt)}, {format(max(values), fmt)}]"
+
+
+def report(rows: list, setting: str, marks: list[int], results: dict) -> None:
+    """Rows for one setting: ``results[lib] = [(evaluations at marks, CPU s) per seed]``."""
+    ours, theirs = results["genlab"], results["vqp"]
+    for i, step in enumerate(marks):
+        cells = [" / ".join((spread([r[0][i][0] for r in runs], ".3f"), spread([r[0][i][1] for r in runs], ".1f")))
+                 for runs in (ours, theirs)]
+        usage = [statistics.mean(r[0][i][0] for r in runs) for runs in (ours, theirs)]
+        rows.append((f"{setting} step {step}: usage / perplexity", *cells,
+                     f"{usage[0] / usage[1]:.2f}x" if len(ours) > 1 else "", ""))
+    mse = [[r[0][-1][2] for r in runs] for runs in (ours, theirs)]
+    cpu = [sum(r[1] for r in runs) for runs in (ours, theirs)]
+    rows.append((f"{setting} held-out MSE at {marks[-1]}", spread(mse[0], ".5f"), spread(mse[1], ".5f"),
+                 f"{statistics.mean(mse[0]) / statistics.mean(mse[1]):.2f}x", f"train CPU s {cpu[0]:.0f} / {cpu[1]:.0f}"))
+
+
+def train_part(steps: int, seeds: int, rows: list) -> None:
     data, held = Digits(image_size=32).data.to(DEVICE), Digits(image_size=32, split="test").data.to(DEVICE)
     torch.manual_seed(0)
     base = ConvAutoencoder(nn.Identity()).to(DEVICE)
     marks = [s for s in CHECKPOINTS if s < steps] + [steps]
-    for setting, kw in SETTINGS.items():
-        results = {}
-        for lib, q in zip(("genlab", "vqp"), vq_pair(**kw)):
-            model = copy.deepcopy(base)
-            model.quantizer = q.to(DEVICE)
-            opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-            g, out, start = torch.Generator(device=DEVICE).manual_seed(1), [], time.process_time()
-            torch.manual_seed(2)  # the libraries' own draws (k-means, dead codes) from the same global state
-            for step in range(1, steps + 1):
-                x = data[torch.randint(len(data), (32,), generator=g, device=DEVICE)]
-                x_hat, _, loss = model(x)
-                (F.mse_loss(x_hat, x) + loss).backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                if step in marks:
-                    out.append(evaluate(model, held))
-            results[lib] = (out, time.process_time() - start)
-        for i, step in enumerate(marks):
-            (u, p, mse), (u2, p2, mse2) = results["genlab"][0][i], results["vqp"][0][i]
-            rows.append((f"{setting} step {step}: usage / perplexity", f"{u:.3f} / {p:.1f}", f"{u2:.3f} / {p2:.1f}",
-                         "", ""))
-        rows.append((f"{setting} held-out MSE at {steps}", f"{mse:.5f}", f"{mse2:.5f}", f"{mse / mse2:.2f}x",
-                     f"train CPU s {results['genlab'][1]:.0f} / {results['vqp'][1]:.0f}"))
+    for setting, kw in SETTINGS.items():  # one start each; the libraries' draws from the same global state
+        pair = vq_pair(**kw)
+        report(rows, setting, marks, {lib: [train(base, q, data, held, marks, 2)]
+                                      for lib, q in zip(("genlab", "vqp"), pair)})
+    for setting in SEEDED if seeds > 1 else ():
+        results: dict = {"genlab": [], "vqp": []}
+        for seed in range(seeds):
+            own = (100 * seed + 11, 100 * seed + 12)  # each library its own draws, different per seed
+            for lib, q, s in zip(("genlab", "vqp"), vq_pair(**SETTINGS[setting], seeds=own), own):
+                results[lib].append(train(base, q, data, held, marks, s + 50))
+        report(rows, f"{setting}, {seeds} seeds", marks, results)
 
 
 def main() -> None:
@@ -157,6 +200,7 @@ def main() -> None:
     parser.add_argument("--parts", default="time,train")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--seeds", type=int, default=3, help="independent starts per library (1: none)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -164,7 +208,7 @@ def main() -> None:
     if "time" in args.parts:
         time_part(args.repeats, rows)
     if "train" in args.parts:
-        train_part(args.steps, rows)
+        train_part(args.steps, args.seeds, rows)
     header = ("", "genlab", "vqp", "genlab/vqp", "")
     width = [max(len(str(r[i])) for r in [header, *rows]) for i in range(5)]
     print(f"device {DEVICE}, {args.threads} thread(s)")

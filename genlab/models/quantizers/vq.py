@@ -15,9 +15,12 @@ to code ``i`` in the batch, ``N_i <- decay N_i + (1 - decay) n_i``, ``m_i <- dec
 (these statistics are kept in both modes: ``cluster_size`` N and ``embed_sum`` m). The batch is quantized
 with the codebook from before its own update.
 
-``kmeans_init``: the first training batch's k-means means become the codebook (and its statistics).
+``kmeans_init``: the first training batch's k-means clusters become the statistics (``N_i`` their sizes,
+``m_i`` their sums) and the codebook (``m_i / N~_i`` with EMA, as after every update: the cluster means up to
+the smoothing, 0 for an empty cluster; the means with gradient learning).
 ``dead_code_threshold > 0``: after each update, codes whose ``N_i`` fell below it are replaced by random
-vectors of the batch, with ``N_i`` reset to the threshold and ``m_i`` to the vector times it.
+vectors of the batch, with ``N_i`` reset to the threshold and ``m_i`` to the vector times it. All of this
+is vector-quantize-pytorch's algorithm step for step (``tests/test_quantizers_vqp_training.py``).
 ``gradient="rotation"``: the rotation trick (Fifty et al. 2024) instead of straight-through. When
 ``torch.distributed`` is initialised (and ``sync``), counts and sums are summed over ranks and the draws
 shared, so the codebooks of all ranks stay identical.
@@ -124,9 +127,11 @@ class VectorQuantizer(Quantizer):
     @torch.no_grad()
     def _kmeans_(self, x: Tensor) -> None:
         means, counts = kmeans(x, self.codebook_size, self.kmeans_iters, self.cosine, self.sync)
-        self.codebook.copy_(means)
         self.cluster_size.copy_(counts)
         self.embed_sum.copy_(means * counts.unsqueeze(-1))
+        self.codebook.copy_(means)
+        if self.learning == "ema":  # as after every update (an empty cluster's code becomes m_i / N~_i = 0)
+            self._codebook_from_statistics_()
         self.initialized.fill_(True)
 
     @torch.no_grad()
@@ -137,13 +142,17 @@ class VectorQuantizer(Quantizer):
         self.cluster_size.lerp_(counts, 1 - self.decay)
         if self.learning == "ema":
             self.embed_sum.lerp_(all_reduce_(sums, self.sync), 1 - self.decay)
-            total = self.cluster_size.sum()
-            smoothed = (self.cluster_size + self.eps) / (total + self.codebook_size * self.eps) * total
-            e = self.embed_sum / smoothed.unsqueeze(-1)
-            self.codebook.copy_(F.normalize(e, dim=-1) if self.cosine else e)
+            self._codebook_from_statistics_()
         dead = self.cluster_size < self.dead_code_threshold
         if self.dead_code_threshold > 0 and bool(dead.any()):
             self._replace_(x, dead)
+
+    def _codebook_from_statistics_(self) -> None:
+        """``e_i = m_i / N~_i``, ``N~_i = (N_i + eps) / (N + K eps) N`` (unit rows if cosine)."""
+        total = self.cluster_size.sum()
+        smoothed = (self.cluster_size + self.eps) / (total + self.codebook_size * self.eps) * total
+        e = self.embed_sum / smoothed.unsqueeze(-1)
+        self.codebook.copy_(F.normalize(e, dim=-1) if self.cosine else e)
 
     def _replace_(self, x: Tensor, dead: Tensor) -> None:
         """Dead codes become random vectors of the batch (from all ranks), with fresh statistics."""
