@@ -16,30 +16,35 @@ from genlab.core.bounds import NonNegativeInt, PositiveFloat, PositiveInt, Range
 from genlab.core.registry import register
 from genlab.models.flows.base import FlowTransform, Parity, check_channels
 from genlab.models.flows.context import Context, with_context
+from genlab.models.flows.couplings import MaskKind, coupling_mask
 from genlab.models.flows.nets import DenseNet
 from genlab.models.flows.splines import rq_spline, spline_params_count
 
 
 @register("flow_transform", "spline_coupling")
 class SplineCoupling(FlowTransform):
-    """Spline coupling on vectors ``[B, features]``: the values with index parity ``parity`` (features
-    i with i % 2 == parity) are kept and condition the spline of the others. ``bins`` K, ``bound`` B (the
-    spline's interval [-B, B]; identity outside); ``num_classes`` (class labels) or ``context`` (a context
-    vector's features): the spline's parameters see cond too (:mod:`.context`); ``kept_spline``: the kept
-    values pass through an unconditional learned spline (zero-initialised: the identity). ``zero_init``
-    (default): the network's last layer starts at zero, a fresh coupling is the identity; False: PyTorch's
-    random initialisation, as zuko's (in ``scripts/bench_flows.py`` at 1500 steps neither was better on
-    every set and seed). Ranges:
-    features >= 2, bins, hidden, depth >= 1, bound > 0, context >= 0, num_classes >= 1."""
+    """Spline coupling on vectors ``[B, features]``: the kept values condition the spline of the others;
+    ``mask`` ``checkerboard`` keeps the features i with i % 2 == ``parity``, ``channel`` the first half
+    (``parity`` 1: the second half; zuko's ``NSF(passes=2)`` split, :func:`.couplings.coupling_mask`).
+    ``bins`` K, ``bound`` B (the spline's interval [-B, B]; identity outside); ``num_classes`` (class labels)
+    or ``context`` (a context vector's features): the spline's parameters see cond too (:mod:`.context`);
+    ``kept_spline``: the kept values pass through an unconditional learned spline (zero-initialised: the
+    identity). ``zero_init`` (default): the network's last layer starts at zero, a fresh coupling is the
+    identity; False: PyTorch's random initialisation, as zuko's. With ``mask="channel"``,
+    ``kept_spline=True``, ``zero_init=False`` the layer is zuko's coupling (``tests/test_flows_nsf_zuko.py``).
+    Ranges: features >= 2, bins, hidden, depth >= 1, bound > 0, context >= 0, num_classes >= 1."""
 
     def __init__(self, features: Annotated[int, Range(ge=2)], bins: PositiveInt = 8, bound: PositiveFloat = 5.0,
                  parity: Parity = 0, hidden: PositiveInt = 64, depth: PositiveInt = 2, context: NonNegativeInt = 0,
-                 num_classes: PositiveInt | None = None, kept_spline: bool = False, zero_init: bool = True) -> None:
+                 num_classes: PositiveInt | None = None, kept_spline: bool = False, zero_init: bool = True,
+                 mask: MaskKind = "checkerboard") -> None:
         super().__init__()
+        if mask not in ("checkerboard", "channel"):
+            raise ValueError(f"SplineCoupling: mask must be 'checkerboard' or 'channel', got {mask!r}")
         self.features, self.bins, self.bound = features, bins, bound
-        idx = torch.arange(features)
-        self.register_buffer("kept", idx[idx % 2 == parity], persistent=False)
-        self.register_buffer("changed", idx[idx % 2 != parity], persistent=False)
+        kept = coupling_mask((features,), mask, parity).bool()
+        self.register_buffer("kept", kept.nonzero()[:, 0], persistent=False)
+        self.register_buffer("changed", (~kept).nonzero()[:, 0], persistent=False)
         self.context = Context(context, num_classes, "SplineCoupling")
         self.net = DenseNet(len(self.kept) + self.context.features, len(self.changed) * spline_params_count(bins),
                             hidden, depth, zero_init)
