@@ -94,7 +94,9 @@ class UniPC(MultistepSampler):
         corrector: apply UniC (diffusers' ``disable_corrector`` lists steps where it is off).
         lower_order_final: the order of step i is at most N - i (the last step is first order), as
             in diffusers. A step into sigma = 0 (lambda = inf) is always first order: it returns x0
-            (diffusers' bh1 gives NaN there: alpha_s B(h) * 0 with B(h) = -inf).
+            (diffusers' bh1 gives NaN there: alpha_s B(h) * 0 with B(h) = -inf). With bh1 a step out of
+            alpha = 0 (lambda = -inf, rectified flow's t = 1) is first order too, since B(h) = -h has no
+            finite limit there (bh2's e^-h - 1 -> -1 has, and keeps its nodes).
     """
 
     default_grid = FAST_GRID
@@ -134,6 +136,8 @@ class UniPC(MultistepSampler):
         phi = expm1(-h)
         weights = [-a_s * phi]  # on m0, then on each m_k
         nodes = [(lv, m) for lv, m in nodes if not _at_minus_infinity(lv.coef("lam")[0])]
+        if self.variant == "bh1" and _at_minus_infinity(lam_t):  # B(h) = -h has no limit as h -> inf:
+            nodes = []  # a bh1 step out of alpha = 0 is first order (diffusers' gives NaN)
         if nodes:
             r = [node_ratio(lv.coef("lam")[0], lam_t, h) for lv, _ in nodes]
             b_h = -h if self.variant == "bh1" else phi
