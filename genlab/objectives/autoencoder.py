@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..core.bounds import NonNegativeFloat, NonNegativeInt, PositiveInt
+from ..core.devices import module_device
 from ..core.registry import build, register
 from ..models.autoencoders.base import Autoencoder
 from ..models.autoencoders.kl import gaussian_kl
@@ -195,7 +196,7 @@ class AutoencoderObjective(Objective):
         if not self.scaling_images:
             return
         model = modules["model"]
-        device = next(model.parameters()).device
+        device = module_device(model)
         data = self.context.data
         images = data.images(torch.arange(min(self.scaling_images, len(data))))
         g = torch.Generator(device=device).manual_seed(0)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.bounds import NonNegativeFloat, PositiveInt, Range
+from ..core.devices import module_device
 from ..core.registry import register
 from ..metrics.likelihood import bits_per_dim
 from ..models.flows import Flow, probes_from
@@ -104,7 +105,7 @@ class FlowLikelihood(Objective):
                            generator: torch.Generator, batch_size: int = 1024) -> dict[str, float]:
         """Mean held-out -log p of x [N, ...] (labels [N] or None) in nats and bits/dim: for discrete data
         the bound on the discrete data's (``heldout_draws`` draws of u)."""
-        device = next(modules["model"].parameters()).device
+        device = module_device(modules["model"])
         chunks = x.split(batch_size)
         conds = [None] * len(chunks) if labels is None else [c.to(device) for c in labels.split(batch_size)]
         log_p = torch.cat([self.log_likelihood(modules, b.to(device), c, generator, self.heldout_draws).double().cpu()

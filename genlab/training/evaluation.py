@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..core.devices import module_device
 from ..core.errors import GenlabError, WriteError
 from ..core.io import write_json_atomic
 from ..data import Digits
@@ -85,7 +86,7 @@ def evaluate(exp: Experiment, modules: dict[str, nn.Module], out: str | os.PathL
         (out / name).parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise WriteError(f"cannot create {(out / name).parent}: {e.strerror}") from None
-    device = next(modules["model"].parameters()).device
+    device = module_device(modules["model"])
     obj = exp.objective
     if not obj.draws_samples:  # a family that draws no samples (a classifier) reports its own metrics
         held = exp.heldout_split()
@@ -152,7 +153,7 @@ def heldout_likelihood(exp: Experiment, modules: dict[str, nn.Module], device: t
 @torch.no_grad()
 def heldout_nll(model: Likelihood, x: Tensor, batch_size: int = 4096) -> dict[str, float]:
     """Mean -log p(x) of held-out continuous data x [N, ...] under ``model``, in nats and bits/dim."""
-    device = next(model.parameters()).device
+    device = module_device(model)
     log_p = torch.cat([model.log_prob(b.to(device)).double().cpu() for b in x.split(batch_size)])
     return {"heldout_nll_nats": float(-log_p.mean()), "heldout_bits_per_dim": float(bits_per_dim(log_p, x[0].numel()).mean())}
 
