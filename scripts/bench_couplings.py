@@ -3,7 +3,7 @@
 For B in (256, 1024) and 2-D / 784-D data (x0 ~ N(0, I), x1 a shifted Gaussian mixture, float32 on the
 CPU), in one process and on the same batches:
 
-- genlab: ``ExactOT().permutation(x0, x1)``: ``torch.cdist ** 2`` in float64, then
+- genlab: ``ExactOT().permutation(x0, x1)``: the squared distances in float64 by one matmul, then
   ``genlab.metrics.transport.assignment``: the compiled auction + shortest augmenting paths
   (``genlab.metrics.auction``, numba), and, in the "scipy" column, its fallback without numba,
   ``scipy.optimize.linear_sum_assignment`` on the entropically reduced cost.

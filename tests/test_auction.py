@@ -107,3 +107,19 @@ def test_assignment_uses_the_auction_for_square_costs_and_scipy_for_rectangular_
     monkeypatch.setattr(auction, "AVAILABLE", False)  # without numba: SciPy, the same optimum
     cost = np.random.default_rng(1).random((70, 70))
     assert calls == [(5, 5)] and abs(total(cost, assignment(cost)) - optimum(cost)) < 1e-12
+
+
+def test_squared_distances_equal_the_explicit_differences():
+    import torch
+
+    from genlab.metrics.transport import squared_distances
+
+    g = torch.Generator().manual_seed(0)
+    for shape in [(2,), (64,), (1, 4, 4)]:
+        x0, x1 = torch.randn(7, *shape, generator=g), torch.randn(5, *shape, generator=g)
+        explicit = (x0.double().flatten(1)[:, None] - x1.double().flatten(1)[None]).square().sum(-1)
+        got = squared_distances(x0, x1)
+        assert got.dtype == torch.float64 and got.shape == (7, 5)
+        torch.testing.assert_close(got, explicit, rtol=1e-12, atol=1e-12)
+    same = squared_distances(x0, x0)
+    assert bool((same >= 0).all()) and float(same.diagonal().abs().max()) < 1e-12
