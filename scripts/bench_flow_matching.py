@@ -25,13 +25,13 @@ uses the OT permutation itself; torchcfm draws 256 pairs from the plan with repl
 
 Usage: ``python scripts/bench_flow_matching.py [--steps 5000] [--points 1000] [--plot samples.png]``
 
-Measured with the defaults (2-core machine shared with other jobs, load 4-5, 294 s in all): step time
-genlab / torchcfm 1.57 (I-CFM) and 1.13 (OT-CFM) for the objective's step, 1.32 and 0.92 for a whole
-``Trainer.train_step``; exact_ot against OTPlanSampler 1.08x at B = 256 and 2.56x at B = 1024 (2-D);
-genlab's flow_euler equal to torchdyn's Euler at every NFE on the same weights (I-CFM W2 2.00, 1.67,
-0.92, 0.60 at NFE 1, 2, 5, 10; dopri5 0.378 at 62 NFE); the best genlab sampler at NFE 5, UniPC on the
-uniform grid with time shift 0.5, 0.461 = 0.50x Euler's; at NFE 1, I-CFM / OT-CFM = 4.27x trained by
-genlab (2.00 / 0.469), 3.87x trained by torchcfm (2.06 / 0.534).
+Measured with the defaults (2-core machine, nothing else running, 106 s in all): step time genlab /
+torchcfm 1.18 (I-CFM) and 0.63 (OT-CFM) for the objective's step, 1.21 and 0.63 for a whole
+``Trainer.train_step``; exact_ot against OTPlanSampler 0.49x at B = 256 and 0.32x at B = 1024 (2-D; the
+compiled auction solver and the matmul cost); genlab's flow_euler equal to torchdyn's Euler at every NFE on
+the same weights (I-CFM W2 2.00, 1.67, 0.92, 0.60 at NFE 1, 2, 5, 10; dopri5 0.378 at 62 NFE); the best
+genlab sampler at NFE 5, UniPC on the uniform grid with time shift 0.5, 0.461 = 0.50x Euler's; at NFE 1,
+I-CFM / OT-CFM = 4.27x trained by genlab (2.00 / 0.469), 3.87x trained by torchcfm (2.06 / 0.534).
 """
 
 from __future__ import annotations
