@@ -99,23 +99,27 @@ def _auction(cost: np.ndarray, eps0: float, eps_min: float, theta: float) -> tup
 
 
 @_compiled
-def _finish(cost: np.ndarray, v: np.ndarray, col4row_start: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Exact assignment of ``cost`` [n, n] from column potentials ``v`` [n] and a start permutation: the
-    start's pairs with reduced cost 0 under u_i = min_j (C_ij - v_j) are kept, the other rows matched by
-    shortest augmenting paths (Crouse 2016, Alg. 4). Returns (col4row [n], u [n], v [n])."""
+def _finish(cost: np.ndarray, v: np.ndarray, col4row_start: np.ndarray, rounds: int = 2
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact assignment of ``cost`` [n, n] from column potentials ``v`` [n] and a start permutation:
+    ``rounds`` times u is set tight on the start's pairs and (v, u) replaced by their c-transforms (each
+    round leaves more of the start's pairs at reduced cost 0; two measured fastest on 2-D batches of
+    1024), those pairs are kept, and the other rows matched by shortest augmenting paths (Crouse 2016,
+    Alg. 4). Returns (col4row [n], u [n], v [n])."""
     n = cost.shape[0]
     u = np.empty(n)
-    for i in range(n):  # u tight on the start's pairs, v its c-transform (v_j = min_i C_ij - u_i) ...
-        u[i] = cost[i, col4row_start[i]] - v[col4row_start[i]]
-    v[:] = np.inf
-    for i in range(n):
-        for j in range(n):
-            v[j] = min(v[j], cost[i, j] - u[i])
-    for i in range(n):  # ... and u the c-transform of v: every reduced cost >= 0, more start pairs at 0
-        low = np.inf
-        for j in range(n):
-            low = min(low, cost[i, j] - v[j])
-        u[i] = low
+    for _ in range(rounds):
+        for i in range(n):  # u tight on the start's pairs, v its c-transform (v_j = min_i C_ij - u_i) ...
+            u[i] = cost[i, col4row_start[i]] - v[col4row_start[i]]
+        v[:] = np.inf
+        for i in range(n):
+            for j in range(n):
+                v[j] = min(v[j], cost[i, j] - u[i])
+        for i in range(n):  # ... and u the c-transform of v: every reduced cost >= 0, more start pairs at 0
+            low = np.inf
+            for j in range(n):
+                low = min(low, cost[i, j] - v[j])
+            u[i] = low
     col4row = np.full(n, -1, np.int64)
     row4col = np.full(n, -1, np.int64)
     for i in range(n):
