@@ -89,6 +89,12 @@ def test_constant_and_empty_costs_and_bad_input():
     assert auction.solve(np.zeros((0, 0))).tolist() == []
     with pytest.raises(ValueError, match="square"):
         auction.solve(np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="theta > 1"):
+        auction.solve(np.eye(3), theta=1.0)
+    with pytest.raises(ValueError, match="0 < stop <= start"):
+        auction.solve(np.eye(3), stop=0.0)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        auction.solve(np.array([[0.0, np.inf], [1.0, 0.0]]))
     with pytest.raises(ValueError, match="solver must be"):
         assignment(np.zeros((2, 2)), solver="hungarian")
     with pytest.raises(ValueError, match="square cost and numba"):

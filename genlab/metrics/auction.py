@@ -186,9 +186,14 @@ def solve(cost: np.ndarray, start: float = START, stop: float = STOP, theta: flo
                            "genlab.metrics.transport.assignment falls back to SciPy without it")
     if cost.ndim != 2 or cost.shape[0] != cost.shape[1]:
         raise ValueError(f"auction.solve: expected a square cost [n, n], got {list(cost.shape)}")
+    if not (0 < stop <= start and theta > 1):  # else eps never reaches its end: the phases would not stop
+        raise ValueError(f"auction.solve: needs 0 < stop <= start and theta > 1, got start={start}, stop={stop}, "
+                         f"theta={theta}")
     cost = np.ascontiguousarray(cost, dtype=np.float64)
     n = len(cost)
     spread = _spread(cost) if n else 0.0
+    if not np.isfinite(spread):
+        raise ValueError("auction.solve: the cost has NaN or infinite entries; the assignment needs finite costs")
     if not spread > 0:  # every permutation costs the same
         return np.arange(n, dtype=np.int64)
     col4row, prices = _auction(cost, start * spread, stop * spread, theta)
