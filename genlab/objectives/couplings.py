@@ -25,8 +25,9 @@ shortest-augmenting-path Jonker-Volgenant) on the cost reduced by entropic poten
 the general network simplex of POT's ``ot.emd`` (what torchcfm's ``OTPlanSampler("exact")`` calls). On
 clustered 2-D batches (8 gaussians -> moons, B = 1024), where many pairs are near ties, the auction runs in
 a fraction of ``ot.emd``'s time and SciPy's solver near it; ``scripts/bench_couplings.py`` measures them.
-The cost matrix is computed with torch on the inputs' device in float64 (|x0|^2 + |x1|^2 - 2 x0 x1^T by one matmul on the flattened rows; float32 on
-devices without float64); only that [B, B] matrix moves to the CPU.
+The cost matrix is computed with torch on the inputs' device in float64 (|x0|^2 + |x1|^2 - 2 x0 x1^T by
+one matmul on the flattened rows; float32 on devices without float64); only that [B, B] matrix moves to
+the CPU.
 
 Draws (sampling from a plan, surplus partners) come from ``generator``, on the inputs' device;
 outputs keep the inputs' device and dtype.
