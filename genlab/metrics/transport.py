@@ -20,7 +20,8 @@ def squared_distances(x0: Tensor, x1: Tensor) -> Tensor:
     """The cost M [B0, B1], M_ij = |x0_i - x1_j|^2 over the flattened rows, on the inputs' device in
     float64 (float32 where the device has no float64), as |x0_i|^2 + |x1_j|^2 - 2 <x0_i, x1_j> by one
     matrix product (clamped at 0 against rounding; float64 error ~1e-16 of the squared norms): on the CPU
-    20x faster than ``torch.cdist(...) ** 2`` for 2-D points at B = 1024, which takes the square root first."""
+    0.6 ms against 13.7 ms for ``torch.cdist(...) ** 2`` (which takes the square root first) on 2-D points at
+    B = 1024, one thread."""
     dtype = wide_dtype(x0.device)
     rows0, rows1 = (x.reshape(x.shape[0], math.prod(x.shape[1:])).to(dtype) for x in (x0, x1))
     cross = torch.addmm(rows0.square().sum(1, keepdim=True), rows0, rows1.T, alpha=-2)
@@ -39,8 +40,8 @@ def host_cost(who: str, cost: Tensor) -> np.ndarray:
 def entropic_potentials(cost: np.ndarray, iterations: int = 30) -> np.ndarray:
     """Row potentials u [n] of a square cost [n, n], from ``iterations`` Sinkhorn iterations (Cuturi 2013)
     at a blur eps of 3% of the mean row-reduced cost, then the c-transform u_i = min_j (C_ij - g_j) of the
-    column potentials g = eps log b (the row minima where float32 overflows). Approximate duals of the assignment problem, a warm start: how close
-    they are only changes the solver's time, never its answer (Sinkhorn in float32 on the CPU)."""
+    column potentials g = eps log b (the row minima where float32 overflows). Approximate duals of the
+    assignment problem, a warm start: how close they are only changes the solver's time, never its answer (Sinkhorn in float32 on the CPU)."""
     c = torch.from_numpy(cost)
     reduced = c - c.min(dim=1, keepdim=True).values
     eps = 0.03 * float(reduced.mean())
@@ -70,8 +71,8 @@ def assignment(cost: np.ndarray, solver: Literal["auto", "auction", "scipy"] = "
     potentials, has less to do the closer (u, v) are to the optimal duals): u is each row's minimum (or, for
     square costs of n >= 64, :func:`entropic_potentials`) and (square costs only) v the c-transform, each
     column's minimum of C_ij - u_i. ``"auto"``: the auction for square costs where numba is installed,
-    SciPy otherwise. Measured (``scripts/bench_couplings.py``, ``scripts/bench_flow_matching.py``): the
-    auction ran 1.5-5x faster than the warm-started SciPy solver on 2-D batches of 1024."""
+    SciPy otherwise. Measured (``scripts/bench_couplings.py``): the auction ran 2.7-3.2x faster than the
+    warm-started SciPy solver on 2-D batches of 1024 and 1.2-1.7x on 784-D ones."""
     if solver not in ("auto", "auction", "scipy"):
         raise ValueError(f"assignment: solver must be 'auto', 'auction' or 'scipy', got {solver!r}")
     square = cost.shape[0] == cost.shape[1]
