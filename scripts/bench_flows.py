@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from genlab.data import Digits
 from genlab.data.toy2d import toy2d, toy2d_log_prob
-from genlab.models.flows import Flow, GlowStep, SplineAutoregressive, SplineCoupling, Squeeze, Unsqueeze
+from genlab.models.flows import Flow, GlowStep, Squeeze, Unsqueeze
 from genlab.models.flows.dequantization import UniformDequantization, dequantized_log_likelihood
 from genlab.testing.gaussian_mixture import GaussianMixture
 
@@ -143,18 +143,13 @@ def nsf_sides(dim: int, k: int, bins: int, hidden: int, seed: int, passes: int |
     zuko's initial weights and from genlab's own draw (same seed)."""
     import zuko
 
-    from genlab.testing.zuko_flows import flow_from_zuko_nsf
+    from genlab.testing.zuko_flows import flow_from_zuko_nsf, nsf_layers
 
     torch.manual_seed(seed)
     theirs = zuko.flows.NSF(dim, bins=bins, transforms=k, passes=passes, hidden_features=(hidden, hidden))
     same = flow_from_zuko_nsf(theirs)
     torch.manual_seed(seed)
-    if passes == 2:
-        layers = [SplineCoupling(dim, bins, 5.0, parity=i % 2, hidden=hidden, depth=2, kept_spline=True, zero_init=False,
-                                 mask="channel") for i in range(k)]
-    else:
-        layers = [SplineAutoregressive(dim, bins, 5.0, hidden=hidden, depth=2, reverse=i % 2 == 1) for i in range(k)]
-    own = Flow([dim], layers)
+    own = Flow([dim], nsf_layers(dim, bins, hidden, 2, k, coupling=passes == 2))
     return [Side("genlab", same, same.log_prob), Side("genlab own init", own, own.log_prob),
             Side("zuko", theirs, lambda x: theirs().log_prob(x))]
 

@@ -49,6 +49,19 @@ def _check(nsf: Any) -> tuple[int, int, int, int]:
     return features, bins, hidden[0], len(hidden)
 
 
+def nsf_layers(features: int, bins: int, hidden: int, depth: int, transforms: int, coupling: bool
+               ) -> list[SplineCoupling] | list[SplineAutoregressive]:
+    """genlab's layers of zuko's ``NSF(features, bins, transforms, passes=2 if coupling else features,
+    hidden_features=(hidden,) * depth)``, freshly initialised (genlab's own draw): channel-split couplings with
+    a spline on the kept half and random last layers, or MADE spline layers, the order reversed every other
+    layer."""
+    if coupling:
+        return [SplineCoupling(features, bins, 5.0, parity=t % 2, hidden=hidden, depth=depth, kept_spline=True,
+                               zero_init=False, mask="channel") for t in range(transforms)]
+    return [SplineAutoregressive(features, bins, 5.0, hidden=hidden, depth=depth, reverse=t % 2 == 1)
+            for t in range(transforms)]
+
+
 @torch.no_grad()
 def flow_from_zuko_nsf(nsf: Any) -> Flow:
     """A genlab :class:`Flow` equal to the zuko ``NSF`` ``nsf`` as a function (same log-density, same
@@ -57,12 +70,7 @@ def flow_from_zuko_nsf(nsf: Any) -> Flow:
     features, bins, hidden, depth = _check(nsf)
     layers = list(nsf.transform.transforms)
     coupling = layers[0].passes == 2  # with 2 features the autoregressive flow is this coupling too
-    if coupling:
-        ours = [SplineCoupling(features, bins, 5.0, parity=t % 2, hidden=hidden, depth=depth, kept_spline=True,
-                               zero_init=False, mask="channel") for t in range(len(layers))]
-    else:
-        ours = [SplineAutoregressive(features, bins, 5.0, hidden=hidden, depth=depth, reverse=t % 2 == 1)
-                for t in range(len(layers))]
+    ours = nsf_layers(features, bins, hidden, depth, len(layers), coupling)
     like = _linears(layers[0].hyper)[0].weight
     flow = Flow([features], ours).to(device=like.device, dtype=like.dtype)
     for layer, mine in zip(layers, ours):
