@@ -7,6 +7,8 @@ C [n, n], solved exactly in compiled code (numba) in two stages:
    margin to its second choice plus eps; a phase ends when every row holds a column, in epsilon-
    complementary slackness (each row's column within eps of its cheapest). Phases run at eps0, eps0 /
    theta, ... down to eps_min. The prices are then dual potentials v = -p within eps of optimal ones.
+   The auction runs on the cost normalised to [0, 1] in float32 (half the memory per scan, and the scans'
+   reductions compile to SIMD, see :func:`_auction`): its prices need only be close, not exact.
 2. **Shortest augmenting paths** (Jonker & Volgenant 1987; the Dijkstra form of Crouse 2016, "On
    implementing 2D rectangular assignment algorithms", Alg. 4, which SciPy's ``linear_sum_assignment``
    runs from zero potentials): with u_i = min_j (C_ij - v_j) every reduced cost C_ij - u_i - v_j is >= 0;
@@ -39,7 +41,8 @@ AVAILABLE = numba is not None
 
 THETA = 5.0  # eps shrinks by this factor per phase
 START = 0.05  # eps0 = START * (max C - min C)
-STOP = 1e-5  # eps_min = STOP * (max C - min C)
+STOP = 1e-6  # eps_min = STOP * (max C - min C): ~8 float32 ulps of the normalised cost's largest values
+LARGEST = np.int32(np.iinfo(np.int32).max)  # the bit pattern of a NaN: above every non-negative float32's
 
 
 def _compiled(f: Callable) -> Callable:
@@ -48,24 +51,57 @@ def _compiled(f: Callable) -> Callable:
 
 
 @_compiled
-def _spread(cost: np.ndarray) -> float:
-    """max C - min C in one pass."""
-    low, high = np.inf, -np.inf
-    for x in cost.flat:
-        low, high = min(low, x), max(high, x)
-    return high - low
+def _normalised(cost: np.ndarray, low: float, spread: float) -> np.ndarray:
+    """(C - low) / spread [n, n] as float32: in [0, 1] when low = min C and spread = max C - min C."""
+    n = cost.shape[0]
+    out = np.empty((n, n), np.float32)
+    scale = 1.0 / spread
+    for i in range(n):
+        for j in range(n):
+            out[i, j] = (cost[i, j] - low) * scale
+    return out
+
+
+@_compiled
+def _lowest(keys: np.ndarray) -> np.int32:
+    """min of int32 ``keys`` [n]: a select reduction on integers, which LLVM compiles to SIMD (the same
+    reduction on floats stays scalar without fast-math's no-NaN flags)."""
+    low = keys[0]
+    for j in range(keys.shape[0]):
+        k = keys[j]
+        low = k if k < low else low
+    return low
+
+
+@_compiled
+def _index_of(keys: np.ndarray, key: np.int32) -> int:
+    """The last j with keys[j] == key (-1 if none), branch-free so that it compiles to SIMD."""
+    found = -1
+    for j in range(keys.shape[0]):
+        found = j if keys[j] == key else found
+    return found
 
 
 @_compiled
 def _auction(cost: np.ndarray, eps0: float, eps_min: float, theta: float) -> tuple[np.ndarray, np.ndarray]:
-    """Gauss-Seidel forward auction with eps scaling on ``cost`` [n, n] (float64) -> (col4row [n], prices
-    [n]): an eps_min-complementary-slack permutation and its prices."""
+    """Gauss-Seidel forward auction with eps scaling on a float32 ``cost`` [n, n] with entries >= 0 (the
+    :func:`_normalised` one) -> (col4row [n], prices [n] float32): an eps_min-complementary-slack
+    permutation and its prices.
+
+    A bid scans its row's values C_ij + p_j (all >= 0, prices only rise from 0) for the cheapest and the
+    second cheapest. Non-negative float32s order as their int32 bit patterns, so the scan writes the values
+    once and finds both by integer reductions (min, index of the min, min with it masked), each SIMD: 3-4x
+    faster than one scalar pass tracking best and second (measured at n = 1024, 2-D batches). A price
+    rises by at least one ulp, so the phases end whatever the rounding."""
     n = cost.shape[0]
-    prices = np.zeros(n)
+    prices = np.zeros(n, np.float32)
     row4col = np.full(n, -1, np.int64)
     col4row = np.full(n, -1, np.int64)
     queue = np.empty(n, np.int64)
-    eps = eps0
+    values = np.empty(n, np.float32)
+    keys = values.view(np.int32)
+    cell = np.empty(1, np.int32)  # int32 -> float32 by the same bits
+    eps, eps_end, ceiling = np.float32(eps0), np.float32(eps_min), np.float32(np.inf)
     while True:
         row4col[:] = -1
         col4row[:] = -1
@@ -76,16 +112,18 @@ def _auction(cost: np.ndarray, eps0: float, eps_min: float, theta: float) -> tup
             i = queue[head]
             head = head + 1 if head + 1 < n else 0
             waiting -= 1
-            best, second, choice = np.inf, np.inf, -1
             for j in range(n):
-                value = cost[i, j] + prices[j]
-                if value < best:
-                    second, best, choice = best, value, j
-                elif value < second:
-                    second = value
-            if second == np.inf:  # n == 1
+                values[j] = cost[i, j] + prices[j]
+            choice = _index_of(keys, _lowest(keys))
+            best = values[choice]
+            if n > 1:
+                keys[choice] = LARGEST
+                cell[0] = _lowest(keys)
+                second = cell.view(np.float32)[0]
+            else:
                 second = best
-            prices[choice] += second - best + eps
+            price = prices[choice] + (second - best + eps)
+            prices[choice] = price if price > prices[choice] else np.nextafter(prices[choice], ceiling)
             previous = row4col[choice]
             row4col[choice], col4row[i] = i, choice
             if previous >= 0:  # outbid: back in the queue
@@ -93,9 +131,9 @@ def _auction(cost: np.ndarray, eps0: float, eps_min: float, theta: float) -> tup
                 tail = head + waiting
                 queue[tail - n if tail >= n else tail] = previous
                 waiting += 1
-        if eps <= eps_min:
+        if eps <= eps_end:
             return col4row, prices
-        eps = max(eps / theta, eps_min)
+        eps = max(eps / np.float32(theta), eps_end)
 
 
 @_compiled
@@ -179,8 +217,8 @@ def _finish(cost: np.ndarray, v: np.ndarray, col4row_start: np.ndarray, rounds: 
 
 def solve(cost: np.ndarray, start: float = START, stop: float = STOP, theta: float = THETA) -> np.ndarray:
     """The column of each row [n] (int64) in a minimum-cost permutation of the finite square ``cost``
-    [n, n]: the auction's prices (eps from ``start`` to ``stop`` times the cost's range, divided by
-    ``theta`` per phase), then the exact shortest-augmenting-path stage. Requires numba (:data:`AVAILABLE`)."""
+    [n, n]: the auction's prices on the cost normalised to [0, 1] in float32 (eps from ``start`` to ``stop``,
+    divided by ``theta`` per phase), then the exact shortest-augmenting-path stage on the float64 cost. Requires numba (:data:`AVAILABLE`)."""
     if not AVAILABLE:
         raise RuntimeError("genlab.metrics.auction needs numba (pip install numba); "
                            "genlab.metrics.transport.assignment falls back to SciPy without it")
@@ -191,10 +229,11 @@ def solve(cost: np.ndarray, start: float = START, stop: float = STOP, theta: flo
                          f"theta={theta}")
     cost = np.ascontiguousarray(cost, dtype=np.float64)
     n = len(cost)
-    spread = _spread(cost) if n else 0.0
+    low, high = (float(cost.min()), float(cost.max())) if n else (0.0, 0.0)  # NaN and inf propagate
+    spread = high - low
     if not np.isfinite(spread):
         raise ValueError("auction.solve: the cost has NaN or infinite entries; the assignment needs finite costs")
     if not spread > 0:  # every permutation costs the same
         return np.arange(n, dtype=np.int64)
-    col4row, prices = _auction(cost, start * spread, stop * spread, theta)
-    return _finish(cost, -prices, col4row)[0]
+    col4row, prices = _auction(_normalised(cost, low, spread), start, stop, theta)
+    return _finish(cost, prices.astype(np.float64) * -spread, col4row)[0]
