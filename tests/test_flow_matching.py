@@ -316,15 +316,16 @@ def test_the_trigonometric_process_is_the_variance_preserving_path():
 def test_samplers_carry_any_source_to_a_point_mass_with_its_exact_velocity(path, process, sampler):
     """Data at c: x_t = a(t) c + b(t) x0, so the exact velocity at (x, t) is a' c + b' (x - a c) / b. Each
     sampler on the path's process carries non-Gaussian starts (two clusters) to c."""
-    from genlab.objectives.paths import CondOT, VariancePreserving
+    from genlab.objectives.paths import CondOT, VariancePreserving, as_tensor_like
 
     c = torch.tensor([1.0, -2.0], dtype=F64)
     path_obj = CondOT() if path == "cond_ot" else VariancePreserving()
 
     class Exact(nn.Module):
         def forward(self, x, t_model):
-            co = path_obj.coefficients((t_model / 1000).to(F64))
-            a, b, da, db = (v[:, None].to(x.dtype) for v in (co.data, co.source, co.d_data, co.d_source))
+            t = (t_model / 1000).to(F64)
+            co = path_obj.coefficients(t)
+            a, b, da, db = (as_tensor_like(v, t)[:, None].to(x.dtype) for v in (co.data, co.source, co.d_data, co.d_source))
             return da * c + db * (x - a * c) / b
 
     starts = torch.cat([torch.full((10, 2), 3.0), torch.full((10, 2), -1.0)]).to(F64)

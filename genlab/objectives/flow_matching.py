@@ -65,7 +65,7 @@ from ..diffusion.samplers import BridgeSDE
 from ..diffusion.time_distributions import TimeDistribution
 from .base import Batch, BuildContext, Objective
 from .couplings import Coupling, LabelOT, Pairs
-from .paths import Path, SchrodingerBridge
+from .paths import Path, SchrodingerBridge, as_tensor_like
 
 #: the registered process each built-in path is sampled on
 MATCHING_PROCESS = {"cond_ot": "rectified_flow", "variance_preserving": "trigonometric",
@@ -86,6 +86,7 @@ def check_path_process(path: Path, process: Process, tolerance: float = 1e-9) ->
     level, c = process.level(t), path.coefficients(t)
     for what, got, want in (("alpha", level.alpha, c.data), ("sigma", level.sigma, c.source),
                             ("d alpha / dt", level.d_alpha, c.d_data), ("d sigma / dt", level.d_sigma, c.d_source)):
+        want = as_tensor_like(want, t)
         bad = ((got - want).abs() > tolerance * (1 + want.abs())).nonzero()
         if len(bad):
             i = int(bad[0])
@@ -145,6 +146,7 @@ class ConditionalFlowMatching(Objective):
         if self.source is not None and len(self.source.data) == 0:
             raise ValueError("cfm: the source data set is empty")
         self._on_device: dict[torch.device, tuple[Tensor, Tensor | None]] = {}
+        self._denoiser: tuple[tuple[Any, ...], Denoiser] | None = None
 
     @property
     def bridge(self) -> bool:
@@ -209,10 +211,16 @@ class ConditionalFlowMatching(Objective):
         network, or None) and g = the bridge's sigma, both networks seeing their time clamped into
         [t_eps, 1 - t_eps] (:meth:`~.paths.SchrodingerBridge.clamp`)."""
         process = self.context.process if process is None else process
+        key = (model, process, score)
+        if self._denoiser is not None and all(a is b for a, b in zip(self._denoiser[0], key)):
+            return self._denoiser[1]  # the last one built: the training loss asks for it every step
         if not self.bridge:
-            return Denoiser(model, process, self.prediction)
-        return BridgeDenoiser(model, score, process, self.path.sigma, self.prediction,
-                              model_time=lambda t: process.model_time(self.path.clamp(t)))
+            denoiser = Denoiser(model, process, self.prediction)
+        else:
+            denoiser = BridgeDenoiser(model, score, process, self.path.sigma, self.prediction,
+                                      model_time=lambda t: process.model_time(self.path.clamp(t)))
+        self._denoiser = (key, denoiser)
+        return denoiser
 
     def _source_on(self, device: torch.device) -> tuple[Tensor, Tensor | None]:
         """The source's rows and labels on ``device`` (copied once per device)."""

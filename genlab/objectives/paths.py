@@ -33,19 +33,20 @@ from torch import Tensor
 from ..core.bounds import NonNegativeFloat, PositiveFloat, Range
 from ..core.errors import ShapeError
 from ..core.registry import register, register_namespace
-from ..diffusion.levels import broadcast, combine, level_dtype
+from ..diffusion.levels import Scalar, broadcast, combine, level_dtype
 from .base import ShowsFields
 
 
 class PathCoefficients(NamedTuple):
-    """a, b, s of x_t = a x1 + b x0 + s eps and their t-derivatives, each shaped like t ([B] or [])."""
+    """a, b, s of x_t = a x1 + b x0 + s eps and their t-derivatives: each a tensor shaped like t ([B] or
+    []) or, where it does not depend on t, a float (no tensor operation per step for a constant)."""
 
-    data: Tensor
-    source: Tensor
-    noise: Tensor
-    d_data: Tensor
-    d_source: Tensor
-    d_noise: Tensor
+    data: Scalar
+    source: Scalar
+    noise: Scalar
+    d_data: Scalar
+    d_source: Scalar
+    d_noise: Scalar
 
 
 class PathPoint(NamedTuple):
@@ -81,20 +82,36 @@ class Path(ShowsFields):
         elif eps.shape != x1.shape:
             raise ShapeError(f"{who}: eps must have the shape of x1, {list(x1.shape)}, got {list(eps.shape)}")
         c = self._coefficients(t)
-        x_t = combine((c.data, x1), (c.source, x0), (c.noise, eps))
-        u_t = combine((c.d_data, x1), (c.d_source, x0), (c.d_noise, eps))
+        x_t = _linear((c.data, x1), (c.source, x0), (c.noise, eps))
+        u_t = _linear((c.d_data, x1), (c.d_source, x0), (c.d_noise, eps))
         return PathPoint(x_t, u_t, eps)
 
     def mean_std(self, x0: Tensor, x1: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """The mean mu_t = a x1 + b x0 [B, ...] and std s(t) (shaped like t, float64) of p_t(x | x0, x1)."""
         c = self._coefficients(t)
-        return combine((c.data, x1), (c.source, x0)), c.noise
+        return _linear((c.data, x1), (c.source, x0)), as_tensor_like(c.noise, t)
 
     def score(self, t: Tensor, eps: Tensor) -> Tensor:
         """The score target grad_x log p_t(x_t | x0, x1) = -(x_t - mu_t) / s^2 = -eps / s(t) [B, ...] for the
         eps of :meth:`sample` (defined where s(t) > 0)."""
-        s = self._coefficients(t).noise
+        s = as_tensor_like(self._coefficients(t).noise, t)
         return -eps / broadcast(s, eps).to(dtype=eps.dtype, device=eps.device)
+
+
+
+def as_tensor_like(value: Scalar, t: Tensor) -> Tensor:
+    """A path coefficient as a tensor shaped like t: itself, or a constant filled in the levels' dtype
+    on t's device."""
+    if torch.is_tensor(value):
+        return value
+    return torch.full(t.shape, value, dtype=level_dtype(t.device), device=t.device)
+
+
+def _linear(*terms: tuple[Scalar, Tensor]) -> Tensor:
+    """:func:`~genlab.diffusion.levels.combine` of the terms whose weight is not the constant 0.0 (a path's
+    noise terms at sigma = 0, u_t's noise term on a constant-std path): one multiply-add fewer each."""
+    kept = [(w, v) for w, v in terms if torch.is_tensor(w) or w != 0.0]
+    return combine(*kept) if kept else torch.zeros_like(terms[0][1])
 
 
 register_namespace("path", Path, "conditional probability paths of flow matching")
@@ -115,8 +132,7 @@ class CondOT(Path):
         self.sigma = sigma
 
     def coefficients(self, t: Tensor) -> PathCoefficients:
-        one, zero = torch.ones_like(t), torch.zeros_like(t)
-        return PathCoefficients(1 - t, t, self.sigma * one, -one, one, zero)
+        return PathCoefficients(1 - t, t, float(self.sigma), -1.0, 1.0, 0.0)
 
 
 @register("path", "variance_preserving")
@@ -137,8 +153,7 @@ class VariancePreserving(Path):
 
     def coefficients(self, t: Tensor) -> PathCoefficients:
         c, s = torch.cos(math.pi / 2 * t), torch.sin(math.pi / 2 * t)
-        zero = torch.zeros_like(t)
-        return PathCoefficients(c, s, self.sigma * torch.ones_like(t), -math.pi / 2 * s, math.pi / 2 * c, zero)
+        return PathCoefficients(c, s, float(self.sigma), -math.pi / 2 * s, math.pi / 2 * c, 0.0)
 
 
 #: t_eps of the Schrödinger bridge: a number in (0, 1/2), the fraction of [0, 1] left out at each end
@@ -175,8 +190,8 @@ class SchrodingerBridge(Path):
         self.sigma, self.t_eps = sigma, t_eps
 
     def coefficients(self, t: Tensor) -> PathCoefficients:
-        one, root = torch.ones_like(t), torch.sqrt(t * (1 - t))
-        return PathCoefficients(1 - t, t, self.sigma * root, -one, one, self.sigma * (1 - 2 * t) / (2 * root))
+        root = torch.sqrt(t * (1 - t))
+        return PathCoefficients(1 - t, t, self.sigma * root, -1.0, 1.0, self.sigma * (1 - 2 * t) / (2 * root))
 
     def score_weight(self, t: Tensor) -> Tensor:
         """lambda(t) = 2 s(t) / sigma^2 (SF2M, Tong et al. 2024, Eq. 23; torchcfm's ``compute_lambda``, less its

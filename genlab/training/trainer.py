@@ -257,7 +257,9 @@ class Trainer:
                     if not last:  # gradients are all-reduced once, after the last micro-batch
                         for n in self.opt_modules[name]:
                             stack.enter_context(self.acc.no_sync(self.modules[n]))
-                    loss = self.micro_loss(micro, batch, name) / tc.grad_accum
+                    loss = self.micro_loss(micro, batch, name)
+                    if tc.grad_accum > 1:  # (a division by 1 would cost an op forward and two backward)
+                        loss = loss / tc.grad_accum
                     value = loss.item()  # one read of the loss (a device sync), for the check and the sum
                     if not math.isfinite(value):
                         self._zero_grad()
