@@ -55,7 +55,7 @@ from torchdyn.core import NeuralODE
 from genlab.core.config import load_config
 from genlab.diffusion import DPMSolverPP, FlowEuler, Heun, RectifiedFlow, Sampler, UniPC
 from genlab.metrics import wasserstein2
-from genlab.models import ConcatMLP
+from genlab.models import ConcatMLP, layers
 from genlab.objectives import BuildContext, ConditionalFlowMatching
 from genlab.objectives.couplings import ExactOT
 from genlab.training import Experiment, Trainer
@@ -140,15 +140,20 @@ def train_both(coupling: str, steps: int, source: Points, data: Points, seed: in
     return Trained(ours, theirs, objective, times[genlab_step][WARMUP:], times[torchcfm_step][WARMUP:])
 
 
-def trainer_step_times(coupling: str, steps: int, source: Points, data: Points) -> tuple[float, float]:
-    """Median ms of ``Trainer.train_step`` on the config (this coupling) and of torchcfm's step, interleaved."""
+def trainer_step_times(coupling: str, steps: int, source: Points, data: Points, torch_selu: bool = False
+                       ) -> tuple[float, float]:
+    """Median ms of ``Trainer.train_step`` on the config (this coupling) and of torchcfm's step, interleaved.
+    ``torch_selu``: genlab's MLP runs ``torch.selu`` (nn.SELU's float32 kernel) rather than its own SELU."""
     exp = Experiment.from_config(load_config(CONFIG, [f"objective.coupling={coupling}", f"train.steps={steps}"]))
     torch.manual_seed(0)
     theirs = TorchCFMMLP(2, w=WIDTH, time_varying=True)
     opt = torch.optim.Adam(theirs.parameters(), LR)
     matcher, rows = MATCHERS[coupling](), torch.Generator().manual_seed(3)
     ours_t, theirs_t = [], []
+    kernel_choice = layers._avx512_float32_selu_is_slow
     with tempfile.TemporaryDirectory() as out, Trainer(exp, out, progress=False) as trainer:
+        if torch_selu:
+            layers._avx512_float32_selu_is_slow = lambda: False
         for k in range(steps):
             start = time.perf_counter()
             trainer.train_step()
@@ -162,6 +167,7 @@ def trainer_step_times(coupling: str, steps: int, source: Points, data: Points) 
             torch.mean((theirs(torch.cat([xt, t[:, None]], dim=-1)) - ut) ** 2).backward()
             opt.step()
             theirs_t.append(time.perf_counter() - start)
+    layers._avx512_float32_selu_is_slow = kernel_choice
     return median_ms(ours_t[WARMUP:]), median_ms(theirs_t[WARMUP:])
 
 
@@ -270,6 +276,7 @@ def main() -> None:
 
     trained = {c: train_both(c, args.steps, source, data, args.seed) for c in ("independent", "exact_ot")}
     trainer = {c: trainer_step_times(c, args.trainer_steps, source, data) for c in ("independent", "exact_ot")}
+    with_torch_selu = trainer_step_times("independent", args.trainer_steps, source, data, torch_selu=True)
     print(f"8 gaussians -> moons, MLP width {WIDTH}, batch {BATCH}, lr {LR:g}, sigma {SIGMA}, {args.steps} steps, "
           f"one torch thread\n")
     print("1. training step time (median ms; genlab / torchcfm)")
@@ -280,6 +287,10 @@ def main() -> None:
         t_ours, t_theirs = trainer[c]
         print(f"   {c:<12} {ours:>17.3f} {theirs:>9.3f} {ours / theirs:>6.2f}   {t_ours:>15.3f} {t_theirs:>9.3f} "
               f"{t_ours / t_theirs:>6.2f}")
+    t_ours, t_theirs = with_torch_selu
+    print(f"   {'independent, genlab MLP on torch.selu':<50} {t_ours:>15.3f} {t_theirs:>9.3f} {t_ours / t_theirs:>6.2f}")
+    print(f"   (genlab's SELU: {'float64 kernel, AVX-512 CPU' if layers._avx512_float32_selu_is_slow() else 'torch.selu'};"
+          " torchcfm's MLP: nn.SELU; the last row: genlab's Trainer step with torch's kernel in its MLP)")
 
     print("\n2. exact OT plan of one batch, 2-D (median ms)")
     print(f"   {'B':>5} {'genlab exact_ot':>16} {'torchcfm OTPlanSampler':>23} {'ratio':>6}")

@@ -103,3 +103,31 @@ def test_fits_a_tiny_regression() -> None:
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] / 10
+
+
+@pytest.mark.parametrize("float64_kernel", [True, False])
+def test_selu_equals_torch_selu_in_values_gradients_and_jvps(monkeypatch, float64_kernel: bool) -> None:
+    """genlab's SELU (float64 kernel on AVX-512 CPUs, torch.selu elsewhere; both paths forced here) has
+    nn.SELU's values, gradients, double gradients and JVPs to float32 rounding, and keeps the dtype."""
+    from genlab.models import layers
+
+    monkeypatch.setattr(layers, "_avx512_float32_selu_is_slow", lambda: float64_kernel)
+    torch.manual_seed(0)
+    x = (3 * torch.randn(64, 16)).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    ours, ref = layers.SELU()(x), torch.nn.SELU()(x_ref)
+    def close(a, b, rel=2.4e-7):  # two float32 roundings of values of b's size (at least 1)
+        return bool(((a - b).abs() <= rel * b.abs().clamp_min(1)).all())
+
+    assert ours.dtype == torch.float32 and close(ours, ref)
+    weight = torch.randn(64, 16)
+    (g,) = torch.autograd.grad((ours * weight).sum(), x, create_graph=True)
+    (g_ref,) = torch.autograd.grad((ref * weight).sum(), x_ref, create_graph=True)
+    assert close(g, g_ref)
+    gg, gg_ref = torch.autograd.grad(g.square().sum(), x)[0], torch.autograd.grad(g_ref.square().sum(), x_ref)[0]
+    assert (gg - gg_ref).abs().max() <= 1e-5 * gg_ref.abs().max()
+    tangent = torch.randn(64, 16)
+    _, jvp = torch.func.jvp(layers.SELU(), (x.detach(),), (tangent,))
+    _, jvp_ref = torch.func.jvp(torch.selu, (x.detach(),), (tangent,))
+    assert close(jvp, jvp_ref, 1e-6)
+    assert layers.SELU()(x.detach().double()).dtype == torch.float64
