@@ -13,7 +13,8 @@ uses the OT permutation itself; torchcfm draws 256 pairs from the plan with repl
    "objective" is genlab's ``ConditionalFlowMatching.loss`` + backward + Adam step, the same loop as
    torchcfm's README; "Trainer" is a whole ``Trainer.train_step`` of ``otcfm_moons.yaml`` (its
    standardised toy sets; batches, step generator, finiteness checks, EMA, lr schedule, loss read
-   back; fused AdamW), against torchcfm steps interleaved with it.
+   back; fused AdamW), against torchcfm steps interleaved with it; once more with independent pairs and
+   genlab's SELU dispatching to ``torch.selu`` (nn.SELU's kernel, as torchcfm's MLP).
 2. OT plan time per batch of 256 and 1024 (2-D): genlab's ``ExactOT().pair`` against torchcfm's
    ``OTPlanSampler("exact").sample_plan`` (POT's network simplex), median of ``--repeats``.
 3. Exact W2 (POT ``emd2``) of ``--points`` samples from held-out source points against as many held-out
@@ -25,13 +26,14 @@ uses the OT permutation itself; torchcfm draws 256 pairs from the plan with repl
 
 Usage: ``python scripts/bench_flow_matching.py [--steps 5000] [--points 1000] [--plot samples.png]``
 
-Measured with the defaults (2-core machine, nothing else running, 106 s in all): step time genlab /
-torchcfm 1.18 (I-CFM) and 0.63 (OT-CFM) for the objective's step, 1.21 and 0.63 for a whole
-``Trainer.train_step``; exact_ot against OTPlanSampler 0.49x at B = 256 and 0.32x at B = 1024 (2-D; the
-compiled auction solver and the matmul cost); genlab's flow_euler equal to torchdyn's Euler at every NFE on
-the same weights (I-CFM W2 2.00, 1.67, 0.92, 0.60 at NFE 1, 2, 5, 10; dopri5 0.378 at 62 NFE); the best
-genlab sampler at NFE 5, UniPC on the uniform grid with time shift 0.5, 0.461 = 0.50x Euler's; at NFE 1,
-I-CFM / OT-CFM = 4.27x trained by genlab (2.00 / 0.469), 3.87x trained by torchcfm (2.06 / 0.534).
+Measured with the defaults (2-core machine, nothing else running, 95 s in all): step time genlab /
+torchcfm 1.05 (I-CFM) and 0.42 (OT-CFM) for the objective's step, 1.01 and 0.43 for a whole
+``Trainer.train_step`` (1.12 with ``torch.selu`` in genlab's MLP; an earlier run 1.08, 1.10 and 1.15);
+exact_ot against OTPlanSampler 0.25x at B = 256 and 0.14x at B = 1024 (2-D; the compiled auction solver
+and the matmul cost); genlab's flow_euler equal to torchdyn's Euler at every NFE on the same weights
+(I-CFM W2 2.02, 1.70, 0.92, 0.59 at NFE 1, 2, 5, 10; dopri5 0.362 at 62 NFE); the best genlab sampler at
+NFE 5, UniPC on the uniform grid with time shift 0.5, 0.460 = 0.50x Euler's; at NFE 1, I-CFM / OT-CFM =
+4.30x trained by genlab (2.02 / 0.469), 3.87x trained by torchcfm (2.06 / 0.534).
 """
 
 from __future__ import annotations
