@@ -96,6 +96,7 @@ def checkpoint_experiment(path: str, overrides: Sequence[str], *, stored_grids: 
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
+    from .core.checkpoint import load_state
     from .training.evaluation import evaluate
     from .training.report import print_report
     from .training.resume import load_sampling_weights
@@ -116,7 +117,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     name = f"samples-{kind}-{exp.sampler.steps}steps{guided}{prompted}-seed{args.seed}"
     # the run's own directory is the run's: sampling into it waits for no one, it refuses while a run holds it
     with _run_lock(run, "sampling") if out.resolve() == run.resolve() else contextlib.nullcontext():
-        print_report(out, evaluate(exp, modules, out, name, args.seed, exp.train.steps))
+        step = load_state(ckpt).get("step", exp.train.steps)  # the checkpoint's own step, not the config's end
+        print_report(out, evaluate(exp, modules, out, name, args.seed, step))
 
 
 def prompt_override(override: str) -> str:

@@ -3,6 +3,7 @@ sampling from it, and an exact resume."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -74,6 +75,10 @@ def test_train_sample_and_exact_resume(capsys, tmp_path):
     code, out, err = run_cli(capsys, "sample", str(run), "sampler.type=heun", "sampler.steps=4",
                              "--out", str(tmp_path / "s"))
     assert code == 0 and (tmp_path / "s" / "samples-heun-4steps-seed1234.png").is_file(), err
+    # sampled from an earlier checkpoint, the report names that checkpoint's step (not the config's end)
+    code, out, err = run_cli(capsys, "sample", str(run / "checkpoints" / "step_0000020"), "--out", str(tmp_path / "e"))
+    reports = list((tmp_path / "e").glob("samples-*.json"))
+    assert code == 0 and len(reports) == 1 and json.loads(reports[0].read_text())["step"] == 20, err
 
 
 def test_train_on_a_rank_that_is_not_the_main_one_reports_nothing(capsys, tmp_path, monkeypatch):
