@@ -203,6 +203,24 @@ def test_float32_and_config_build():
     assert s.shape == (3, 2) and torch.isfinite(s).all()
 
 
+def test_sampling_integrates_the_velocity_alone():
+    """Flow.sample inverts a CNF without its divergence: with a fixed-step solver the samples equal
+    inverse()'s first output, in as many field evaluations, with no vector-Jacobian product (exact
+    divergence would take one backward pass per coordinate and evaluation)."""
+    net = ConcatSquashMLP(2, hidden=16, depth=2)
+    cnf = CNF(2, net=net, method="rk4", steps=5, divergence="exact", eval_divergence="exact").eval()
+    flow = Flow([2], [cnf])
+    backward_calls = []
+    hook = net.register_full_backward_hook(lambda *a: backward_calls.append(1))
+    s = flow.sample(7, generator=torch.Generator().manual_seed(1))
+    assert not backward_calls and cnf.nfe == 20
+    z = torch.randn(7, 2, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        x, _ = flow.chain.inverse(z)
+    hook.remove()
+    assert cnf.nfe == 20 and torch.equal(s, x)
+
+
 def test_class_conditional_field():
     net = ConcatSquashMLP(2, hidden=8, depth=1, num_classes=3)
     flow = Flow([2], [CNF(2, net=net, method="rk4", steps=4)], num_classes=3)

@@ -31,6 +31,12 @@ class FlowTransform(nn.Module):
     def inverse(self, z: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
+    def inverse_only(self, z: Tensor, cond: Tensor | None = None) -> Tensor:
+        """x = f^{-1}(z) [B, ...] without its log-determinant (what sampling needs): :meth:`inverse`'s first
+        output here; a transform whose log-determinant costs extra work (a CNF's divergence integral)
+        skips that work."""
+        return self.inverse(z, cond)[0]
+
 
 def logdet_dtype(x: Tensor) -> torch.dtype:
     """The dtype of log-determinants of x: x's, at least float32 (under float16 / bfloat16 autocast a
@@ -86,6 +92,11 @@ class FlowChain(FlowTransform):
             z, logdet = t.inverse(z, cond)
             total = total + logdet
         return z, total
+
+    def inverse_only(self, z: Tensor, cond: Tensor | None = None) -> Tensor:
+        for t in reversed(self.transforms):
+            z = t.inverse_only(z, cond)
+        return z
 
 
 register_namespace("flow_transform", FlowTransform, "invertible transforms of normalizing flows")

@@ -107,8 +107,9 @@ class CNF(FlowTransform):
             generator = torch.Generator(device=x.device).manual_seed(self.seed)
         return draw_probes(x, self.n_probes, self.probe, generator)
 
-    def _solve(self, x: Tensor, cond: Tensor | None, backwards: bool) -> tuple[Tensor, Tensor]:
-        """(z at tau = 1, int_0^1 div dtau [B]) of dz/dtau = +-f(z, tau or 1 - tau) from z(0) = x."""
+    def _velocity(self, x: Tensor, cond: Tensor | None, backwards: bool) -> Callable[[Tensor, Tensor], Tensor]:
+        """dz/dtau = +-f(z, tau or 1 - tau) of a solve from x [B, D] (checked), counting its evaluations in
+        ``nfe`` (reset here)."""
         check_channels(x, self.features, "CNF")
         self.nfe = 0
 
@@ -116,6 +117,11 @@ class CNF(FlowTransform):
             self.nfe += 1
             return -self.field(1 - tau, z, cond) if backwards else self.field(tau, z, cond)
 
+        return velocity
+
+    def _solve(self, x: Tensor, cond: Tensor | None, backwards: bool) -> tuple[Tensor, Tensor]:
+        """(z at tau = 1, int_0^1 div dtau [B]) of dz/dtau = +-f(z, tau or 1 - tau) from z(0) = x."""
+        velocity = self._velocity(x, cond, backwards)
         probes = self._probes(x)
         train = torch.is_grad_enabled()  # the field may hold parameters the CNF does not see (a function)
         zero = x.new_zeros(x.shape[0], 1 if probes is None else len(probes))
@@ -131,6 +137,12 @@ class CNF(FlowTransform):
     def inverse(self, z: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """z(1) [B, D] -> (z(0), -int_0^1 div f dt [B])."""
         return self._solve(z, cond, backwards=True)
+
+    def inverse_only(self, z: Tensor, cond: Tensor | None = None) -> Tensor:
+        """z(1) [B, D] -> z(0), the velocity alone integrated (no divergence: no probes, no vector-Jacobian
+        products; an adaptive solver's steps are then controlled on z alone)."""
+        method = self.method if self.training else self.eval_method
+        return solve_unit(self._velocity(z, cond, backwards=True), z, method, self.rtol, self.atol, steps=self.steps)
 
     def extra_repr(self) -> str:
         return (f"features={self.features}, divergence={self.divergence} (eval: {self.eval_divergence}), "

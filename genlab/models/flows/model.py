@@ -110,4 +110,4 @@ class Flow(nn.Module):
         device = generator.device if generator is not None else (param.device if param is not None else None)
         eps = torch.randn((n, *self.shape), generator=generator, dtype=dtype, device=device)
         mu, log_sigma = self._base(cond, n, eps)
-        return self.chain.inverse(mu + temperature * log_sigma.exp() * eps, cond)[0]
+        return self.chain.inverse_only(mu + temperature * log_sigma.exp() * eps, cond)
