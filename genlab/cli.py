@@ -41,10 +41,13 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .core.config import load_config
     from .training import Experiment, Trainer
     from .training.report import print_report
+    from .training.resume import with_stored_pins
 
     config = load_config(args.config, args.overrides)
-    exp = Experiment.from_config(config)
     out = _out_dir(Path(args.config), args.out, args.resume)
+    if args.resume:  # the checkpoints of teachers / autoencoders the run was built on, not their runs' newest
+        config = with_stored_pins(config, out)
+    exp = Experiment.from_config(config)
     with Trainer(exp, out, progress=not args.quiet, resume=args.resume) as trainer:
         if trainer.resumed_from is not None:
             print(f"resuming {out} from {trainer.resumed_from.name} (step {trainer.step})")

@@ -36,7 +36,8 @@ from .errors import CheckpointError, GenlabError, NonFiniteError, WriteError
 from .io import atomic_write, fsync_directory, new_file_mode, write_json_atomic
 
 __all__ = ["GRIDS_FILE", "check_fits", "intact_checkpoint", "latest_checkpoint", "load_optimizer", "load_run_weights",
-           "load_state", "load_weights", "resolve_checkpoint", "save_checkpoint", "verify_checkpoint", "write_json_atomic"]
+           "load_state", "load_weights", "resolve_checkpoint", "save_checkpoint", "verify_checkpoint", "write_json_atomic",
+           "Pins"]
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 GRIDS_FILE = "grids.json"
@@ -256,3 +257,41 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         raise GenlabError(f"{path}: not a run directory with checkpoints/step_N, nor a checkpoint directory "
                           "(expected model.safetensors inside)")
     return found
+
+
+class Pins:
+    """Which checkpoint each run a config names was loaded from, so that the run built on it (a student on its
+    teacher, a latent model on its autoencoder) keeps loading exactly that one: ``{path: {"checkpoint": the
+    directory's name, "state_sha256": the sha256 of its state.json}}`` (state.json lists every file's
+    checksum, so the pin covers every file). A run directory names its newest intact checkpoint only while
+    nothing is pinned; once a path is pinned (``stored``, the ``pinned:`` section of a run's own config),
+    :meth:`resolve` returns the pinned checkpoint, verified, or raises GenlabError saying it is missing or has
+    changed, never another one."""
+
+    def __init__(self, stored: Mapping[str, Any] | None = None, source: str = "config") -> None:
+        self.stored, self.source = dict(stored or {}), source
+        self.used: dict[str, dict[str, str]] = {}
+        for path, pin in self.stored.items():
+            if not (isinstance(pin, Mapping) and isinstance(pin.get("checkpoint"), str)
+                    and isinstance(pin.get("state_sha256"), str)):
+                raise GenlabError(f"{source}: pinned.{path}: expected {{checkpoint: NAME, state_sha256: HEX}}, got {pin!r}")
+
+    def resolve(self, path: str | os.PathLike) -> Path:
+        """The checkpoint directory ``path`` names (see the class docstring), recorded in :attr:`used`."""
+        key, pin = str(path), self.stored.get(str(path))
+        if pin is None:
+            ckpt = resolve_checkpoint(path)
+        else:
+            p = Path(path)
+            ckpt = p if (p / STATE_FILE).is_file() else p / "checkpoints" / pin["checkpoint"]
+            state = ckpt / STATE_FILE
+            digest = hashlib.sha256(state.read_bytes()).hexdigest() if state.is_file() else None
+            if digest != pin["state_sha256"]:
+                raise GenlabError(
+                    f"{self.source}: {path}: this run was built on its checkpoint {pin['checkpoint']} (state.json "
+                    f"sha256 {pin['state_sha256'][:12]}...), which {'is missing' if digest is None else 'has changed'}; "
+                    "the run cannot load the same component again (start a new run to build on another)")
+            verify_checkpoint(ckpt)
+        self.used[key] = {"checkpoint": ckpt.name,
+                          "state_sha256": hashlib.sha256((ckpt / STATE_FILE).read_bytes()).hexdigest()}
+        return ckpt

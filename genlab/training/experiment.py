@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -14,7 +15,7 @@ from ..core.bounds import NonNegativeFloat, NonNegativeInt, PositiveFloat, Posit
 from ..core.config import ConfigDict, check_keys, show_value
 from ..core.errors import ConfigError, GenlabError
 from ..core.registry import build, construct, lookup
-from ..core.checkpoint import load_run_weights, resolve_checkpoint
+from ..core.checkpoint import Pins, load_run_weights, resolve_checkpoint
 from ..core.config import load_config
 from ..adapters.guidance import CFG, Guidance
 from ..diffusion import Denoiser, Process, Sampler
@@ -24,7 +25,7 @@ from .latent import LatentSpace, latent_from
 from .text_conditioning import TextConditioning, TextConfig
 
 SECTIONS = ("name", "process", "model", "adapters", "objective", "sampler", "guidance", "data", "train", "distill",
-            "text_encoder", "latent")
+            "text_encoder", "latent", "pinned")
 
 
 @checked
@@ -75,6 +76,7 @@ class Experiment:
     guidance: Guidance | None = None  # the config's ``guidance:``, applied when sampling
     text: TextConditioning | None = None  # the config's ``text_encoder:``: captions -> cross-attention context
     latent: LatentSpace | None = None  # the config's ``latent:``: the frozen autoencoder the model works behind
+    pins: Pins = field(default_factory=Pins)  # the checkpoint each pretrained run was loaded from (``pinned:``)
 
     @classmethod
     def from_config(cls, config: ConfigDict) -> Experiment:
@@ -91,11 +93,13 @@ class Experiment:
         sampler = build("sampler", config.get("sampler", "unipc"), path="sampler", source=source)
         guidance = guidance_from(config.get("guidance"), source)
         text = text_from(config, data, guidance, source)
-        latent = latent_from(config, item_shape(data), data, source)
+        pins = Pins(config.get("pinned"), source)  # a run's own config: the checkpoints it was built on
+        pretrained = functools.partial(load_pretrained, pins=pins)
+        latent = latent_from(config, item_shape(data), data, source, pretrained)
         shape = item_shape(data) if latent is None else latent.shape
         if guidance is not None:
             try:
-                guidance.build(load_pretrained)
+                guidance.build(pretrained)
             except ValueError as e:
                 raise ConfigError(f"{source}: guidance: {e}") from None
 
@@ -111,9 +115,9 @@ class Experiment:
             sampler.timesteps(process)
         except ValueError as e:
             raise ConfigError(f"{source}: sampler: {e}") from None
-        exp = cls(config, train, process, data, model, objective, sampler, guidance, text, latent)
+        exp = cls(config, train, process, data, model, objective, sampler, guidance, text, latent, pins)
         context = BuildContext(model=model, process=process, sampler=sampler, data_shape=exp.data_shape,
-                               num_classes=exp.num_classes, pretrained=load_pretrained, new_model=new_model,
+                               num_classes=exp.num_classes, pretrained=pretrained, new_model=new_model,
                                guidance=guidance, data=data)
         try:
             objective.build(context)
@@ -211,16 +215,19 @@ class Experiment:
         return build("dataset", cfg, path="data").data
 
     def resolved(self) -> dict[str, Any]:
-        """The config with the train section's defaults filled in (what a checkpoint stores)."""
-        return {**self.config, "train": asdict(self.train)}
+        """The config with the train section's defaults filled in and ``pinned:``, the checkpoint each
+        pretrained run was loaded from (:class:`~genlab.core.checkpoint.Pins`): what a checkpoint stores."""
+        out = {k: v for k, v in self.config.items() if k != "pinned"}
+        return {**out, "train": asdict(self.train), **({"pinned": dict(self.pins.used)} if self.pins.used else {})}
 
 
-def load_pretrained(path: str) -> Experiment:
+def load_pretrained(path: str, pins: Pins | None = None) -> Experiment:
     """The Experiment of a trained run (a run directory or a checkpoint directory, verified), its model
     holding the EMA weights (loaded through safetensors), in eval mode and frozen: a teacher, or any
     pretrained component an objective names in its config. A ControlNet run (objective ``controlnet``)
-    loads whole: its model is the base with the ControlNet (a ``ControlledModel``, which takes ``control``)."""
-    ckpt = resolve_checkpoint(path)
+    loads whole: its model is the base with the ControlNet (a ``ControlledModel``, which takes ``control``).
+    With ``pins``, the checkpoint is the one pinned for ``path`` (or, unpinned, the newest), and recorded."""
+    ckpt = resolve_checkpoint(path) if pins is None else pins.resolve(path)
     exp = Experiment.from_config(ConfigDict(load_config(ckpt / "config.yaml"), source=str(ckpt / "config.yaml")))
     if exp.objective.modules().get("model", exp.model) is exp.model:
         load_run_weights(exp.model, ckpt)
@@ -281,9 +288,9 @@ def check_section(key: str, value: Any, source: str) -> None:
     (``guidance`` may be null: none)."""
     if key == "name":
         ok, wanted = isinstance(value, str), "a string"
-    elif key in ("train", "distill", "adapters", "text_encoder", "latent"):
+    elif key in ("train", "distill", "adapters", "text_encoder", "latent", "pinned"):
         what = {"train": "training", "distill": "distillation", "adapters": "adapter", "text_encoder": "text encoder",
-                "latent": "latent space"}[key]
+                "latent": "latent space", "pinned": "pinned checkpoint"}[key]
         ok, wanted = value is None or isinstance(value, Mapping), f"a mapping of {what} settings"
     elif key == "guidance":  # null: sample unguided (`genlab sample RUN guidance=null`)
         ok, wanted = value is None or isinstance(value, (str, Mapping)), "null, a guidance name or a mapping"

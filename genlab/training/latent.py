@@ -48,18 +48,19 @@ class LatentConfig:
     decode_batch: PositiveInt = 256  # samples decoded at a time in the evaluation
 
 
-def load_autoencoder(path: str) -> Autoencoder:
+def load_autoencoder(path: str, pretrained: Callable[[str], Any] | None = None) -> Autoencoder:
     """The autoencoder that ``path`` names (see the module docstring), frozen and in eval mode; GenlabError
-    for a path that holds none."""
+    for a path that holds none. ``pretrained``: how a genlab run is loaded (default
+    :func:`~genlab.training.experiment.load_pretrained`; an Experiment passes one that pins the checkpoint)."""
     root = Path(path)
     if (root / "config.json").is_file() or (root / "vae" / "config.json").is_file():
         from ..interop.diffusers import from_diffusers
 
         model = from_diffusers(root, subfolder=None if (root / "config.json").is_file() else "vae")
     else:
-        from .experiment import load_pretrained
-
-        model = load_pretrained(path).model
+        if pretrained is None:
+            from .experiment import load_pretrained as pretrained
+        model = pretrained(path).model
     if not isinstance(model, Autoencoder):
         raise GenlabError(f"{path}: holds a {type(model).__name__}, not an autoencoder (autoencoder_kl, "
                           "autoencoder_vq or a diffusers AutoencoderKL / VQModel)")
@@ -69,10 +70,11 @@ def load_autoencoder(path: str) -> Autoencoder:
 class LatentSpace:
     """The built ``latent:`` section: the frozen autoencoder, the latent shape, encoding and decoding."""
 
-    def __init__(self, cfg: LatentConfig, image_shape: tuple[int, ...], source: str = "config") -> None:
+    def __init__(self, cfg: LatentConfig, image_shape: tuple[int, ...], source: str = "config",
+                 pretrained: Callable[[str], Any] | None = None) -> None:
         self.cfg = cfg
         try:
-            self.autoencoder = load_autoencoder(cfg.autoencoder)
+            self.autoencoder = load_autoencoder(cfg.autoencoder, pretrained)
         except (GenlabError, ValueError, OSError) as e:
             raise ConfigError(f"{source}: latent.autoencoder: {e}") from None
         ae, f = self.autoencoder, self.autoencoder.downsample
@@ -110,7 +112,8 @@ class LatentSpace:
         return lambda *args, **kwargs: self.decode(sample(*args, **kwargs))
 
 
-def latent_from(config: Any, image_shape: tuple[int, ...], data: Any, source: str = "config") -> LatentSpace | None:
+def latent_from(config: Any, image_shape: tuple[int, ...], data: Any, source: str = "config",
+                pretrained: Callable[[str], Any] | None = None) -> LatentSpace | None:
     """The ``latent:`` section built (None without one), checked against the data."""
     section = config.get("latent")
     if section is None:
@@ -118,4 +121,4 @@ def latent_from(config: Any, image_shape: tuple[int, ...], data: Any, source: st
     if getattr(data, "control", None) is not None:
         raise ConfigError(f"{source}: latent: the data set gives control images, which stay in pixel space; a "
                           "latent ControlNet is not supported (drop data.control or latent)")
-    return LatentSpace(construct(LatentConfig, section, path="latent", source=source), image_shape, source)
+    return LatentSpace(construct(LatentConfig, section, path="latent", source=source), image_shape, source, pretrained)

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..core.checkpoint import load_weights
+from ..core.checkpoint import intact_checkpoint, load_weights
 from ..core.config import load_config
 from ..core.errors import ConfigError
 from .experiment import Experiment
@@ -42,6 +42,19 @@ def check_resume_config(ckpt: Path, config: dict[str, Any]) -> None:
         after = repr(now[key]) if key in now else "not set"
         raise ConfigError(f"--resume: {key} is {before} in the run ({ckpt / 'config.yaml'}) and {after} now; a "
                           f"resumed run keeps its config except {', '.join(RESUMABLE)} (start a new run to change it)")
+
+
+def with_stored_pins(config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """``config`` for resuming the run in ``run_dir``: with the ``pinned:`` section of the checkpoint it
+    resumes from (see :class:`~genlab.core.checkpoint.Pins`), so that a teacher or autoencoder run that went on
+    training since is loaded from the same checkpoint as before; ``config`` itself if it pins its own or
+    the run has none."""
+    ckpt = intact_checkpoint(run_dir) if run_dir.is_dir() else None
+    pinned = load_config(ckpt / "config.yaml").get("pinned") if ckpt is not None else None
+    if not pinned or "pinned" in config:
+        return config
+    config["pinned"] = pinned
+    return config
 
 
 def weights_file(name: str, ema: bool = False) -> str:
