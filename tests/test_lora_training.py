@@ -32,6 +32,8 @@ def test_lora_fine_tuning_trains_only_the_adapter(tmp_path) -> None:
     assert adapter and set(tuned) - adapter == set(base)
     assert all(torch.equal(tuned[k], ema[k]) for k in base)  # the base weights: the base run's EMA, untouched
     assert any(k.endswith(".B") and tuned[k].abs().max() > 0 for k in adapter)  # B left zero: the adapter trained
+    pinned = load_config(latest_checkpoint(tmp_path / "tuned") / "config.yaml")["pinned"]  # the base's checkpoint
+    assert pinned[str(tmp_path / "base")]["checkpoint"] == latest_checkpoint(tmp_path / "base").name
     back = Experiment.from_config(load_config(CONFIG, [*TINY, f"adapters.base={tmp_path / 'base'}",
                                                        "adapters.lora.target=['*blocks.*.out.*']",
                                                        "adapters.lora.rank=2"]))

@@ -48,6 +48,8 @@ def test_a_student_keeps_the_teacher_checkpoint_it_was_built_on(tmp_path, capsys
     teacher_model = exp.objective.modules()["teacher"]
     got = {k: v for k, v in teacher_model.state_dict().items()}
     assert all(torch.equal(got[k], first_ema[k]) for k in first_ema)
+    student_init = exp.model.state_dict()  # a student starts from its teacher's (pinned) weights too
+    assert all(torch.equal(student_init[k], first_ema[k]) for k in first_ema)
     # a fresh config (no pins) takes the newest, as before
     fresh = Experiment.from_config(load_config(config, distill))
     assert fresh.pins.used[str(teacher)]["checkpoint"] == newest.name

@@ -102,7 +102,8 @@ def load_teacher(context: BuildContext, source: str | Denoiser, *, student_from_
                          f"({base}) and combine the networks when sampling (ControlledModel takes several ControlNets)")
     if student_from_teacher:  # a student's own inputs (STUDENT_ONLY) keep their init
         try:
-            load_run_weights(context.model, source, keep=STUDENT_ONLY)
+            # the teacher's own checkpoint (a pinned one), not whatever its run holds newest by now
+            load_run_weights(context.model, getattr(run, "checkpoint", None) or source, keep=STUDENT_ONLY)
         except CheckpointError as e:
             raise ValueError(f"{role}: the config's model must have the {role}'s architecture ({e}); "
                              f"use the {role}'s model section") from None

@@ -15,8 +15,9 @@ loads back as it was trained.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -35,12 +36,14 @@ class AdaptersConfig:
     base: str | None = None
 
 
-def attach_adapters(model: nn.Module, section: Mapping[str, Any], source: str) -> nn.Module:
-    """Apply the ``adapters:`` ``section`` to ``model`` in place (see the module docstring) and return it."""
+def attach_adapters(model: nn.Module, section: Mapping[str, Any], source: str,
+                    resolve: Callable[[str], Path] | None = None) -> nn.Module:
+    """Apply the ``adapters:`` ``section`` to ``model`` in place (see the module docstring) and return it.
+    ``resolve``: the checkpoint a ``base`` run names (an Experiment's pinned one; default its newest)."""
     cfg = construct(AdaptersConfig, section, path="adapters", source=source)
     if cfg.base is not None:
         try:
-            load_run_weights(model, cfg.base)
+            load_run_weights(model, cfg.base if resolve is None else resolve(cfg.base))
         except GenlabError as e:
             raise ConfigError(f"{source}: adapters.base: {e}") from None
     if cfg.lora is not None:

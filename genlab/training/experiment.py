@@ -6,6 +6,7 @@ import functools
 import inspect
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
@@ -77,6 +78,7 @@ class Experiment:
     text: TextConditioning | None = None  # the config's ``text_encoder:``: captions -> cross-attention context
     latent: LatentSpace | None = None  # the config's ``latent:``: the frozen autoencoder the model works behind
     pins: Pins = field(default_factory=Pins)  # the checkpoint each pretrained run was loaded from (``pinned:``)
+    checkpoint: Path | None = None  # where load_pretrained read the weights (None: built from a config)
 
     @classmethod
     def from_config(cls, config: ConfigDict) -> Experiment:
@@ -110,7 +112,7 @@ class Experiment:
         torch.manual_seed(train.seed)
         model = new_model()  # an objective's further networks (new_model) are drawn after it, from the same seed
         if config.get("adapters"):  # fine-tuning through LoRA: base weights, the adapter, the rest frozen
-            attach_adapters(model, config["adapters"], source)
+            attach_adapters(model, config["adapters"], source, pins.resolve)
         try:  # the grid against the process: only now are both known
             sampler.timesteps(process)
         except ValueError as e:
@@ -240,6 +242,7 @@ def load_pretrained(path: str, pins: Pins | None = None) -> Experiment:
                               "model, which genlab cannot load as one pretrained model; sample it with genlab sample")
         exp.model = whole(load_sampling_weights(exp, ckpt))  # a ControlNet run: its base with the ControlNet
     exp.model.eval().requires_grad_(False)
+    exp.checkpoint = ckpt
     return exp
 
 
