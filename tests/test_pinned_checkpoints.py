@@ -13,7 +13,7 @@ import torch
 from genlab.cli import main
 from genlab.core.checkpoint import latest_checkpoint, load_weights
 from genlab.core.config import load_config
-from genlab.core.errors import GenlabError
+from genlab.core.errors import ConfigError, GenlabError
 from genlab.training import Experiment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,3 +71,8 @@ def test_a_student_keeps_the_teacher_checkpoint_it_was_built_on(tmp_path, capsys
     err = capsys.readouterr().err
     assert code == 2 and f"{first.name}" in err and "is missing" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "s").exists()
+
+
+def test_a_malformed_pinned_section_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"pinned\.runs/x: expected \{checkpoint: NAME, state_sha256: HEX\}"):
+        Experiment.from_config(load_config(ROOT / "configs" / "toy2d.yaml", ["pinned={runs/x: step_1}"]))

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from .config import save_config
-from .errors import CheckpointError, GenlabError, NonFiniteError, WriteError
+from .errors import CheckpointError, ConfigError, GenlabError, NonFiniteError, WriteError
 from .io import atomic_write, fsync_directory, new_file_mode, write_json_atomic
 
 __all__ = ["GRIDS_FILE", "check_fits", "intact_checkpoint", "latest_checkpoint", "load_optimizer", "load_run_weights",
@@ -274,13 +274,14 @@ class Pins:
         for path, pin in self.stored.items():
             if not (isinstance(pin, Mapping) and isinstance(pin.get("checkpoint"), str)
                     and isinstance(pin.get("state_sha256"), str)):
-                raise GenlabError(f"{source}: pinned.{path}: expected {{checkpoint: NAME, state_sha256: HEX}}, got {pin!r}")
+                raise ConfigError(f"{source}: pinned.{path}: expected {{checkpoint: NAME, state_sha256: HEX}}, got {pin!r}")
 
     def resolve(self, path: str | os.PathLike) -> Path:
         """The checkpoint directory ``path`` names (see the class docstring), recorded in :attr:`used`."""
         key, pin = str(path), self.stored.get(str(path))
         if pin is None:
             ckpt = resolve_checkpoint(path)
+            digest = hashlib.sha256((ckpt / STATE_FILE).read_bytes()).hexdigest()
         else:
             p = Path(path)
             ckpt = p if (p / STATE_FILE).is_file() else p / "checkpoints" / pin["checkpoint"]
@@ -292,6 +293,5 @@ class Pins:
                     f"sha256 {pin['state_sha256'][:12]}...), which {'is missing' if digest is None else 'has changed'}; "
                     "the run cannot load the same component again (start a new run to build on another)")
             verify_checkpoint(ckpt)
-        self.used[key] = {"checkpoint": ckpt.name,
-                          "state_sha256": hashlib.sha256((ckpt / STATE_FILE).read_bytes()).hexdigest()}
+        self.used[key] = {"checkpoint": ckpt.name, "state_sha256": digest}
         return ckpt
