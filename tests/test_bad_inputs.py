@@ -123,6 +123,7 @@ CLI_CASES: list[tuple[str, ...]] = [
     (f"{T} train.max_bad_steps=0", "train.max_bad_steps: expected int >= 1, got int 0"),
     (f"{T} train.warmup_steps=-1", "train.warmup_steps: expected int >= 0, got int -1"),
     (f"{T} train.weight_decay=-0.1", "train.weight_decay: expected float >= 0, got float -0.1"),
+    (f"{T} train.adam_beta1=1.0", "train.adam_beta1: expected float >= 0 and < 1, got float 1.0"),
     (f"{T} train.seed=-1", "train.seed: expected int >= 0 and < 2147483648, got int -1"),
     (f"{T} train.seed=4294967296", "train.seed: expected int >= 0 and < 2147483648, got int 4294967296"),
     (f"{T} train.sample_every=-1", "train.sample_every: expected int >= 0, got int -1"),

@@ -44,6 +44,30 @@ def test_gradient_accumulation_sums_micro_batch_gradients(tmp_path):
         assert torch.allclose(captured[n], p.grad, atol=1e-7), n
 
 
+def test_adam_betas_reach_every_optimizer_and_old_runs_still_resume(tmp_path):
+    """train.adam_beta1 / adam_beta2 are AdamW's betas (taming's VQGAN: 0.5, 0.9). A run saved before the
+    keys existed resumes as long as they keep their defaults (what it ran with), and not otherwise."""
+    import yaml
+
+    from genlab.training.resume import check_resume_config
+
+    tr = Trainer(experiment("train.adam_beta1=0.5", "train.adam_beta2=0.9"), tmp_path / "a", progress=False)
+    assert [g["betas"] for o in tr.opts.values() for g in o.optimizer.param_groups] == [(0.5, 0.9)]
+    tr.close()
+    run = tmp_path / "b"
+    with Trainer(experiment("train.steps=2", "train.checkpoint_every=2"), run, progress=False) as trainer:
+        trainer.fit()
+    ckpt = latest_checkpoint(run)
+    saved = yaml.safe_load((ckpt / "config.yaml").read_text())
+    for key in ("adam_beta1", "adam_beta2"):  # a run from before the keys
+        del saved["train"][key]
+    (ckpt / "config.yaml").write_text(yaml.safe_dump(saved))
+    check_resume_config(ckpt, experiment("train.steps=2", "train.checkpoint_every=2").resolved())
+    with pytest.raises(GenlabError, match=r"train.adam_beta1 is not set in the run \(.*\) and 0.5 now"):
+        check_resume_config(ckpt, experiment("train.steps=2", "train.checkpoint_every=2",
+                                             "train.adam_beta1=0.5").resolved())
+
+
 def test_non_finite_losses_are_skipped_then_abort(tmp_path):
     exp = experiment("train.steps=20", "train.max_bad_steps=3")
     before = {k: v.clone() for k, v in exp.model.state_dict().items()}

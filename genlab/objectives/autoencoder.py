@@ -99,7 +99,8 @@ class AutoencoderObjective(Objective):
 
     GAN settings as in latent diffusion's KL-f configs: ``discriminator: {type: patchgan, n_layers: 3}``,
     ``disc_weight: 0.5``, ``disc_start`` late in training (the discriminator's AdamW shares the run's lr and
-    betas: the Trainer has one optimizer setting for all).
+    betas: the Trainer has one optimizer setting for all; taming's and latent diffusion's 0.5, 0.9 are
+    ``train.adam_beta1: 0.5``, ``train.adam_beta2: 0.9``).
 
     It draws no samples; the evaluation reports :meth:`metrics` on the held-out split and a picture of
     originals over reconstructions (:meth:`pictures`).

@@ -38,6 +38,8 @@ class TrainConfig:
     batch_size: PositiveInt = 512
     lr: PositiveFloat = 1e-3
     weight_decay: NonNegativeFloat = 0.0
+    adam_beta1: Annotated[float, Range(ge=0, lt=1)] = 0.9  # AdamW's betas, for every optimizer of the run
+    adam_beta2: Annotated[float, Range(ge=0, lt=1)] = 0.999  # (VQGAN / latent diffusion's autoencoders: 0.5, 0.9)
     warmup_steps: NonNegativeInt = 200
     grad_clip: PositiveFloat | None = 1.0  # max gradient norm (None: no clipping)
     ema_decay: Annotated[float, Range(ge=0, lt=1)] = 0.999

@@ -4,6 +4,7 @@ a checkpoint samples with."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import torch
 from ..core.checkpoint import intact_checkpoint, load_weights
 from ..core.config import load_config
 from ..core.errors import ConfigError
-from .experiment import Experiment
+from .experiment import Experiment, TrainConfig
 
 
 # keys a resumed run may change: how long it runs and what it logs, samples and keeps, never what it learns
@@ -34,9 +35,12 @@ def check_resume_config(ckpt: Path, config: dict[str, Any]) -> None:
     """ConfigError naming the first key where ``config`` differs from the checkpoint's ``config.yaml``,
     except the :data:`RESUMABLE` keys: a resumed run learns exactly what the interrupted one did."""
     saved, now = _flat(load_config(ckpt / "config.yaml")), _flat(config)
+    defaults = _flat({"train": asdict(TrainConfig())})  # a train key newer than the run: its default is what it ran
     for key in sorted(saved.keys() | now.keys()):
         resumable = any(key == r or key.startswith(r + ".") for r in RESUMABLE)
         if resumable or (key in saved and key in now and saved[key] == now[key]):
+            continue
+        if key not in saved and key in defaults and now.get(key) == defaults[key]:
             continue
         before = repr(saved[key]) if key in saved else "not set"
         after = repr(now[key]) if key in now else "not set"

@@ -125,7 +125,8 @@ class Trainer:
         self.acc = Accelerator(mixed_precision=tc.mixed_precision, cpu=not torch.cuda.is_available())
         self.emas = {n: EMA(self.raw[n], tc.ema_decay) for n in obj.ema_modules()}
         self.targets = {n: EMA(self.raw[src], decay, warmup=False) for n, (src, decay) in obj.targets().items()}
-        opts = {name: adamw([p for n in names for p in self.raw[n].parameters()], tc.lr, tc.weight_decay)
+        opts = {name: adamw([p for n in names for p in self.raw[n].parameters()], tc.lr, tc.weight_decay,
+                            (tc.adam_beta1, tc.adam_beta2))
                 for name, names in self.opt_modules.items()}
         trained = [torch.compile(self.raw[n]) if tc.compile else self.raw[n] for n in self.trained]
         prepared = self.acc.prepare(*trained, *opts.values())
