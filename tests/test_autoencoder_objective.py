@@ -230,6 +230,17 @@ def test_bad_settings_are_clear_errors() -> None:
     with pytest.raises(ConfigError, match="objective.disc_loss"):
         _experiment("objective.disc_loss=wgan")
 
+    class Tensors(torch.utils.data.Dataset):  # a map-style data set without images(indices)
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return torch.zeros(1, 16, 16)
+
+    with pytest.raises(ValueError, match="images\\(indices\\), which Tensors lacks.*or set scaling_images: 0"):
+        AutoencoderObjective().build(BuildContext(model=_kl(), data_shape=(1, 16, 16), data=Tensors()))
+    AutoencoderObjective(scaling_images=0).build(BuildContext(model=_kl(), data_shape=(1, 16, 16), data=Tensors()))
+
 
 # ---- through the Trainer ---------------------------------------------------------------------------------
 

@@ -135,6 +135,12 @@ class AutoencoderObjective(Objective):
         if len(context.data_shape) != 3:
             raise ValueError(f"the autoencoder objective needs image data [C, H, W], got items of shape "
                              f"{list(context.data_shape)}")
+        data = context.data
+        if self.scaling_images and data is not None and not callable(getattr(data, "images", None)):
+            raise ValueError(f"scaling_images: {self.scaling_images} fits the latent scaling factor at the end of "
+                             f"training on images read by the data set's images(indices), which "
+                             f"{type(data).__name__} lacks; use an image data set (digits, image_folder, "
+                             "torchvision) or set scaling_images: 0")
         if self.discriminator_config is not None:  # built here, after the model: from the run's seed
             self.discriminator = build("discriminator", self.discriminator_config, path="objective.discriminator",
                                        in_channels=context.data_shape[0])
