@@ -98,7 +98,6 @@ class Path(ShowsFields):
         return -eps / broadcast(s, eps).to(dtype=eps.dtype, device=eps.device)
 
 
-
 def as_tensor_like(value: Scalar, t: Tensor) -> Tensor:
     """A path coefficient as a tensor shaped like t: itself, or a constant filled in the levels' dtype
     on t's device."""
