@@ -290,8 +290,10 @@ def main() -> None:
         print(f"   {c:<12} {ours:>17.3f} {theirs:>9.3f} {ours / theirs:>6.2f}   {t_ours:>15.3f} {t_theirs:>9.3f} "
               f"{t_ours / t_theirs:>6.2f}")
     t_ours, t_theirs = with_torch_selu
-    print(f"   {'independent, genlab MLP on torch.selu':<50} {t_ours:>15.3f} {t_theirs:>9.3f} {t_ours / t_theirs:>6.2f}")
-    print(f"   (genlab's SELU: {'float64 kernel, AVX-512 CPU' if layers._avx512_float32_selu_is_slow() else 'torch.selu'};"
+    print(f"   {'independent, genlab MLP on torch.selu':<50} {t_ours:>15.3f} {t_theirs:>9.3f} "
+          f"{t_ours / t_theirs:>6.2f}")
+    kernel = "float64 kernel, AVX-512 CPU" if layers._avx512_float32_selu_is_slow() else "torch.selu"
+    print(f"   (genlab's SELU: {kernel};"
           " torchcfm's MLP: nn.SELU; the last row: genlab's Trainer step with torch's kernel in its MLP)")
 
     print("\n2. exact OT plan of one batch, 2-D (median ms)")

@@ -325,7 +325,8 @@ def test_samplers_carry_any_source_to_a_point_mass_with_its_exact_velocity(path,
         def forward(self, x, t_model):
             t = (t_model / 1000).to(F64)
             co = path_obj.coefficients(t)
-            a, b, da, db = (as_tensor_like(v, t)[:, None].to(x.dtype) for v in (co.data, co.source, co.d_data, co.d_source))
+            a, b, da, db = (as_tensor_like(v, t)[:, None].to(x.dtype)
+                            for v in (co.data, co.source, co.d_data, co.d_source))
             return da * c + db * (x - a * c) / b
 
     starts = torch.cat([torch.full((10, 2), 3.0), torch.full((10, 2), -1.0)]).to(F64)

@@ -35,9 +35,8 @@ from .config import save_config
 from .errors import CheckpointError, ConfigError, GenlabError, NonFiniteError, WriteError
 from .io import atomic_write, fsync_directory, new_file_mode, write_json_atomic
 
-__all__ = ["GRIDS_FILE", "check_fits", "intact_checkpoint", "latest_checkpoint", "load_optimizer", "load_run_weights",
-           "load_state", "load_weights", "resolve_checkpoint", "save_checkpoint", "verify_checkpoint", "write_json_atomic",
-           "Pins"]
+__all__ = ["GRIDS_FILE", "Pins", "check_fits", "intact_checkpoint", "latest_checkpoint", "load_optimizer", "load_run_weights",
+           "load_state", "load_weights", "resolve_checkpoint", "save_checkpoint", "verify_checkpoint", "write_json_atomic"]
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 GRIDS_FILE = "grids.json"
@@ -274,7 +273,8 @@ class Pins:
         for path, pin in self.stored.items():
             if not (isinstance(pin, Mapping) and isinstance(pin.get("checkpoint"), str)
                     and isinstance(pin.get("state_sha256"), str)):
-                raise ConfigError(f"{source}: pinned.{path}: expected {{checkpoint: NAME, state_sha256: HEX}}, got {pin!r}")
+                raise ConfigError(f"{source}: pinned.{path}: expected {{checkpoint: NAME, state_sha256: HEX}}, "
+                                  f"got {pin!r}")
 
     def resolve(self, path: str | os.PathLike) -> Path:
         """The checkpoint directory ``path`` names (see the class docstring), recorded in :attr:`used`."""
@@ -288,10 +288,11 @@ class Pins:
             state = ckpt / STATE_FILE
             digest = hashlib.sha256(state.read_bytes()).hexdigest() if state.is_file() else None
             if digest != pin["state_sha256"]:
+                fault = "is missing" if digest is None else "has changed"
                 raise GenlabError(
                     f"{self.source}: {path}: this run was built on its checkpoint {pin['checkpoint']} (state.json "
-                    f"sha256 {pin['state_sha256'][:12]}...), which {'is missing' if digest is None else 'has changed'}; "
-                    "the run cannot load the same component again (start a new run to build on another)")
+                    f"sha256 {pin['state_sha256'][:12]}...), which {fault}; the run cannot load the same component "
+                    "again (start a new run to build on another)")
             verify_checkpoint(ckpt)
         self.used[key] = {"checkpoint": ckpt.name, "state_sha256": digest}
         return ckpt

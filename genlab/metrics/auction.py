@@ -218,7 +218,8 @@ def _finish(cost: np.ndarray, v: np.ndarray, col4row_start: np.ndarray, rounds: 
 def solve(cost: np.ndarray, start: float = START, stop: float = STOP, theta: float = THETA) -> np.ndarray:
     """The column of each row [n] (int64) in a minimum-cost permutation of the finite square ``cost``
     [n, n]: the auction's prices on the cost normalised to [0, 1] in float32 (eps from ``start`` to ``stop``,
-    divided by ``theta`` per phase), then the exact shortest-augmenting-path stage on the float64 cost. Requires numba (:data:`AVAILABLE`)."""
+    divided by ``theta`` per phase), then the exact shortest-augmenting-path stage on the float64 cost.
+    Requires numba (:data:`AVAILABLE`)."""
     if not AVAILABLE:
         raise RuntimeError("genlab.metrics.auction needs numba (pip install numba); "
                            "genlab.metrics.transport.assignment falls back to SciPy without it")
