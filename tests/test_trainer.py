@@ -89,6 +89,21 @@ def test_a_non_finite_gradient_with_a_finite_loss_is_skipped(tmp_path, clip):
     assert all(p.grad is None for p in tr.unwrapped().parameters())
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), None])
+def test_gradients_finite_finds_any_non_finite_element_and_changes_no_value(bad):
+    from genlab.training.steps import gradients_finite
+
+    grads = [torch.tensor([1.5, -0.0, 3e38, 1e-45]), torch.randn(3, 4, dtype=torch.float64),
+             torch.randn(5).to(torch.bfloat16), torch.randn(2, 2, dtype=torch.float16)]
+    if bad is not None:
+        grads[2][3] = bad
+    before = [g.clone() for g in grads]
+    assert gradients_finite(grads) is (bad is None)
+    assert all(torch.equal(g, b) or (torch.isnan(b).any() and torch.equal(g.isnan(), b.isnan()))
+               for g, b in zip(grads, before))
+    assert torch.equal(grads[0].signbit(), before[0].signbit()) and gradients_finite([])
+
+
 def test_loss_curve_and_periodic_samples(tmp_path):
     tr = Trainer(experiment("train.steps=40", "train.log_every=10", "train.sample_every=20",
                             "train.checkpoint_every=40"), tmp_path, progress=False)
