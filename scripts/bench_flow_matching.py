@@ -26,20 +26,21 @@ uses the OT permutation itself; torchcfm draws 256 pairs from the plan with repl
 
 Usage: ``python scripts/bench_flow_matching.py [--steps 5000] [--points 1000] [--plot samples.png]``
 
-Measured with the defaults (2-core machine, nothing else running, 95 s in all): step time genlab /
-torchcfm 1.05 (I-CFM) and 0.42 (OT-CFM) for the objective's step, 1.01 and 0.43 for a whole
-``Trainer.train_step`` (1.12 with ``torch.selu`` in genlab's MLP; an earlier run 1.08, 1.10 and 1.15);
-exact_ot against OTPlanSampler 0.25x at B = 256 and 0.14x at B = 1024 (2-D; the compiled auction solver
-and the matmul cost); genlab's flow_euler equal to torchdyn's Euler at every NFE on the same weights
-(I-CFM W2 2.02, 1.70, 0.92, 0.59 at NFE 1, 2, 5, 10; dopri5 0.362 at 62 NFE); the best genlab sampler at
-NFE 5, UniPC on the uniform grid with time shift 0.5, 0.460 = 0.50x Euler's; at NFE 1, I-CFM / OT-CFM =
-4.30x trained by genlab (2.02 / 0.469), 3.87x trained by torchcfm (2.06 / 0.534).
+Measured with the defaults (2-core machine, nothing else running, 92 s in all): step time genlab /
+torchcfm 0.99 (I-CFM) and 0.38 (OT-CFM) for the objective's step, 0.92 and 0.39 for a whole
+``Trainer.train_step`` (1.03 with ``torch.selu`` in genlab's MLP; the independent Trainer step repeated six
+times in one process: 0.90-0.98); exact_ot against OTPlanSampler 0.20x at B = 256 and 0.14x at B = 1024
+(2-D; the compiled auction solver and the matmul cost); genlab's flow_euler equal to torchdyn's Euler at
+every NFE on the same weights (I-CFM W2 2.02, 1.70, 0.92, 0.59 at NFE 1, 2, 5, 10; dopri5 0.362 at 62 NFE);
+the best genlab sampler at NFE 5, UniPC on the uniform grid with time shift 0.5, 0.460 = 0.50x Euler's; at
+NFE 1, I-CFM / OT-CFM = 4.30x trained by genlab (2.02 / 0.469), 3.87x trained by torchcfm (2.06 / 0.534).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import tempfile
 import time
@@ -61,6 +62,11 @@ from genlab.models import ConcatMLP, layers
 from genlab.objectives import BuildContext, ConditionalFlowMatching
 from genlab.objectives.couplings import ExactOT
 from genlab.training import Experiment, Trainer
+
+# importing torchdyn sets this, and on a CUDA build of torch without a GPU every optimizer.step() then
+# re-opens NVML in its graph-capture check (about 120 us a call here, against 2 us): neither library's
+# own training imports torchdyn, so the steps are timed without it
+os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
 
 CONFIG = "configs/flow_matching/otcfm_moons.yaml"
 SIGMA, WIDTH, BATCH, LR, WARMUP = 0.1, 64, 256, 1e-3, 50

@@ -14,8 +14,8 @@ a fresh run needs a new or empty directory, a resumed one its newest intact chec
 differs from the run's only in :data:`RESUMABLE` keys, and weights that fit the model; all of that is
 checked before anything is written, then the directory is locked and cleaned of temporaries.
 
-Non-finite policy: a step whose loss (or, without fp16 loss scaling, gradient norm) is not finite is
-skipped and counted; ``train.max_bad_steps`` skipped steps in a row stop the run with a
+Non-finite policy: a step whose loss (or, without fp16 loss scaling, gradients: their clipped norm, or
+any element where nothing is clipped) is not finite is skipped and counted; ``train.max_bad_steps`` skipped steps in a row stop the run with a
 :class:`~genlab.core.errors.NonFiniteError`; a checkpoint never holds a non-finite tensor.
 """
 
