@@ -62,7 +62,8 @@ def test_the_trainers_adamw_takes_the_direct_path_after_its_first_step() -> None
     assert _plain_fused_adamw(opt)
 
 
-@pytest.mark.parametrize("case", ["amsgrad", "not fused", "hook", "global hook", "tensor lr", "first step"])
+@pytest.mark.parametrize("case", ["amsgrad", "not fused", "hook", "global hook", "tensor lr", "first step",
+                                  "patched step"])
 def test_other_cases_go_through_opt_step(case: str) -> None:
     kwargs = {"amsgrad": {"amsgrad": True}, "not fused": {"fused": False},
               "tensor lr": {"lr": torch.tensor(1e-3)}}.get(case, {})
@@ -73,6 +74,8 @@ def test_other_cases_go_through_opt_step(case: str) -> None:
         ob.register_step_post_hook(lambda *args: calls.append(1))
     if case == "global hook":
         handle = register_optimizer_step_post_hook(lambda *args: calls.append(1))
+    if case == "patched step":
+        ob.step = lambda *args, _step=ob.step: (calls.append(1), _step())[1]
     try:
         if case != "first step":  # the states exist, and still the direct path is not taken
             run(a, oa, lambda o: o.step(), 1)
@@ -84,5 +87,5 @@ def test_other_cases_go_through_opt_step(case: str) -> None:
         if handle is not None:
             handle.remove()
     assert_same(a, b, oa, ob)
-    if "hook" in case:
-        assert len(calls) == (6 if case == "hook" else 12)  # the global hook saw both optimizers
+    if "hook" in case or case == "patched step":
+        assert len(calls) == (12 if case == "global hook" else 6)  # the global hook saw both optimizers

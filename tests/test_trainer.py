@@ -104,6 +104,43 @@ def test_gradients_finite_finds_any_non_finite_element_and_changes_no_value(bad)
     assert torch.equal(grads[0].signbit(), before[0].signbit()) and gradients_finite([])
 
 
+def test_resume_hashes_the_checkpoint_once_and_a_run_that_slipped_in_is_refused(tmp_path, monkeypatch):
+    """The Trainer checks the run directory before and again under its lock; the checkpoint's files are
+    hashed in the first check only, unless the checkpoints changed in between: then a fresh run finds the
+    directory taken, a resumed one a newer checkpoint it did not check."""
+    import shutil
+
+    from genlab.core import checkpoint as ckpt_module
+    from genlab.core.errors import RunDirError
+    from genlab.training import trainer as trainer_module
+
+    args = ("train.steps=2", "train.checkpoint_every=2", "train.sample_every=0")
+    with Trainer(experiment(*args), tmp_path / "run", progress=False) as tr:
+        tr.fit()
+    hashed: list[str] = []
+    real = ckpt_module._size_and_sha256
+    monkeypatch.setattr(ckpt_module, "_size_and_sha256", lambda path, *a: hashed.append(path.name) or real(path, *a))
+    with Trainer(experiment(*args), tmp_path / "run", progress=False, resume=True) as tr:
+        assert tr.resumed_from.name == "step_0000002"
+    assert sorted(hashed) == sorted(set(hashed)) and "model.safetensors" in hashed
+
+    real_lock = trainer_module.RunLock
+
+    def slipped_in(out, **kwargs):  # another run writes before this one takes the lock
+        if not (out / "checkpoints").is_dir():
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.yaml").write_text("name: other\n")
+        else:
+            shutil.copytree(out / "checkpoints" / "step_0000002", out / "checkpoints" / "step_0000004")
+        return real_lock(out, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "RunLock", slipped_in)
+    with pytest.raises(RunDirError):
+        Trainer(experiment(*args), tmp_path / "fresh", progress=False)
+    with pytest.raises(GenlabError, match="another run wrote .*step_0000004 while this one started"):
+        Trainer(experiment(*args), tmp_path / "run", progress=False, resume=True)
+
+
 def test_loss_curve_and_periodic_samples(tmp_path):
     tr = Trainer(experiment("train.steps=40", "train.log_every=10", "train.sample_every=20",
                             "train.checkpoint_every=40"), tmp_path, progress=False)

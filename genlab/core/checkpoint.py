@@ -140,13 +140,23 @@ def verify_checkpoint(directory: str | os.PathLike) -> None:
     for name, expected in files.items():
         path = d / name
         try:
-            data = path.read_bytes()
+            size, digest = _size_and_sha256(path)
         except OSError as e:
             raise CheckpointError(f"{path}: {e.strerror}") from None
-        if len(data) != expected.get("bytes"):
-            raise CheckpointError(f"{path}: {len(data)} bytes, {expected.get('bytes')} written (truncated?)")
-        if hashlib.sha256(data).hexdigest() != expected.get("sha256"):
+        if size != expected.get("bytes"):
+            raise CheckpointError(f"{path}: {size} bytes, {expected.get('bytes')} written (truncated?)")
+        if digest != expected.get("sha256"):
             raise CheckpointError(f"{path}: checksum mismatch (the file is corrupt)")
+
+
+def _size_and_sha256(path: Path, chunk: int = 1 << 24) -> tuple[int, str]:
+    """A file's size and SHA-256, read in 16 MiB chunks (a checkpoint of many GiB is never in memory whole)."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+            size += len(block)
+    return size, digest.hexdigest()
 
 
 def _read_header(path: Path) -> dict[str, list[int]]:

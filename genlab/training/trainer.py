@@ -33,8 +33,8 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
-from ..core.checkpoint import (check_fits, intact_checkpoint, latest_checkpoint, load_optimizer, load_state,
-                               load_weights, save_checkpoint)
+from ..core.checkpoint import (check_fits, checkpoints, intact_checkpoint, latest_checkpoint, load_optimizer,
+                               load_state, load_weights, save_checkpoint)
 from ..core.config import save_config
 from ..core.errors import GenlabError, NonFiniteError
 from ..core.rundir import RunLock, check_run_dir, is_main_rank
@@ -64,10 +64,11 @@ class Trainer:
         self.exp, self.out, self.progress = exp, Path(out_dir), progress
         self._declared()
         self.resumed_from = self._checked_start(resume)  # nothing is written before this passes
+        seen = checkpoints(self.out)
         self.lock = RunLock(self.out, purpose="training")
         try:
-            if is_main_rank():
-                self._checked_start(resume)  # again, under the lock: no run slipped in since
+            if is_main_rank():  # again, under the lock: no run slipped in since
+                self._checked_again(resume, seen)
             self._setup()
             if self.resumed_from is not None:
                 self._load(self.resumed_from)
@@ -116,6 +117,17 @@ class Trainer:
         for name, (source, _) in self.exp.objective.targets().items():
             check_fits(ckpt / f"target_{name}.safetensors", self.raw[source])
         return ckpt
+
+    def _checked_again(self, resume: bool, seen: list[Path]) -> None:
+        """:meth:`_checked_start` under the lock: the directory checked again and, where its checkpoints are
+        not the ``seen`` ones, all of it (else they are not hashed twice); GenlabError if another run's
+        checkpoint came in meanwhile and would now be the one to resume from."""
+        if checkpoints(self.out) == seen:
+            check_run_dir(self.out, resume=resume, has_checkpoint=bool(seen))
+            return
+        ckpt = self._checked_start(resume)
+        if ckpt != self.resumed_from:
+            raise GenlabError(f"--out {self.out}: another run wrote {ckpt} while this one started; start again")
 
     def _setup(self) -> None:
         exp, tc, obj = self.exp, self.exp.train, self.exp.objective
