@@ -104,6 +104,17 @@ def test_gradients_finite_finds_any_non_finite_element_and_changes_no_value(bad)
     assert torch.equal(grads[0].signbit(), before[0].signbit()) and gradients_finite([])
 
 
+def test_gradients_finite_without_the_fused_kernel_reads_the_norm(monkeypatch):
+    from genlab.training.steps import gradients_finite
+
+    def missing(*args):
+        raise NotImplementedError("no kernel")
+
+    monkeypatch.setattr(torch, "_amp_foreach_non_finite_check_and_unscale_", missing)
+    assert gradients_finite([torch.ones(3), torch.zeros(2)])
+    assert not gradients_finite([torch.ones(3), torch.tensor([0.0, float("nan")])])
+
+
 def test_resume_hashes_the_checkpoint_once_and_a_run_that_slipped_in_is_refused(tmp_path, monkeypatch):
     """The Trainer checks the run directory before and again under its lock; the checkpoint's files are
     hashed in the first check only, unless the checkpoints changed in between: then a fresh run finds the

@@ -5,6 +5,7 @@ that a resumed run draws what an uninterrupted one would have."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -59,6 +60,13 @@ def _plain_fused_adamw(opt: torch.optim.Optimizer) -> bool:
     """Whether :func:`optimizer_step` may call the fused kernel itself (see there)."""
     from torch.optim import optimizer as torch_optimizer
 
+    try:
+        return _plain_fused_adamw_of(opt, torch_optimizer)
+    except (AttributeError, KeyError):  # a torch whose optimizer internals differ: its own step
+        return False
+
+
+def _plain_fused_adamw_of(opt: torch.optim.Optimizer, torch_optimizer: Any) -> bool:
     if (type(opt) is not torch.optim.AdamW or "step" in vars(opt)  # (a step patched on the instance)
             or opt._optimizer_step_pre_hooks or opt._optimizer_step_post_hooks
             or torch_optimizer._global_optimizer_pre_hooks or torch_optimizer._global_optimizer_post_hooks
@@ -106,12 +114,17 @@ def gradients_finite(grads: list[torch.Tensor]) -> bool:
     for g in grads:
         by_device.setdefault(g.device, []).append(g)
     for device, group in by_device.items():
-        if device.type not in ("cpu", "cuda"):
-            if not math.isfinite(torch.nn.utils.get_total_norm(group).item()):
-                return False
-            continue
-        found, one = torch.zeros((), device=device), torch.ones((), device=device)
-        torch._amp_foreach_non_finite_check_and_unscale_(group, found, one)
-        if found.item():
+        found = None
+        if device.type in ("cpu", "cuda"):
+            found, one = torch.zeros((), device=device), torch.ones((), device=device)
+            try:
+                torch._amp_foreach_non_finite_check_and_unscale_(group, found, one)
+            except (RuntimeError, NotImplementedError):  # a dtype or build without the kernel
+                found = None
+        if found is None:  # other devices: from the total norm
+            finite = math.isfinite(torch.nn.utils.get_total_norm(group).item())
+        else:
+            finite = not found.item()
+        if not finite:
             return False
     return True
