@@ -10,7 +10,7 @@ import pytest
 import torch
 from einops import rearrange
 
-from genlab.adapters import DiTT2IAdapter
+from genlab.adapters import DiTT2IAdapter, MultiDiTT2IAdapter
 from genlab.adapters.controlled import ControlledModel
 from genlab.adapters.dit_controlnet import DiTControlNet
 from genlab.adapters.t2i_adapter import T2IAdapter, unet_points
@@ -158,3 +158,31 @@ def test_errors() -> None:
     preset = DiTT2IAdapter({"preset": "S/8", "input_size": 32}, channels=(8,))  # resolves the preset
     assert preset.blocks == tuple(range(6)) and preset.factor == 8 and preset.projections[0].out_features == 384
     assert next(DiTT2IAdapter.from_dit(DiT(**CONFIG).double(), channels=(8,)).parameters()).dtype == torch.float64
+
+
+@torch.no_grad()
+def test_several_adapters_sum_their_weighted_residuals_per_block() -> None:
+    dit, (x, t, y) = _dit(), _inputs()
+    torch.manual_seed(0)
+    a = DiTT2IAdapter.from_dit(dit, in_channels=1, channels=(16,), num_res_blocks=1, blocks=(0, 1))
+    b = DiTT2IAdapter.from_dit(dit, in_channels=3, channels=(8,), num_res_blocks=1, blocks=(1, 3),
+                               downscale_factor=2, adapter_type="light_adapter")
+    _fill(a.projections, seed=10)
+    _fill(b.projections, seed=20)
+    ca, cb = _rand(2, 1, 8, 8, seed=2), _rand(2, 3, 16, 16, seed=3)
+    both = MultiDiTT2IAdapter([a, b])([ca, cb], weights=[0.7, 0.2], conditioning_scale=0.5)
+    fa, fb = a.features(ca), b.features(cb)
+    assert sorted(both) == ["block.0", "block.1", "block.3"]
+    torch.testing.assert_close(both["block.0"], 0.5 * 0.7 * fa["block.0"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(both["block.1"], 0.5 * (0.7 * fa["block.1"] + 0.2 * fb["block.1"]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(both["block.3"], 0.5 * 0.2 * fb["block.3"], rtol=0, atol=1e-6)
+    assert not torch.allclose(dit(x, t, y, residuals=both), dit(x, t, y))
+    with_one = MultiDiTT2IAdapter([a, b])([ca, cb], weights=[1.0, 0.0])
+    torch.testing.assert_close(dit(x, t, y, residuals=with_one), dit(x, t, y, residuals=a(ca)), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"one cond and one weight per adapter \(2\), got 1 conds and 2 weights"):
+        MultiDiTT2IAdapter([a, b])([ca], weights=[1.0, 1.0])
+    other = DiTT2IAdapter({**CONFIG, "hidden": 16}, in_channels=1, channels=(16,), num_res_blocks=1)
+    with pytest.raises(ValueError, match="built for one DiT"):
+        MultiDiTT2IAdapter([a, other])
+    with pytest.raises(ValueError, match=r"expected one or more DiTT2IAdapters, got \['T2IAdapter'\]"):
+        MultiDiTT2IAdapter([T2IAdapter()])

@@ -35,7 +35,7 @@ from genlab.core.bounds import PositiveInt, checked
 from genlab.core.errors import ShapeError
 from genlab.models.dit import DiT
 
-from .t2i_adapter import adapter_features, adapter_layers
+from .t2i_adapter import adapter_features, adapter_layers, per_adapter
 
 
 @checked
@@ -112,3 +112,36 @@ class DiTT2IAdapter(nn.Module):
     def forward(self, cond: Tensor, conditioning_scale: float = 1.0) -> dict[str, Tensor]:
         """The DiT's ``residuals``: ``conditioning_scale`` times ``features(cond)``."""
         return {name: r * conditioning_scale for name, r in self.features(cond).items()}
+
+
+class MultiDiTT2IAdapter(nn.Module):
+    """Several :class:`DiTT2IAdapter` s on one DiT: ``(conds: one per adapter, weights: one per adapter or one
+    for all, conditioning_scale) -> residuals`` ``{"block.i": conditioning_scale * sum_j weights[j]
+    F^(j)_i}`` over the union of the adapters' blocks (an adapter adds nothing at a block it does not
+    feed), as :class:`~genlab.adapters.t2i_adapter.MultiT2IAdapter` for a UNet. The adapters must be built
+    for one DiT (``input_size``, ``patch_size``, ``hidden``, ``depth``); their conditions may differ in
+    channels and resolution (each adapter's own ``in_channels`` and ``downscale_factor``)."""
+
+    def __init__(self, adapters: Sequence[DiTT2IAdapter]) -> None:
+        super().__init__()
+        if not adapters or not all(isinstance(a, DiTT2IAdapter) for a in adapters):
+            raise ValueError("MultiDiTT2IAdapter: expected one or more DiTT2IAdapters, got "
+                             f"{[type(a).__name__ for a in adapters]}")
+        configs = {tuple(sorted(a.config.items())) for a in adapters}
+        if len(configs) > 1:
+            raise ValueError(f"MultiDiTT2IAdapter: the adapters must be built for one DiT, got DiTs {sorted(configs)}")
+        self.adapters = nn.ModuleList(adapters)
+
+    def features(self, conds: Sequence[Tensor], weights: float | Sequence[float] = 1.0) -> dict[str, Tensor]:
+        """``{"block.i": sum_j weights[j] F^(j)_i}`` (``[B, N, hidden]`` each)."""
+        total: dict[str, Tensor] = {}
+        for adapter, cond, w in zip(self.adapters, conds, per_adapter(len(self.adapters), conds, weights,
+                                                                      type(self).__name__)):
+            for name, f in adapter.features(cond).items():
+                total[name] = total[name] + w * f if name in total else w * f
+        return total
+
+    def forward(self, conds: Sequence[Tensor], weights: float | Sequence[float] = 1.0,
+                conditioning_scale: float = 1.0) -> dict[str, Tensor]:
+        """The DiT's ``residuals``: ``conditioning_scale`` times ``features(conds, weights)``."""
+        return {name: r * conditioning_scale for name, r in self.features(conds, weights).items()}

@@ -160,10 +160,7 @@ class MultiT2IAdapter(nn.Module):
 
     def features(self, conds: Sequence[Tensor], weights: float | Sequence[float] = 1.0) -> list[Tensor]:
         """``sum_j weights[j] F^(j)`` per level."""
-        weights = [weights] * len(self.adapters) if isinstance(weights, (int, float)) else list(weights)
-        if len(conds) != len(self.adapters) or len(weights) != len(self.adapters):
-            raise ValueError(f"MultiT2IAdapter: expected one cond and one weight per adapter ({len(self.adapters)}), "
-                             f"got {len(conds)} conds and {len(weights)} weights")
+        weights = per_adapter(len(self.adapters), conds, weights, type(self).__name__)
         total: list[Tensor] = []
         for adapter, cond, w in zip(self.adapters, conds, weights):
             feats = [w * f for f in adapter.features(cond)]
@@ -174,6 +171,16 @@ class MultiT2IAdapter(nn.Module):
                 conditioning_scale: float = 1.0) -> dict[str, Tensor]:
         """``residuals`` for ``unet``: ``conditioning_scale`` times ``features(conds, weights)``."""
         return adapter_residuals(self.features(conds, weights), unet, conditioning_scale)
+
+
+def per_adapter(n: int, conds: Sequence[Tensor], weights: float | Sequence[float], who: str) -> list[float]:
+    """One weight per adapter of ``n`` (a number is every adapter's), ValueError unless there are ``n``
+    conditions and weights."""
+    weights = [weights] * n if isinstance(weights, (int, float)) else list(weights)
+    if len(conds) != n or len(weights) != n:
+        raise ValueError(f"{who}: expected one cond and one weight per adapter ({n}), got {len(conds)} conds and "
+                         f"{len(weights)} weights")
+    return weights
 
 
 def unet_points(unet: UNetEncoder) -> list[str]:
