@@ -16,6 +16,6 @@ from .lora import (LoRA, LoRAAdapter, LoRAConfig, adapter_names, adapter_paramet
 __all__ = ["CFG", "CFGDenoiser", "CFGOnOutputs", "ClassifierGuidance", "ControlNet", "ControlledModel", "DiTControlNet",
            "DiTT2IAdapter",
            "GradientGuidance", "GradientGuided", "Guidance", "GuidedDenoiser", "LoRA", "LoRAAdapter", "LoRAConfig",
-           "MultiControlNet", "MultiDiTT2IAdapter", "UniversalGuidance", "adapter_names", "adapter_parameters", "attach_lora",
-           "controlled_unet", "lora_layers", "mark_only_adapters_trainable", "merge_adapters", "noisy_logits",
-           "remove_adapter", "set_adapters", "unmerge_adapters"]
+           "MultiControlNet", "MultiDiTT2IAdapter", "UniversalGuidance", "adapter_names", "adapter_parameters",
+           "attach_lora", "controlled_unet", "lora_layers", "mark_only_adapters_trainable", "merge_adapters",
+           "noisy_logits", "remove_adapter", "set_adapters", "unmerge_adapters"]

@@ -15,8 +15,9 @@ differs from the run's only in :data:`RESUMABLE` keys, and weights that fit the 
 checked before anything is written, then the directory is locked and cleaned of temporaries.
 
 Non-finite policy: a step whose loss (or, without fp16 loss scaling, gradients: their clipped norm, or
-any element where nothing is clipped) is not finite is skipped and counted; ``train.max_bad_steps`` skipped steps in a row stop the run with a
-:class:`~genlab.core.errors.NonFiniteError`; a checkpoint never holds a non-finite tensor.
+any element where nothing is clipped) is not finite is skipped and counted; ``train.max_bad_steps``
+skipped steps in a row stop the run with a :class:`~genlab.core.errors.NonFiniteError`; a checkpoint
+never holds a non-finite tensor.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ from .evaluation import evaluate
 from .experiment import Experiment
 from .plots import plot_losses
 from .resume import check_resume_config, weights_file
-from .steps import adamw, gradients_finite, lr_at, optimizer_step, seed_global_generators, step_generator, step_seed
+from .steps import (adamw, gradients_finite, lr_at, optimizer_step, seed_global_generators, step_generator,
+                    step_seed)
 
 
 _PLAIN = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)  # clip by torch's own
