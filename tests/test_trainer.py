@@ -152,6 +152,36 @@ def test_resume_hashes_the_checkpoint_once_and_a_run_that_slipped_in_is_refused(
         Trainer(experiment(*args), tmp_path / "run", progress=False, resume=True)
 
 
+def test_stored_pins_come_from_the_newest_intact_config_without_hashing_weights(tmp_path, monkeypatch):
+    import hashlib
+    import json
+
+    import yaml
+
+    from genlab.core import checkpoint as ckpt_module
+    from genlab.training.resume import with_stored_pins
+
+    with Trainer(experiment("train.steps=4", "train.checkpoint_every=2", "train.sample_every=0"), tmp_path,
+                 progress=False) as tr:
+        tr.fit()
+    old, new = tmp_path / "checkpoints" / "step_0000002", tmp_path / "checkpoints" / "step_0000004"
+    pins = {"runs/teacher": {"checkpoint": "step_0000100", "state_sha256": "ab" * 32}}
+    config = {**yaml.safe_load((old / "config.yaml").read_text()), "pinned": pins}
+    data = yaml.safe_dump(config).encode()
+    (old / "config.yaml").write_bytes(data)  # pins in the older checkpoint, its checksum kept right
+    state = json.loads((old / "state.json").read_text())
+    state["files"]["config.yaml"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (old / "state.json").write_text(json.dumps(state))
+    with open(new / "config.yaml", "ab") as f:  # the newest one's config damaged
+        f.write(b"# damaged\n")
+    hashed: list[str] = []
+    real = ckpt_module._size_and_sha256
+    monkeypatch.setattr(ckpt_module, "_size_and_sha256", lambda path, *a: hashed.append(path.name) or real(path, *a))
+    assert with_stored_pins({"name": "x"}, tmp_path) == {"name": "x", "pinned": pins}
+    assert hashed == ["config.yaml", "config.yaml"]
+    assert with_stored_pins({"pinned": {}}, tmp_path) == {"pinned": {}}  # a config that pins its own
+
+
 def test_loss_curve_and_periodic_samples(tmp_path):
     tr = Trainer(experiment("train.steps=40", "train.log_every=10", "train.sample_every=20",
                             "train.checkpoint_every=40"), tmp_path, progress=False)

@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
-from ..core.checkpoint import intact_checkpoint, load_weights
+from ..core.checkpoint import checkpoints, load_weights, verify_checkpoint
 from ..core.config import load_config
-from ..core.errors import ConfigError
+from ..core.errors import CheckpointError, ConfigError
 from .experiment import Experiment, TrainConfig
 
 
@@ -53,12 +53,25 @@ def with_stored_pins(config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     resumes from (see :class:`~genlab.core.checkpoint.Pins`), so that a teacher or autoencoder run that went on
     training since is loaded from the same checkpoint as before; ``config`` itself if it pins its own or
     the run has none."""
-    ckpt = intact_checkpoint(run_dir) if run_dir.is_dir() else None
+    ckpt = _newest_intact_config(run_dir) if run_dir.is_dir() else None
     pinned = load_config(ckpt / "config.yaml").get("pinned") if ckpt is not None else None
     if not pinned or "pinned" in config:
         return config
     config["pinned"] = pinned
     return config
+
+
+def _newest_intact_config(run_dir: Path) -> Path | None:
+    """The newest checkpoint of ``run_dir`` whose config.yaml passes its checksum (the weights are not
+    hashed here: the Trainer verifies the checkpoint it resumes from, and its config check refuses pins
+    that are not that checkpoint's)."""
+    for ckpt in checkpoints(run_dir):
+        try:
+            verify_checkpoint(ckpt, only=("config.yaml",))
+        except CheckpointError:
+            continue
+        return ckpt
+    return None
 
 
 def weights_file(name: str, ema: bool = False) -> str:
