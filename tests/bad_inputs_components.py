@@ -209,9 +209,9 @@ def _half_nan_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _nan_sample(sampler: object, process: object = None) -> object:
-    """Sample 4 points of [2] from a NaN model on ``process`` (default VP)."""
-    return sampler.sample(Denoiser(_nan_model, process or VP()), shape=(4, 2), progress=False)  # type: ignore[attr-defined]
+def _nan_sample(sampler: object, process: object = None, prediction: str = "eps") -> object:
+    """Sample 4 points of [2] from a NaN model predicting ``prediction`` on ``process`` (default VP)."""
+    return sampler.sample(Denoiser(_nan_model, process or VP(), prediction), shape=(4, 2), progress=False)  # type: ignore[attr-defined]
 
 
 def _zero_sample(sampler: object, **kwargs: object) -> object:
@@ -351,7 +351,8 @@ API_CASES: list[tuple[str, Callable[[], object], type[Exception], str]] = [
     ("nan_euler_maruyama", lambda: _nan_sample(EulerMaruyama(3)), NonFiniteError, "EulerMaruyama: 4 of 4 samples hold NaN or inf"),
     ("nan_pc", lambda: _nan_sample(PredictorCorrector(3)), NonFiniteError, "PredictorCorrector: 4 of 4"),
     ("nan_restart", lambda: _nan_sample(Restart(3)), NonFiniteError, "Restart: 4 of 4"),
-    ("nan_flow_euler", lambda: _nan_sample(FlowEuler(3), RectifiedFlow()), NonFiniteError, "FlowEuler: 4 of 4"),
+    ("nan_flow_euler", lambda: _nan_sample(FlowEuler(3), RectifiedFlow(), "velocity"), NonFiniteError,
+     "FlowEuler: 4 of 4"),
     ("nan_ode", lambda: ODESampler(2, method="euler").solve(Denoiser(_nan_model, VP()), shape=(4, 2), progress=False), NonFiniteError, "ODESampler: 4 of 4"),
     ("nan_one_sample", lambda: DDIM(3).sample(Denoiser(_half_nan_model, VP()), shape=(4, 2), progress=False), NonFiniteError, "DDIM: 1 of 4 samples hold NaN or inf"),
     ("nan_start", lambda: DDIM(3).sample(Denoiser(lambda x, t: torch.zeros_like(x), VP()), torch.full((4, 2), math.nan), progress=False), NonFiniteError, "the input x already held NaN or inf"),

@@ -152,3 +152,41 @@ def test_the_fast_path_cannot_bypass_a_wrapper(make, name):
     slow = run(wrapped, callback=lambda info: None)
     assert torch.allclose(run(wrapped), slow, atol=1e-12)
     assert (slow - run(inner)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("prediction", ["eps", "score", "x0", "v", "velocity"])
+def test_a_grid_starting_where_the_model_gives_no_x0_is_refused_by_every_sampler(prediction):
+    """An eps or score model on rectified flow from t = 1 (alpha = 0): x0 = (x - sigma eps) / alpha is 0 / 0,
+    so every sampler whose grid starts there is refused before the model runs, with the fix named; a grid
+    that starts below is fine, and the other predictions sample from t = 1."""
+    from genlab.core.errors import ConfigError
+    from genlab.diffusion import RectifiedFlow
+
+    calls = []
+
+    def net(x, t):
+        calls.append(1)
+        return 0.1 * x
+
+    process = RectifiedFlow()
+    denoiser, x = Denoiser(net, process, prediction), torch.randn(3, 2)
+    refused = prediction in ("eps", "score")
+    starting_at_one = 0
+    for name in NAMES:
+        sampler = build("sampler", {"type": name, "steps": 4})
+        try:
+            if sampler.levels(process, x, 4)[0].alpha.item() != 0:
+                continue
+        except ConfigError:  # a default grid made for another process (karras: sigma_max = inf here)
+            continue
+        starting_at_one += 1
+        if refused:
+            with pytest.raises(ConfigError, match=rf"a model predicting {prediction} gives no x0 where alpha = 0.*"
+                                                  r"t = 1 on RectifiedFlow.*grid.t_max < 1"):
+                sampler.sample(denoiser, x=x, generator=torch.Generator().manual_seed(0), progress=False)
+            assert not calls, name
+    assert starting_at_one >= 8
+    times = torch.linspace(0.9, 0.0, 5, dtype=torch.float64)
+    out = build("sampler", {"type": "flow_euler", "steps": 4}).sample(
+        denoiser, x=x, times=times if refused else None, generator=torch.Generator().manual_seed(0), progress=False)
+    assert torch.isfinite(out).all()

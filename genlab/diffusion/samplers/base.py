@@ -28,7 +28,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ...core.bounds import PositiveInt
-from ...core.errors import NonFiniteError
+from ...core.errors import ConfigError, NonFiniteError
 from ...core.registry import build, name_of, register_namespace
 from ..denoiser import linear_path
 from ..grids import GridSpec, TimeGrid, check_times
@@ -225,6 +225,7 @@ class Sampler:
                 raise ValueError("sample() needs x (the starting noise) or shape")
             x = denoiser.process.prior(shape, generator=generator, dtype=dtype, device=device)
         levels = self.levels(denoiser.process, x, steps, times)
+        check_x0_defined(denoiser, levels[0])
         ctx = StepContext(denoiser, self.init_state(len(levels) - 1), generator, dict(cond or {}))
         ctx.state.track_denoised = callback is not None
         for i in tqdm(range(len(levels) - 1), disable=not progress, desc=type(self).__name__, leave=False):
@@ -263,6 +264,20 @@ class Sampler:
         defaults = {k: p.default for k, p in inspect.signature(type(self).__init__).parameters.items()}
         changed = "".join(f", {k}={v!r}" for k, v in self.options().items() if defaults.get(k) != v)
         return f"{type(self).__name__}(steps={self.steps}, grid={type(self.grid).__name__}{changed})"
+
+
+def check_x0_defined(denoiser: Any, level: Level) -> None:
+    """ConfigError where ``denoiser`` cannot give x0 at ``level`` (the grid's first): an ``eps`` or ``score``
+    model (without EDM preconditioning) where alpha = 0, since x0 = (x - sigma eps) / alpha there is 0 / 0
+    (rectified flow from t = 1, say); every sampler would return NaN."""
+    prediction = getattr(denoiser, "prediction", None)
+    if prediction not in ("eps", "score") or getattr(denoiser, "preconditioning", None) == "edm":
+        return
+    if bool((level.alpha == 0).any()):
+        t = level.t.max().item()
+        raise ConfigError(f"a model predicting {prediction} gives no x0 where alpha = 0, and the grid starts there "
+                          f"(t = {t:g} on {denoiser.process!r}); start the grid below (grid.t_max < {t:g}) or use a "
+                          "model that predicts velocity, v or x0")
 
 
 register_namespace("sampler", Sampler, "samplers: a time grid and a step, on any process and prediction")
