@@ -51,6 +51,26 @@ def test_failed_write_leaves_no_file(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_checkpoint_files_are_serialised_one_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each file is serialised, written and hashed before the next is serialised: the checkpoint's files
+    are never all in memory at once; the recorded checksums are the written files'."""
+    from genlab.core import checkpoint
+
+    events: list[str] = []
+    real_save, real_write = checkpoint.save, checkpoint.atomic_write
+    monkeypatch.setattr(checkpoint, "save", lambda tensors: events.append("serialise") or real_save(tensors))
+    monkeypatch.setattr(checkpoint, "_torch_bytes", lambda obj, real=checkpoint._torch_bytes:
+                        events.append("serialise") or real(obj))
+    monkeypatch.setattr(checkpoint, "atomic_write", lambda path, data: events.append(f"write {path.name}")
+                        or real_write(path, data))
+    model = {"w": torch.arange(6.0)}
+    path = save_checkpoint(tmp_path / "step_1", model=model, ema=model, optimizer={"state": {}},
+                           extra={"score.safetensors": model}, config={"a": 1})
+    assert events == ["serialise", "write model.safetensors", "serialise", "write ema.safetensors",
+                      "serialise", "write score.safetensors", "serialise", "write optimizer.pt"]
+    checkpoint.verify_checkpoint(path)
+
+
 def test_checkpoint_files_round_trip(tmp_path: Path) -> None:
     model = {"w": torch.arange(6.0).reshape(2, 3)}
     optimizer = {"state": {0: {"step": torch.tensor(3.0)}}, "param_groups": [{"lr": 0.1, "params": [0]}]}

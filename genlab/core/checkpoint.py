@@ -22,7 +22,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,13 @@ def non_finite_names(tensors: Mapping[str, Any], prefix: str = "") -> list[str]:
     return bad
 
 
+def _torch_bytes(obj: Any) -> bytes:
+    """``obj`` as ``torch.save`` writes it."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
 def _digest(data: bytes) -> dict[str, Any]:
     return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
@@ -83,15 +90,15 @@ def save_checkpoint(directory: str | os.PathLike, *, model: Mapping[str, torch.T
     if bad:
         raise NonFiniteError(f"not checkpointed: non-finite values in {', '.join(bad[:3])}"
                              f"{' and more' if len(bad) > 3 else ''}")
-    files: dict[str, bytes] = {"model.safetensors": save(_contiguous(model))}
+    # serialised one file at a time, each written and hashed before the next: a checkpoint's files are
+    # never all in memory at once (model, EMA and optimizer state are several times the model's size)
+    files: dict[str, Callable[[], bytes]] = {"model.safetensors": lambda: save(_contiguous(model))}
     if ema is not None:
-        files["ema.safetensors"] = save(_contiguous(ema))
+        files["ema.safetensors"] = lambda: save(_contiguous(ema))
     for name, tensors in (extra or {}).items():
-        files[name] = save(_contiguous(tensors))
+        files[name] = lambda tensors=tensors: save(_contiguous(tensors))
     if optimizer is not None:
-        buffer = io.BytesIO()
-        torch.save(optimizer, buffer)
-        files["optimizer.pt"] = buffer.getvalue()
+        files["optimizer.pt"] = lambda: _torch_bytes(optimizer)
     final = Path(directory)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -101,12 +108,15 @@ def save_checkpoint(directory: str | os.PathLike, *, model: Mapping[str, torch.T
         raise WriteError(f"cannot write checkpoint {final}: {e.strerror}") from None
     old = final.with_name(f".{final.name}.tmp-replaced")
     try:
-        for name, data in files.items():
+        digests = {}
+        for name, serialised in files.items():
+            data = serialised()
             atomic_write(tmp / name, data)
+            digests[name] = _digest(data)
+            del data
         if config is not None:
             save_config(config, tmp / "config.yaml")
-            files["config.yaml"] = (tmp / "config.yaml").read_bytes()
-        digests = {name: _digest(data) for name, data in files.items()}
+            digests["config.yaml"] = _digest((tmp / "config.yaml").read_bytes())
         write_json_atomic(tmp / STATE_FILE, {**dict(state or {}), "files": digests})
         if final.exists():  # rename aside first: a kill here leaves a temporary, never a missing checkpoint
             os.replace(final, old)
