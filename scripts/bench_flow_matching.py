@@ -28,7 +28,7 @@ Usage: ``python scripts/bench_flow_matching.py [--steps 5000] [--points 1000] [-
 
 Measured with the defaults (2-core machine, nothing else running, 92 s in all): step time genlab /
 torchcfm 0.99 (I-CFM) and 0.38 (OT-CFM) for the objective's step, 0.92 and 0.39 for a whole
-``Trainer.train_step`` (1.03 with ``torch.selu`` in genlab's MLP; the independent Trainer step repeated six
+``Trainer.train_step`` (1.03 with ``torch.selu`` in genlab's MLP; a probe calling ``trainer_step_times`` six
 times in one process: 0.90-0.98); exact_ot against OTPlanSampler 0.20x at B = 256 and 0.14x at B = 1024
 (2-D; the compiled auction solver and the matmul cost); genlab's flow_euler equal to torchdyn's Euler at
 every NFE on the same weights (I-CFM W2 2.02, 1.70, 0.92, 0.59 at NFE 1, 2, 5, 10; dopri5 0.362 at 62 NFE);
