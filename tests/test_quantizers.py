@@ -321,6 +321,54 @@ def test_dead_codes_get_batch_vectors_and_fresh_statistics() -> None:
     torch.testing.assert_close(q.embed_sum[replaced], 0.8 * rows)
 
 
+@pytest.mark.parametrize("threshold,count", [(0.0, 1.0), (0.5, 0.5)])
+def test_codes_idle_for_w_batches_expire(threshold: float, count: float) -> None:
+    """SoundStream's expiry: a code no vector chose in W = 3 consecutive batches is replaced at the third,
+    not before, whatever its EMA count (0.99^3 > 0.5 here): by a batch vector, with count the threshold (1
+    with none) and sum the vector times it; a code chosen in between starts its count of idle batches again."""
+    q = VectorQuantizer(2, 4, decay=0.99, dead_code_threshold=threshold, dead_code_batches=3,
+                        channel_last=True).train()
+    start = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [100.0, 100.0]])
+    with torch.no_grad():
+        q.codebook.copy_(start)
+        q.embed_sum.copy_(start)
+    near = [torch.tensor([[[0.1, 0.0], [9.9, 0.0], [0.0, 9.9]]]), torch.tensor([[[0.1, 0.0], [9.9, 0.0]]])]
+    for step, x in enumerate([near[0], near[1], near[1]]):  # code 2 is idle at steps 2-3 only; code 3 at 1-3
+        before = q.codebook.clone()
+        q(x)
+        assert q.idle.tolist() == [[0, 0, 0, 1], [0, 0, 1, 2], [0, 0, 2, 0]][step]
+        if step < 2:
+            assert (q.codebook[3] - before[3]).abs().max() < 0.1 and q.cluster_size[3] > 0.97  # not yet
+    row = q.codebook[3]
+    assert bool((row == near[1][0]).all(-1).any()), row  # a vector of the batch
+    assert q.cluster_size[3].item() == count
+    torch.testing.assert_close(q.embed_sum[3], count * row)
+    assert q.cluster_size[2] > 0.97  # idle for two batches only: kept
+
+
+def test_expiry_frees_codes_abandoned_by_the_data() -> None:
+    """After 20 batches on one set of 16 clusters the data move to 16 new ones. With the EMA count alone
+    (threshold 1, decay 0.99) the codes of the old clusters keep counts above the threshold for ~100 batches,
+    so 10 batches later at most 4 codes serve the new clusters; with expiry after 2 idle batches at least 14 of
+    16 do (measured: 1 and 16) and the error is below a tenth of the other's (measured: 1/57)."""
+    moved = CENTERS + 8.0
+    results = {}
+    for batches in (0, 2):
+        torch.manual_seed(1)
+        q = VectorQuantizer(8, 16, decay=0.99, kmeans_init=True, dead_code_threshold=1.0,
+                            dead_code_batches=batches, channel_last=True).train()
+        for step in range(30):
+            x = _clusters(256, seed=step)
+            q(x if step < 20 else x + 8.0)
+        g = torch.Generator().manual_seed(999)
+        x = (moved[torch.randint(0, 16, (4096,), generator=g)] + 0.05 * torch.randn(4096, 8, generator=g))[None]
+        with torch.no_grad():
+            out = q.eval()(x)
+        results[batches] = (out.indices.unique().numel(), F.mse_loss(out.quantized, x).item())
+    (held_used, held_error), (used, error) = results[0], results[2]
+    assert held_used <= 4 and used >= 14 and error < held_error / 10, results
+
+
 # ---------------------------------------------------------------- two gloo ranks
 
 
@@ -339,16 +387,20 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         synced = VectorQuantizer(8, 16, kmeans_init=True, dead_code_threshold=2.0, decay=0.8, channel_last=True)
         torch.manual_seed(0)
         plain = VectorQuantizer(8, 16, decay=0.8, channel_last=True)
+        torch.manual_seed(0)
+        expiring = VectorQuantizer(8, 16, decay=0.8, dead_code_batches=1, channel_last=True)
         torch.manual_seed(100 + rank)  # different data and different draws on each rank
         data = torch.stack([2.0 * rank + torch.randn(2, 32, 8) for _ in range(4)])
         replaced = 0
         for x in data:
             synced.train()(x)
             plain.train()(x)
+            expiring.train()(x)
             replaced = max(replaced, int((synced.cluster_size == 2.0).sum()))
         z = 0.05 * torch.randn(2, 32, 6)
         entropy = LFQ(6, channel_last=True).train()(z).losses["entropy"]
-        torch.save({"synced": synced.codebook, "plain": plain.codebook, "data": data, "replaced": replaced,
+        torch.save({"synced": synced.codebook, "plain": plain.codebook, "expiring": expiring.codebook,
+                    "data": data, "replaced": replaced,
                     "z": z, "entropy": entropy.detach()}, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -367,6 +419,9 @@ def test_two_gloo_ranks_keep_identical_codebooks(tmp_path) -> None:
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert r0["replaced"] > 0 and r1["replaced"] == r0["replaced"]  # dead codes were replaced on the way
     assert torch.equal(r0["synced"], r1["synced"]) and torch.equal(r0["plain"], r1["plain"])
+    # idle batches are counted over both ranks' choices: the same codes expire (some do: it differs from
+    # plain, its twin from the same start), replaced by the same vectors
+    assert torch.equal(r0["expiring"], r1["expiring"]) and not torch.equal(r0["expiring"], r0["plain"])
     torch.manual_seed(0)
     single = VectorQuantizer(8, 16, decay=0.8, channel_last=True).train()
     for x0, x1 in zip(r0["data"], r1["data"]):
@@ -411,6 +466,7 @@ def test_outputs_keep_the_input_dtype(dtype: torch.dtype) -> None:
     (lambda: VectorQuantizer(8, 16, learning="adam"), "learning must be one of 'ema', 'gradient'"),
     (lambda: VectorQuantizer(8, 16, decay=1.0), "decay must be >= 0 and < 1"),
     (lambda: VectorQuantizer(8, 16, dead_code_threshold=-1.0), "dead_code_threshold must be >= 0"),
+    (lambda: VectorQuantizer(8, 16, dead_code_batches=-1), "dead_code_batches must be >= 0, got -1"),
     (lambda: FSQ([8, 2, 5]), "levels must be a non-empty list of ints >= 3"),
     (lambda: FSQ([]), "levels must be a non-empty list"),
     (lambda: LFQ(20), "2\\^20 codes per vector; use bits <= 16, entropy_weight=0, or a grouped quantizer"),
@@ -428,6 +484,8 @@ def test_bad_inputs_at_call_time() -> None:
         ResidualQuantizer("vq", 2)
     with pytest.raises(TypeError, match="codebook_size must be an int, got 16.0"):
         VectorQuantizer(8, 16.0)
+    with pytest.raises(TypeError, match="dead_code_batches must be an int, got True"):
+        VectorQuantizer(8, 16, dead_code_batches=True)
     with pytest.raises(TypeError, match="dim must be an int, got 8.0"):
         LFQ(8.0)
     with pytest.raises(ValueError, match="the groups' indices differ in shape"):

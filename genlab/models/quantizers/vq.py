@@ -21,6 +21,12 @@ the smoothing, 0 for an empty cluster; the means with gradient learning).
 ``dead_code_threshold > 0``: after each update, codes whose ``N_i`` fell below it are replaced by random
 vectors of the batch, with ``N_i`` reset to the threshold and ``m_i`` to the vector times it. All of this
 is vector-quantize-pytorch's algorithm step for step (``tests/test_quantizers_vqp_training.py``).
+``dead_code_batches = W > 0`` (SoundStream's expiry, Zeghidour et al. 2021, Sec. III-C): a code that no
+vector chose in the last W training batches (of all ranks) is dead too, whatever its ``N_i``; it is replaced
+the same way (``N_i`` reset to the threshold, or to 1, a fresh code's count, when the threshold is 0). The
+EMA count alone keeps a code that was used heavily early on and then abandoned for about
+``log(N_i / threshold) / (1 - decay)`` steps (hundreds at decay 0.99); expiry frees it after W.
+Take W so that W batches hold several vectors per code (W x vectors per batch >> codebook size).
 ``gradient="rotation"``: the rotation trick (Fifty et al. 2024) instead of straight-through. When
 ``torch.distributed`` is initialised (and ``sync``), counts and sums are summed over ranks and the draws
 shared, so the codebooks of all ranks stay identical.
@@ -56,7 +62,7 @@ class VectorQuantizer(Quantizer):
                  distance: Literal["l2", "cosine"] = "l2", learning: Literal["ema", "gradient"] = "ema",
                  beta: NonNegativeFloat = 0.25, decay: Decay = 0.99, eps: PositiveFloat = 1e-5,
                  kmeans_init: bool = False, kmeans_iters: NonNegativeInt = 10,
-                 dead_code_threshold: NonNegativeFloat = 0.0,
+                 dead_code_threshold: NonNegativeFloat = 0.0, dead_code_batches: NonNegativeInt = 0,
                  gradient: Literal["straight_through", "rotation"] = "straight_through",
                  sync: bool = True, channel_last: bool = False) -> None:
         for name, value, allowed in (("distance", distance, ("l2", "cosine")),
@@ -65,13 +71,16 @@ class VectorQuantizer(Quantizer):
             if value not in allowed:
                 raise ValueError(f"VectorQuantizer: {name} must be one of {', '.join(map(repr, allowed))}, "
                                  f"got {value!r}")
-        if not isinstance(codebook_size, int) or isinstance(codebook_size, bool):
-            raise TypeError(f"VectorQuantizer: codebook_size must be an int, got {codebook_size!r}")
+        for name, value in (("codebook_size", codebook_size), ("kmeans_iters", kmeans_iters),
+                            ("dead_code_batches", dead_code_batches)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"VectorQuantizer: {name} must be an int, got {value!r}")
         super().__init__(dim, codebook_dim, channel_last)
         self.codebook_size, self.cosine = codebook_size, distance == "cosine"
         self.learning, self.gradient = learning, gradient
         self.beta, self.decay, self.eps, self.sync = beta, decay, eps, sync
         self.kmeans_init, self.kmeans_iters, self.dead_code_threshold = kmeans_init, kmeans_iters, dead_code_threshold
+        self.dead_code_batches = dead_code_batches
         shape = (codebook_size, self.codebook_dim)
         if learning == "gradient":
             self.codebook = nn.Parameter(torch.empty(shape))
@@ -80,6 +89,8 @@ class VectorQuantizer(Quantizer):
         self.register_buffer("cluster_size", torch.empty(codebook_size))  # N_i
         self.register_buffer("embed_sum", torch.empty(shape))  # m_i
         self.register_buffer("initialized", torch.tensor(False))
+        # consecutive training batches in which no vector chose code i (with dead_code_batches only)
+        self.register_buffer("idle", torch.zeros(codebook_size, dtype=torch.long) if dead_code_batches else None)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -96,6 +107,8 @@ class VectorQuantizer(Quantizer):
             self.codebook.copy_(F.normalize(e, dim=-1) if self.cosine else e)
             self.cluster_size.fill_(1.0)
             self.embed_sum.copy_(self.codebook)
+            if self.idle is not None:
+                self.idle.zero_()
             self.initialized.fill_(not self.kmeans_init)
 
     def embeddings(self) -> Tensor:
@@ -144,7 +157,10 @@ class VectorQuantizer(Quantizer):
             self.embed_sum.lerp_(all_reduce_(sums, self.sync), 1 - self.decay)
             self._codebook_from_statistics_()
         dead = self.cluster_size < self.dead_code_threshold
-        if self.dead_code_threshold > 0 and bool(dead.any()):
+        if self.idle is not None:
+            self.idle.copy_(torch.where(counts > 0, 0, self.idle + 1))
+            dead |= self.idle >= self.dead_code_batches
+        if (self.dead_code_threshold > 0 or self.idle is not None) and bool(dead.any()):
             self._replace_(x, dead)
 
     def _codebook_from_statistics_(self) -> None:
@@ -157,6 +173,9 @@ class VectorQuantizer(Quantizer):
     def _replace_(self, x: Tensor, dead: Tensor) -> None:
         """Dead codes become random vectors of the batch (from all ranks), with fresh statistics."""
         fresh = sample_vectors(x, int(dead.sum()), self.sync)
+        count = self.dead_code_threshold or 1.0
         self.codebook[dead] = fresh
-        self.cluster_size[dead] = self.dead_code_threshold
-        self.embed_sum[dead] = fresh * self.dead_code_threshold
+        self.cluster_size[dead] = count
+        self.embed_sum[dead] = fresh * count
+        if self.idle is not None:
+            self.idle[dead] = 0
