@@ -12,7 +12,10 @@ Parts (``--parts time,train``):
   weights and batches for both libraries) trained with MSE + the quantizer's losses, Adam lr 1e-3, batch 32,
   with a 256-code EMA VQ (decay 0.99, commitment 0.25) in three settings: plain, k-means initialisation
   (10 iterations), dead-code replacement (threshold 1, vqp's ``threshold_ema_dead_code``), each library from
-  its own initial codebook, and plain from vqp's initial codebook in both (the algorithms alone). At steps 30, 150,
+  its own initial codebook, and plain from vqp's initial codebook in both (the algorithms alone); and
+  dead-code replacement with genlab's expiry added on its side (``dead_code_batches=5``: codes no vector
+  chose in 5 consecutive batches of 2,048 vectors are replaced too; SoundStream's rule, which vqp does not
+  have) against vqp's dead-code replacement. At steps 30, 150,
   500 and the end it prints the codebook usage (the fraction of the 256 codes used) and perplexity (exp of
   the codes' entropy) on the held-out digits, and the held-out reconstruction MSE (pixels in [0, 1]) at the end.
   The algorithms are the same step for step (``tests/test_quantizers_vqp_training.py``), so rows from
@@ -42,23 +45,24 @@ from genlab.models.quantizers import FSQ, LFQ, VectorQuantizer
 from genlab.objectives.autoencoder import code_statistics
 
 CODES, DIM, CHECKPOINTS = 256, 16, (30, 150, 500)
+EXPIRY = 5  # genlab's dead_code_batches in the "dead-code + expiry" setting
 SETTINGS = {"plain": {}, "plain, vqp's init": {"same_init": True}, "k-means": {"kmeans": True},
-            "dead-code": {"dead": 1.0}}
-SEEDED = ("plain", "k-means", "dead-code")  # the settings from independent starts, repeated with --seeds
+            "dead-code": {"dead": 1.0}, f"dead-code + genlab's expiry ({EXPIRY})": {"dead": 1.0, "expire": EXPIRY}}
+SEEDED = ("plain", "k-means", "dead-code", f"dead-code + genlab's expiry ({EXPIRY})")  # repeated with --seeds
 
 
-def vq_pair(kmeans: bool = False, dead: float = 0.0, same_init: bool = False,
+def vq_pair(kmeans: bool = False, dead: float = 0.0, same_init: bool = False, expire: int = 0,
             seeds: tuple[int, int] | None = None) -> tuple[nn.Module, nn.Module]:
     """genlab's VectorQuantizer and vqp's VectorQuantize with the same settings, channel-first images; each
     with its own initial codebook (both Kaiming-uniform, drawn one after the other from the global generator,
     or, with ``seeds``, genlab's after ``torch.manual_seed(seeds[0])`` and vqp's after ``seeds[1]``) or, with
-    ``same_init``, vqp's in both."""
+    ``same_init``, vqp's in both. ``expire``: genlab's ``dead_code_batches`` (vqp has no such rule)."""
     import vector_quantize_pytorch as vqp
 
     if seeds:
         torch.manual_seed(seeds[0])
     ours = VectorQuantizer(DIM, CODES, decay=0.99, beta=0.25, kmeans_init=kmeans, kmeans_iters=10,
-                           dead_code_threshold=dead)
+                           dead_code_threshold=dead, dead_code_batches=expire)
     if seeds:
         torch.manual_seed(seeds[1])
     theirs = vqp.VectorQuantize(dim=DIM, codebook_size=CODES, decay=0.99, commitment_weight=0.25,
