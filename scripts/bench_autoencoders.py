@@ -10,7 +10,7 @@ Parts (``--parts time,train``):
   not inflate it) or, on CUDA, of wall time.
 - ``train``: the same small conv autoencoder (32x32 digits -> 16 x 8 x 8 latents -> 32x32; the same initial
   weights and batches for both libraries) trained with MSE + the quantizer's losses, Adam lr 1e-3, batch 32,
-  with a 256-code EMA VQ (decay 0.99, commitment 0.25) in three settings: plain, k-means initialisation
+  with a 256-code EMA VQ (decay 0.99, commitment 0.25) in these settings: plain, k-means initialisation
   (10 iterations), dead-code replacement (threshold 1, vqp's ``threshold_ema_dead_code``), each library from
   its own initial codebook, and plain from vqp's initial codebook in both (the algorithms alone); and
   dead-code replacement with genlab's expiry added on its side (``dead_code_batches=5``: codes no vector
@@ -19,8 +19,8 @@ Parts (``--parts time,train``):
   500 and the end it prints the codebook usage (the fraction of the 256 codes used) and perplexity (exp of
   the codes' entropy) on the held-out digits, and the held-out reconstruction MSE (pixels in [0, 1]) at the end.
   The algorithms are the same step for step (``tests/test_quantizers_vqp_training.py``), so rows from
-  independent starts differ by the draw: ``--seeds S`` then repeats plain, k-means and dead-code S times,
-  each library drawing its own initial codebook and its own random draws (k-means seeds, replacement
+  independent starts differ by the draw: ``--seeds S`` then repeats plain, k-means, dead-code and
+  dead-code + expiry S times, each library drawing its own initial codebook and its own random draws (k-means seeds, replacement
   vectors) per seed, and prints the mean over seeds with [min, max] (the model's initial weights and the
   batches stay the same).
 
