@@ -344,6 +344,9 @@ def test_codes_idle_for_w_batches_expire(threshold: float, count: float) -> None
     assert q.cluster_size[3].item() == count
     torch.testing.assert_close(q.embed_sum[3], count * row)
     assert q.cluster_size[2] > 0.97  # idle for two batches only: kept
+    copy_ = VectorQuantizer(2, 4, dead_code_threshold=threshold, dead_code_batches=3, channel_last=True)
+    copy_.load_state_dict(q.state_dict())  # the idle counts are state: a resumed run expires the same codes
+    assert copy_.idle.tolist() == q.idle.tolist() == [0, 0, 2, 0]
 
 
 def test_expiry_frees_codes_abandoned_by_the_data() -> None:
