@@ -34,19 +34,25 @@ def spline_params_count(bins: int) -> int:
 def rq_knots(params: Tensor, bound: float, slope: float = 1e-3) -> tuple[Tensor, Tensor, Tensor]:
     """``params [..., 3K - 1]`` (widths, heights, derivatives) -> knots x^k, y^k and derivatives d^k, each
     ``[..., K + 1]``, with x^0 = y^0 = -B, x^K = y^K = B and d^0 = d^K = 1."""
+    xk, yk, dk = _knot_table(params, bound, slope).unbind(-2)
+    return xk, yk, dk
+
+
+def _knot_table(params: Tensor, bound: float, slope: float) -> Tensor:
+    """:func:`rq_knots` stacked: ``[..., 3, K + 1]`` (x^k, y^k, d^k)."""
     k = (params.shape[-1] + 1) // 3
-    wh, d = params.split([2 * k, k - 1], dim=-1)
     log_slope = math.log(slope)
-    wh = wh / (1 + (2 * wh / log_slope).abs())
-    d = d / (1 + (d / log_slope).abs())
+    # both soft clips in one pass: v / (1 + |v / c|), c = log(slope) / 2 (widths, heights), log(slope) (derivatives)
+    c = params.new_full((3 * k - 1,), log_slope / 2)
+    c[2 * k:] = log_slope
+    wh, d = (params / (1 + (params / c).abs())).split([2 * k, k - 1], dim=-1)
     # the softmaxes of the widths and of the heights written out (torch.softmax over a last dimension of a
     # few bins is ~4x slower on CPU); the soft-clipped values lie within |log(slope)| / 2 of 0, so exp
     # needs no max-shift unless that reaches float32's overflow (exp(88))
     shift = -log_slope / 2 > 80
     e = rearrange(wh - wh.amax(-1, keepdim=True) if shift else wh, "... (two k) -> ... two k", two=2).exp()
-    knots = bound * (2 * torch.cumsum(F.pad(e / e.sum(-1, keepdim=True), (1, 0)), -1) - 1)
-    xk, yk = knots.unbind(-2)
-    return xk, yk, torch.exp(F.pad(d, (1, 1)))
+    knots = bound * (2 * torch.cumsum(F.pad(e / e.sum(-1, keepdim=True), (1, 0)), -1) - 1)  # zuko's arithmetic
+    return torch.cat([knots, F.pad(d, (1, 1)).exp()[..., None, :]], -2)
 
 
 def _bin(knots: Tensor, v: Tensor) -> Tensor:
@@ -54,13 +60,12 @@ def _bin(knots: Tensor, v: Tensor) -> Tensor:
     return (v[..., None] >= knots[..., 1:-1]).sum(-1, keepdim=True)
 
 
-def _gather(k: Tensor, *tables: Tensor) -> list[Tensor]:
-    """Values at knot k and k + 1 of each table: [lo, hi, lo, hi, ...], each [...]."""
-    out = []
-    for t in tables:
-        t = t.expand(*k.shape[:-1], t.shape[-1])
-        out += [t.gather(-1, k)[..., 0], t.gather(-1, k + 1)[..., 0]]
-    return out
+def _at_bin(table: Tensor, k: Tensor) -> Tensor:
+    """``table [..., T, K + 1]`` (T knot tables, broadcast to k's batch) at knots k and k + 1 of
+    ``k [..., 1]``: [..., T, 2], one gather for all tables."""
+    index = torch.cat([k, k + 1], -1)[..., None, :]
+    shape = (*index.shape[:-2], table.shape[-2])
+    return table.expand(*shape, table.shape[-1]).gather(-1, index.expand(*shape, 2))
 
 
 def rq_spline(x: Tensor, params: Tensor, bound: float, inverse: bool = False,
@@ -69,26 +74,34 @@ def rq_spline(x: Tensor, params: Tensor, bound: float, inverse: bool = False,
     (y [...], log|g'| [...] (or log|(g^{-1})'|)); the identity with log-derivative 0 outside (-B, B).
     y has x's dtype, log|g'| at least float32 (it enters a log-determinant)."""
     dtype = torch.promote_types(x.dtype, torch.float32)
-    # elementwise ops only: autocast leaves them in this dtype (it lowers matmuls and convolutions)
+    # elementwise ops only: autocast leaves them in this dtype (it lowers matmuls and convolutions); on a
+    # few bins each op's cost is mostly its dispatch, so the formulas are written with as few ops as they need
     v, p = x.to(dtype), params.to(dtype)
-    xk, yk, dk = rq_knots(p, bound, slope)
+    table = _knot_table(p, bound, slope)
     inside = (v > -bound) & (v < bound)
     vc = v.clamp(-bound, bound)  # outside values go through a valid bin too (no NaN in the unused branch)
-    k = _bin(yk if inverse else xk, vc)
-    x0, x1, y0, y1, d0, d1 = _gather(k, xk, yk, dk)
-    w, s = x1 - x0, (y1 - y0) / (x1 - x0)
+    k = _bin(table[..., 1 if inverse else 0, :], vc)
+    x0, x1, y0, y1, d0, d1 = _at_bin(table, k).flatten(-2).unbind(-1)
+    w, h = x1 - x0, y1 - y0
+    s = h / w
+    c2 = d0 + d1 - 2 * s  # the denominator's xi (1 - xi) coefficient
     if inverse:
         dy = vc - y0
-        a = (y1 - y0) * (s - d0) + dy * (d0 + d1 - 2 * s)
-        b = (y1 - y0) * d0 - dy * (d0 + d1 - 2 * s)
+        a = torch.addcmul(h * (s - d0), dy, c2)
+        b = torch.addcmul(h * d0, dy, c2, value=-1)
         c = -s * dy
         xi = (2 * c / (-b - (b.square() - 4 * a * c).clamp_min(0).sqrt())).clamp(0, 1)
-        out = x0 + xi * w
+        out = torch.addcmul(x0, xi, w)
     else:
         xi = ((vc - x0) / w).clamp(0, 1)
-        out = y0 + (y1 - y0) * (s * xi.square() + d0 * xi * (1 - xi)) / (s + (d0 + d1 - 2 * s) * xi * (1 - xi))
-    denom = s + (d0 + d1 - 2 * s) * xi * (1 - xi)
-    log_grad = 2 * s.log() + torch.log(d1 * xi.square() + 2 * s * xi * (1 - xi) + d0 * (1 - xi).square()) - 2 * denom.log()
+    sq, one_minus = xi.square(), 1 - xi
+    xi1 = xi * one_minus
+    denom = torch.addcmul(s, c2, xi1)
+    if not inverse:
+        out = torch.addcmul(y0, h, torch.addcmul(d0 * xi1, s, sq) / denom)
+    # log g' = log(s^2 [d1 xi^2 + 2 s xi (1 - xi) + d0 (1 - xi)^2] / denom^2), one log
+    num = torch.addcmul(torch.addcmul(d1 * sq, d0, one_minus.square()), s, xi1, value=2)
+    log_grad = torch.log(num * (s / denom).square())
     log_grad = -log_grad if inverse else log_grad
     y = torch.where(inside, out, v)
-    return y.to(x.dtype), torch.where(inside, log_grad, torch.zeros_like(log_grad))
+    return y.to(x.dtype), log_grad.masked_fill(~inside, 0.0)
