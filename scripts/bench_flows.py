@@ -22,10 +22,11 @@ on both alike).
   table). At 1500 steps the held-out NLL of one architecture depends on the initial draw by a few
   hundredths of a nat (up to 0.1 on rings), which is why the same-start side is there: it compares the
   implementations. "genlab tuned" (couplings) spends the same budget as genlab recommends: zero-initialised
-  couplings (each layer starts as the identity on the changed half) and, in 2-D, where the conditioner
-  sees one value, 16 bins instead of 8 with the widest hidden layers that keep the parameters that can change
-  at most zuko's (:func:`tuned_layers`). Reported: held-out NLL (nats) next to the true density's, and the
-  training step time.
+  couplings (each layer starts as the identity on the changed half) with the widest hidden layers that keep
+  the parameters that can change at most zuko's; in 2-D, where the conditioner sees one value, 16 bins
+  instead of 8; on the mixture 6 couplings instead of 4, without the kept-half spline, the split alternating
+  between halves and odd / even features every two layers (:func:`tuned_layers`). Reported: held-out NLL
+  (nats) next to the true density's, and the training step time.
 
 Times are the total wall time of each side's training steps (one torch thread unless ``--threads``);
 ratio = genlab's / the peer's (below 1: genlab faster).
@@ -143,13 +144,22 @@ def effective_params(model: nn.Module) -> int:
 
 
 def tuned_layers(dim: int, k: int, bins: int, hidden: int, budget: int) -> list[SplineCoupling]:
-    """genlab's recommended coupling NSF within ``budget`` parameters: ``k`` zero-initialised channel-split
-    couplings with a spline on the kept half; in 2-D 16 bins (not ``bins``) and the widest hidden layers (at
-    most ``hidden``) that keep the count within the budget."""
-    bins = 16 if dim == 2 else bins
+    """genlab's recommended coupling NSF within ``budget`` parameters, zero-initialised couplings with the widest
+    hidden layers (at most ``hidden``) that keep the count within the budget. 2-D (the conditioner sees one
+    value): ``k`` channel-split couplings with a spline on the kept half, 16 bins (not ``bins``). Higher
+    dimensions: 3k/2 couplings without the kept-half spline, the split alternating between halves and
+    odd / even features every two layers (kept: first half, second half, even, odd, first half, ...), so
+    that features of one half condition each other."""
+    if dim == 2:
+        bins, count, kept_spline, masks = 16, k, True, ["channel"] * k
+    else:
+        count, kept_spline = 3 * k // 2, False
+        masks = ["channel" if t % 4 < 2 else "checkerboard" for t in range(count)]
+    start = torch.random.get_rng_state()  # each candidate width from the same draw: the kept one is a single build's
     for width in range(hidden, 0, -1):
-        layers = [SplineCoupling(dim, bins, 5.0, parity=t % 2, hidden=width, depth=2, kept_spline=True,
-                                 mask="channel") for t in range(k)]
+        torch.random.set_rng_state(start)
+        layers = [SplineCoupling(dim, bins, 5.0, parity=t % 2, hidden=width, depth=2, kept_spline=kept_spline,
+                                 mask=mask) for t, mask in enumerate(masks)]
         if sum(effective_params(layer) for layer in layers) <= budget:
             return layers
     raise ValueError(f"no coupling NSF with {bins} bins fits {budget} parameters")
@@ -185,8 +195,9 @@ def bench_nsf(steps: int, k: int, bins: int, hidden: int, batch: int, seed: int 
     lines = [f"NSF, {k} layers, {bins} bins, hidden ({hidden}, {hidden}), batch {batch}, {steps} steps, seed {seed}: zuko's "
              "NSF(passes=2) (coupling; AR: fully autoregressive) and genlab's same layers (SplineCoupling(mask=channel, "
              "kept_spline, zero_init=False); AR: SplineAutoregressive), 'genlab' from zuko's initial weights, "
-             "'genlab own init' from its own draw, 'genlab tuned' zero-initialised couplings (2-D: 16 bins) within zuko's "
-             "parameter count; held-out NLL (nats) of 20000 points",
+             "'genlab own init' from its own draw, 'genlab tuned' zero-initialised couplings (2-D: 16 bins; 8-D: 6 "
+             "layers, halves and odd / even splits, no kept-half spline) within zuko's parameter count; held-out NLL "
+             "(nats) of 20000 points",
              f"{'set':<15} {'side':<15} {'params':>7} {'NLL':>8} {'true NLL':>9} {'ms/step':>8} {'time ratio':>11}"]
     totals: dict[str, int] = {}  # zuko's parameter count with its masked-out weights
     for name, (draw, true_log_prob, dim), passes in runs:
