@@ -149,7 +149,7 @@ def tuned_layers(dim: int, k: int, bins: int, hidden: int, budget: int) -> list[
     value): ``k`` channel-split couplings with a spline on the kept half, 16 bins (not ``bins``). Higher
     dimensions: 3k/2 couplings without the kept-half spline, the split alternating between halves and
     odd / even features every two layers (kept: first half, second half, even, odd, first half, ...), so
-    that features of one half condition each other."""
+    that features of one half (those of different parity) condition each other."""
     if dim == 2:
         bins, count, kept_spline, masks = 16, k, True, ["channel"] * k
     else:
