@@ -24,7 +24,8 @@ Parts (``--parts time,train``):
   vectors) per seed, and prints the mean over seeds with [min, max] (the model's initial weights and the
   batches stay the same).
 
-Usage: ``python scripts/bench_autoencoders.py [--parts time,train] [--steps 1500] [--seeds 3] [--threads 1]``.
+Usage: ``python scripts/bench_autoencoders.py [--parts time,train] [--steps 1500] [--seeds 3] [--threads 1]
+[--setting plain --setting k-means] [--swap-seeds]``.
 """
 
 from __future__ import annotations
@@ -181,19 +182,26 @@ def report(rows: list, setting: str, marks: list[int], results: dict) -> None:
                  f"{statistics.mean(mse[0]) / statistics.mean(mse[1]):.2f}x", f"train CPU s {cpu[0]:.0f} / {cpu[1]:.0f}"))
 
 
-def train_part(steps: int, seeds: int, rows: list) -> None:
+def train_part(steps: int, seeds: int, rows: list, settings: list[str] | None = None, swap: bool = False) -> None:
+    """``settings``: those to run (default all); ``swap``: each library takes the other's seeds in the seeded
+    rows (the same algorithm from the same seed gives the same run, so the rows then trade places)."""
     data, held = Digits(image_size=32).data.to(DEVICE), Digits(image_size=32, split="test").data.to(DEVICE)
     torch.manual_seed(0)
     base = ConvAutoencoder(nn.Identity()).to(DEVICE)
     marks = [s for s in CHECKPOINTS if s < steps] + [steps]
     for setting, kw in SETTINGS.items():  # one start each; the libraries' draws from the same global state
+        if settings is not None and setting not in settings:
+            continue
         pair = vq_pair(**kw)
         report(rows, setting, marks, {lib: [train(base, q, data, held, marks, 2)]
                                       for lib, q in zip(("genlab", "vqp"), pair)})
     for setting in SEEDED if seeds > 1 else ():
+        if settings is not None and setting not in settings:
+            continue
         results: dict = {"genlab": [], "vqp": []}
         for seed in range(seeds):
             own = (100 * seed + 11, 100 * seed + 12)  # each library its own draws, different per seed
+            own = own[::-1] if swap else own
             for lib, q, s in zip(("genlab", "vqp"), vq_pair(**SETTINGS[setting], seeds=own), own):
                 results[lib].append(train(base, q, data, held, marks, s + 50))
         report(rows, f"{setting}, {seeds} seeds", marks, results)
@@ -206,13 +214,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--seeds", type=int, default=3, help="independent starts per library (1: none)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--setting", action="append", choices=list(SETTINGS),
+                        help="run this setting (repeatable; default: all)")
+    parser.add_argument("--swap-seeds", action="store_true", help="each library takes the other's seeds")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows: list = []
     if "time" in args.parts:
         time_part(args.repeats, rows)
     if "train" in args.parts:
-        train_part(args.steps, args.seeds, rows)
+        train_part(args.steps, args.seeds, rows, args.setting, args.swap_seeds)
     header = ("", "genlab", "vqp", "genlab/vqp", "")
     width = [max(len(str(r[i])) for r in [header, *rows]) for i in range(5)]
     print(f"device {DEVICE}, {args.threads} thread(s)")
