@@ -55,7 +55,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         others = "".join(f" and {name}: {_described(module)}" for name, module in obj.modules().items()
                          if name != "model" and name not in obj.frozen)
         trained = obj.modules().get("model", exp.model)
-        print(f"training {_described(trained)}{others} on {exp.process!r} for {exp.train.steps} steps -> {out}")
+        process = f" on {exp.process!r}" if obj.uses_process else ""
+        print(f"training {_described(trained)}{others}{process} for {exp.train.steps} steps -> {out}")
         trainer.fit()
         if trainer.skipped:
             print(f"skipped {trainer.skipped} steps with a non-finite loss or gradient")

@@ -260,6 +260,8 @@ def test_run_two_optimizers_scaling_in_checkpoint_report_and_exact_resume(tmp_pa
     assert main(["train", str(ROOT / "configs/autoencoders/vae_digits.yaml"), *TINY, "--out", str(tmp_path / "run"),
                  "--quiet"]) == 0
     out = capsys.readouterr().out
+    banner = next(line for line in out.splitlines() if line.startswith("training "))
+    assert " on " not in banner  # an autoencoder trains on no noise process (the config's default VP is unused)
     for line in ("picture: ", "held-out reconstruction MSE (pixels in [0, 1]): ", "KL(q(z|x) || N(0, I)) per held-out "
                  "image: ", "latent scaling factor: "):
         assert line in out

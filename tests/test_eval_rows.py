@@ -40,6 +40,8 @@ def test_a_distilled_run_reports_its_teacher_and_each_step_count(teacher, tmp_pa
     capsys.readouterr()
     assert main(["train", CONFIG, *cd, "--out", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
+    banner = next(line for line in printed.splitlines() if line.startswith("training "))
+    assert " on VP(" in banner  # the process a diffusion family trains on
     metrics = json.loads((out / "samples.json").read_text())
     rows = metrics["rows"]
     assert [(r["label"], r["steps"]) for r in rows] == [("teacher", 20), ("model", 1), ("model", 2), ("model", 4)]

@@ -106,6 +106,7 @@ class AutoencoderObjective(Objective):
     originals over reconstructions (:meth:`pictures`).
     """
 
+    uses_process = False
     draws_samples = False
 
     def __init__(self, reconstruction: Literal["l1", "l2"] = "l1", perceptual_weights: str | None = None,

@@ -103,6 +103,7 @@ class Objective:
     draws_samples: bool = True  # False: the family draws no samples (a classifier); the evaluation reports metrics()
     takes_control: bool = False  # True: the family feeds the data's control images to a module of its own (ControlNet)
     guidance_as_input: bool = False  # True: the config's guidance sets an input of the model (guided distillation)
+    uses_process: bool = True  # False: the family trains without the experiment's process (flows, autoencoders)
     step: int = 0  # the training step k (0-based) of the latest at_step call
     total_steps: int = 1  # K, the run's number of steps, of the latest at_step call
 

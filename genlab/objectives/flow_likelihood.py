@@ -39,6 +39,8 @@ class FlowLikelihood(Objective):
     ``heldout_draws`` draws of u (more than one: the importance-weighted bound). Ranges: temperature >= 0,
     levels >= 2, dequantizer_steps, dequantizer_hidden, heldout_draws >= 1."""
 
+    uses_process = False
+
     def __init__(self, units: Literal["bits_per_dim", "nats"] = "bits_per_dim",
                  temperature: NonNegativeFloat = 1.0,
                  dequantization: Literal["none", "uniform", "variational"] = "none",
