@@ -185,7 +185,7 @@ def report(rows: list, setting: str, marks: list[int], results: dict) -> None:
 def train_part(steps: int, seeds: int, rows: list, settings: list[str] | None = None, swap: bool = False) -> None:
     """``settings``: those to run (default all); ``swap``: each library takes the other's seeds in the seeded
     rows (plain: the same algorithm from the same seed gives the same run, so those rows trade places;
-    k-means: the libraries draw their initial rows differently from one seed)."""
+    k-means: the two runs of one seed part early by float rounding)."""
     data, held = Digits(image_size=32).data.to(DEVICE), Digits(image_size=32, split="test").data.to(DEVICE)
     torch.manual_seed(0)
     base = ConvAutoencoder(nn.Identity()).to(DEVICE)
