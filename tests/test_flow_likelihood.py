@@ -92,3 +92,13 @@ def test_evaluation_reports_the_flow_and_its_heldout_nll(tmp_path: Path) -> None
     assert metrics["sampler"] == "flow inverse (temperature 1)" and metrics["steps"] is None
     assert metrics["heldout_nll_nats"] == pytest.approx(
         heldout_nll(tr.sampling_modules()["model"], exp.heldout(200))["heldout_nll_nats"], rel=1e-6)
+
+
+def test_cli_banner_names_no_noise_process(tmp_path: Path, capsys) -> None:
+    """A flow trains on no noise process: ``genlab train`` does not print the config's default VP."""
+    from genlab.cli import main
+
+    assert main(["train", str(CONFIG), "train.steps=1", "train.eval_samples=100", "--out", str(tmp_path / "run"),
+                 "--quiet"]) == 0
+    banner = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("training "))
+    assert banner.startswith("training Flow") and " on " not in banner, banner
