@@ -22,10 +22,13 @@ Parts (``--parts time,train``):
   independent starts differ by the draw: ``--seeds S`` then repeats plain, k-means, dead-code and
   dead-code + expiry S times, each library drawing its own initial codebook and its own random draws (k-means seeds, replacement
   vectors) per seed, and prints the mean over seeds with [min, max] (the model's initial weights and the
-  batches stay the same).
+  batches stay the same). ``--paired`` gives both libraries the same seed per start instead (common random
+  numbers: the same initial codebook and draws, so a seed's two runs differ only by the implementations'
+  float rounding) and tallies, seed by seed, where genlab is better, the same (usage: the same codes used;
+  MSE: within 1%) or worse.
 
 Usage: ``python scripts/bench_autoencoders.py [--parts time,train] [--steps 1500] [--seeds 3] [--threads 1]
-[--setting plain --setting k-means] [--swap-seeds]``.
+[--setting plain --setting k-means] [--swap-seeds | --paired]``.
 """
 
 from __future__ import annotations
@@ -167,25 +170,40 @@ def spread(values: list[float], fmt: str) -> str:
     return f"{format(statistics.mean(values), fmt)} [{format(min(values), fmt)}, {format(max(values), fmt)}]"
 
 
-def report(rows: list, setting: str, marks: list[int], results: dict) -> None:
-    """Rows for one setting: ``results[lib] = [(evaluations at marks, CPU s) per seed]``."""
+def tally(ours: list[float], theirs: list[float], sign: int, rtol: float = 0.0) -> str:
+    """Paired seeds: how many of genlab's values are better than, the same as (within ``rtol`` of vqp's) or
+    worse than vqp's from the same seed (``sign`` -1 for a loss, where lower is better)."""
+    d = [0.0 if abs(a - b) <= rtol * abs(b) else sign * (a - b) for a, b in zip(ours, theirs)]
+    better, same = sum(x > 0 for x in d), sum(x == 0 for x in d)
+    return f"better / same / worse at {better} / {same} / {len(d) - better - same} seeds"
+
+
+def report(rows: list, setting: str, marks: list[int], results: dict, paired: bool = False) -> None:
+    """Rows for one setting: ``results[lib] = [(evaluations at marks, CPU s) per seed]``; ``paired``:
+    the libraries' runs of one seed started from the same draws, so the last column tallies them by seed."""
     ours, theirs = results["genlab"], results["vqp"]
     for i, step in enumerate(marks):
-        cells = [" / ".join((spread([r[0][i][0] for r in runs], ".3f"), spread([r[0][i][1] for r in runs], ".1f")))
-                 for runs in (ours, theirs)]
-        usage = [statistics.mean(r[0][i][0] for r in runs) for runs in (ours, theirs)]
+        values = [([r[0][i][0] for r in runs], [r[0][i][1] for r in runs]) for runs in (ours, theirs)]
+        cells = [f"{spread(u, '.3f')} / {spread(p, '.1f')}" for u, p in values]
+        usage = [statistics.mean(u) for u, _ in values]
         rows.append((f"{setting} step {step}: usage / perplexity", *cells,
-                     f"{usage[0] / usage[1]:.2f}x" if len(ours) > 1 else "", ""))
+                     f"{usage[0] / usage[1]:.2f}x" if len(ours) > 1 else "",
+                     tally(values[0][0], values[1][0], 1) if paired else ""))
     mse = [[r[0][-1][2] for r in runs] for runs in (ours, theirs)]
     cpu = [sum(r[1] for r in runs) for runs in (ours, theirs)]
+    paired_mse = f"{tally(mse[0], mse[1], -1, rtol=0.01)} (same: within 1%); " if paired else ""
     rows.append((f"{setting} held-out MSE at {marks[-1]}", spread(mse[0], ".5f"), spread(mse[1], ".5f"),
-                 f"{statistics.mean(mse[0]) / statistics.mean(mse[1]):.2f}x", f"train CPU s {cpu[0]:.0f} / {cpu[1]:.0f}"))
+                 f"{statistics.mean(mse[0]) / statistics.mean(mse[1]):.2f}x",
+                 f"{paired_mse}train CPU s {cpu[0]:.0f} / {cpu[1]:.0f}"))
 
 
-def train_part(steps: int, seeds: int, rows: list, settings: list[str] | None = None, swap: bool = False) -> None:
+def train_part(steps: int, seeds: int, rows: list, settings: list[str] | None = None, swap: bool = False,
+               paired: bool = False) -> None:
     """``settings``: those to run (default all); ``swap``: each library takes the other's seeds in the seeded
     rows (plain: the same algorithm from the same seed gives the same run, so those rows trade places;
-    k-means: the two runs of one seed part early by float rounding)."""
+    k-means: the two runs of one seed part early by float rounding); ``paired``: both libraries take the same
+    seed (common random numbers: the same initial codebook and draws, so a seed's two runs differ only by
+    the implementations' float rounding)."""
     data, held = Digits(image_size=32).data.to(DEVICE), Digits(image_size=32, split="test").data.to(DEVICE)
     torch.manual_seed(0)
     base = ConvAutoencoder(nn.Identity()).to(DEVICE)
@@ -202,10 +220,10 @@ def train_part(steps: int, seeds: int, rows: list, settings: list[str] | None = 
         results: dict = {"genlab": [], "vqp": []}
         for seed in range(seeds):
             own = (100 * seed + 11, 100 * seed + 12)  # each library its own draws, different per seed
-            own = own[::-1] if swap else own
+            own = own[::-1] if swap else own[:1] * 2 if paired else own
             for lib, q, s in zip(("genlab", "vqp"), vq_pair(**SETTINGS[setting], seeds=own), own):
                 results[lib].append(train(base, q, data, held, marks, s + 50))
-        report(rows, f"{setting}, {seeds} seeds", marks, results)
+        report(rows, f"{setting}, {seeds} {'paired ' if paired else ''}seeds", marks, results, paired)
 
 
 def main() -> None:
@@ -218,13 +236,16 @@ def main() -> None:
     parser.add_argument("--setting", action="append", choices=list(SETTINGS),
                         help="run this setting (repeatable; default: all)")
     parser.add_argument("--swap-seeds", action="store_true", help="each library takes the other's seeds")
+    parser.add_argument("--paired", action="store_true", help="both libraries take the same seeds")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows: list = []
     if "time" in args.parts:
         time_part(args.repeats, rows)
     if "train" in args.parts:
-        train_part(args.steps, args.seeds, rows, args.setting, args.swap_seeds)
+        if args.swap_seeds and args.paired:
+            parser.error("--swap-seeds and --paired exclude each other: paired seeds are the same on both sides")
+        train_part(args.steps, args.seeds, rows, args.setting, args.swap_seeds, args.paired)
     header = ("", "genlab", "vqp", "genlab/vqp", "")
     width = [max(len(str(r[i])) for r in [header, *rows]) for i in range(5)]
     print(f"device {DEVICE}, {args.threads} thread(s)")
