@@ -463,6 +463,20 @@ def test_outputs_keep_the_input_dtype(dtype: torch.dtype) -> None:
         assert all(torch.isfinite(v) for v in out.losses.values()), name
 
 
+def test_outputs_keep_the_memory_format_of_z() -> None:
+    """``quantized`` of a contiguous ``[B, D, H, W]`` is contiguous (not the channels-last view the vectors come
+    back in, which makes the next conv run other kernels), of a channels-last ``z`` channels-last; ``codes``
+    is contiguous."""
+    for name, q in _quantizers().items():
+        for grad in (False, True):
+            z = _x(2, 8, 3, 5).requires_grad_(grad)
+            out = q.train()(z)
+            assert out.quantized.is_contiguous(), (name, grad)
+            last = q(z.detach().to(memory_format=torch.channels_last)).quantized
+            assert last.is_contiguous(memory_format=torch.channels_last) and not last.is_contiguous(), name
+        assert q.codes(out.indices).is_contiguous(), name
+
+
 @pytest.mark.parametrize("make,match", [
     (lambda: VectorQuantizer(8, 0), "codebook_size must be >= 1"),
     (lambda: VectorQuantizer(8, 16, distance="l1"), "distance must be one of 'l2', 'cosine', got 'l1'"),

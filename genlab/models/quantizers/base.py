@@ -2,9 +2,10 @@
 
 Layout. ``z`` is channel-first like an autoencoder's latent, ``[B, D, ...]`` (``[B, D, H, W]``,
 ``[B, D, T]``, or ``[B, D]``); ``channel_last=True`` takes ``[B, ..., D]`` (a sequence ``[B, N, D]``).
-``quantized`` has the layout of ``z``; ``indices`` is ``[B, ...]`` (the positions of ``z`` without D),
-followed by ``index_shape`` for composite quantizers (``[B, ..., Q]`` for Q residual stages, ``[B, ..., G]``
-for G groups). ``losses`` is a dict of weighted scalar terms (``commitment``, ``codebook``, ``entropy``):
+``quantized`` has the layout of ``z`` and its memory format (contiguous for a contiguous ``z``: the vectors
+are moved back, not left as a channels-last view, so the layers after it run the kernels they would run on
+``z``); ``indices`` is ``[B, ...]`` (the positions of ``z`` without D), followed by ``index_shape`` for
+composite quantizers (``[B, ..., Q]`` for Q residual stages, ``[B, ..., G]`` for G groups). ``losses`` is a dict of weighted scalar terms (``commitment``, ``codebook``, ``entropy``):
 the quantizer's contribution to the training loss is ``sum(losses.values())``.
 
 Inside, every quantizer works on vectors ``h: [B, N, d]`` in its code space: ``project_in`` maps
@@ -98,7 +99,8 @@ class Quantizer(nn.Module):
         x, ps = pack([z if self.channel_last else rearrange(z, "b d ... -> b ... d")], "b * d")
         q, indices, losses = self.vectors(self.project_in(x))
         [indices] = unpack(indices, ps, "b * " + " ".join(f"i{k}" for k in range(len(self.index_shape))))
-        return Quantized(self._layout(self.project_out(q), ps), indices, losses)
+        quantized = self._layout(self.project_out(q), ps)
+        return Quantized(quantized if not z.is_contiguous() else quantized.contiguous(), indices, losses)
 
     def codes(self, indices: Tensor) -> Tensor:
         """``indices: [B, ..., *index_shape]`` -> quantized vectors in the layout of ``z`` (``[B, D, ...]``)."""
@@ -107,7 +109,7 @@ class Quantizer(nn.Module):
             raise ShapeError(f"{type(self).__name__}.codes: expected indices: [B, ...{', ' if k else ''}"
                              f"{', '.join(map(str, self.index_shape))}], got {list(indices.shape)}")
         flat, ps = pack([indices.long()], "b * " + " ".join(f"i{i}" for i in range(k)))
-        return self._layout(self.project_out(self.lookup(flat)), ps)
+        return self._layout(self.project_out(self.lookup(flat)), ps).contiguous()
 
     def _layout(self, x: Tensor, ps: list) -> Tensor:
         [x] = unpack(x, ps, "b * d")

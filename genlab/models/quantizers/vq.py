@@ -112,8 +112,9 @@ class VectorQuantizer(Quantizer):
             self.initialized.fill_(not self.kmeans_init)
 
     def embeddings(self) -> Tensor:
-        """The codebook ``[K, d]`` as used: unit rows for the cosine distance."""
-        return F.normalize(self.codebook, dim=-1) if self.cosine else self.codebook
+        """The codebook ``[K, d]`` as used: unit rows for the cosine distance (an EMA codebook is stored so: every
+        write normalises it; one learnt by gradient is normalised here)."""
+        return F.normalize(self.codebook, dim=-1) if self.cosine and self.learning == "gradient" else self.codebook
 
     def prepare(self, h: Tensor) -> Tensor:
         return F.normalize(h, dim=-1) if self.cosine else h
