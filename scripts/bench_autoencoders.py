@@ -18,17 +18,17 @@ Parts (``--parts time,train``):
   have) against vqp's dead-code replacement. At steps 30, 150,
   500 and the end it prints the codebook usage (the fraction of the 256 codes used) and perplexity (exp of
   the codes' entropy) on the held-out digits, and the held-out reconstruction MSE (pixels in [0, 1]) at the end.
-  The algorithms are the same step for step (``tests/test_quantizers_vqp_training.py``), so rows from
-  independent starts differ by the draw: ``--seeds S`` then repeats plain, k-means, dead-code and
-  dead-code + expiry S times, each library drawing its own initial codebook and its own random draws (k-means seeds, replacement
-  vectors) per seed, and prints the mean over seeds with [min, max] (the model's initial weights and the
-  batches stay the same). ``--paired`` gives both libraries the same seed per start instead (common random
-  numbers: the same initial codebook and draws, so a seed's two runs differ only by the implementations'
-  float rounding) and tallies, seed by seed, where genlab is better, the same (usage: the same codes used;
-  MSE: within 1%) or worse.
+  The single starts differ by the draw (the initial codebook, k-means seeds, replacement vectors), so
+  ``--seeds S`` repeats plain, k-means, dead-code and dead-code + expiry from S seeds per library and prints
+  the mean over seeds with [min, max] (the model's initial weights and the batches stay the same). With
+  ``--draws paired`` (the default) both libraries take the same seed per start (common random numbers: the
+  same initial codebook and draws, so a seed's two runs differ only by the implementations' arithmetic, which
+  is the same bit for bit on CPU: ``tests/test_quantizers_vqp_training.py``), and the last column tallies,
+  seed by seed, where genlab is better, the same (usage: as many codes used; MSE: within 1%) or worse;
+  ``independent`` gives each library its own seeds, ``swapped`` each library the other's.
 
 Usage: ``python scripts/bench_autoencoders.py [--parts time,train] [--steps 1500] [--seeds 3] [--threads 1]
-[--setting plain --setting k-means] [--swap-seeds | --paired]``.
+[--setting plain --setting k-means] [--draws paired|independent|swapped]``.
 """
 
 from __future__ import annotations
@@ -197,13 +197,10 @@ def report(rows: list, setting: str, marks: list[int], results: dict, paired: bo
                  f"{paired_mse}train CPU s {cpu[0]:.0f} / {cpu[1]:.0f}"))
 
 
-def train_part(steps: int, seeds: int, rows: list, settings: list[str] | None = None, swap: bool = False,
-               paired: bool = False) -> None:
-    """``settings``: those to run (default all); ``swap``: each library takes the other's seeds in the seeded
-    rows (plain: the same algorithm from the same seed gives the same run, so those rows trade places;
-    k-means: the two runs of one seed part early by float rounding); ``paired``: both libraries take the same
-    seed (common random numbers: the same initial codebook and draws, so a seed's two runs differ only by
-    the implementations' float rounding)."""
+def train_part(steps: int, seeds: int, rows: list, settings: list[str] | None = None,
+               draws: str = "paired") -> None:
+    """``settings``: those to run (default all); ``draws``: in the seeded rows both libraries take the same
+    seeds (``paired``), each its own (``independent``) or each the other's (``swapped``)."""
     data, held = Digits(image_size=32).data.to(DEVICE), Digits(image_size=32, split="test").data.to(DEVICE)
     torch.manual_seed(0)
     base = ConvAutoencoder(nn.Identity()).to(DEVICE)
@@ -219,10 +216,11 @@ def train_part(steps: int, seeds: int, rows: list, settings: list[str] | None = 
             continue
         results: dict = {"genlab": [], "vqp": []}
         for seed in range(seeds):
-            own = (100 * seed + 11, 100 * seed + 12)  # each library its own draws, different per seed
-            own = own[::-1] if swap else own[:1] * 2 if paired else own
+            own = (100 * seed + 11, 100 * seed + 12)  # different per seed
+            own = {"paired": own[:1] * 2, "independent": own, "swapped": own[::-1]}[draws]
             for lib, q, s in zip(("genlab", "vqp"), vq_pair(**SETTINGS[setting], seeds=own), own):
                 results[lib].append(train(base, q, data, held, marks, s + 50))
+        paired = draws == "paired"
         report(rows, f"{setting}, {seeds} {'paired ' if paired else ''}seeds", marks, results, paired)
 
 
@@ -231,21 +229,19 @@ def main() -> None:
     parser.add_argument("--parts", default="time,train")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--seeds", type=int, default=3, help="independent starts per library (1: none)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeded starts per library (1: none)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--setting", action="append", choices=list(SETTINGS),
                         help="run this setting (repeatable; default: all)")
-    parser.add_argument("--swap-seeds", action="store_true", help="each library takes the other's seeds")
-    parser.add_argument("--paired", action="store_true", help="both libraries take the same seeds")
+    parser.add_argument("--draws", choices=("paired", "independent", "swapped"), default="paired",
+                        help="the seeded rows' seeds: the same for both libraries, each its own, or swapped")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows: list = []
     if "time" in args.parts:
         time_part(args.repeats, rows)
     if "train" in args.parts:
-        if args.swap_seeds and args.paired:
-            parser.error("--swap-seeds and --paired exclude each other: paired seeds are the same on both sides")
-        train_part(args.steps, args.seeds, rows, args.setting, args.swap_seeds, args.paired)
+        train_part(args.steps, args.seeds, rows, args.setting, args.draws)
     header = ("", "genlab", "vqp", "genlab/vqp", "")
     width = [max(len(str(r[i])) for r in [header, *rows]) for i in range(5)]
     print(f"device {DEVICE}, {args.threads} thread(s)")

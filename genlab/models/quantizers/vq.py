@@ -20,7 +20,9 @@ with the codebook from before its own update.
 the smoothing, 0 for an empty cluster; the means with gradient learning).
 ``dead_code_threshold > 0``: after each update, codes whose ``N_i`` fell below it are replaced by random
 vectors of the batch, with ``N_i`` reset to the threshold and ``m_i`` to the vector times it. All of this
-is vector-quantize-pytorch's algorithm step for step (``tests/test_quantizers_vqp_training.py``).
+is vector-quantize-pytorch's algorithm step for step, and with an L2 codebook its arithmetic too: an
+autoencoder trained with either from one seed is the same run, bit for bit on CPU
+(``tests/test_quantizers_vqp_training.py``).
 ``dead_code_batches = W > 0`` (SoundStream's expiry, Zeghidour et al. 2021, Sec. III-C): a code that no
 vector chose in the last W training batches (of all ranks) is dead too, whatever its ``N_i``; it is replaced
 the same way (``N_i`` reset to the threshold, or to 1, a fresh code's count, when the threshold is 0). The
