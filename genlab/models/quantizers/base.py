@@ -5,8 +5,9 @@ Layout. ``z`` is channel-first like an autoencoder's latent, ``[B, D, ...]`` (``
 ``quantized`` has the layout of ``z`` and its memory format (contiguous for a contiguous ``z``: the vectors
 are moved back, not left as a channels-last view, so the layers after it run the kernels they would run on
 ``z``); ``indices`` is ``[B, ...]`` (the positions of ``z`` without D), followed by ``index_shape`` for
-composite quantizers (``[B, ..., Q]`` for Q residual stages, ``[B, ..., G]`` for G groups). ``losses`` is a dict of weighted scalar terms (``commitment``, ``codebook``, ``entropy``):
-the quantizer's contribution to the training loss is ``sum(losses.values())``.
+composite quantizers (``[B, ..., Q]`` for Q residual stages, ``[B, ..., G]`` for G groups). ``losses`` is a
+dict of weighted scalar terms (``commitment``, ``codebook``, ``entropy``): the quantizer's contribution to
+the training loss is ``sum(losses.values())``.
 
 Inside, every quantizer works on vectors ``h: [B, N, d]`` in its code space: ``project_in`` maps
 ``D -> d`` (a linear map when ``codebook_dim`` differs from ``dim``, as in ViT-VQGAN, Yu et al. 2022), then
