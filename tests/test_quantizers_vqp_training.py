@@ -45,9 +45,9 @@ def test_training_steps_equal_vector_quantize_pytorch(setting: str) -> None:
         assert torch.equal(idx, idx_ref), step
         for mine, ref in ((q, q_ref), (losses["commitment"], loss_ref.reshape(())), (ours.cluster_size,
                           cb.cluster_size[0]), (ours.embed_sum, cb.embed_avg[0]), (ours.codebook, cb.embed[0])):
-            if cosine:  # vqp normalises a replacement vector twice: the same to rounding
+            if cosine and step > 0:  # vqp normalises a replacement vector twice: the same to rounding
                 torch.testing.assert_close(mine, ref, atol=1e-6, rtol=1e-6)
-            else:  # bit for bit: the same arithmetic in the same order
+            else:  # bit for bit: the same arithmetic in the same order (cosine: unit codes not normalised again)
                 assert torch.equal(mine, ref), step
         replaced += int((ours.cluster_size == dead).sum()) if dead else 0
     if dead:
